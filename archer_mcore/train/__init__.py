@@ -1,0 +1,1 @@
+"""archer_mcore.train."""

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as archer_mcore.kernels); a torch reference beside each."""

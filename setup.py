@@ -1,0 +1,39 @@
+"""Packaging for archer-mcore.
+
+`kernels/` lives at the top of the repository (it is the Triton kernel library) but
+installs as `archer_mcore.kernels`: a top-level `kernels` module would collide with an
+unrelated PyPI package of that name.
+"""
+
+from setuptools import find_packages, setup
+
+_packages = find_packages(include=["archer_mcore", "archer_mcore.*"])
+_packages += ["archer_mcore.kernels"] + [
+    "archer_mcore.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="archer-mcore",
+    version="0.1.0",
+    description="Megatron-core RLVR trainer: Archer dual-token constraints, forking tokens, DAPO",
+    python_requires=">=3.11",
+    packages=_packages,
+    package_dir={"archer_mcore.kernels": "kernels"},
+    package_data={"archer_mcore": ["py.typed"]},
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "transformers>=5,<6",
+        "triton>=3,<4",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "prometheus-client>=0.20",
+        "math-verify>=0.7",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.6"],
+        "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router", "nvidia-modelopt"],
+    },
+    entry_points={"console_scripts": ["archer=archer_mcore.cli:main"]},
+)
