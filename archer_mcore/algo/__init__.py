@@ -1,1 +1,4 @@
-"""archer_mcore.algo."""
+"""Pure-torch RLVR math: entropy, token groups, losses, KL, advantages, presets.
+
+Nothing here imports Megatron; the trainer composes these functions.
+"""

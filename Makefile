@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (install, then run the CPU demo) and `make test`.
+# Everything installs into .venv inside the clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+# Developers: skip the slow multi-process tests (CI runs them all).
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -m "not slow"

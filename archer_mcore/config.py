@@ -1,0 +1,480 @@
+"""One typed config tree, loaded from YAML.
+
+Every section is a dataclass with defaults for every field. Loading checks each key and
+value against the dataclass: an unknown key, a wrong type or an out-of-range value
+raises `ConfigError` naming the file and the dotted key. `algorithm.name` selects a
+preset (the papers' recipes, see `ALGORITHM_PRESETS`) whose fields the YAML may then
+override one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from archer_mcore.algo.losses import LossConfig
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file and the dotted key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, **checks: Any) -> Any:
+    """A dataclass field with range checks: gt, ge, lt, le (numbers), nonempty (str)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ArchConfig:
+    """Architecture of an inline model (used when `model.path` is empty), HF names."""
+
+    family: Literal["qwen2", "qwen3"] = "qwen3"
+    vocab_size: int = _f(64, gt=0)
+    hidden_size: int = _f(64, gt=0)
+    intermediate_size: int = _f(192, gt=0)
+    num_hidden_layers: int = _f(2, gt=0)
+    num_attention_heads: int = _f(4, gt=0)
+    num_key_value_heads: int = _f(2, gt=0)
+    head_dim: int = _f(16, gt=0)
+    rope_theta: float = _f(10000.0, gt=0)
+    rms_norm_eps: float = _f(1e-6, gt=0)
+    max_position_embeddings: int = _f(512, gt=0)
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model dir (config.json [+ safetensors]); empty: `arch`, random init
+    tokenizer: str = ""  # tokenizer dir; empty: `path`, or the synthetic task's tokenizer
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: Literal["none", "delayed", "tensorwise", "blockwise"] = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _f(1, ge=1)
+    pipeline_model_parallel_size: int = _f(1, ge=1)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    micro_batch_tokens: int = _f(8192, gt=0)  # token budget of one micro-batch
+
+
+@dataclass
+class SGLangConfig:
+    num_servers: int = _f(1, ge=1)
+    tp_size: int = _f(1, ge=1)
+    mem_fraction_static: float = _f(0.8, gt=0.0, le=1.0)
+    dtype: Literal["bfloat16", "float16", "auto"] = "bfloat16"
+    host: str = "127.0.0.1"
+    base_port: int = _f(30000, gt=0, lt=65536)
+    router_port: int = _f(30100, gt=0, lt=65536)
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    request_timeout_s: float = _f(1800.0, gt=0)
+    health_timeout_s: float = _f(900.0, gt=0)
+    max_concurrency: int = _f(512, ge=1)
+    max_retries: int = _f(3, ge=0)
+    server_urls: list[str] = _f(factory=list)  # disaggregated: servers already running
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["local", "sglang"] = "local"
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    n_samples_per_prompt: int = _f(16, ge=1)
+    temperature: float = _f(1.0, gt=0)
+    top_p: float = _f(1.0, gt=0, le=1.0)
+    top_k: int = _f(-1, ge=-1)  # -1: off
+    max_new_tokens: int = _f(1024, gt=0)
+    stop_token_ids: list[int] = _f(factory=list)
+    weight_sync: Literal["nccl", "disk"] = "nccl"
+    sync_bucket_bytes: int = _f(512 * 1024 * 1024, gt=0)
+    fp8: bool = False  # FP8 rollout weights (ModelOpt)
+    tis_cap: float | None = _f(None, gt=0)  # truncated importance sampling cap; None: off
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL objective. Clip/KL fields without a `reasoning_` prefix apply to all tokens,
+    or to knowledge tokens when `token_rule` is archer."""
+
+    name: Literal["grpo", "dapo", "archer", "archer_code", "archer_math", "forking"] = "grpo"
+    norm_adv_by_std: bool = True
+    token_rule: Literal["none", "archer", "forking"] = "none"
+    clip_low: float = _f(0.2, ge=0.0, lt=1.0)
+    clip_high: float = _f(0.2, ge=0.0)
+    reasoning_clip_low: float = _f(0.2, ge=0.0, lt=1.0)
+    reasoning_clip_high: float = _f(0.2, ge=0.0)
+    clip_ratio_c: float | None = _f(3.0, gt=1.0)
+    kl_coef: float = _f(0.0, ge=0.0)
+    reasoning_kl_coef: float = _f(0.0, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = _f(0.0, ge=0.0)
+    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    archer_quantile: float = _f(0.8, gt=0.0, lt=1.0)
+    forking_rho: float = _f(0.2, gt=0.0, le=1.0)
+    forking_scope: Literal["micro_batch", "mini_batch"] = "micro_batch"
+    forking_normalizer: Literal["selected", "all"] = "selected"
+    reward_correct: float = 1.0
+    reward_incorrect: float = 0.0
+    overlong_shaping: bool = False
+    overlong_max_length: int = _f(20480, gt=0)
+    overlong_cache_length: int = _f(4096, gt=0)
+    group_filter: Literal["none", "drop", "refill"] = "none"
+    max_generation_batches: int = _f(10, ge=1)
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            token_rule=self.token_rule,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            reasoning_clip_low=self.reasoning_clip_low,
+            reasoning_clip_high=self.reasoning_clip_high,
+            clip_ratio_c=self.clip_ratio_c,
+            kl_coef=self.kl_coef,
+            reasoning_kl_coef=self.reasoning_kl_coef,
+            kl_estimator=self.kl_estimator,
+            entropy_coef=self.entropy_coef,
+            agg_mode=self.agg_mode,
+            archer_quantile=self.archer_quantile,
+            forking_rho=self.forking_rho,
+            forking_normalizer=self.forking_normalizer,
+        )
+
+
+_DAPO: dict[str, Any] = {
+    "clip_low": 0.2,
+    "clip_high": 0.28,
+    "clip_ratio_c": 10.0,
+    "kl_coef": 0.0,
+    "agg_mode": "token-mean",
+    "reward_correct": 1.0,
+    "reward_incorrect": -1.0,
+    "overlong_shaping": True,
+    "overlong_max_length": 20480,
+    "overlong_cache_length": 4096,
+    "group_filter": "refill",
+    "max_generation_batches": 10,
+}
+_ARCHER_CODE: dict[str, Any] = {
+    "token_rule": "archer",
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "reasoning_clip_low": 0.5,
+    "reasoning_clip_high": 0.5,
+    "clip_ratio_c": 10.0,
+    "kl_coef": 0.001,
+    "reasoning_kl_coef": 0.0,
+    "kl_estimator": "k3",
+    "agg_mode": "seq-mean-token-mean",
+    "archer_quantile": 0.8,
+    "group_filter": "drop",
+}
+#: The papers' recipes (DESIGN.md); a YAML's `algorithm:` keys override them.
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    "dapo": _DAPO,
+    "archer_code": _ARCHER_CODE,
+    "archer": _ARCHER_CODE,  # the code recipe; `archer_math` widens the reasoning clip
+    "archer_math": {**_ARCHER_CODE, "reasoning_clip_low": 0.4, "reasoning_clip_high": 0.4},
+    "forking": {
+        **_DAPO,
+        "token_rule": "forking",
+        "forking_rho": 0.2,
+        "forking_scope": "micro_batch",
+        "forking_normalizer": "selected",
+    },
+}
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _f(1e-6, gt=0)
+    min_lr: float = _f(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = _f(0, ge=0)
+    weight_decay: float = _f(0.01, ge=0)
+    adam_beta1: float = _f(0.9, ge=0, lt=1)
+    adam_beta2: float = _f(0.999, ge=0, lt=1)
+    adam_eps: float = _f(1e-8, gt=0)
+    clip_grad: float = _f(1.0, ge=0)  # 0: off
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f(factory=list)  # JSONL/Parquet; empty: the synthetic task
+    eval_files: list[str] = _f(factory=list)
+    max_prompt_length: int = _f(1024, gt=0)
+    shuffle: bool = True
+    synthetic_train_size: int = _f(4096, gt=0)
+    synthetic_eval_size: int = _f(256, gt=0)
+
+
+@dataclass
+class RewardsConfig:
+    math_timeout_s: float = _f(5.0, gt=0)
+    code_timeout_s: float = _f(10.0, gt=0)
+    code_memory_mb: int = _f(1024, gt=0)
+    num_workers: int = _f(4, ge=1)
+    allow_unsandboxed_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "archer"
+    output_dir: str = "runs/archer"
+    seed: int = 1234
+    steps: int = _f(100, ge=0)
+    prompts_per_step: int = _f(64, ge=1)
+    mini_batch_prompts: int = _f(32, ge=1)
+    ppo_epochs: int = _f(1, ge=1)
+    max_nonfinite_in_a_row: int = _f(3, ge=1)
+    log_every: int = _f(1, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, ge=0)  # 0: off
+    n_samples: int = _f(16, ge=1)  # k of avg@k / pass@k
+    temperature: float = _f(0.6, ge=0)
+    top_p: float = _f(0.95, gt=0, le=1)
+    max_new_tokens: int = _f(1024, gt=0)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <train.output_dir>/checkpoints
+    save_every: int = _f(50, ge=0)  # 0: only at the end and on signals
+    keep_last: int = _f(3, ge=1)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = _f(9400, ge=0, lt=65536)  # 0: any free port
+    pushgateway: str = ""  # e.g. http://127.0.0.1:9091; empty: no push
+    job: str = "archer"
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    nodes: int = _f(1, ge=1)
+    gpus_per_node: int = _f(8, ge=0)
+    rollout_nodes: int = _f(0, ge=0)  # disaggregated: nodes that run SGLang servers
+    time: str = "24:00:00"
+    container_image: str = ""
+    extra_sbatch: list[str] = _f(factory=list)
+
+
+@dataclass
+class KernelsConfig:
+    mode: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch elsewhere
+    fused_lm_head: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise ConfigError(f"{source}: {key} has an unsupported type {tp!r}")
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str, source: str) -> None:
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    bounds = {
+        "gt": (lambda a, b: a > b, ">"),
+        "ge": (lambda a, b: a >= b, ">="),
+        "lt": (lambda a, b: a < b, "<"),
+        "le": (lambda a, b: a <= b, "<="),
+    }
+    for name, (ok, _) in bounds.items():
+        if name in meta and not ok(value, meta[name]):
+            lo = [f"{bounds[n][1]} {meta[n]}" for n in ("gt", "ge", "lt", "le") if n in meta]
+            raise ConfigError(
+                f"{source}: {key} = {value!r} is out of range: must be {' and '.join(lo)}"
+            )
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is AlgorithmConfig:
+        name = raw.get("name", AlgorithmConfig.name)
+        if name not in ALGORITHM_PRESETS:
+            raise ConfigError(
+                f"{source}: {prefix}name must be one of {', '.join(ALGORITHM_PRESETS)}, got {name!r}"
+            )
+        raw = {**ALGORITHM_PRESETS[name], **raw}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            raise ConfigError(f"{source}: unknown key {dotted}{hint}")
+        value = _coerce(value, hints[key], dotted, source)
+        _check_range(value, fields[key].metadata, dotted, source)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, source: str) -> None:
+    """Checks that involve more than one field."""
+    t, a = cfg.train, cfg.algorithm
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise ConfigError(
+            f"{source}: train.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
+            f"train.mini_batch_prompts ({t.mini_batch_prompts})"
+        )
+    if a.overlong_cache_length > a.overlong_max_length:
+        raise ConfigError(
+            f"{source}: algorithm.overlong_cache_length ({a.overlong_cache_length}) must not "
+            f"exceed algorithm.overlong_max_length ({a.overlong_max_length})"
+        )
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise ConfigError(f"{source}: optimizer.min_lr must not exceed optimizer.lr")
+    arch = cfg.model.arch
+    if arch.num_attention_heads % arch.num_key_value_heads:
+        raise ConfigError(
+            f"{source}: model.arch.num_attention_heads must be a multiple of "
+            "model.arch.num_key_value_heads"
+        )
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw["a"]["b"]["c"] = value for dotted = "a.b.c", creating mappings."""
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply `key.path=value` strings (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>") -> Config:
+    """Build and validate a `Config` from a plain mapping."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    cfg = _build(Config, raw, "", source)
+    _validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a YAML config file, apply overrides, validate. Errors name file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides), str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (loads back to an equal config)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
