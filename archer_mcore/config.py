@@ -276,6 +276,7 @@ class SlurmConfig:
     account: str = ""
     nodes: int = _f(1, ge=1)
     gpus_per_node: int = _f(8, ge=0)
+    gpu_type: Literal["h800", "h100", "h200", "cpu"] = "h800"
     rollout_nodes: int = _f(0, ge=0)  # disaggregated: nodes that run SGLang servers
     time: str = "24:00:00"
     container_image: str = ""
