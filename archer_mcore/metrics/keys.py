@@ -1,0 +1,216 @@
+"""The flat metric keys the trainer emits per step, and the Prometheus series each feeds.
+
+The trainer reports one `dict[str, float]` per step (`MetricsExporter.record_step`).
+This module is the single catalogue of the accepted keys; docs/metrics.md shows the
+same table. Patterns expand over:
+
+- `<group>`: token groups `knowledge`, `reasoning` (Archer / forking split) and `all`;
+- `<bound>`: clip bounds `low`, `high` (the PPO clip range) and `dual` (dual clip, A < 0);
+- `<phase>`: step phases `rollout`, `reward`, `logprobs`, `update`, `sync`, `eval`, `step`
+  (`step` = the whole step, wall clock).
+
+Kinds: `gauge` sets the value (NaN and inf pass through, so alerts can see them);
+`counter` adds the value, which is this step's increment (must be finite, >= 0);
+`histogram` observes the value once per step (must be finite); `gauge+histogram` does
+both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "all")
+CLIP_BOUNDS: tuple[str, ...] = ("low", "high", "dual")
+PHASES: tuple[str, ...] = ("rollout", "reward", "logprobs", "update", "sync", "eval", "step")
+
+Kind = Literal["gauge", "counter", "histogram", "gauge+histogram"]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One flat key pattern and where its value goes."""
+
+    pattern: str  # e.g. "clip/<bound>/<group>"
+    kind: Kind
+    metric: str  # Prometheus name (without _total / _bucket suffixes)
+    unit: str
+    description: str
+    histogram: str = ""  # for gauge+histogram: the histogram's name
+    labels: tuple[str, ...] = field(default=())  # pattern placeholders -> label names
+
+
+KEY_SPECS: tuple[KeySpec, ...] = (
+    KeySpec(
+        "reward/mean",
+        "gauge+histogram",
+        "archer_reward_mean",
+        "reward",
+        "mean sequence reward over the step's responses (after overlong shaping)",
+        histogram="archer_step_reward",
+    ),
+    KeySpec(
+        "reward/std",
+        "gauge",
+        "archer_reward_std",
+        "reward",
+        "standard deviation of the step's rewards",
+    ),
+    KeySpec(
+        "reward/accuracy",
+        "gauge+histogram",
+        "archer_accuracy_ratio",
+        "ratio 0-1",
+        "share of responses the verifier marked correct",
+        histogram="archer_step_accuracy_ratio",
+    ),
+    KeySpec(
+        "reward/failures",
+        "counter",
+        "archer_reward_failures",
+        "responses",
+        "responses whose reward computation failed (timeout, crash) this step",
+    ),
+    KeySpec(
+        "entropy/<group>",
+        "gauge",
+        "archer_token_entropy_nats",
+        "nats",
+        "mean per-token entropy of the group's response tokens",
+        labels=("group",),
+    ),
+    KeySpec(
+        "forking/share",
+        "gauge",
+        "archer_forking_token_ratio",
+        "ratio 0-1",
+        "share of valid response tokens selected as high-entropy (forking / reasoning)",
+    ),
+    KeySpec(
+        "clip/<bound>/<group>",
+        "gauge",
+        "archer_clip_ratio",
+        "ratio 0-1",
+        "share of the group's tokens whose ratio was clipped at the bound",
+        labels=("bound", "group"),
+    ),
+    KeySpec(
+        "kl/<group>",
+        "gauge",
+        "archer_kl_nats",
+        "nats",
+        "mean KL estimate to the reference policy over the group's tokens",
+        labels=("group",),
+    ),
+    KeySpec(
+        "response/length_mean",
+        "gauge+histogram",
+        "archer_response_length_tokens",
+        "tokens",
+        "mean response length",
+        histogram="archer_step_response_length_tokens",
+    ),
+    KeySpec(
+        "response/repetition",
+        "gauge",
+        "archer_response_repetition_ratio",
+        "ratio 0-1",
+        "mean 4-gram repetition rate of the responses (ngram_repetition_rate)",
+    ),
+    KeySpec(
+        "throughput/rollout_tokens_per_s",
+        "gauge",
+        "archer_throughput_tokens_per_second",
+        "tokens/s",
+        "generated tokens per second of rollout wall time",
+        labels=("phase=rollout",),
+    ),
+    KeySpec(
+        "throughput/train_tokens_per_s",
+        "gauge",
+        "archer_throughput_tokens_per_second",
+        "tokens/s",
+        "trained tokens per second of update wall time",
+        labels=("phase=train",),
+    ),
+    KeySpec(
+        "throughput/rollout_tokens",
+        "counter",
+        "archer_tokens",
+        "tokens",
+        "tokens generated this step",
+        labels=("phase=rollout",),
+    ),
+    KeySpec(
+        "throughput/train_tokens",
+        "counter",
+        "archer_tokens",
+        "tokens",
+        "tokens trained on this step",
+        labels=("phase=train",),
+    ),
+    KeySpec(
+        "time/<phase>",
+        "histogram",
+        "archer_phase_duration_seconds",
+        "seconds",
+        "wall time of the phase this step",
+        labels=("phase",),
+    ),
+    KeySpec(
+        "sync/bytes",
+        "counter",
+        "archer_weight_sync_bytes",
+        "bytes",
+        "bytes of weights sent to the rollout engine this step",
+    ),
+    KeySpec(
+        "sampling/drop_rate",
+        "gauge",
+        "archer_dynamic_sampling_drop_ratio",
+        "ratio 0-1",
+        "share of generated prompt groups dropped by dynamic sampling / group filter",
+    ),
+    KeySpec(
+        "train/skipped_steps",
+        "counter",
+        "archer_skipped_steps",
+        "steps",
+        "1 when this step's update was skipped (non-finite loss or grad), else 0",
+    ),
+    KeySpec("train/loss", "gauge", "archer_loss", "loss", "policy loss of the step"),
+    KeySpec(
+        "train/grad_norm",
+        "gauge",
+        "archer_grad_norm",
+        "norm",
+        "global gradient norm before clipping",
+    ),
+    KeySpec("train/lr", "gauge", "archer_learning_rate", "1/step", "learning rate"),
+)
+
+_PLACEHOLDER_VALUES: dict[str, tuple[str, ...]] = {
+    "group": TOKEN_GROUPS,
+    "bound": CLIP_BOUNDS,
+    "phase": PHASES,
+}
+
+
+def expand_keys() -> dict[str, tuple[KeySpec, dict[str, str]]]:
+    """Every concrete accepted key -> (its spec, the label values it sets)."""
+    out: dict[str, tuple[KeySpec, dict[str, str]]] = {}
+    for spec in KEY_SPECS:
+        fixed = dict(lab.split("=", 1) for lab in spec.labels if "=" in lab)
+        free = [lab for lab in spec.labels if "=" not in lab]
+        combos: list[dict[str, str]] = [{}]
+        for name in free:
+            combos = [c | {name: v} for c in combos for v in _PLACEHOLDER_VALUES[name]]
+        for combo in combos:
+            key = spec.pattern
+            for name, value in combo.items():
+                key = key.replace(f"<{name}>", value)
+            out[key] = (spec, fixed | combo)
+    return out
+
+
+ACCEPTED_KEYS: dict[str, tuple[KeySpec, dict[str, str]]] = expand_keys()
