@@ -94,6 +94,7 @@ class Sample:
     finish_reason: "stop" (sampled a stop/eos id), "length" (hit max_new_tokens),
         "abort" (cut short by pause/abort; the trainer should drop it).
     weight_version: the weight version the engine had when it generated the sample.
+    request_id: the engine's id of the request that produced it ("" for LocalEngine).
     """
 
     prompt_index: int
@@ -103,6 +104,7 @@ class Sample:
     logprobs: list[float]
     finish_reason: FinishReason
     weight_version: int = 0
+    request_id: str = ""
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):

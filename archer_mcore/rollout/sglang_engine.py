@@ -1,0 +1,613 @@
+"""Rollout engine over SGLang servers (optionally behind sglang-router).
+
+Generation: one POST /generate per sample (input_ids, return_logprob, ids only), sent
+to the router if there is one, else round-robin over the live servers. Each sample
+slot (prompt i, sample j) is filled at most once: a failed attempt (connection lost,
+timeout, 5xx) is aborted on its server (best effort) and retried with a new request id
+on a live server; its late answer, if any, is never read. When a slot runs out of
+retries, or no server is left, the step fails with a RolloutError naming the sample,
+server and last error, and no partial batch is returned.
+
+Failure handling: a server that fails a request is probed (GET /health); if the probe
+fails it is marked dead and gets no more requests. With `restart_dead_servers` and a
+launcher-managed process, a dead server is restarted in the background and rejoins
+once healthy, after its weights are brought up to date: re-loaded from the last disk
+checkpoint, or (broadcast path) it waits for the next update_weights, which rebuilds
+the weight-update group.
+
+Weight sync: "distributed" (NCCL broadcast, backend configurable) or "disk"
+(safetensors checkpoint + /update_weights_from_disk), see weight_sync.py.
+
+The engine runs its own asyncio loop in a daemon thread; its public methods are
+synchronous and thread-safe (pause() may be called while generate() runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import threading
+import uuid
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from archer_mcore.rollout.http_client import AsyncJsonClient, ClientConfig, RequestFailed
+from archer_mcore.rollout.sglang_launcher import (
+    SGLANG_ROUTER_LAUNCH,
+    SGLANG_SERVER_LAUNCH,
+    ManagedProcess,
+    RouterArgs,
+    SGLangServerArgs,
+    build_router_command,
+    build_server_command,
+    free_port,
+    server_env,
+    wait_healthy,
+)
+from archer_mcore.rollout.types import (
+    EngineHealth,
+    EnginePausedError,
+    NamedTensorBucket,
+    RolloutBatch,
+    RolloutError,
+    Sample,
+    SamplingParams,
+)
+from archer_mcore.rollout.weight_sync import (
+    broadcast_bucket,
+    bucket_metadata,
+    destroy_weight_update_group,
+    init_weight_update_group,
+    with_last_flag,
+    write_hf_checkpoint,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    """mode: "distributed" (broadcast from the trainer) or "disk".
+    backend: process-group backend of the broadcast ("nccl"; "gloo" on CPU).
+    master_address: an address of this (trainer rank 0) host the servers can reach.
+    device: where the trainer puts tensors before broadcasting ("cuda" for nccl).
+    disk_dir: where the disk path writes checkpoints (one per version; older removed).
+    base_model_dir: HF model directory whose config/tokenizer files go with them.
+    """
+
+    mode: Literal["distributed", "disk"] = "distributed"
+    backend: str = "nccl"
+    master_address: str = "127.0.0.1"
+    master_port: int | None = None
+    group_name: str = "weight_update_group"
+    device: str = "cuda"
+    disk_dir: str | None = None
+    base_model_dir: str | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ServerHandle:
+    """One SGLang server: url, GPUs it adds to the weight group, its process if we
+    launched it, and its state. `stale`: alive but weights older than the engine's."""
+
+    url: str
+    num_gpus: int = 1
+    process: ManagedProcess | None = None
+    health_path: str = "/health"
+    # after a failed request: /health_generate makes the server generate a token, so a
+    # server that still accepts connections but no longer generates counts as down
+    probe_path: str = "/health_generate"
+    dead: bool = False
+    stale: bool = False
+    last_error: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.dead and not self.stale
+
+
+def _finish_reason(meta: dict[str, Any]) -> str:
+    fr = meta.get("finish_reason")
+    kind = fr.get("type") if isinstance(fr, dict) else fr
+    if kind in ("stop", "length", "abort"):
+        return str(kind)
+    raise RolloutError(f"unexpected finish_reason {fr!r} in SGLang reply")
+
+
+def parse_generate_reply(reply: Any, prompt_index: int, sample_index: int, prompt: list[int],
+                         default_version: int) -> Sample:  # fmt: skip
+    """A Sample from one SGLang /generate answer ({"output_ids", "meta_info"})."""
+    if isinstance(reply, list):
+        if len(reply) != 1:
+            raise RolloutError(f"expected one generation per request, got {len(reply)}")
+        reply = reply[0]
+    if not isinstance(reply, dict) or "meta_info" not in reply:
+        raise RolloutError(f"malformed SGLang /generate reply: {str(reply)[:300]}")
+    meta = reply["meta_info"]
+    triples = meta.get("output_token_logprobs") or []
+    ids = reply.get("output_ids")
+    if ids is None:
+        ids = [int(t[1]) for t in triples]
+    ids = [int(t) for t in ids]
+    if len(triples) != len(ids):
+        raise RolloutError(
+            f"SGLang reply for sample ({prompt_index}, {sample_index}) has {len(ids)} output ids "
+            f"but {len(triples)} logprobs (was return_logprob honoured?)"
+        )
+    for t, (tok, triple) in enumerate(zip(ids, triples)):
+        if int(triple[1]) != tok:
+            raise RolloutError(
+                f"SGLang reply for sample ({prompt_index}, {sample_index}): logprob {t} is for "
+                f"token {triple[1]}, output id is {tok}"
+            )
+    version = meta.get("weight_version")
+    try:
+        version = int(version) if version is not None else default_version
+    except (TypeError, ValueError):
+        version = default_version
+    return Sample(prompt_index, sample_index, list(prompt), ids,
+                  [float(t[0]) for t in triples], _finish_reason(meta), version,
+                  request_id=str(meta.get("id", "")))  # type: ignore[arg-type]  # fmt: skip
+
+
+def generate_payload(prompt: Sequence[int], params: SamplingParams, rid: str) -> dict[str, Any]:
+    """The JSON body of POST /generate for one sample."""
+    sp: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "ignore_eos": params.ignore_eos,
+    }
+    if params.stop_token_ids:
+        sp["stop_token_ids"] = list(params.stop_token_ids)
+    # params.seed is not sent: per-request seeds are not in every 0.5.x server.
+    return {
+        "input_ids": [int(t) for t in prompt],
+        "sampling_params": sp,
+        "rid": rid,
+        "return_logprob": True,
+        "logprob_start_len": -1,
+        "stream": False,
+    }
+
+
+class SGLangEngine:
+    """RolloutEngine over running SGLang servers. Use `SGLangEngine.launch` to start
+    servers (and a router) as child processes, or pass the URLs of running ones."""
+
+    def __init__(
+        self,
+        servers: Sequence[ServerHandle | str],
+        router_url: str | None = None,
+        router_process: ManagedProcess | None = None,
+        client: ClientConfig | None = None,
+        weight_sync: WeightSyncConfig | None = None,
+        restart_dead_servers: bool = False,
+        health_deadline_s: float = 600.0,
+        health_probe_timeout_s: float = 5.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("SGLangEngine needs at least one server")
+        self.servers = [s if isinstance(s, ServerHandle) else ServerHandle(s) for s in servers]
+        self.router_url = router_url
+        self.router_process = router_process
+        self.client_cfg = client or ClientConfig()
+        self.sync_cfg = weight_sync or WeightSyncConfig()
+        self.restart_dead_servers = restart_dead_servers
+        self.health_deadline_s = health_deadline_s
+        self.health_probe_timeout_s = health_probe_timeout_s
+        self._version = 0
+        self._paused = threading.Event()
+        self._rr = itertools.count()
+        self._pg: Any = None
+        self._pg_invalid = False
+        self._group_members: list[ServerHandle] = []
+        self._last_checkpoint: Path | None = None
+        self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+        self._client: AsyncJsonClient = self._run(self._make_client())
+        self._closed = False
+
+    # -- construction from launch args ------------------------------------------------
+    @classmethod
+    def launch(
+        cls,
+        server_args: Sequence[SGLangServerArgs],
+        log_dir: str | Path,
+        router: RouterArgs | Literal["auto"] | None = "auto",
+        server_launch: Sequence[str] = SGLANG_SERVER_LAUNCH,
+        router_launch: Sequence[str] = SGLANG_ROUTER_LAUNCH,
+        health_deadline_s: float = 900.0,
+        **kwargs: Any,
+    ) -> SGLangEngine:
+        """Start every server, wait until all are healthy (deadline), start the router in
+        front of them (router="auto": round-robin-free port, cache_aware policy; None: no
+        router), and return the engine. On any failure all started processes are stopped."""
+        handles: list[ServerHandle] = []
+        router_proc: ManagedProcess | None = None
+        log_dir = Path(log_dir)
+        try:
+            for k, a in enumerate(server_args):
+                p = ManagedProcess(build_server_command(a, server_launch), server_env(a),
+                                   log_dir / f"sglang_server_{k}_{a.port}.log")  # fmt: skip
+                p.start()
+                handles.append(ServerHandle(a.url, a.num_gpus, p))
+            for h in handles:
+                wait_healthy(h.url, health_deadline_s, h.process)
+            router_url = None
+            if router is not None:
+                ra = router if isinstance(router, RouterArgs) else RouterArgs(
+                    tuple(h.url for h in handles), port=free_port())  # fmt: skip
+                router_proc = ManagedProcess(build_router_command(ra, router_launch), None,
+                                             log_dir / f"sglang_router_{ra.port}.log")  # fmt: skip
+                router_proc.start()
+                wait_healthy(ra.url, health_deadline_s, router_proc)
+                router_url = ra.url
+        except BaseException:
+            for h in handles:
+                if h.process is not None:
+                    h.process.stop()
+            if router_proc is not None:
+                router_proc.stop()
+            raise
+        return cls(handles, router_url=router_url, router_process=router_proc,
+                   health_deadline_s=health_deadline_s, **kwargs)  # fmt: skip
+
+    # -- loop plumbing ----------------------------------------------------------------
+    async def _make_client(self) -> AsyncJsonClient:
+        return AsyncJsonClient(self.client_cfg)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    # -- generation -------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+    ) -> RolloutBatch:
+        if self._paused.is_set():
+            raise EnginePausedError("SGLangEngine.generate called while paused")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise RolloutError(f"prompt {i} is empty")
+        return self._run(self._generate([list(map(int, p)) for p in prompts], n, params))
+
+    async def _generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams
+    ) -> RolloutBatch:
+        step = uuid.uuid4().hex[:12]
+        results: dict[tuple[int, int], Sample] = {}
+        tasks = [
+            asyncio.create_task(self._one_sample(step, i, j, prompts[i], params, results))
+            for i in range(len(prompts))
+            for j in range(n)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._abort_all(quiet=True)
+            raise
+        groups = [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]
+        return RolloutBatch(groups)
+
+    def _pick_target(self) -> tuple[str, ServerHandle | None]:
+        if self.router_url is not None:
+            return self.router_url, None
+        live = [s for s in self.servers if s.usable]
+        if not live:
+            detail = "; ".join(f"{s.url}: {s.last_error or ('stale weights' if s.stale else 'down')}"
+                               for s in self.servers)  # fmt: skip
+            raise RolloutError(
+                f"no live SGLang server left ({len(self.servers)} configured): {detail}"
+            )
+        server = live[next(self._rr) % len(live)]
+        return server.url, server
+
+    async def _one_sample(self, step: str, i: int, j: int, prompt: list[int],
+                          params: SamplingParams, results: dict[tuple[int, int], Sample]) -> None:  # fmt: skip
+        last_error = ""
+        for attempt in range(self.client_cfg.max_retries + 1):
+            if attempt > 0 and self._paused.is_set():
+                # paused mid-step: the slot ends as aborted instead of being retried
+                results[(i, j)] = Sample(i, j, prompt, [], [], "abort", self._version)
+                return
+            base, server = self._pick_target()
+            rid = f"{step}-{i}-{j}-{attempt}"
+            try:
+                reply = await self._client.request_once(
+                    "POST", base + "/generate", json=generate_payload(prompt, params, rid)
+                )
+            except RequestFailed as e:
+                last_error = str(e)
+                if not e.retryable:
+                    raise RolloutError(f"sample ({i}, {j}): {e}") from e
+                if e.timed_out:  # the server may still be generating it: abort that rid
+                    await self._abort_rid(base, rid)
+                if server is not None:
+                    await self._on_server_failure(server, last_error)
+                await asyncio.sleep(min(self.client_cfg.backoff_max_s,
+                                        self.client_cfg.backoff_s * 2**attempt))  # fmt: skip
+                continue
+            sample = parse_generate_reply(reply, i, j, prompt, self._version)
+            if (i, j) in results:  # cannot happen: one task per slot; guard the invariant
+                raise RolloutError(f"sample ({i}, {j}) answered twice")
+            sample.request_id = rid
+            results[(i, j)] = sample
+            return
+        raise RolloutError(
+            f"sample (prompt {i}, sample {j}) failed after {self.client_cfg.max_retries + 1} "
+            f"attempts; last error: {last_error}"
+        )
+
+    async def _abort_rid(self, base: str, rid: str) -> None:
+        with contextlib.suppress(RequestFailed):
+            await self._client.request_once("POST", base + "/abort_request", json={"rid": rid},
+                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+
+    async def _probe(self, server: ServerHandle) -> bool:
+        if server.process is not None and not server.process.alive:
+            return False
+        try:
+            await self._client.request_once("GET", server.url + server.probe_path,
+                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+            return True
+        except RequestFailed:
+            return False
+
+    async def _on_server_failure(self, server: ServerHandle, error: str) -> None:
+        if server.dead or await self._probe(server):
+            return
+        server.dead = True
+        server.last_error = error
+        running = self._restarts.get(server.url)
+        if (
+            server.process is not None
+            and self.restart_dead_servers
+            and (running is None or running.done())
+        ):
+            self._restarts[server.url] = asyncio.create_task(self._restart(server))
+
+    async def _restart(self, server: ServerHandle) -> None:
+        """Stop, start and wait for one launched server; then bring its weights up to
+        date (disk) or mark it stale until the next broadcast sync."""
+        assert server.process is not None
+        proc = server.process
+        await asyncio.to_thread(proc.stop)
+        proc.start()
+        try:
+            await asyncio.to_thread(wait_healthy, server.url, self.health_deadline_s, proc,
+                                    server.health_path)  # fmt: skip
+        except RolloutError as e:
+            server.last_error = f"restart failed: {e}"
+            return
+        if self._version > 0:
+            if self.sync_cfg.mode == "disk" and self._last_checkpoint is not None:
+                try:
+                    await self._load_from_disk(server, self._last_checkpoint, self._version)
+                except RolloutError as e:
+                    server.last_error = f"weight reload after restart failed: {e}"
+                    return
+            else:
+                server.stale = True  # rejoins at the next update_weights
+                self._pg_invalid = True
+        server.dead = False
+        server.last_error = ""
+
+    # -- control ----------------------------------------------------------------------
+    def pause(self) -> None:
+        self._paused.set()
+        self._run(self._pause())
+
+    async def _pause(self) -> None:
+        await self._fanout("POST", "/pause_generation", {"mode": "abort"}, quiet=True)
+        await self._abort_all(quiet=True)
+
+    async def _abort_all(self, quiet: bool) -> None:
+        await self._fanout("POST", "/abort_request", {"abort_all": True}, quiet=quiet)
+
+    def abort(self) -> None:
+        """Abort every in-flight request (they end with finish reason "abort")."""
+        self._run(self._abort_all(quiet=True))
+
+    def resume(self) -> None:
+        self._run(self._fanout("POST", "/continue_generation", {}, quiet=True))
+        self._paused.clear()
+
+    async def _fanout(self, method: str, path: str, body: dict[str, Any] | None,
+                      quiet: bool, servers: Sequence[ServerHandle] | None = None,
+                      timeout_s: float | None = None) -> list[Any]:  # fmt: skip
+        targets = [s for s in (servers if servers is not None else self.servers) if not s.dead]
+        replies = await asyncio.gather(
+            *(self._client.request(method, s.url + path, json=body, timeout_s=timeout_s, retries=0)
+              for s in targets),
+            return_exceptions=True,
+        )  # fmt: skip
+        for s, r in zip(targets, replies):
+            if isinstance(r, BaseException) and not quiet:
+                raise RolloutError(f"{method} {s.url}{path} failed: {r}") from r
+        return list(replies)
+
+    def health(self) -> EngineHealth:
+        return self._run(self._health())
+
+    async def _health(self) -> EngineHealth:
+        lines = []
+        ok = True
+        for s in self.servers:
+            alive = await self._probe(s)
+            if not alive and not s.dead:
+                await self._on_server_failure(s, "health probe failed")
+            state = "stale" if s.stale else ("healthy" if alive else "DOWN")
+            ok &= alive and not s.stale
+            lines.append(f"{s.url}: {state}{' (' + s.last_error + ')' if s.last_error else ''}")
+        if self.router_url is not None:
+            try:
+                await self._client.request_once("GET", self.router_url + "/health",
+                                                timeout_s=self.health_probe_timeout_s)  # fmt: skip
+                lines.append(f"router {self.router_url}: healthy")
+            except RequestFailed as e:
+                ok = False
+                lines.append(f"router {self.router_url}: DOWN ({e})")
+        return EngineHealth(ok, tuple(lines))
+
+    def wait_for_restarts(self, timeout_s: float | None = None) -> None:
+        """Block until background restarts finish (for tests and orderly shutdown)."""
+
+        async def _wait() -> None:
+            tasks = [t for t in self._restarts.values() if not t.done()]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        self._run(_wait(), timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        """Stop launched processes, close the client and the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for t in self._restarts.values():
+                self._loop.call_soon_threadsafe(t.cancel)
+            self._run(self._client.aclose(), timeout=10)
+        finally:
+            if self._pg is not None:
+                with contextlib.suppress(Exception):
+                    destroy_weight_update_group(self._pg)
+                self._pg = None
+            for s in self.servers:
+                if s.process is not None:
+                    s.process.stop()
+            if self.router_process is not None:
+                self.router_process.stop()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    # -- weights ----------------------------------------------------------------------
+    def update_weights(
+        self, buckets: Iterable[NamedTensorBucket], version: int | None = None
+    ) -> None:
+        new_version = self._version + 1 if version is None else int(version)
+        if self.sync_cfg.mode == "distributed":
+            self._run(self._update_distributed(buckets, new_version))
+        elif self.sync_cfg.mode == "disk":
+            self._run(self._update_disk(buckets, new_version))
+        else:
+            raise ValueError(f"unknown weight sync mode {self.sync_cfg.mode!r}")
+        self._version = new_version
+        for s in self.servers:
+            s.stale = False if not s.dead else s.stale
+
+    async def _init_group(self) -> None:
+        cfg = self.sync_cfg
+        members = [s for s in self.servers if not s.dead]
+        if self._pg is not None:  # rebuild: a member restarted since the group was made
+            await self._fanout("POST", "/destroy_weights_update_group",
+                               {"group_name": cfg.group_name}, quiet=True,
+                               servers=[m for m in self._group_members if not m.stale])  # fmt: skip
+            destroy_weight_update_group(self._pg)
+            self._pg = None
+        port = cfg.master_port or free_port(cfg.master_address)
+        world = 1 + sum(s.num_gpus for s in members)
+        offsets = list(itertools.accumulate([1] + [s.num_gpus for s in members[:-1]]))
+        requests = [
+            self._client.request("POST", s.url + "/init_weights_update_group", json={
+                "master_address": cfg.master_address, "master_port": port,
+                "rank_offset": off, "world_size": world,
+                "group_name": cfg.group_name, "backend": cfg.backend,
+            }, timeout_s=cfg.timeout_s, retries=0)
+            for s, off in zip(members, offsets)
+        ]  # fmt: skip
+        join = asyncio.to_thread(init_weight_update_group, cfg.backend, cfg.master_address, port,
+                                 0, world, cfg.group_name, cfg.timeout_s)  # fmt: skip
+        out = await asyncio.gather(join, *requests, return_exceptions=True)
+        errors = [f"{s.url}: {r}" for s, r in zip(members, out[1:]) if _failed(r)]
+        if isinstance(out[0], BaseException) or errors:
+            if not isinstance(out[0], BaseException):
+                destroy_weight_update_group(out[0])
+            raise RolloutError(
+                f"init_weights_update_group failed (world {world}, {cfg.master_address}:{port}): "
+                f"trainer: {out[0] if isinstance(out[0], BaseException) else 'ok'}; servers: {errors}"
+            )
+        self._pg = out[0]
+        self._group_members = members
+        self._pg_invalid = False
+
+    async def _update_distributed(self, buckets: Iterable[NamedTensorBucket], version: int) -> None:
+        import torch
+
+        cfg = self.sync_cfg
+        if self._pg is None or self._pg_invalid or any(s.dead for s in self._group_members):
+            await self._init_group()
+        device = torch.device(cfg.device)
+        members = self._group_members
+        for bucket, last in with_last_flag(buckets):
+            names, dtypes, shapes = bucket_metadata(bucket)
+            body = {"names": names, "dtypes": dtypes, "shapes": shapes,
+                    "group_name": cfg.group_name, "flush_cache": last,
+                    "weight_version": str(version)}  # fmt: skip
+            requests = [
+                self._client.request("POST", s.url + "/update_weights_from_distributed", json=body,
+                                     timeout_s=cfg.timeout_s, retries=0)
+                for s in members
+            ]  # fmt: skip
+            bcast = asyncio.to_thread(broadcast_bucket, self._pg, bucket, device)
+            out = await asyncio.gather(bcast, *requests, return_exceptions=True)
+            errors = [f"{s.url}: {r}" for s, r in zip(members, out[1:]) if _failed(r)]
+            if isinstance(out[0], BaseException) or errors:
+                self._pg_invalid = True
+                raise RolloutError(
+                    f"update_weights_from_distributed failed for bucket {names[:3]}...: "
+                    f"broadcast: {out[0] if isinstance(out[0], BaseException) else 'ok'}; "
+                    f"servers: {errors}"
+                )
+
+    async def _update_disk(self, buckets: Iterable[NamedTensorBucket], version: int) -> None:
+        cfg = self.sync_cfg
+        if cfg.disk_dir is None:
+            raise RolloutError("weight sync mode 'disk' needs WeightSyncConfig.disk_dir")
+        root = Path(cfg.disk_dir)
+        out = root / f"weights_v{version}"
+        base = Path(cfg.base_model_dir) if cfg.base_model_dir else None
+        await asyncio.to_thread(write_hf_checkpoint, buckets, out, base)
+        live = [s for s in self.servers if not s.dead]
+        results = await asyncio.gather(*(self._load_from_disk(s, out, version) for s in live),
+                                       return_exceptions=True)  # fmt: skip
+        errors = [f"{s.url}: {r}" for s, r in zip(live, results) if isinstance(r, BaseException)]
+        if errors:
+            raise RolloutError(f"update_weights_from_disk({out}) failed: {errors}")
+        previous, self._last_checkpoint = self._last_checkpoint, out
+        if previous is not None and previous != out:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    async def _load_from_disk(self, server: ServerHandle, path: Path, version: int) -> None:
+        reply = await self._client.request(
+            "POST", server.url + "/update_weights_from_disk",
+            json={"model_path": str(path), "weight_version": str(version)},
+            timeout_s=self.sync_cfg.timeout_s, retries=0,
+        )  # fmt: skip
+        if _failed(reply):
+            raise RolloutError(f"{server.url} refused weights from {path}: {reply}")
+
+
+def _failed(reply: Any) -> bool:
+    """An exception, or an SGLang {"success": false, ...} answer."""
+    if isinstance(reply, BaseException):
+        return True
+    return isinstance(reply, dict) and reply.get("success") is False

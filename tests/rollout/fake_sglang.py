@@ -1,0 +1,444 @@
+"""A stand-in SGLang server for boundary tests.
+
+It checks every request against SGLang's documented HTTP API (method, path, JSON field
+names and types; see /work/shared/SGLANG_API.md) and answers in SGLang's response
+format. Violations are recorded, never silently accepted; tests assert there are none.
+Its "model" emits deterministic pseudo-random tokens per request id.
+
+Runs in a thread (`FakeSGLangServer(...).start()`) or as a process that takes
+`sglang.launch_server`'s flags (`python fake_sglang.py --model-path ... --port N ...`)
+plus test-only flags (--fake-die-after K: exit the process instead of sending its
+answer K+1). As a process it can join the weight-update group (torch
+imported lazily), receiving broadcasts as SGLang does, and reports everything it saw at
+GET /_test/state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+NUM = (int, float)
+# path -> (method, required fields, optional fields); values: type or tuple of types
+SCHEMA: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "/generate": ("POST", {"input_ids": list, "sampling_params": dict, "rid": str,
+                           "return_logprob": bool},
+                  {"logprob_start_len": int, "stream": bool, "top_logprobs_num": int}),
+    "/init_weights_update_group": ("POST", {"master_address": str, "master_port": int,
+                                            "rank_offset": int, "world_size": int,
+                                            "group_name": str, "backend": str}, {}),
+    "/update_weights_from_distributed": ("POST", {"names": list, "dtypes": list, "shapes": list},
+                                         {"group_name": str, "flush_cache": bool,
+                                          "abort_all_requests": bool, "weight_version": str,
+                                          "load_format": (str, type(None))}),
+    "/destroy_weights_update_group": ("POST", {"group_name": str}, {}),
+    "/update_weights_from_disk": ("POST", {"model_path": str},
+                                  {"load_format": (str, type(None)), "abort_all_requests": bool,
+                                   "weight_version": str}),
+    "/pause_generation": ("POST", {}, {"mode": str}),
+    "/continue_generation": ("POST", {}, {}),
+    "/abort_request": ("POST", {}, {"rid": str, "abort_all": bool}),
+}  # fmt: skip
+SAMPLING_FIELDS: dict[str, Any] = {
+    "max_new_tokens": int, "temperature": NUM, "top_p": NUM, "top_k": int,
+    "stop_token_ids": list, "ignore_eos": bool, "min_p": NUM, "n": int,
+}  # fmt: skip
+GET_PATHS = ("/health", "/health_generate", "/get_model_info", "/model_info", "/server_info",
+             "/get_server_info", "/_test/state")  # fmt: skip
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _type_ok(value: Any, t: Any) -> bool:
+    if t is int or t == (int,):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is NUM:
+        return isinstance(value, NUM) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+def check_request(method: str, path: str, body: Any) -> list[str]:
+    """Violations of the documented API by one request (empty list: conforms)."""
+    if path not in SCHEMA:
+        return [f"{method} {path}: unknown endpoint"]
+    want_method, required, optional = SCHEMA[path]
+    errs: list[str] = []
+    if method != want_method:
+        errs.append(f"{path}: method {method}, expected {want_method}")
+    if not isinstance(body, dict):
+        return [*errs, f"{path}: body is not a JSON object"]
+    for k, t in required.items():
+        if k not in body:
+            errs.append(f"{path}: missing field {k!r}")
+        elif not _type_ok(body[k], t):
+            errs.append(f"{path}: field {k!r} has type {type(body[k]).__name__}")
+    for k, v in body.items():
+        if k not in required and k not in optional:
+            errs.append(f"{path}: unknown field {k!r}")
+        elif k in optional and not _type_ok(v, optional[k]):
+            errs.append(f"{path}: field {k!r} has type {type(v).__name__}")
+    if path == "/generate":
+        errs += _check_generate(body)
+    if path == "/update_weights_from_distributed":
+        n = len(body.get("names", []))
+        if not (len(body.get("dtypes", [])) == n == len(body.get("shapes", []))):
+            errs.append("update_weights_from_distributed: names/dtypes/shapes lengths differ")
+        errs += [f"unknown dtype {d!r}" for d in body.get("dtypes", []) if d not in DTYPES]
+    if path == "/pause_generation" and body.get("mode", "abort") not in (
+        "abort",
+        "retract",
+        "in_place",
+    ):
+        errs.append(f"pause_generation: bad mode {body.get('mode')!r}")
+    if path == "/abort_request" and "rid" not in body and not body.get("abort_all"):
+        errs.append("abort_request: needs rid or abort_all")
+    return errs
+
+
+def _check_generate(body: dict[str, Any]) -> list[str]:
+    errs = []
+    ids = body.get("input_ids")
+    if not (isinstance(ids, list) and ids and all(_type_ok(t, int) for t in ids)):
+        errs.append("generate: input_ids must be a non-empty list of ints (one prompt)")
+    if body.get("return_logprob") is not True:
+        errs.append("generate: return_logprob must be true for RL")
+    if body.get("logprob_start_len", -1) != -1:
+        errs.append("generate: logprob_start_len should be -1 (output tokens only)")
+    sp = body.get("sampling_params", {})
+    for k, v in sp.items() if isinstance(sp, dict) else ():
+        if k not in SAMPLING_FIELDS:
+            errs.append(f"generate: unknown sampling param {k!r}")
+        elif not _type_ok(v, SAMPLING_FIELDS[k]):
+            errs.append(f"generate: sampling param {k!r} has type {type(v).__name__}")
+    if isinstance(sp, dict) and "max_new_tokens" not in sp:
+        errs.append("generate: sampling_params.max_new_tokens missing")
+    return errs
+
+
+def fake_generation(rid: str, prompt: list[int], sp: dict[str, Any], vocab: int):
+    """Deterministic (tokens, logprobs, finish_reason dict) for one request."""
+    rng = random.Random(f"{rid}|{prompt}")
+    stops = set(sp.get("stop_token_ids") or [])
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    for _ in range(int(sp["max_new_tokens"])):
+        tok = rng.randrange(vocab)
+        tokens.append(tok)
+        logprobs.append(-round(rng.uniform(0.01, 4.0), 6))
+        if tok in stops:
+            return tokens, logprobs, {"type": "stop", "matched": tok}
+    return tokens, logprobs, {"type": "length", "length": len(tokens)}
+
+
+class FakeSGLangServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, vocab: int = 64,
+                 token_delay_s: float = 0.0, die_after: int | None = None,
+                 hang_after: int | None = None, exit_process_on_die: bool = False,
+                 model_path: str = "fake-model", argv: list[str] | None = None) -> None:  # fmt: skip
+        self.vocab = vocab
+        self.token_delay_s = token_delay_s
+        self.die_after = die_after
+        self.hang_after = hang_after
+        self.exit_process_on_die = exit_process_on_die
+        self.model_path = model_path
+        self.argv = argv or []
+        self.lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []
+        self.violations: list[str] = []
+        self.served: dict[str, dict[str, Any]] = {}  # rid -> what was answered
+        self.started: list[str] = []  # rids received
+        self.aborted: set[str] = set()
+        self.abort_all_epoch = 0
+        self.paused = False
+        self.dead = threading.Event()
+        self.received: dict[str, Any] = {}  # name -> torch tensor (weights received)
+        self.flushes = 0
+        self.weight_version = "0"
+        self.pg: Any = None
+        self.conns: set[socket.socket] = set()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeSGLangServer:
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.dead.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._drop_connections()
+
+    def die(self) -> None:
+        """Simulate a crash: stop listening and cut every open connection."""
+        if self.exit_process_on_die:
+            os._exit(3)
+        self.dead.set()
+        threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+        self.httpd.socket.close()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
+        with self.lock:
+            conns = list(self.conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+    def state(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "argv": self.argv,
+                "requests": list(self.requests),
+                "violations": list(self.violations),
+                "served": dict(self.served),
+                "started": list(self.started),
+                "flushes": self.flushes,
+                "weight_version": self.weight_version,
+                "received": {k: {"dtype": str(v.dtype).removeprefix("torch."),
+                                 "shape": list(v.shape),
+                                 "values": v.double().flatten().tolist()}
+                             for k, v in self.received.items()},
+            }  # fmt: skip
+
+    # -- request handling --------------------------------------------------------------
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server.lock:
+                    server.conns.add(self.connection)
+
+            def finish(self) -> None:
+                with server.lock:
+                    server.conns.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+            def _reply(self, code: int, obj: Any) -> None:
+                data = json.dumps(obj).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path not in GET_PATHS:
+                    with server.lock:
+                        server.violations.append(f"GET {path}: unknown endpoint")
+                    return self._reply(404, {"error": "not found"})
+                if path == "/_test/state":
+                    return self._reply(200, server.state())
+                with server.lock:
+                    server.requests.append({"method": "GET", "path": path, "body": None})
+                    hung = server.hang_after is not None and len(server.started) > server.hang_after
+                if path == "/health_generate" and hung:
+                    server.dead.wait(60)  # a hung server cannot generate its health token
+                    return None
+                if path in ("/get_model_info", "/model_info"):
+                    return self._reply(200, {"model_path": server.model_path,
+                                             "tokenizer_path": None, "is_generation": True,
+                                             "weight_version": server.weight_version})  # fmt: skip
+                if path in ("/server_info", "/get_server_info"):
+                    return self._reply(200, {"model_path": server.model_path, "tp_size": 1,
+                                             "version": "0.5.0-fake"})  # fmt: skip
+                return self._reply(200, {})
+
+            def do_POST(self) -> None:
+                path = self.path.split("?")[0]
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else {}
+                except ValueError:
+                    body = None
+                errs = check_request("POST", path, body)
+                with server.lock:
+                    server.requests.append({"method": "POST", "path": path, "body": body})
+                    server.violations.extend(errs)
+                if errs:
+                    return self._reply(400, {"error": "; ".join(errs)})
+                handler = getattr(server, "_post_" + path.strip("/"))
+                code, obj = handler(body, self)
+                if code is not None:
+                    self._reply(code, obj)
+
+        return Handler
+
+    def _post_generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):
+        rid = body["rid"]
+        with self.lock:
+            self.started.append(rid)
+            epoch = self.abort_all_epoch
+        if self.hang_after is not None and len(self.started) > self.hang_after:
+            self.dead.wait(60)  # stops answering (until the server is stopped)
+            return None, None
+        tokens, logprobs, finish = fake_generation(rid, body["input_ids"], body["sampling_params"],
+                                                   self.vocab)  # fmt: skip
+        for t in range(len(tokens)):
+            if self.dead.is_set():
+                return None, None
+            with self.lock:
+                stop = rid in self.aborted or self.abort_all_epoch != epoch or self.paused
+            if stop:
+                tokens, logprobs = tokens[:t], logprobs[:t]
+                finish = {"type": "abort", "message": "Abort request"}
+                break
+            if self.token_delay_s:
+                time.sleep(self.token_delay_s)
+        reply = {
+            "output_ids": tokens,
+            "meta_info": {
+                "id": rid, "finish_reason": finish, "prompt_tokens": len(body["input_ids"]),
+                "completion_tokens": len(tokens), "cached_tokens": 0,
+                "weight_version": self.weight_version, "e2e_latency": 0.0,
+                "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens)],
+            },
+        }  # fmt: skip
+        with self.lock:
+            crash = self.die_after is not None and len(self.served) >= self.die_after
+            if not crash and not self.dead.is_set():
+                self.served[rid] = {"output_ids": tokens, "logprobs": logprobs, "finish": finish}
+        if crash:  # crash instead of sending answer die_after + 1
+            self.die()
+        if crash or self.dead.is_set():
+            return None, None
+        return 200, reply
+
+    def _post_abort_request(self, body: dict[str, Any], h: Any):
+        with self.lock:
+            if body.get("abort_all"):
+                self.abort_all_epoch += 1
+            if "rid" in body:
+                self.aborted.add(body["rid"])
+        return 200, {}
+
+    def _post_pause_generation(self, body: dict[str, Any], h: Any):
+        with self.lock:
+            self.paused = True
+        return 200, {"message": "Generation paused successfully."}
+
+    def _post_continue_generation(self, body: dict[str, Any], h: Any):
+        with self.lock:
+            self.paused = False
+        return 200, {"message": "Generation continued successfully."}
+
+    def _post_update_weights_from_disk(self, body: dict[str, Any], h: Any):
+        from safetensors.torch import load_file
+
+        path = Path(body["model_path"])
+        index = path / "model.safetensors.index.json"
+        if not (path / "config.json").is_file() or not index.is_file():
+            return 200, {"success": False, "message": f"no HF checkpoint at {path}",
+                         "num_paused_requests": 0}  # fmt: skip
+        weight_map = json.loads(index.read_text())["weight_map"]
+        loaded: dict[str, Any] = {}
+        for fname in sorted(set(weight_map.values())):
+            loaded.update(load_file(str(path / fname)))
+        if set(loaded) != set(weight_map):
+            return 200, {"success": False, "message": "index does not match shards",
+                         "num_paused_requests": 0}  # fmt: skip
+        with self.lock:
+            self.received = loaded
+            self.weight_version = body.get("weight_version", self.weight_version)
+        return 200, {"success": True, "message": "Succeeded to update model weights.",
+                     "num_paused_requests": 0}  # fmt: skip
+
+    def _post_init_weights_update_group(self, body: dict[str, Any], h: Any):
+        # Built as SGLang's receiving side does it (init_custom_process_group):
+        # TCP rendezvous, store prefixed by the group name, _new_process_group_helper.
+        from datetime import timedelta
+
+        from torch.distributed.distributed_c10d import (
+            Backend,
+            PrefixStore,
+            _new_process_group_helper,
+            _world,
+            rendezvous,
+        )
+
+        timeout = timedelta(seconds=60)
+        url = f"tcp://{body['master_address']}:{body['master_port']}"
+        store, rank, world = next(rendezvous(url, body["rank_offset"], body["world_size"],
+                                             timeout=timeout))  # fmt: skip
+        store.set_timeout(timeout)
+        store = PrefixStore(body["group_name"], store)
+        pg, _ = _new_process_group_helper(world, rank, [], Backend(body["backend"]), store,
+                                          group_name=body["group_name"], timeout=timeout)  # fmt: skip
+        _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+        self.pg = pg
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def _post_update_weights_from_distributed(self, body: dict[str, Any], h: Any):
+        import torch
+        import torch.distributed as dist
+
+        if self.pg is None:
+            return 200, {"success": False, "message": "weight update group not initialized"}
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            dist.broadcast(t, src=0, group=self.pg)
+            with self.lock:
+                self.received[name] = t
+        with self.lock:
+            self.flushes += int(body.get("flush_cache", True))
+            self.weight_version = body.get("weight_version", self.weight_version)
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _post_destroy_weights_update_group(self, body: dict[str, Any], h: Any):
+        import torch.distributed as dist
+
+        if self.pg is not None:
+            dist.destroy_process_group(self.pg)
+            self.pg = None
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--fake-die-after", type=int, default=None)
+    ap.add_argument("--fake-token-delay", type=float, default=0.0)
+    args, _unknown = ap.parse_known_args()  # the other sglang flags are recorded in argv
+    import sys
+
+    srv = FakeSGLangServer(args.host, args.port, die_after=args.fake_die_after,
+                           token_delay_s=args.fake_token_delay, exit_process_on_die=True,
+                           model_path=args.model_path, argv=sys.argv[1:])  # fmt: skip
+    srv.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
