@@ -250,14 +250,20 @@ class MetricsExporter:
 
     def _record_gpu_memory(self) -> None:
         torch = sys.modules.get("torch")  # never import torch just for this
-        if torch is None or not torch.cuda.is_available():
+        try:
+            if torch is None or not torch.cuda.is_available():
+                return
+            dev = torch.cuda.current_device()
+            values = {
+                "allocated": torch.cuda.memory_allocated(dev),
+                "reserved": torch.cuda.memory_reserved(dev),
+                "peak": torch.cuda.max_memory_allocated(dev),
+            }
+        except Exception as exc:  # e.g. torch half-imported by another thread
+            if "gpu_memory" not in self._warned:
+                self._warned.add("gpu_memory")
+                log.warning("metrics: GPU memory not recorded: %s", exc)
             return
-        dev = torch.cuda.current_device()
-        values = {
-            "allocated": torch.cuda.memory_allocated(dev),
-            "reserved": torch.cuda.memory_reserved(dev),
-            "peak": torch.cuda.max_memory_allocated(dev),
-        }
         for kind, value in values.items():
             self._gpu_memory.labels(**self._base, device=str(dev), kind=kind).set(value)
 
