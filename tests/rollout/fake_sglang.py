@@ -32,7 +32,11 @@ NUM = (int, float)
 SCHEMA: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "/generate": ("POST", {"input_ids": list, "sampling_params": dict, "rid": str,
                            "return_logprob": bool},
-                  {"logprob_start_len": int, "stream": bool, "top_logprobs_num": int}),
+                  {"logprob_start_len": int, "stream": bool, "top_logprobs_num": int,
+                   # GenerateReqInput fields sglang-router 0.3.x fills in with defaults:
+                   "model": (str, type(None)), "return_text_in_logprobs": bool,
+                   "log_metrics": bool, "return_hidden_states": bool, "background": bool,
+                   "no_logs": bool, "return_bytes": bool, "return_entropy": bool}),
     "/init_weights_update_group": ("POST", {"master_address": str, "master_port": int,
                                             "rank_offset": int, "world_size": int,
                                             "group_name": str, "backend": str}, {}),
