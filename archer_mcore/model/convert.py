@@ -1,0 +1,259 @@
+"""HF <-> megatron-core weight conversion for Qwen2/Qwen3, TP and PP aware.
+
+Pure functions over name -> tensor mappings; no process groups here (the live-model
+export in `export.py` gathers shards and calls these).
+
+megatron layout (per TP rank r of tp, per PP stage holding global layers
+[s * L/pp, (s+1) * L/pp), renumbered from 0 locally):
+
+- ``linear_qkv`` [ng/tp * (q_per_group + 2) * head_dim, hidden]: for each local query
+  group g, its q heads, then its k head, then its v head (bias likewise, Qwen2).
+- ``linear_fc1`` [2 * ffn/tp, hidden]: rank r's slice of gate_proj, then of up_proj.
+- ``linear_proj`` / ``linear_fc2``: HF o_proj / down_proj split along dim 1.
+- embedding / output layer: vocab rows zero-padded to `padded_vocab`, split along dim 0.
+- norms: replicated. With the TE spec the pre-attention / pre-MLP norms are fused into
+  ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from archer_mcore.model.hf_config import ModelShape
+
+Kind = Literal["replicated", "row", "col", "qkv", "gate_up", "vocab"]
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """One megatron parameter and the HF tensors it is made of.
+
+    kind: replicated (copied to every TP rank); row (split dim 0); col (split dim 1);
+    qkv (q/k/v interleaved per query group, split by groups); gate_up (gate/up fused per
+    rank); vocab (zero-padded rows, split dim 0).
+    """
+
+    mcore: str
+    hf: tuple[str, ...]
+    kind: Kind
+
+
+def layer_rules(shape: ModelShape, te_names: bool = False) -> list[ParamRule]:
+    """Rules for one decoder layer, names relative to the layer prefix
+    (``decoder.layers.{j}.`` / ``model.layers.{i}.``), in HF parameter order."""
+    attn_norm = (
+        "self_attention.linear_qkv.layer_norm_weight" if te_names else "input_layernorm.weight"
+    )
+    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te_names else "pre_mlp_layernorm.weight"
+    rules = [ParamRule(attn_norm, ("input_layernorm.weight",), "replicated")]
+    rules.append(
+        ParamRule(
+            "self_attention.linear_qkv.weight",
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "qkv",
+        )
+    )
+    if shape.qkv_bias:
+        rules.append(
+            ParamRule(
+                "self_attention.linear_qkv.bias",
+                ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                "qkv",
+            )
+        )
+    rules.append(
+        ParamRule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "col")
+    )
+    if shape.qk_norm:
+        rules.append(
+            ParamRule(
+                "self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "replicated"
+            )
+        )
+        rules.append(
+            ParamRule(
+                "self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "replicated"
+            )
+        )
+    rules.append(ParamRule(mlp_norm, ("post_attention_layernorm.weight",), "replicated"))
+    rules.append(
+        ParamRule(
+            "mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"
+        )
+    )
+    rules.append(ParamRule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "col"))
+    return rules
+
+
+def embedding_rule() -> ParamRule:
+    return ParamRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
+
+
+def final_norm_rule() -> ParamRule:
+    return ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated")
+
+
+def output_rule(shape: ModelShape) -> ParamRule:
+    """The last stage's output layer. Tied models keep a copy of the embedding there when
+    pp > 1 (megatron keeps the two in sync), and have none at pp == 1."""
+    src = "model.embed_tokens.weight" if shape.tie_embeddings else "lm_head.weight"
+    return ParamRule("output_layer.weight", (src,), "vocab")
+
+
+def stage_layers(shape: ModelShape, pp: int, stage: int) -> range:
+    """Global indices of the layers on pipeline stage `stage` (uniform split)."""
+    if shape.num_layers % pp != 0:
+        raise ValueError(f"num_hidden_layers {shape.num_layers} is not divisible by pp={pp}")
+    per = shape.num_layers // pp
+    return range(stage * per, (stage + 1) * per)
+
+
+def stage_rules(
+    shape: ModelShape, pp: int, stage: int, te_names: bool = False
+) -> Iterator[tuple[ParamRule, str, int | None]]:
+    """(rule, mcore prefix, global layer or None) for every parameter of a stage, in HF
+    order. The HF names of layer rules get prefix ``model.layers.{global}.``."""
+    if stage == 0:
+        yield embedding_rule(), "", None
+    for local, glob in enumerate(stage_layers(shape, pp, stage)):
+        for rule in layer_rules(shape, te_names):
+            yield rule, f"decoder.layers.{local}.", glob
+    if stage == pp - 1:
+        yield final_norm_rule(), "", None
+        if not shape.tie_embeddings or pp > 1:
+            yield output_rule(shape), "", None
+
+
+def hf_names(rule: ParamRule, layer: int | None) -> tuple[str, ...]:
+    return rule.hf if layer is None else tuple(f"model.layers.{layer}.{n}" for n in rule.hf)
+
+
+# ------------------------------------------------------------------ tensor math
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, shape: ModelShape) -> Tensor:
+    """HF q [nh*hd, ...], k/v [ng*hd, ...] -> megatron fused [ng*(q_per_g+2)*hd, ...]."""
+    ng, qpg, hd = shape.num_kv_heads, shape.heads_per_group, shape.head_dim
+    rest = q.shape[1:]
+    qg = q.reshape(ng, qpg * hd, *rest)
+    kg = k.reshape(ng, hd, *rest)
+    vg = v.reshape(ng, hd, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(ng * (qpg + 2) * hd, *rest)
+
+
+def split_qkv(qkv: Tensor, shape: ModelShape) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `fuse_qkv` on the full (all TP ranks concatenated) tensor."""
+    ng, qpg, hd = shape.num_kv_heads, shape.heads_per_group, shape.head_dim
+    rest = qkv.shape[1:]
+    g = qkv.reshape(ng, (qpg + 2) * hd, *rest)
+    q, k, v = torch.split(g, [qpg * hd, hd, hd], dim=1)
+    return (
+        q.reshape(ng * qpg * hd, *rest).contiguous(),
+        k.reshape(ng * hd, *rest).contiguous(),
+        v.reshape(ng * hd, *rest).contiguous(),
+    )
+
+
+def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
+    if w.shape[0] > padded_vocab:
+        raise ValueError(f"vocab rows {w.shape[0]} exceed the padded vocab {padded_vocab}")
+    if w.shape[0] == padded_vocab:
+        return w
+    return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])], dim=0)
+
+
+def to_tp_shards(
+    rule: ParamRule, hf: list[Tensor], shape: ModelShape, tp: int, padded_vocab: int
+) -> list[Tensor]:
+    """HF tensors of one rule -> the `tp` megatron shards (contiguous clones)."""
+    if rule.kind == "replicated":
+        return [hf[0].clone() for _ in range(tp)]
+    if rule.kind == "row":
+        return [c.clone() for c in hf[0].chunk(tp, dim=0)]
+    if rule.kind == "col":
+        return [c.contiguous().clone() for c in hf[0].chunk(tp, dim=1)]
+    if rule.kind == "vocab":
+        return [c.clone() for c in pad_vocab(hf[0], padded_vocab).chunk(tp, dim=0)]
+    if rule.kind == "qkv":
+        if shape.num_kv_heads % tp != 0:
+            raise ValueError(
+                f"num_key_value_heads {shape.num_kv_heads} is not divisible by tp={tp}"
+            )
+        return [c.clone() for c in fuse_qkv(*hf, shape).chunk(tp, dim=0)]
+    if rule.kind == "gate_up":
+        gate, up = hf
+        return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp, 0), up.chunk(tp, 0))]
+    raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def from_tp_shards(rule: ParamRule, shards: list[Tensor], shape: ModelShape) -> list[Tensor]:
+    """The `tp` megatron shards of one rule -> its HF tensors (in `rule.hf` order)."""
+    if rule.kind == "replicated":
+        return [shards[0].clone()]
+    if rule.kind == "row":
+        return [torch.cat(shards, dim=0)]
+    if rule.kind == "col":
+        return [torch.cat(shards, dim=1)]
+    if rule.kind == "vocab":
+        return [torch.cat(shards, dim=0)[: shape.vocab_size].clone()]
+    if rule.kind == "qkv":
+        return list(split_qkv(torch.cat(shards, dim=0), shape))
+    if rule.kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
+    raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+# ------------------------------------------------------------------ whole-model maps
+def hf_to_mcore_shard(
+    get_hf: Callable[[str], Tensor],
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    tp_rank: int,
+    pp_rank: int,
+    padded_vocab: int,
+    te_names: bool = False,
+) -> dict[str, Tensor]:
+    """The megatron state dict of one (tp_rank, pp_rank) model shard.
+
+    `get_hf(name)` returns one HF tensor (lets the caller read lazily from safetensors);
+    KeyError from it is re-raised naming the missing HF tensor.
+    """
+    out: dict[str, Tensor] = {}
+    for rule, prefix, layer in stage_rules(shape, pp, pp_rank, te_names):
+        names = hf_names(rule, layer)
+        try:
+            tensors = [get_hf(n) for n in names]
+        except KeyError as e:
+            raise KeyError(f"HF checkpoint is missing tensor {e.args[0]!r}") from None
+        out[prefix + rule.mcore] = to_tp_shards(rule, tensors, shape, tp, padded_vocab)[tp_rank]
+    return out
+
+
+def mcore_shards_to_hf(
+    shards: Mapping[tuple[int, int], Mapping[str, Tensor]],
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    te_names: bool = False,
+) -> dict[str, Tensor]:
+    """Merge all (tp_rank, pp_rank) megatron state dicts into one HF state dict.
+
+    Tied models get no ``lm_head.weight`` (as transformers saves them)."""
+    out: dict[str, Tensor] = {}
+    for stage in range(pp):
+        for rule, prefix, layer in stage_rules(shape, pp, stage, te_names):
+            if rule.mcore == "output_layer.weight" and shape.tie_embeddings:
+                continue
+            key = prefix + rule.mcore
+            try:
+                parts = [shards[(r, stage)][key] for r in range(tp)]
+            except KeyError:
+                raise KeyError(f"megatron shard (pp={stage}) is missing {key!r}") from None
+            for name, t in zip(hf_names(rule, layer), from_tp_shards(rule, parts, shape)):
+                out[name] = t
+    return out

@@ -1,0 +1,125 @@
+"""Process-group and megatron model-parallel initialisation.
+
+Rank/world come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+or from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST; the master
+is the first host of the node list). The backend is NCCL on GPUs and gloo on CPUs,
+where the CPU compatibility layer is switched on as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from archer_mcore.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: "gpu[003-005,010],cpu1" -> "gpu003"."""
+    m = re.match(r"\s*([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m or not m.group(1).strip():
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST {nodelist!r}")
+    prefix, ranges = m.group(1).strip(), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_dist_env(env: dict[str, str] | None = None, default_port: int = 29500) -> DistEnv:
+    """Rank layout from torchrun's variables, else Slurm's, else a single process."""
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", default_port)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR", first_slurm_host(nodelist)),
+            master_port=int(env.get("MASTER_PORT", default_port)),
+        )
+    return DistEnv(
+        0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port))
+    )
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(
+    env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 1800.0
+) -> DistEnv:
+    """Initialise torch.distributed (idempotent) and, on CPU, the compatibility layer."""
+    env = read_dist_env() if env is None else env
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        cpu_compat.activate()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend or default_backend(),
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return env
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """megatron's TP/PP/DP groups plus its model-parallel RNG seeds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def init_distributed(
+    tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None
+) -> DistEnv:
+    """Both of the above: the one call a training process makes at start-up."""
+    env = init_process_group(backend=backend)
+    init_model_parallel(tp, pp, seed)
+    return env
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""Code that runs inside the spawned gloo processes of the megatron tests.
+
+`entry` sets up torch.distributed, runs one task and lets rank 0 write the task's
+result dict as JSON; the test process makes the assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def entry(
+    rank: int, world: int, port: int, task: str, payload: dict[str, Any], result_path: str
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from archer_mcore.parallel.distributed import destroy_distributed, init_process_group
+
+    init_process_group()
+    try:
+        out = TASKS[task](payload)
+        if rank == 0:
+            with open(result_path, "w") as f:
+                json.dump(out, f)
+    finally:
+        destroy_distributed()
+
+
+def _gather_tp_vocab(shard: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def _max_over_world(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _sum_over_world(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def parity(payload: dict[str, Any]) -> dict[str, Any]:
+    """For each (tp, pp) layout and model: max |megatron logits - transformers logits|
+    on the last-stage ranks, how many ranks reported, and the number of HF tensors the
+    streaming export got bitwise wrong."""
+    from megatron.core import parallel_state as ps
+
+    from archer_mcore.model.build import build_gpt_model
+    from archer_mcore.model.hf_config import shape_from_hf_config
+    from archer_mcore.model.hf_io import HFCheckpointReader
+    from archer_mcore.model.pipeline import MicroBatch, causal_positions, run_microbatches
+    from archer_mcore.model.weights import iter_hf_buckets, load_hf_weights
+    from archer_mcore.parallel.distributed import init_model_parallel
+
+    ids = torch.tensor(payload["input_ids"])
+    out: dict[str, Any] = {}
+    for tp, pp in payload["layouts"]:
+        init_model_parallel(tp, pp)
+        for name, d in payload["models"].items():
+            shape = shape_from_hf_config(d["dir"])
+            reader = HFCheckpointReader(d["dir"])
+            model, _, _ = build_gpt_model(shape)
+            load_hf_weights(model, reader, shape)
+            model.eval()
+            ref = torch.tensor(d["logits"])
+
+            def collect(
+                logits: torch.Tensor, mb: MicroBatch
+            ) -> tuple[torch.Tensor, dict[str, Any]]:
+                return logits.sum() * 0.0, {"logits": logits.detach()}
+
+            mbs = [
+                MicroBatch(ids[i : i + 1], causal_positions(ids[i : i + 1]))
+                for i in range(ids.shape[0])
+            ]
+            with torch.no_grad():
+                res = run_microbatches(model, mbs, collect, forward_only=True)
+            diff, reported = -1.0, 0.0
+            if ps.is_pipeline_last_stage():
+                full = torch.cat([_gather_tp_vocab(r["logits"]) for r in res], dim=0)
+                pad_ok = full.shape[-1] == shape.padded_vocab_size(tp)
+                diff = (
+                    (full[..., : shape.vocab_size] - ref).abs().max().item()
+                    if pad_ok
+                    else float("inf")
+                )
+                reported = 1.0
+            wrong = 0
+            n = 0
+            for bucket in iter_hf_buckets(model, shape, bucket_bytes=4096):
+                for hf_name, t in bucket:
+                    n += 1
+                    wrong += int(not torch.equal(t, reader.get(hf_name)))
+            key = f"tp{tp}pp{pp}/{name}"
+            out[key] = {
+                "max_abs_diff": _max_over_world(diff),
+                "reporting_ranks": _sum_over_world(reported),
+                "export_wrong": _sum_over_world(wrong),
+                "export_count": n,
+                "hf_count": len(reader.keys()),
+            }
+    return out
+
+
+TASKS = {"parity": parity}
