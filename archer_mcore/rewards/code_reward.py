@@ -1,0 +1,134 @@
+"""Code reward: run the response's program against the test cases in the sandbox.
+
+Pass/fail: correct iff every case passes; `fraction_passed` is the metric. Stdin/stdout
+cases run one sandboxed process each; function-call cases run together in one process
+under `call_harness.py` (per-case alarm). After a case hits the wall-time, CPU or
+memory limit the remaining stdin cases are not run (they count as failed), so a
+hostile program costs at most about one wall-time limit per request, plus
+`max_total_s` as an overall budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from archer_mcore.rewards import call_harness
+from archer_mcore.rewards.code_tests import (
+    BadTestCases,
+    CallCase,
+    StdioCase,
+    parse_test_cases,
+    stdout_matches,
+)
+from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, SandboxRun
+from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_CODE, TESTS_FAILED, RewardResult
+
+_HARNESS_SOURCE = Path(call_harness.__file__).read_text()
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(response: str) -> str | None:
+    """The last fenced code block (```python preferred over other languages); None if none."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(response)]
+    if not blocks:
+        return None
+    python_blocks = [body for lang, body in blocks if lang in ("python", "py", "python3")]
+    untagged = [body for lang, body in blocks if lang == ""]
+    chosen = (python_blocks or untagged or [None])[-1]
+    return chosen if chosen and chosen.strip() else None
+
+
+def _resource_killed(run: SandboxRun) -> bool:
+    return run.timed_out or run.output_overflow or (run.exit_code or 0) > 128
+
+
+def _run_stdio(
+    sandbox: Sandbox, program: str, cases: list[StdioCase], deadline: float
+) -> tuple[int, str]:
+    passed, note = 0, ""
+    for k, case in enumerate(cases):
+        if time.monotonic() > deadline:
+            return passed, note or f"time budget exhausted after {k} cases"
+        run = sandbox.run_python(program, stdin=case.stdin.encode())
+        ok = (
+            run.exit_code == 0
+            and not run.output_overflow
+            and stdout_matches(run.stdout.decode(errors="replace"), case.expected_stdout)
+        )
+        passed += ok
+        if not ok and not note:
+            note = f"case {k}: " + ("wrong output" if run.exit_code == 0 else run.describe())
+        if _resource_killed(run):
+            return passed, note  # do not spend another full limit on the next cases
+    return passed, note
+
+
+def _run_calls(
+    sandbox: Sandbox, program: str, cases: list[CallCase], per_case_s: float
+) -> tuple[int, str]:
+    nonce = secrets.token_hex(8)
+    payload = [{"fn_name": c.fn_name, "args": c.args, "expected": c.expected} for c in cases]
+    limits = sandbox.limits
+    run = sandbox.run(
+        {"main.py": _HARNESS_SOURCE, "solution.py": program, "cases.json": json.dumps(payload)},
+        [sandbox.python, "-I", "-B", "main.py", nonce, str(per_case_s)],
+        limits=limits,
+    )
+    verdicts: dict[int, bool] = {}
+    notes: dict[int, str] = {}
+    for line in run.stdout.decode(errors="replace").splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[0] == nonce and parts[1].isdigit():
+            verdicts[int(parts[1])] = parts[2] == "1"
+            notes[int(parts[1])] = parts[3]
+    passed = sum(verdicts.get(k, False) for k in range(len(cases)))
+    failing = [k for k in range(len(cases)) if not verdicts.get(k, False)]
+    note = ""
+    if failing:
+        k = failing[0]
+        note = f"case {k}: " + notes.get(k, "not run (" + run.describe() + ")")
+    return passed, note
+
+
+def score_code(
+    response: str,
+    ground_truth: Any,
+    sandbox: Sandbox,
+    fn_name: str | None = None,
+    max_total_s: float | None = None,
+) -> RewardResult:
+    """Score a code response by running its last fenced program on the test cases.
+
+    max_total_s: overall budget for the stdin cases (default 3x the wall limit).
+    """
+    program = extract_program(response)
+    if program is None:
+        return RewardResult.failed(NO_CODE, "no fenced code block in the response")
+    try:
+        cases = parse_test_cases(ground_truth, fn_name)
+    except BadTestCases as err:
+        return RewardResult.failed(BAD_GROUND_TRUTH, str(err))
+    limits: SandboxLimits = sandbox.limits
+    budget = max_total_s if max_total_s is not None else 3 * limits.wall_s
+    stdio = [c for c in cases if isinstance(c, StdioCase)]
+    calls = [c for c in cases if isinstance(c, CallCase)]
+    passed, notes = 0, []
+    if stdio:
+        n, note = _run_stdio(sandbox, program, stdio, time.monotonic() + budget)
+        passed += n
+        notes.append(note)
+    if calls:
+        per_case = max(0.1, min(limits.wall_s, limits.cpu_s) / max(1, len(calls)) * 2)
+        n, note = _run_calls(sandbox, program, calls, per_case)
+        passed += n
+        notes.append(note)
+    fraction = passed / len(cases)
+    if passed == len(cases):
+        return RewardResult.passed(f"{passed}/{len(cases)} cases", fraction_passed=1.0)
+    detail = f"{passed}/{len(cases)} cases; " + "; ".join(n for n in notes if n)
+    return RewardResult.failed(TESTS_FAILED, detail, fraction_passed=fraction)

@@ -1,0 +1,105 @@
+"""Math reward: extract the final answer and check it against the ground truth.
+
+Equivalence is decided by math-verify (sympy), after a fast path for answers that are
+plain numbers or identical strings. math-verify's own timeouts rely on SIGALRM, which
+only works in a process's main thread, so they are switched off here
+(`parsing_timeout=None`, `timeout_seconds=None`): the time limit is enforced from
+outside, by running `score_math` in a killable worker process
+(`archer_mcore.rewards.process_pool.KillablePool`). Call it directly only where
+hanging is acceptable (tests, offline evaluation in the main thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+from typing import Any
+
+from archer_mcore.rewards.math_extract import extract_final_answer
+from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_ANSWER, WRONG_ANSWER, RewardResult
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+
+
+def _normalize(answer: str) -> str:
+    """Cheap textual normalisation: no spaces, no `$`, no trailing period, no \\left/\\right."""
+    s = answer.strip().strip("$").strip()
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s)
+    return s.rstrip(".")
+
+
+def _as_number(answer: str) -> Fraction | None:
+    """The exact value of a plain decimal/integer/`a/b` answer (commas allowed), else None."""
+    s = _normalize(answer)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    frac = re.match(r"^([+-]?\d+)/(\d+)$", s) or re.match(r"^([+-]?)\\frac\{(\d+)\}\{(\d+)\}$", s)
+    try:
+        if frac is not None and len(frac.groups()) == 2:
+            return Fraction(int(frac.group(1)), int(frac.group(2)))
+        if frac is not None:
+            sign = -1 if frac.group(1) == "-" else 1
+            return sign * Fraction(int(frac.group(2)), int(frac.group(3)))
+        if _NUMBER.match(s):
+            return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _math_verify_equal(pred: str, gold: str) -> bool:
+    from math_verify import parse, verify  # imported lazily: slow first import
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" notices
+    gold_text = gold if "\\boxed" in gold or "$" in gold else f"${gold}$"
+    gold_parsed = parse(gold_text, parsing_timeout=None)  # type: ignore[arg-type]
+    pred_parsed = parse(f"${pred}$", parsing_timeout=None)  # type: ignore[arg-type]
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def answers_equivalent(pred: str, gold: str) -> bool:
+    """True when the answer `pred` equals the reference `gold` mathematically."""
+    if _normalize(pred) == _normalize(gold):
+        return True
+    pred_num, gold_num = _as_number(pred), _as_number(gold)
+    if pred_num is not None and gold_num is not None:
+        return pred_num == gold_num
+    return _math_verify_equal(pred, gold)
+
+
+def _gold_answers(ground_truth: Any) -> list[str]:
+    if isinstance(ground_truth, (int, float)) and not isinstance(ground_truth, bool):
+        return [str(ground_truth)]
+    if isinstance(ground_truth, str):
+        return [ground_truth]
+    if isinstance(ground_truth, (list, tuple)) and ground_truth:
+        return [str(g) for g in ground_truth]
+    raise ValueError(
+        f"math ground truth must be a string or a list of strings, got {ground_truth!r}"
+    )
+
+
+def score_math(response: str, ground_truth: Any) -> RewardResult:
+    """Score a math response: correct iff its final answer matches any reference answer.
+
+    ground_truth: a reference answer string, a number, or a list of acceptable answers;
+    a `\\boxed{}` inside it is unwrapped.
+    """
+    try:
+        golds = _gold_answers(ground_truth)
+    except ValueError as err:
+        return RewardResult.failed(BAD_GROUND_TRUTH, str(err))
+    answer = extract_final_answer(response)
+    if answer is None:
+        return RewardResult.failed(NO_ANSWER, "no \\boxed{} or 'answer is' in the response")
+    for gold in golds:
+        gold_answer = extract_final_answer(gold) if "\\boxed" in gold else gold
+        if answers_equivalent(answer, gold_answer or gold):
+            return RewardResult.passed(detail=answer)
+    return RewardResult.failed(WRONG_ANSWER, detail=answer)

@@ -1,0 +1,132 @@
+"""Which reward function scores which request.
+
+A request's reward kind is its explicit `kind` if set, else the kind its
+`data_source` maps to: an exact (case-insensitive) source name first, then glob
+patterns in registration order. Kinds map to `RewardKind`s: a function and how it
+runs (in a killable worker process with a timeout, in the code sandbox, or inline).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Execution = Literal["process", "sandbox", "inline"]
+
+# process: fn(response, ground_truth, extra) -> RewardResult | bool | float, picklable
+#          (module-level), run in a KillablePool worker under `timeout_s`.
+# sandbox: fn(response, ground_truth, extra, sandbox) -> RewardResult, run in a scorer
+#          thread; it must bound its own time (sandboxed runs have wall limits).
+# inline:  fn(response, ground_truth, extra) -> ..., run in a scorer thread; it must be
+#          fast and bounded (the batch deadline is the only backstop).
+RewardFunction = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class RewardKind:
+    name: str
+    fn: RewardFunction
+    execution: Execution = "process"
+    timeout_s: float | None = None  # process kinds: None uses the scorer's default
+
+
+def _math_fn(response: str, ground_truth: Any, extra: dict[str, Any]) -> Any:
+    from archer_mcore.rewards.math_reward import score_math
+
+    return score_math(response, ground_truth)
+
+
+def _code_fn(response: str, ground_truth: Any, extra: dict[str, Any], sandbox: Any) -> Any:
+    from archer_mcore.rewards.code_reward import score_code
+
+    return score_code(response, ground_truth, sandbox, fn_name=extra.get("fn_name"))
+
+
+MATH_SOURCES = (
+    "synthetic_arithmetic",
+    "openai/gsm8k",
+    "gsm8k",
+    "lighteval/math",
+    "digitallearninggmbh/math-lighteval",
+    "math_dapo",
+    "*math*",
+    "*gsm8k*",
+    "aime*",
+    "amc*",
+    "*deepscaler*",
+    "*dapo*",
+    "*olympiad*",
+    "*minerva*",
+)
+CODE_SOURCES = (
+    "codecontests",
+    "apps",
+    "taco",
+    "primeintellect",
+    "livecodebench",
+    "*code*",
+    "*apps*",
+    "*taco*",
+    "*codeforces*",
+    "*leetcode*",
+    "*livecodebench*",
+    "*primeintellect*",
+)
+
+
+class RewardRegistry:
+    """Reward kinds and the data sources that use them."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, RewardKind] = {}
+        self._exact: dict[str, str] = {}
+        self._patterns: list[tuple[str, str]] = []
+
+    def register_kind(
+        self,
+        name: str,
+        fn: RewardFunction,
+        execution: Execution = "process",
+        timeout_s: float | None = None,
+    ) -> None:
+        if execution not in ("process", "sandbox", "inline"):
+            raise ValueError(f"reward kind {name!r}: unknown execution {execution!r}")
+        self._kinds[name] = RewardKind(name, fn, execution, timeout_s)
+
+    def map_source(self, source: str, kind: str) -> None:
+        """Route `data_source` values equal to (or, with * ? [], matching) `source`."""
+        if kind not in self._kinds:
+            raise KeyError(f"unknown reward kind {kind!r}; registered: {sorted(self._kinds)}")
+        key = source.lower()
+        if any(ch in key for ch in "*?["):
+            self._patterns.append((key, kind))
+        else:
+            self._exact[key] = kind
+
+    def kind_for(self, data_source: str, explicit_kind: str | None = None) -> RewardKind | None:
+        """The reward kind for a request; None if nothing matches."""
+        if explicit_kind:
+            return self._kinds.get(explicit_kind)
+        key = data_source.lower()
+        name = self._exact.get(key)
+        if name is None:
+            name = next((k for p, k in self._patterns if fnmatch.fnmatchcase(key, p)), None)
+        return self._kinds.get(name) if name else None
+
+    @property
+    def kinds(self) -> dict[str, RewardKind]:
+        return dict(self._kinds)
+
+
+def default_registry() -> RewardRegistry:
+    """math (math-verify, in worker processes) and code (sandboxed), common sources."""
+    reg = RewardRegistry()
+    reg.register_kind("math", _math_fn, "process")
+    reg.register_kind("code", _code_fn, "sandbox")
+    for source in MATH_SOURCES:
+        reg.map_source(source, "math")
+    for source in CODE_SOURCES:
+        reg.map_source(source, "code")
+    return reg

@@ -1,0 +1,354 @@
+"""Run untrusted programs in a sandbox: one fresh process and directory per run.
+
+Each `Sandbox.run` writes the run's files to a new temporary directory and starts
+`sandbox_launcher.py`, which puts the program in new network, mount and PID
+namespaces (where the OS allows), makes the file system read-only except a
+size-capped tmpfs work directory, applies CPU-time, address-space, file-size,
+process-count and open-file limits, drops to an unprivileged uid (a distinct one per
+concurrent run, so process-count limits do not interfere) and execs the program with
+a scrubbed environment. The parent enforces the wall-clock limit (SIGKILL to the
+launcher's process group; the PID namespace then takes every descendant with it) and
+caps the output it reads.
+
+Network isolation is required: if a new network namespace cannot be created,
+`Sandbox` refuses to construct (`SandboxUnavailableError`) unless
+`allow_unsandboxed=True`, in which case programs run with the remaining protections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from archer_mcore.rewards import sandbox_launcher
+
+_LAUNCHER = Path(sandbox_launcher.__file__).resolve()
+SETUP_FAILED_EXIT = sandbox_launcher.SETUP_FAILED_EXIT
+
+
+class SandboxUnavailableError(RuntimeError):
+    """Code execution was refused because the required isolation is not available."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-run limits.
+
+    wall_s: wall-clock seconds before the run is killed.
+    cpu_s: CPU seconds (RLIMIT_CPU; SIGXCPU then SIGKILL).
+    memory_mb: address-space cap of each process (RLIMIT_AS), MiB.
+    file_size_mb: largest file the program may write, stdout included (RLIMIT_FSIZE).
+    tmpfs_mb: size of the writable work directory, MiB.
+    max_processes: processes of the run's uid (RLIMIT_NPROC).
+    max_open_files: RLIMIT_NOFILE.
+    max_output_bytes: stdout/stderr bytes read back; more is flagged as an overflow.
+    """
+
+    wall_s: float = 10.0
+    cpu_s: float = 10.0
+    memory_mb: int = 1024
+    file_size_mb: int = 16
+    tmpfs_mb: int = 64
+    max_processes: int = 32
+    max_open_files: int = 64
+    max_output_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Which protections this machine supports (probed once per process)."""
+
+    net: bool
+    mount: bool
+    pid: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SandboxRun:
+    """What one run did. exit_code: the program's exit status (128 + signal if killed)."""
+
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    output_overflow: bool
+    setup_failed: bool
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not (
+            self.timed_out or self.output_overflow or self.setup_failed
+        )
+
+    def describe(self) -> str:
+        if self.setup_failed:
+            return "sandbox setup failed: " + self.stderr.decode(errors="replace")[-300:]
+        if self.timed_out:
+            return f"wall-time limit exceeded ({self.wall_s:.1f}s)"
+        if self.output_overflow:
+            return "output limit exceeded"
+        if self.exit_code is not None and self.exit_code > 128:
+            try:
+                name = signal.Signals(self.exit_code - 128).name
+            except ValueError:
+                name = str(self.exit_code - 128)
+            return f"killed by {name}"
+        if self.exit_code:
+            tail = self.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return f"exit code {self.exit_code}: {tail[0][:300]}"
+        return "ok"
+
+
+def _world_executable(path: Path) -> bool:
+    """True if an unprivileged uid can execute `path` (every parent traversable)."""
+    try:
+        path = path.resolve()
+        if not path.stat().st_mode & stat.S_IXOTH:
+            return False
+        return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
+    except OSError:
+        return False
+
+
+def default_python() -> str:
+    """A Python interpreter an unprivileged uid can run: this one if possible, else python3."""
+    if _world_executable(Path(sys.executable)):
+        return str(Path(sys.executable).resolve())
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
+        if candidate and _world_executable(Path(candidate)):
+            return str(Path(candidate).resolve())
+    raise SandboxUnavailableError(
+        "no Python interpreter is executable by an unprivileged user; pass python=..."
+    )
+
+
+_uid_counter = itertools.count()
+_uid_lock = threading.Lock()
+
+
+def _next_uid(base: int) -> int:
+    """A uid for one run: distinct among this process's concurrent runs (1000 slots) and,
+    through the pid, very likely distinct from other trainer processes on the node."""
+    with _uid_lock:
+        n = next(_uid_counter)
+    return base + (os.getpid() % 4000) * 1000 + n % 1000
+
+
+def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> SandboxRun:
+    stdin_path, out_path, err_path = scratch / "stdin", scratch / "stdout", scratch / "stderr"
+    stdin_path.write_bytes(stdin)
+    start = time.monotonic()
+    with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(spec)],
+            stdin=fin,
+            stdout=fout,
+            stderr=ferr,
+            env={},
+            close_fds=True,
+            start_new_session=True,
+        )
+    timed_out = False
+    try:
+        proc.wait(timeout=limits.wall_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wall = time.monotonic() - start
+
+    def read_capped(path: Path) -> tuple[bytes, bool]:
+        with open(path, "rb") as f:
+            data = f.read(limits.max_output_bytes + 1)
+        return data[: limits.max_output_bytes], len(data) > limits.max_output_bytes
+
+    out, out_over = read_capped(out_path)
+    err, err_over = read_capped(err_path)
+    code = proc.returncode
+    exit_code = None if timed_out else (128 - code if code < 0 else code)
+    # RLIMIT_FSIZE kills an over-long print with SIGXFSZ: that is an output overflow too.
+    overflow = out_over or err_over or exit_code == 128 + signal.SIGXFSZ
+    return SandboxRun(
+        exit_code=exit_code,
+        stdout=out,
+        stderr=err,
+        timed_out=timed_out,
+        output_overflow=overflow,
+        setup_failed=exit_code == SETUP_FAILED_EXIT and b"sandbox:" in err,
+        wall_s=wall,
+    )
+
+
+def _kill_uid_processes(uid: int) -> None:
+    """Without a PID namespace: SIGKILL whatever the run's uid left behind."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+class Sandbox:
+    """Runs programs under `limits`; thread-safe, one process per `run`.
+
+    python: interpreter for `run_python` (default: `default_python()`).
+    allow_unsandboxed: run code even without a network namespace (never by default).
+    base_uid: first uid of the range given to runs (unprivileged, no passwd entry needed).
+    scratch_root: where per-run temporary directories are made (default: the system's).
+    """
+
+    def __init__(
+        self,
+        limits: SandboxLimits | None = None,
+        python: str | None = None,
+        allow_unsandboxed: bool = False,
+        base_uid: int = 100_000,
+        scratch_root: str | None = None,
+    ) -> None:
+        self.limits = limits or SandboxLimits()
+        self.base_uid = base_uid
+        self.scratch_root = scratch_root
+        self.can_setuid = os.geteuid() == 0
+        self.isolation = (
+            probe_isolation() if self.can_setuid else Isolation(False, False, False, "not root")
+        )
+        if not self.isolation.net and not allow_unsandboxed:
+            raise SandboxUnavailableError(
+                "refusing to run untrusted code: cannot create a network namespace "
+                f"({self.isolation.detail}); set rewards.allow_unsandboxed_code to override"
+            )
+        self.python = python or default_python()
+
+    def run(
+        self,
+        files: dict[str, str | bytes],
+        argv: list[str],
+        stdin: bytes = b"",
+        limits: SandboxLimits | None = None,
+    ) -> SandboxRun:
+        """Run `argv` (argv[0] an absolute path) in a fresh directory holding `files`."""
+        limits = limits or self.limits
+        uid = _next_uid(self.base_uid) if self.can_setuid else os.getuid()
+        gid = uid if self.can_setuid else os.getgid()
+        scratch = Path(tempfile.mkdtemp(prefix="archer-sbx-", dir=self.scratch_root))
+        try:
+            scratch.chmod(0o711)  # the uid may traverse (to its work dir) but not list it
+            work = scratch / "work"
+            work.mkdir(mode=0o700)
+            for name, content in files.items():
+                if "/" in name or name in ("", ".", ".."):
+                    raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+                data = content.encode() if isinstance(content, str) else content
+                (work / name).write_bytes(data)
+                if self.can_setuid:
+                    os.chown(work / name, uid, gid)
+            if self.can_setuid:
+                os.chown(work, uid, gid)
+            mem = limits.memory_mb * 1024 * 1024
+            spec = {
+                "workdir": str(work),
+                "argv": argv,
+                "env": scrubbed_env(str(work)),
+                "uid": uid,
+                "gid": gid,
+                "tmpfs_mb": limits.tmpfs_mb,
+                "isolate_net": self.isolation.net,
+                "isolate_mount": self.isolation.mount,
+                "isolate_pid": self.isolation.pid,
+                "limits": {
+                    "cpu_s": max(1, int(limits.cpu_s + 0.999)),
+                    "as_bytes": mem,
+                    "fsize_bytes": limits.file_size_mb * 1024 * 1024,
+                    "nproc": limits.max_processes,
+                    "nofile": limits.max_open_files,
+                },
+            }
+            return _launch(spec, stdin, limits, scratch)
+        finally:
+            if not self.isolation.pid and self.can_setuid:
+                _kill_uid_processes(uid)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def run_python(
+        self,
+        source: str,
+        stdin: bytes = b"",
+        extra_files: dict[str, str | bytes] | None = None,
+        limits: SandboxLimits | None = None,
+    ) -> SandboxRun:
+        """Run Python `source` as main.py (isolated mode, no bytecode written)."""
+        files: dict[str, str | bytes] = {"main.py": source, **(extra_files or {})}
+        return self.run(files, [self.python, "-I", "-B", "main.py"], stdin, limits)
+
+    def describe(self) -> str:
+        return f"Sandbox(isolation={asdict(self.isolation)}, limits={asdict(self.limits)})"
+
+
+def scrubbed_env(workdir: str) -> dict[str, str]:
+    """The program's whole environment: nothing inherited from the trainer."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def probe_isolation() -> Isolation:
+    """Try each namespace with a trivial launch; report what works on this machine."""
+    results: dict[str, bool] = {}
+    notes: list[str] = []
+    for name in ("net", "mount", "pid"):
+        scratch = Path(tempfile.mkdtemp(prefix="archer-sbx-probe-"))
+        try:
+            scratch.chmod(0o711)
+            work = scratch / "work"
+            work.mkdir()
+            spec = {
+                "workdir": str(work),
+                "argv": ["/bin/true"],
+                "env": {},
+                "uid": 0,
+                "gid": 0,
+                "tmpfs_mb": 1,
+                "isolate_net": name == "net",
+                "isolate_mount": name == "mount",
+                "isolate_pid": name == "pid",
+                "limits": {
+                    "cpu_s": 5,
+                    "as_bytes": 256 * 1024 * 1024,
+                    "fsize_bytes": 1024 * 1024,
+                    "nproc": 10_000,
+                    "nofile": 64,
+                },
+            }
+            run = _launch(spec, b"", SandboxLimits(wall_s=30), scratch)
+            results[name] = run.exit_code == 0
+            if not results[name]:
+                notes.append(f"{name}: {run.stderr.decode(errors='replace').strip()[:200]}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return Isolation(results["net"], results["mount"], results["pid"], "; ".join(notes))
