@@ -124,3 +124,39 @@ def parity(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 TASKS = {"parity": parity}
+
+
+def vocab_parallel(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entropy/log-prob and their gradients over a vocab split across the world (TP)."""
+    from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logits = torch.tensor(payload["logits"], dtype=torch.float32)  # [N, V_pad]
+    tokens = torch.tensor(payload["tokens"])
+    g_ent = torch.tensor(payload["g_ent"], dtype=torch.float32)
+    g_lp = torch.tensor(payload["g_lp"], dtype=torch.float32)
+    v_local = logits.shape[1] // world
+    shard = logits[:, rank * v_local : (rank + 1) * v_local].clone().requires_grad_(True)
+    ent, lp = vocab_parallel_entropy_and_logprob(
+        shard,
+        tokens,
+        rank * v_local,
+        dist.group.WORLD,
+        payload["temperature"],
+        payload["vocab_size"],
+        chunk_rows=3,
+    )
+    ((ent * g_ent).sum() + (lp * g_lp).sum()).backward()
+    grads = [torch.empty_like(shard.grad) for _ in range(world)]
+    dist.all_gather(grads, shard.grad)
+    ents = [torch.empty_like(ent) for _ in range(world)]
+    dist.all_gather(ents, ent.detach())
+    return {
+        "entropy": ent.tolist(),
+        "logprob": lp.tolist(),
+        "grad": torch.cat(grads, dim=1).tolist(),
+        "entropy_same_on_all_ranks": all(torch.equal(e, ents[0]) for e in ents),
+    }
+
+
+TASKS["vocab_parallel"] = vocab_parallel
