@@ -155,6 +155,7 @@ class FakeSGLangServer:
         self.model_path = model_path
         self.argv = argv or []
         self.lock = threading.Lock()
+        self.reply_lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
         self.violations: list[str] = []
         self.served: dict[str, dict[str, Any]] = {}  # rid -> what was answered
@@ -329,15 +330,19 @@ class FakeSGLangServer:
                 "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens)],
             },
         }  # fmt: skip
-        with self.lock:
-            crash = self.die_after is not None and len(self.served) >= self.die_after
-            if not crash and not self.dead.is_set():
+        # Answers are written under reply_lock, so a crash never cuts one half-sent and
+        # `served` holds exactly the answers that reached the client.
+        with self.reply_lock:
+            with self.lock:
+                crash = self.die_after is not None and len(self.served) >= self.die_after
+            if crash:  # crash instead of sending answer die_after + 1
+                self.die()
+            if crash or self.dead.is_set():
+                return None, None
+            with self.lock:
                 self.served[rid] = {"output_ids": tokens, "logprobs": logprobs, "finish": finish}
-        if crash:  # crash instead of sending answer die_after + 1
-            self.die()
-        if crash or self.dead.is_set():
-            return None, None
-        return 200, reply
+            h._reply(200, reply)  # type: ignore[attr-defined]
+        return None, None
 
     def _post_abort_request(self, body: dict[str, Any], h: Any):
         with self.lock:
