@@ -173,10 +173,15 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
         proc.wait()
     wall = time.monotonic() - start
 
+    fsize = spec["limits"]["fsize_bytes"]
+
     def read_capped(path: Path) -> tuple[bytes, bool]:
+        # Reaching RLIMIT_FSIZE means the program was stopped mid-write (Python ignores
+        # SIGXFSZ and gets EFBIG instead of being killed): an overflow as well.
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            data = f.read(limits.max_output_bytes + 1)
-        return data[: limits.max_output_bytes], len(data) > limits.max_output_bytes
+            data = f.read(limits.max_output_bytes)
+        return data, size > limits.max_output_bytes or size >= fsize
 
     out, out_over = read_capped(out_path)
     err, err_over = read_capped(err_path)

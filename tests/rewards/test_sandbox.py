@@ -1,0 +1,257 @@
+"""The code sandbox against hostile programs, and the code reward end to end.
+
+Each hostile program is given a test case that only an escape could pass (its
+expected output is what it prints when the attack succeeds), so "scored 0" means
+"contained"; side effects are also checked from outside. A benign control program
+passes, so the zeros are not a broken sandbox. Limits are small (wall 3 s, CPU 2 s).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from archer_mcore.rewards.code_reward import score_code
+from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, probe_isolation
+from archer_mcore.rewards.types import TESTS_FAILED
+
+pytestmark = pytest.mark.timeout(120)
+
+BASE_UID = 300_000
+LIMITS = SandboxLimits(wall_s=3.0, cpu_s=2.0, memory_mb=512, file_size_mb=4, max_processes=16)
+
+
+def _uid_processes() -> list[int]:
+    """PIDs of processes owned by any uid the test sandbox hands out."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+            except OSError:
+                continue
+            if BASE_UID <= uid < BASE_UID + 5_000_000:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    if not probe_isolation().net:
+        pytest.skip("no network namespace on this machine; the sandbox refuses to run")
+    return Sandbox(LIMITS, base_uid=BASE_UID)
+
+
+def _py(source: str) -> str:
+    return f"```python\n{source}\n```"
+
+
+def _stdio(expected: str) -> dict[str, list[str]]:
+    return {"inputs": [""], "outputs": [expected]}
+
+
+def test_isolation_is_complete_here() -> None:
+    # We run as root in a container where all three namespaces are available.
+    iso = probe_isolation()
+    assert (iso.net, iso.mount, iso.pid) == (True, True, True), iso.detail
+
+
+def test_benign_program_passes_and_stdin_is_fed(sandbox: Sandbox) -> None:
+    src = "import sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums))"
+    gt = {"inputs": ["1 2 3\n", "10 -4\n", "7\n"], "outputs": ["6\n", "6\n", "8\n"]}
+    r = score_code(_py(src), gt, sandbox)
+    # sums: 1+2+3 = 6, 10-4 = 6, 7 != 8 -> 2 of 3 cases pass
+    assert (r.correct, r.score, r.failure) == (False, 0.0, TESTS_FAILED)
+    assert r.fraction_passed == pytest.approx(2 / 3)
+    gt["outputs"][2] = "7\n"
+    assert score_code(_py(src), gt, sandbox).correct
+
+
+def test_function_call_cases(sandbox: Sandbox) -> None:
+    src = "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n                return [seen[target - x], i]\n            seen[x] = i\n        print('noise')\n"
+    gt = {
+        "fn_name": "twoSum",
+        "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6], [[1, 2], 7]],
+        "outputs": [[0, 1], [1, 2], None],
+    }
+    # [2,7]: 2+7=9 at 0,1; [3,2,4]: 2+4=6 at 1,2; [1,2] has no pair -> returns None
+    r = score_code(_py(src), gt, sandbox)
+    assert r.correct and r.fraction_passed == 1.0
+    gt["outputs"][1] = [0, 2]
+    r = score_code(_py(src), gt, sandbox)
+    assert not r.correct and r.fraction_passed == pytest.approx(2 / 3)
+
+
+def test_environment_is_scrubbed_and_parent_env_unreadable(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cret-" + uuid.uuid4().hex
+    monkeypatch.setenv("ARCHER_TEST_SECRET", secret)
+    assert os.environ["ARCHER_TEST_SECRET"] == secret
+    src = f"""
+import os, glob
+found = [v for v in os.environ.values() if "s3cret" in v]
+for path in ["/proc/{os.getpid()}/environ", "/proc/{os.getppid()}/environ", "/proc/1/environ",
+             "/proc/self/environ"] + glob.glob("/proc/*/environ"):
+    try:
+        data = open(path, "rb").read().decode(errors="replace")
+        if "s3cret" in data:
+            found.append(data[data.index("s3cret"):][:39])
+    except OSError:
+        pass
+print(found[0] if found else "none")
+"""
+    run = sandbox.run_python(src)
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.decode().strip() == "none"
+    assert secret.encode() not in run.stdout + run.stderr
+    r = score_code(_py(src), _stdio(secret), sandbox)
+    assert r.score == 0.0 and not r.correct
+
+
+def test_socket_cannot_reach_the_host_or_outside(sandbox: Sandbox) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept())
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    src = f"""
+import socket
+ok = []
+for addr in [("127.0.0.1", {port}), ("8.8.8.8", 53), ("1.1.1.1", 80)]:
+    try:
+        socket.create_connection(addr, timeout=1).close()
+        ok.append(addr)
+    except OSError:
+        pass
+print("connected" if ok else "isolated")
+"""
+    try:
+        run = sandbox.run_python(src)
+        assert run.stdout.decode().strip() == "isolated", run.describe()
+        r = score_code(_py(src), _stdio("connected"), sandbox)
+        assert r.score == 0.0
+    finally:
+        stop.set()
+        t.join()
+        server.close()
+    assert accepted == []
+
+
+def test_cannot_write_outside_its_directory(sandbox: Sandbox, tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)  # even a world-writable directory stays untouched
+    name = "escape-" + uuid.uuid4().hex
+    targets = [
+        f"/tmp/{name}",
+        f"/dev/shm/{name}",
+        str(tmp_path / name),
+        str(Path.cwd() / name),
+        f"/{name}",
+    ]
+    src = f"""
+wrote = []
+for path in {targets!r}:
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+        wrote.append(path)
+    except OSError:
+        pass
+open("inside.txt", "w").write("fine")  # its own directory is writable
+print("wrote" if wrote else "blocked", open("inside.txt").read())
+"""
+    run = sandbox.run_python(src)
+    assert run.stdout.decode().split() == ["blocked", "fine"], run.describe()
+    assert not any(os.path.exists(p) for p in targets)
+    assert score_code(_py(src), _stdio("wrote fine"), sandbox).score == 0.0
+
+
+def test_cannot_kill_its_parent_or_the_trainer(sandbox: Sandbox) -> None:
+    src = f"""
+import os, signal
+for pid in (os.getppid(), {os.getpid()}, 1, -1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+print("alive")
+"""
+    # kill(-1) may take the program itself down: either way it must score 0 and the
+    # test process (whose pid the program targets) must survive.
+    r = score_code(_py(src), _stdio("killed"), sandbox)
+    assert r.score == 0.0
+    os.kill(os.getpid(), 0)
+    assert score_code(_py("print(5)"), _stdio("5"), sandbox).correct  # still serving
+
+
+def test_memory_hog_is_contained(sandbox: Sandbox) -> None:
+    src = "chunks = []\nwhile True:\n    chunks.append(bytearray(32 * 1024 * 1024))"
+    start = time.monotonic()
+    r = score_code(_py(src), _stdio("done"), sandbox)
+    assert r.score == 0.0 and "MemoryError" in r.detail
+    assert time.monotonic() - start < LIMITS.wall_s + 2
+
+
+def test_huge_print_is_cut_off(sandbox: Sandbox) -> None:
+    src = "import sys\nline = 'x' * 1023 + '\\n'\nfor _ in range(1024 * 1024):\n    sys.stdout.write(line)"
+    start = time.monotonic()
+    run = sandbox.run_python(src)
+    assert run.output_overflow and len(run.stdout) <= LIMITS.max_output_bytes
+    assert time.monotonic() - start < LIMITS.wall_s + 2
+    assert score_code(_py(src), _stdio("x"), sandbox).score == 0.0
+
+
+@pytest.mark.slow
+def test_infinite_loop_is_killed(sandbox: Sandbox) -> None:
+    start = time.monotonic()
+    r = score_code(
+        _py("while True:\n    pass"), {"inputs": ["", ""], "outputs": ["1", "1"]}, sandbox
+    )
+    elapsed = time.monotonic() - start
+    assert r.score == 0.0 and r.fraction_passed == 0.0
+    assert "SIGXCPU" in r.detail or "SIGKILL" in r.detail or "wall-time" in r.detail, r.detail
+    # the second case is skipped after the first hits a limit: about one wall limit
+    assert elapsed < LIMITS.wall_s + 2.5, elapsed
+
+
+@pytest.mark.slow
+def test_infinite_loop_in_a_called_function(sandbox: Sandbox) -> None:
+    src = "def f(x):\n    if x == 2:\n        while True:\n            pass\n    return x"
+    gt = {"fn_name": "f", "inputs": [[1], [2], [3]], "outputs": [1, 2, 3]}
+    start = time.monotonic()
+    r = score_code(_py(src), gt, sandbox)
+    # the per-case alarm stops case 1; cases 0 and 2 pass
+    assert not r.correct and r.fraction_passed == pytest.approx(2 / 3), r.detail
+    assert time.monotonic() - start < LIMITS.wall_s + 2
+
+
+@pytest.mark.slow
+def test_fork_bomb_is_contained_and_leaves_nothing(sandbox: Sandbox) -> None:
+    src = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    start = time.monotonic()
+    r = score_code(_py(src), _stdio("boom"), sandbox)
+    assert r.score == 0.0
+    assert time.monotonic() - start < LIMITS.wall_s + 3
+    deadline = time.monotonic() + 5
+    while _uid_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _uid_processes() == []
+    assert score_code(_py("print(1)"), _stdio("1"), sandbox).correct

@@ -1,0 +1,163 @@
+"""RewardScorer: routing, batch results, faults scored 0 and counted, bounded time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import reward_test_helpers as h
+
+from archer_mcore.rewards import sandbox as sandbox_module
+from archer_mcore.rewards.registry import RewardRegistry, default_registry
+from archer_mcore.rewards.scorer import RewardScorer, batch_metrics
+from archer_mcore.rewards.types import (
+    CRASHED,
+    NO_ANSWER,
+    OUT_OF_MEMORY,
+    REWARD_ERROR,
+    SANDBOX_UNAVAILABLE,
+    TIMEOUT,
+    UNKNOWN_SOURCE,
+    WRONG_ANSWER,
+    RewardRequest,
+)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("worker_pythonpath")]
+
+
+def test_default_routing() -> None:
+    reg = default_registry()
+    assert reg.kind_for("synthetic_arithmetic").name == "math"
+    assert reg.kind_for("openai/gsm8k").name == "math"
+    assert reg.kind_for("DigitalLearningGmbH/MATH-lighteval").name == "math"
+    assert reg.kind_for("aime_2024").name == "math"
+    assert reg.kind_for("codecontests").name == "code"
+    assert reg.kind_for("likaixin/TACO-verified").name == "code"
+    assert reg.kind_for("livecodebench/v5").name == "code"
+    assert reg.kind_for("something_else") is None
+    assert reg.kind_for("something_else", explicit_kind="code").name == "code"
+    with pytest.raises(KeyError, match="unknown reward kind 'nope'"):
+        reg.map_source("x", "nope")
+
+
+def _hostile_registry() -> RewardRegistry:
+    reg = default_registry()
+    for name, fn in [
+        ("exact", h.exact_match_reward),
+        ("hang", h.hanging_reward),
+        ("raise", h.raising_reward),
+        ("oom", h.oom_reward),
+        ("crash", h.crashing_reward),
+    ]:
+        reg.register_kind(name, fn, "process")
+        reg.map_source(f"src_{name}", name)
+    return reg
+
+
+def test_batch_scores_math_and_contains_every_kind_of_fault() -> None:
+    reqs = [
+        RewardRequest("4 * 2 = 8. 3 + 8 = 11. 11 - 5 = 6. \\boxed{6}", "6", "synthetic_arithmetic"),
+        RewardRequest("\\boxed{7}", "6", "synthetic_arithmetic"),
+        RewardRequest("The answer is $\\frac{1}{2}$.", "0.5", "openai/gsm8k"),
+        RewardRequest("nothing", "6", "gsm8k"),
+        RewardRequest("yes", "yes", "src_exact"),
+        RewardRequest("x", "x", "src_hang"),
+        RewardRequest("x", "x", "src_raise"),
+        RewardRequest("x", "x", "src_oom"),
+        RewardRequest("x", "x", "src_crash"),
+        RewardRequest("x", "x", "no_such_source"),
+    ]
+    with RewardScorer(
+        _hostile_registry(), num_workers=2, process_timeout_s=2.0, worker_memory_mb=768
+    ) as scorer:
+        # the first call pays for the workers' start (interpreter + math_verify import)
+        start = time.monotonic()
+        results = scorer.score_batch(reqs)
+        elapsed = time.monotonic() - start
+        expected = [
+            (True, None),
+            (False, WRONG_ANSWER),
+            (True, None),
+            (False, NO_ANSWER),
+            (True, None),
+            (False, TIMEOUT),
+            (False, REWARD_ERROR),
+            (False, OUT_OF_MEMORY),
+            (False, CRASHED),
+            (False, UNKNOWN_SOURCE),
+        ]
+        assert [(r.correct, r.failure) for r in results] == expected, [r.detail for r in results]
+        assert [r.score for r in results] == [1.0 if ok else 0.0 for ok, _ in expected]
+        assert "RuntimeError: reward bug" in results[6].detail
+        assert elapsed < 60
+        counters = scorer.counters()
+        assert counters["requests"] == 10 and counters["correct"] == 3
+        # faults: timeout, error, OOM, crash, unknown source (wrong/no answer are not faults)
+        assert counters["faults"] == 5
+        assert counters["failure/timeout"] == 1 and counters["failure/crashed"] == 1
+        # the pool recovered: a second batch works and the counters accumulate
+        again = scorer.score_batch([RewardRequest("\\boxed{6}", "6", "synthetic_arithmetic")])
+        assert again[0].correct and scorer.counters()["requests"] == 11
+    metrics = batch_metrics(results)
+    assert metrics["reward/accuracy"] == pytest.approx(3 / 10)
+    assert metrics["reward/fault_rate"] == pytest.approx(5 / 10)
+    assert metrics["reward/failures/timeout"] == 1.0
+
+
+def test_score_batch_from_a_worker_thread_with_timeouts() -> None:
+    """math-verify's signal timeouts would fail off the main thread; ours do not."""
+    reqs = [RewardRequest("x", "x", "src_hang"), RewardRequest("\\boxed{x^2+1}", "1+x^2", "math")]
+    with RewardScorer(_hostile_registry(), num_workers=2, process_timeout_s=30.0) as scorer:
+        scorer.score_batch([RewardRequest("\\boxed{1}", "1", "math")] * 2)  # warm both workers
+        scorer.registry.register_kind("hang", h.hanging_reward, "process", timeout_s=1.0)
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(
+                lambda: (
+                    threading.current_thread() is threading.main_thread(),
+                    scorer.score_batch(reqs),
+                )
+            )
+            on_main, results = fut.result(timeout=120)
+    assert not on_main
+    assert results[0].failure == TIMEOUT and 0.9 < results[0].elapsed_s < 10
+    assert results[1].correct
+
+
+def test_inline_reward_that_hangs_is_cut_by_the_batch_deadline() -> None:
+    reg = RewardRegistry()
+    release = threading.Event()
+    reg.register_kind("slow", lambda r, g, e: release.wait(30), "inline")
+    reg.map_source("slow", "slow")
+    with RewardScorer(reg, num_workers=1, batch_timeout_s=0.5, preload=()) as scorer:
+        start = time.monotonic()
+        results = scorer.score_batch([RewardRequest("a", "a", "slow")])
+        assert time.monotonic() - start < 5
+        assert results[0].failure == TIMEOUT
+        release.set()
+
+
+def test_code_is_refused_without_network_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_net = sandbox_module.Isolation(net=False, mount=False, pid=False, detail="probe says no")
+    monkeypatch.setattr(sandbox_module, "probe_isolation", lambda: no_net)
+    with pytest.raises(sandbox_module.SandboxUnavailableError, match="allow_unsandboxed_code"):
+        sandbox_module.Sandbox()
+    with RewardScorer(num_workers=1, preload=()) as scorer:
+        [r] = scorer.score_batch(
+            [RewardRequest("```python\nprint(1)\n```", {"inputs": [""], "outputs": ["1"]}, "apps")]
+        )
+    assert r.failure == SANDBOX_UNAVAILABLE and r.score == 0.0
+    assert scorer.counters()["faults"] == 1
+
+
+@pytest.mark.skipif(not sandbox_module.probe_isolation().net, reason="no network namespace")
+def test_code_requests_run_in_parallel_through_the_scorer() -> None:
+    prog = "```python\nimport time\ntime.sleep(1)\nprint(int(input()) * 2)\n```"
+    gt = {"inputs": ["21\n"], "outputs": ["42\n"]}
+    with RewardScorer(num_workers=4, preload=()) as scorer:
+        start = time.monotonic()
+        results = scorer.score_batch([RewardRequest(prog, gt, "codecontests")] * 4)
+        elapsed = time.monotonic() - start
+    assert all(r.correct and r.fraction_passed == 1.0 for r in results)
+    assert elapsed < 3.5, elapsed  # four 1 s sleeps, four at a time (serial: > 4 s)
