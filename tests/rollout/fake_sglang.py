@@ -146,12 +146,17 @@ class FakeSGLangServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, vocab: int = 64,
                  token_delay_s: float = 0.0, die_after: int | None = None,
                  hang_after: int | None = None, exit_process_on_die: bool = False,
+                 fail_first: int = 0, fail_status: int = 503,
                  model_path: str = "fake-model", argv: list[str] | None = None) -> None:  # fmt: skip
         self.vocab = vocab
         self.token_delay_s = token_delay_s
         self.die_after = die_after
         self.hang_after = hang_after
         self.exit_process_on_die = exit_process_on_die
+        self.fail_first = fail_first  # answer the first K generate requests with fail_status
+        self.fail_status = fail_status
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.model_path = model_path
         self.argv = argv or []
         self.lock = threading.Lock()
@@ -301,10 +306,23 @@ class FakeSGLangServer:
         return Handler
 
     def _post_generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._generate(body, h)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):
         rid = body["rid"]
         with self.lock:
             self.started.append(rid)
             epoch = self.abort_all_epoch
+            fail = len(self.started) <= self.fail_first
+        if fail:
+            return self.fail_status, {"error": {"message": "injected failure"}}
         if self.hang_after is not None and len(self.started) > self.hang_after:
             self.dead.wait(60)  # stops answering (until the server is stopped)
             return None, None

@@ -234,3 +234,67 @@ def test_server_refusing_disk_weights_is_an_error(servers, tmp_path):
         assert engine.weight_version == 0
     finally:
         engine.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_concurrency_is_bounded(servers):
+    a = servers(token_delay_s=0.01)
+    cfg = ClientConfig(max_concurrency=3, request_timeout_s=5.0, max_retries=0)
+    engine = _engine([a.url], client=cfg)
+    try:
+        batch = engine.generate(PROMPTS, 4, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    assert len(batch.samples()) == 12
+    assert a.max_in_flight == 3  # the bound is reached and never exceeded
+
+
+@pytest.mark.timeout(30)
+def test_5xx_is_retried_4xx_fails_at_once(servers):
+    a = servers(fail_first=2, fail_status=503)
+    engine = _engine([a.url])
+    try:
+        batch = engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=3))
+        # the first two attempts got 503; the third (new rid) succeeded
+        assert len(a.started) == 3 and list(a.served) == [batch[0][0].request_id]
+        assert batch[0][0].request_id.endswith("-0-0-2")
+    finally:
+        engine.shutdown()
+    b = servers(fail_first=10, fail_status=422)
+    engine = _engine([b.url])
+    try:
+        with pytest.raises(RolloutError, match=r"sample \(0, 0\).*HTTP 422"):
+            engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=3))
+        assert len(b.started) == 1
+    finally:
+        engine.shutdown()
+
+
+def test_reply_parsing_rejects_inconsistent_answers():
+    from archer_mcore.rollout.sglang_engine import parse_generate_reply
+
+    ok = {"output_ids": [4, 9], "meta_info": {"id": "r", "finish_reason": {"type": "stop", "matched": 9},
+          "output_token_logprobs": [[-0.5, 4, None], [-1.5, 9, None]]}}  # fmt: skip
+    s = parse_generate_reply(ok, 0, 1, [1, 2], default_version=3)
+    assert (s.token_ids, s.logprobs, s.finish_reason, s.weight_version) == (
+        [4, 9],
+        [-0.5, -1.5],
+        "stop",
+        3,
+    )
+    no_logprobs = {
+        "output_ids": [4, 9],
+        "meta_info": {"finish_reason": {"type": "length", "length": 2}},
+    }
+    with pytest.raises(RolloutError, match="2 output ids but 0 logprobs"):
+        parse_generate_reply(no_logprobs, 0, 1, [1], 0)
+    swapped = {"output_ids": [4, 9], "meta_info": {"finish_reason": {"type": "length", "length": 2},
+               "output_token_logprobs": [[-0.5, 9, None], [-1.5, 4, None]]}}  # fmt: skip
+    with pytest.raises(RolloutError, match="logprob 0 is for token 9"):
+        parse_generate_reply(swapped, 0, 1, [1], 0)
+    weird = {
+        "output_ids": [],
+        "meta_info": {"finish_reason": {"type": "exploded"}, "output_token_logprobs": []},
+    }
+    with pytest.raises(RolloutError, match="finish_reason"):
+        parse_generate_reply(weird, 0, 0, [1], 0)

@@ -111,8 +111,9 @@ def test_wait_healthy_deadline_and_stop_kills_process_group(tmp_path):
 def test_launch_failure_stops_already_started_servers(tmp_path):
     fake = os.path.join(os.path.dirname(__file__), "fake_sglang.py")
     good = SGLangServerArgs(model_path="m", port=free_port())
-    bad = SGLangServerArgs(model_path="m", port=good.port)  # port clash: second cannot bind
-    with pytest.raises(RolloutError, match="exited with code"):
+    # the stand-in takes sglang's flags plus its own; a malformed one makes it exit (2)
+    bad = SGLangServerArgs(model_path="m", port=free_port(), extra_args=("--fake-die-after", "x"))
+    with pytest.raises(RolloutError, match=r"(?s)exited with code 2.*invalid int value"):
         SGLangEngine.launch([good, bad], tmp_path, router=None,
                             server_launch=(sys.executable, fake), health_deadline_s=20)  # fmt: skip
     # the first (healthy) server was stopped again: its port is free
