@@ -1,0 +1,170 @@
+"""Prompt datasets: rows from JSONL/Parquet, rendered by the tokenizer's chat template.
+
+    ds = PromptDataset.from_files(["train.jsonl"], tokenizer, max_prompt_length=1024)
+    ds.report.summary()   # rows read / kept / too long / malformed (file + line/row)
+    ex = ds[i]            # PromptExample: prompt_ids, ground_truth, data_source...
+
+Rendering: `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+tokenize=False)`, then the text is encoded without adding special tokens (the
+template already writes them). Prompts longer than `max_prompt_length` tokens are
+dropped and counted; malformed rows are skipped, counted and listed with their
+location; neither stops loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from archer_mcore.data.readers import read_rows
+from archer_mcore.data.schema import MalformedRow, Message, PromptRow, parse_row
+
+log = logging.getLogger(__name__)
+
+
+class ChatTokenizer(Protocol):
+    """The part of a transformers tokenizer this module uses."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One tokenised prompt.
+
+    prompt_ids: token ids of the rendered prompt (ends with the assistant header).
+    prompt_text: the rendered prompt text.
+    source: "file:line N" / "file:row N", for error messages.
+    """
+
+    prompt_ids: list[int]
+    prompt_text: str
+    messages: list[Message]
+    ground_truth: Any
+    data_source: str
+    reward_style: str
+    extra_info: dict[str, Any]
+    source: str
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: str
+    location: str  # "line N" (JSONL, 1-based) or "row N" (Parquet, 0-based)
+    reason: str
+
+
+@dataclass
+class DataReport:
+    """What loading did: counts, and every malformed row's location and reason."""
+
+    rows_read: int = 0
+    kept: int = 0
+    too_long: int = 0
+    malformed: list[BadRow] = field(default_factory=list)
+
+    def summary(self, max_listed: int = 10) -> str:
+        lines = [
+            f"{self.rows_read} rows read, {self.kept} kept, {self.too_long} over the prompt "
+            f"length limit, {len(self.malformed)} malformed"
+        ]
+        for bad in self.malformed[:max_listed]:
+            lines.append(f"  {bad.file}:{bad.location}: {bad.reason}")
+        if len(self.malformed) > max_listed:
+            lines.append(f"  ... and {len(self.malformed) - max_listed} more")
+        return "\n".join(lines)
+
+    def metrics(self) -> dict[str, int]:
+        return {
+            "data/rows_read": self.rows_read,
+            "data/kept": self.kept,
+            "data/too_long": self.too_long,
+            "data/malformed": len(self.malformed),
+        }
+
+
+def render_prompt(tokenizer: ChatTokenizer, messages: list[Message]) -> tuple[str, list[int]]:
+    """The chat-template text of `messages` with the generation prompt, and its ids."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, list(ids)
+
+
+class PromptDataset(Sequence[PromptExample]):
+    """An in-memory list of `PromptExample`s with the `DataReport` of its loading."""
+
+    def __init__(self, examples: list[PromptExample], report: DataReport) -> None:
+        self.examples = examples
+        self.report = report
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> PromptExample:  # type: ignore[override]
+        return self.examples[index]
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Iterable[tuple[str, str, Any]],
+        tokenizer: ChatTokenizer,
+        max_prompt_length: int,
+        default_data_source: str = "",
+    ) -> PromptDataset:
+        """Build from `(file, location, raw row or decode-error string)` triples."""
+        report = DataReport()
+        examples: list[PromptExample] = []
+        for file, location, raw in rows:
+            report.rows_read += 1
+            try:
+                if isinstance(raw, str):
+                    raise MalformedRow(raw)
+                row: PromptRow = parse_row(raw, default_data_source)
+                text, ids = render_prompt(tokenizer, row.messages)
+            except MalformedRow as err:
+                report.malformed.append(BadRow(file, location, str(err)))
+                continue
+            except Exception as err:  # e.g. the chat template rejects the messages
+                report.malformed.append(BadRow(file, location, f"{type(err).__name__}: {err}"))
+                continue
+            if len(ids) > max_prompt_length:
+                report.too_long += 1
+                continue
+            examples.append(
+                PromptExample(
+                    prompt_ids=ids,
+                    prompt_text=text,
+                    messages=row.messages,
+                    ground_truth=row.ground_truth,
+                    data_source=row.data_source,
+                    reward_style=row.reward_style,
+                    extra_info=row.extra_info,
+                    source=f"{file}:{location}",
+                )
+            )
+        report.kept = len(examples)
+        if report.malformed or report.too_long:
+            log.warning("prompt data: %s", report.summary())
+        return cls(examples, report)
+
+    @classmethod
+    def from_files(
+        cls,
+        files: Sequence[str | Path],
+        tokenizer: ChatTokenizer,
+        max_prompt_length: int,
+        default_data_source: str = "",
+    ) -> PromptDataset:
+        """Load JSONL/Parquet files in order (see the module docstring)."""
+
+        def rows() -> Iterable[tuple[str, str, Any]]:
+            for f in files:
+                for location, raw in read_rows(f):
+                    yield str(f), location, raw
+
+        return cls.from_rows(rows(), tokenizer, max_prompt_length, default_data_source)
