@@ -45,7 +45,7 @@ def _stats_kernel(
     stats_ptr,  # [4, N] fp32 out: m, S, B, x_y
     z_stride,
     n_rows,
-    V,
+    V,  # columns read: the valid (non-padding) columns of the slice, >= 1
     vocab_start,
     inv_t,
     BLOCK_V: tl.constexpr,
@@ -93,7 +93,8 @@ def _grad_kernel(
     z_stride,
     g_stride,
     n_rows,
-    V,
+    V,  # columns written
+    n_valid,  # columns < n_valid are real tokens; the rest (vocab padding) get 0
     vocab_start,
     inv_t,
     BLOCK_V: tl.constexpr,
@@ -111,10 +112,11 @@ def _grad_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        x_sh = tl.where(mask, x * inv_t - m, 0.0)  # 0 off the row: no overflow there
-        p = tl.exp(x_sh - log_s)
-        g = -gh * p * (x_sh - mean_sh) - gl * p + tl.where(cols == target, gl, 0.0)
+        valid = cols < n_valid
+        x = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
+        x_sh = tl.where(valid, x * inv_t - m, 0.0)  # 0 off the row: no overflow there
+        p = tl.where(valid, tl.exp(x_sh - log_s), 0.0)
+        g = -gh * p * (x_sh - mean_sh) - gl * p + tl.where(valid & (cols == target), gl, 0.0)
         tl.store(g_row + cols, (g * inv_t).to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -124,12 +126,26 @@ def _meta(device: torch.device) -> dict[str, int]:
     )
 
 
+def valid_columns(width: int, vocab_start: int, vocab_size: int | None) -> int:
+    """How many of a slice's `width` columns (global ids from `vocab_start`) are real
+    tokens rather than Megatron's vocabulary padding (ids >= `vocab_size`)."""
+    if vocab_size is None:
+        return width
+    return max(0, min(width, int(vocab_size) - int(vocab_start)))
+
+
 def launch_stats(
-    logits: Tensor, tokens: Tensor, out: Tensor, temperature: float, vocab_start: int = 0
+    logits: Tensor,
+    tokens: Tensor,
+    out: Tensor,
+    temperature: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Write the partial statistics of `logits` (a vocab slice starting at global id
     `vocab_start`) into `out` [4, N] fp32: rows m, S, B, x_y (x_y = 0 where the target is
-    outside the slice). Returns `out`."""
+    outside the slice). Columns with global id >= `vocab_size` are left out; a slice with
+    none left gives (-inf, 0, 0, 0). Returns `out`."""
     n, v = logits.shape
     if logits.stride(-1) != 1:
         raise ValueError("logits must have unit stride along the vocabulary")
@@ -138,6 +154,11 @@ def launch_stats(
             f"out must be a contiguous fp32 [4, {n}] tensor, got {tuple(out.shape)} {out.dtype}"
         )
     if n == 0:
+        return out
+    v = valid_columns(v, vocab_start, vocab_size)
+    if v == 0:
+        out[0].fill_(float("-inf"))
+        out[1:].zero_()
         return out
     require_launchable(_stats_kernel, logits.device)
     _stats_kernel[(n,)](
@@ -163,8 +184,10 @@ def launch_grad(
     grad_logprob: Tensor,
     temperature: float,
     vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> Tensor:
-    """Write d loss / d logits of a vocab slice into `grad_out` (may be `logits` itself).
+    """Write d loss / d logits of a vocab slice into `grad_out` (may be `logits` itself);
+    0 in padding columns (global id >= `vocab_size`).
 
     row_stats: [3, N] fp32 rows m, log S, H over the *whole* vocabulary.
     grad_entropy, grad_logprob: [N] fp32 upstream gradients.
@@ -186,6 +209,7 @@ def launch_grad(
         grad_out.stride(0),
         n,
         v,
+        valid_columns(v, vocab_start, vocab_size),
         int(vocab_start),
         1.0 / float(temperature),
         **_meta(logits.device),
@@ -219,13 +243,15 @@ def combine_partial_stats(partials: Tensor, group: dist.ProcessGroup | None = No
     m = m_k.amax(0)
     w = torch.exp(m_k - m)
     s = (w * s_k).sum(0)
-    b = (w * (b_k + (m_k - m) * s_k)).sum(0)
+    # Slices with no valid column have m = -inf and S = 0: keep (m - M) * S at 0 there.
+    b = (w * (b_k + torch.where(s_k > 0, m_k - m, 0.0) * s_k)).sum(0)
     xy = xy_k.sum(0)
     if group is not None and dist.get_world_size(group) > 1:
         m_global = m.clone()
         dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
         w = torch.exp(m - m_global)
-        sums = torch.stack([w * s, w * (b + (m - m_global) * s), xy])
+        shift = torch.where(s > 0, m - m_global, 0.0)
+        sums = torch.stack([w * s, w * (b + shift * s), xy])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         m, (s, b, xy) = m_global, sums.unbind(0)
     log_s = torch.log(s)
@@ -234,13 +260,13 @@ def combine_partial_stats(partials: Tensor, group: dist.ProcessGroup | None = No
 
 class _EntropyLogprobFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, vocab_start, group):
+    def forward(ctx, logits, tokens, temperature, vocab_start, vocab_size, group):
         n = logits.shape[0]
         partial = torch.empty(4, n, dtype=torch.float32, device=logits.device)
-        launch_stats(logits, tokens, partial, temperature, vocab_start)
+        launch_stats(logits, tokens, partial, temperature, vocab_start, vocab_size)
         stats = combine_partial_stats(partial.unsqueeze(1), group)
         ctx.save_for_backward(logits, tokens, stats.packed())
-        ctx.temperature, ctx.vocab_start = temperature, vocab_start
+        ctx.temperature, ctx.vocab_start, ctx.vocab_size = temperature, vocab_start, vocab_size
         return stats.entropy, stats.logprob
 
     @staticmethod
@@ -251,8 +277,10 @@ class _EntropyLogprobFn(torch.autograd.Function):
         gh = zeros if grad_entropy is None else grad_entropy.float().contiguous()
         gl = zeros if grad_logprob is None else grad_logprob.float().contiguous()
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        launch_grad(logits, grad, tokens, packed, gh, gl, ctx.temperature, ctx.vocab_start)
-        return grad, None, None, None, None
+        launch_grad(
+            logits, grad, tokens, packed, gh, gl, ctx.temperature, ctx.vocab_start, ctx.vocab_size
+        )
+        return grad, None, None, None, None, None
 
 
 def _check(logits: Tensor, tokens: Tensor, temperature: float) -> None:
@@ -287,6 +315,7 @@ def vocab_parallel_entropy_and_logprob(
     temperature: float = 1.0,
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob when the vocabulary is sharded over the ranks of `group`.
 
@@ -296,11 +325,15 @@ def vocab_parallel_entropy_and_logprob(
         group: the tensor-parallel group; None means a single, unsharded rank.
         vocab_start: global id of this shard's first column; default rank * V_local
             (Megatron's equal partition).
+        vocab_size: the true vocabulary size; columns with global id >= it (Megatron's
+            vocab padding) are left out of the softmax and get zero gradient.
     Returns:
         (entropy, logprob) over the whole vocabulary, [...] fp32, equal on all ranks.
         The backward gives this shard's logits gradient and communicates nothing.
     """
     _check(logits, tokens, temperature)
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     if vocab_start is None:
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * logits.shape[-1]
@@ -310,6 +343,6 @@ def vocab_parallel_entropy_and_logprob(
         flat = flat.contiguous()
     toks = tokens.reshape(-1).to(torch.int64).contiguous()
     entropy, logprob = _EntropyLogprobFn.apply(
-        flat, toks, float(temperature), int(vocab_start), group
+        flat, toks, float(temperature), int(vocab_start), vocab_size, group
     )
     return entropy.reshape(lead), logprob.reshape(lead)

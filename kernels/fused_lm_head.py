@@ -28,7 +28,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 from archer_mcore.kernels._launch import require_launchable
-from archer_mcore.kernels.entropy_logprob import combine_partial_stats
+from archer_mcore.kernels.entropy_logprob import combine_partial_stats, valid_columns
 from torch import Tensor
 
 _CPU_META = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}
@@ -70,7 +70,7 @@ def _lm_head_stats_kernel(
     tok_ptr,  # [N] int64 global token ids
     stats_ptr,  # [4, K, N] fp32 out: m, S, B, x_y per vocab split
     n_rows,
-    V,
+    V,  # valid (non-padding) rows of the weight shard, >= 1
     H,
     vocab_start,
     inv_t,
@@ -135,7 +135,8 @@ def _lm_head_grad_kernel(
     gl_ptr,  # [N] fp32 d loss / d logprob
     g_ptr,  # [N, C] out: d loss / d logits of the chunk, dtype of g
     n_rows,
-    C,
+    C,  # columns written
+    C_valid,  # columns < C_valid are real tokens; the rest (vocab padding) get 0
     H,
     col_start,  # global token id of the chunk's first column
     inv_t,
@@ -152,6 +153,7 @@ def _lm_head_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
     col_mask = cols < C
+    valid = row_mask[:, None] & (cols < C_valid)[None, :]
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     acc = _logits_tile(
@@ -165,10 +167,10 @@ def _lm_head_grad_kernel(
     gh = tl.load(gh_ptr + rows64, mask=row_mask, other=0.0)
     gl = tl.load(gl_ptr + rows64, mask=row_mask, other=0.0)
     mask = row_mask[:, None] & col_mask[None, :]
-    x_sh = tl.where(mask, acc * inv_t - m[:, None], 0.0)
-    p = tl.exp(x_sh - log_s[:, None])
+    x_sh = tl.where(valid, acc * inv_t - m[:, None], 0.0)
+    p = tl.where(valid, tl.exp(x_sh - log_s[:, None]), 0.0)
     g = -gh[:, None] * p * (x_sh - mean_sh[:, None]) - gl[:, None] * p
-    g += tl.where(cols[None, :] == target[:, None], gl[:, None], 0.0)
+    g += tl.where(valid & (cols[None, :] == target[:, None]), gl[:, None], 0.0)
     out = g_ptr + rows64[:, None] * g_stride + cols64[None, :]
     tl.store(out, (g * inv_t).to(g_ptr.dtype.element_ty), mask=mask)
 
@@ -201,24 +203,30 @@ def launch_lm_head_stats(
     vocab_start: int = 0,
     out: Tensor | None = None,
     splits: tuple[int, int] | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Partial statistics [4, K, N] fp32 (m, S, B, x_y per vocab split) of
     hidden @ weight^T / T. `out` (optional) must be a contiguous [4, K, N] fp32 tensor
-    with K from `num_vocab_splits` (or `splits` = (K, split_size))."""
+    with K from `num_vocab_splits` (or `splits` = (K, split_size)). Weight rows with
+    global id >= `vocab_size` (vocab padding) are left out."""
     n, h = hidden.shape
-    v = weight.shape[0]
+    v = valid_columns(weight.shape[0], vocab_start, vocab_size)
     if weight.shape[1] != h:
         raise ValueError(f"hidden [{n}, {h}] and weight {tuple(weight.shape)} disagree on H")
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("hidden and weight must have unit stride along H")
     device = hidden.device
     meta = _gpu_meta(h) if device.type == "cuda" else dict(_CPU_META)
-    k, split_size = splits or num_vocab_splits(n, v, meta["BLOCK_M"], device)
+    k, split_size = splits or num_vocab_splits(n, max(v, 1), meta["BLOCK_M"], device)
     if out is None:
         out = torch.empty(4, k, n, dtype=torch.float32, device=device)
     if out.shape != (4, k, n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 [4, {k}, {n}] tensor")
     if n == 0:
+        return out
+    if v == 0:
+        out[0].fill_(float("-inf"))
+        out[1:].zero_()
         return out
     require_launchable(_lm_head_stats_kernel, device)
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
@@ -243,6 +251,7 @@ def launch_lm_head_grad(
     out: Tensor,
     temperature: float,
     col_start: int,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Write d loss / d logits for the vocab chunk `weight_chunk` ([C, H], global ids
     col_start .. col_start + C) into `out` [N, C], recomputing the logits tile by tile in
@@ -260,7 +269,7 @@ def launch_lm_head_grad(
     grid = (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_V"]))
     _lm_head_grad_kernel[grid](
         hidden, weight_chunk, tokens, row_stats, grad_entropy, grad_logprob, out,
-        n, c, h, int(col_start), 1.0 / float(temperature),
+        n, c, valid_columns(c, col_start, vocab_size), h, int(col_start), 1.0 / float(temperature),
         hidden.stride(0), weight_chunk.stride(0), out.stride(0),
         UPCAST=low_precision and device.type != "cuda",
         PRECISION="tf32" if low_precision else "ieee",
@@ -279,13 +288,16 @@ def default_chunk_cols(
 
 class _FusedLMHeadFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, vocab_start, group, chunk_cols):
-        partials = launch_lm_head_stats(hidden, weight, tokens, temperature, vocab_start)
+    def forward(
+        ctx, hidden, weight, tokens, temperature, vocab_start, vocab_size, group, chunk_cols
+    ):
+        partials = launch_lm_head_stats(
+            hidden, weight, tokens, temperature, vocab_start, vocab_size=vocab_size
+        )
         stats = combine_partial_stats(partials, group)
         ctx.save_for_backward(hidden, weight, tokens, stats.packed())
-        ctx.temperature, ctx.vocab_start, ctx.group, ctx.chunk_cols = (
-            temperature, vocab_start, group, chunk_cols,
-        )  # fmt: skip
+        ctx.temperature, ctx.vocab_start, ctx.vocab_size = temperature, vocab_start, vocab_size
+        ctx.group, ctx.chunk_cols = group, chunk_cols
         return stats.entropy, stats.logprob
 
     @staticmethod
@@ -310,8 +322,9 @@ class _FusedLMHeadFn(torch.autograd.Function):
             w_c = weight[c0:c1]
             g = buf[: n * (c1 - c0)].view(n, c1 - c0)
             launch_lm_head_grad(
-                hidden, w_c, tokens, packed, gh, gl, g, ctx.temperature, ctx.vocab_start + c0
-            )
+                hidden, w_c, tokens, packed, gh, gl, g,
+                ctx.temperature, ctx.vocab_start + c0, ctx.vocab_size,
+            )  # fmt: skip
             if need_h:
                 grad_h += torch.mm(g, w_c)
             if need_w:
@@ -320,7 +333,7 @@ class _FusedLMHeadFn(torch.autograd.Function):
             grad_h = grad_h.to(hidden.dtype)
             if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
                 dist.all_reduce(grad_h, group=ctx.group)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_lm_head_entropy_logprob(
@@ -331,6 +344,7 @@ def fused_lm_head_entropy_logprob(
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     chunk_cols: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob of softmax(hidden @ weight^T / T) without full logits.
 
@@ -342,6 +356,8 @@ def fused_lm_head_entropy_logprob(
         group: tensor-parallel group the vocabulary is sharded over, or None.
         vocab_start: global id of this shard's first row; default rank * V_local.
         chunk_cols: vocab columns per backward chunk; default: a 512 MiB buffer.
+        vocab_size: the true vocabulary size; weight rows with global id >= it
+            (Megatron's vocab padding) are left out and get zero gradient.
     Returns:
         (entropy, logprob), each [...] fp32 in nats, over the whole vocabulary.
         Differentiable w.r.t. hidden and weight.
@@ -360,6 +376,13 @@ def fused_lm_head_entropy_logprob(
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     toks = tokens.reshape(-1).to(torch.int64).contiguous()
     entropy, logprob = _FusedLMHeadFn.apply(
-        flat, weight.contiguous(), toks, float(temperature), int(vocab_start), group, chunk_cols
+        flat,
+        weight.contiguous(),
+        toks,
+        float(temperature),
+        int(vocab_start),
+        vocab_size,
+        group,
+        chunk_cols,
     )
     return entropy.reshape(lead), logprob.reshape(lead)

@@ -11,6 +11,7 @@ from archer_mcore.kernels.entropy_logprob import (
     entropy_and_logprob,
     launch_grad,
     launch_stats,
+    vocab_parallel_entropy_and_logprob,
 )
 from kernel_reference64 import entropy_logprob64, rel_err
 
@@ -129,3 +130,30 @@ def test_bad_arguments_are_rejected():
         entropy_and_logprob(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 0.0)
     with pytest.raises(ValueError, match="differ"):
         entropy_and_logprob(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_vocab_padding_is_left_out():
+    # Megatron pads the vocabulary: ids >= vocab_size must not enter the softmax, and
+    # their gradient is zero. Padding columns hold huge logits that would dominate.
+    logits, tokens, weights = _inputs(4, 100, torch.float32, seed=13)
+    tokens = tokens % 90
+    padded = logits.clone()
+    padded[:, 90:] = 1e4
+    h, lp, grad = _fwd_bwd(
+        lambda z, y, t: vocab_parallel_entropy_and_logprob(z, y, t, vocab_size=90),
+        padded, tokens, weights, 0.8,
+    )  # fmt: skip
+    h64, lp64, grad64 = _fwd_bwd(entropy_logprob64, logits[:, :90].double(), tokens, weights, 0.8)
+    assert rel_err(h, h64) < 1e-5 and rel_err(lp, lp64) < 1e-5
+    assert rel_err(grad[:, :90], grad64) < 1e-5
+    assert grad[:, 90:].abs().max() == 0
+
+
+def test_a_shard_of_only_padding_combines_to_nothing():
+    logits, tokens, _ = _inputs(3, 70, torch.float32, seed=17)
+    real = launch_stats(logits, tokens, torch.empty(4, 3), 1.0, vocab_start=0, vocab_size=70)
+    pad = launch_stats(logits, tokens, torch.empty(4, 3), 1.0, vocab_start=70, vocab_size=70)
+    assert torch.isinf(pad[0]).all() and (pad[1:] == 0).all()
+    combined = combine_partial_stats(torch.stack([real, pad], dim=1))
+    h64, lp64 = entropy_logprob64(logits.double(), tokens, 1.0)
+    assert rel_err(combined.entropy, h64) < 1e-5 and rel_err(combined.logprob, lp64) < 1e-5

@@ -108,3 +108,19 @@ def test_bad_arguments_are_rejected():
         fused_lm_head_entropy_logprob(h, w.bfloat16(), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         fused_lm_head_entropy_logprob(h, w, torch.zeros(2, dtype=torch.long), -1.0)
+
+
+def test_vocab_padding_rows_are_left_out():
+    hidden, weight, tokens, up = _inputs(9, 16, 300, torch.float32, seed=4)
+    tokens = tokens % 250
+    padded = weight.clone()
+    padded[250:] = hidden[0] * 50  # would dominate every softmax if counted
+    ent, lp, gh, gw = _run(
+        fused_lm_head_entropy_logprob, hidden, padded, tokens, up, 1.0,
+        vocab_size=250, chunk_cols=128,
+    )  # fmt: skip
+    want = _run(_reference, hidden.double(), weight[:250].double(), tokens, up, 1.0)
+    for got, ref in zip((ent, lp, gh), want):
+        assert rel_err(got, ref) < 1e-5
+    assert rel_err(gw[:250], want[3]) < 1e-5
+    assert gw[250:].abs().max() == 0

@@ -66,6 +66,14 @@ def _worker(rank: int, port: int, out: dict) -> None:
         out[("uneven", rank)] = _fwd_bwd_logits(
             vocab_parallel_entropy_and_logprob, uneven, tokens, up, group=group, vocab_start=lo
         )
+        # Megatron vocab padding: ids >= 120 are not tokens (rank 1 holds 55 real ones).
+        padded = logits.clone()
+        padded[:, 120:] = 1e4
+        out[("padded", rank)] = _fwd_bwd_logits(
+            vocab_parallel_entropy_and_logprob,
+            padded[:, rank * half : (rank + 1) * half].contiguous(),
+            tokens % 120, up, group=group, vocab_size=120,
+        )  # fmt: skip
         w_half = V_HEAD // 2
         w_shard = weight[rank * w_half : (rank + 1) * w_half]
         out[("head", rank)] = _fwd_bwd_head(
@@ -99,6 +107,12 @@ def test_tp2_equals_single_rank_and_float64():
         grad = torch.cat([r0[2], r1[2]], dim=1)  # each rank holds its shard's gradient
         assert torch.allclose(grad, single[2], rtol=1e-6, atol=1e-7)
         assert rel_err(grad, ref[2]) < 1e-5
+
+    ref = _fwd_bwd_logits(entropy_logprob64, logits[:, :120].double(), tokens % 120, up.double())
+    r0, r1 = out[("padded", 0)], out[("padded", 1)]
+    assert rel_err(r0[0], ref[0]) < 1e-5 and rel_err(r1[1], ref[1]) < 1e-5
+    grad = torch.cat([r0[2], r1[2]], dim=1)
+    assert rel_err(grad[:, :120], ref[2]) < 1e-5 and grad[:, 120:].abs().max() == 0
 
     single = _fwd_bwd_head(hidden, weight, head_tokens, up, chunk_cols=128)
     h64 = hidden.double().requires_grad_()
