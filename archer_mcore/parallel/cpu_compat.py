@@ -7,7 +7,8 @@ layer here maps all of that to the CPU:
 
 - a ``torch.overrides.TorchFunctionMode`` rewrites CUDA device arguments (strings,
   ``torch.device`` objects and bare device indices) to ``cpu``, makes ``.cuda()`` and
-  ``pin_memory`` no-ops;
+  ``pin_memory`` no-ops, and reports CPU tensors' ``.type()`` as the CUDA type name
+  (megatron's optimizers dispatch on those names);
 - ``torch.cuda.current_device/synchronize/...`` get CPU stand-ins;
 - megatron's ``_get_cuda_rng_state``/``_set_cuda_rng_state`` and the tracker's
   ``torch.cuda.get_rng_state/manual_seed`` are mapped onto the CPU default generator.
@@ -55,6 +56,14 @@ class CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.is_pinned:
             return False
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers dispatch on "torch.cuda.FloatTensor"-style names.
+            name = func(*args)
+            return (
+                name.replace("torch.", "torch.cuda.", 1)
+                if not name.startswith("torch.cuda.")
+                else name
+            )
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])
         if kwargs.get("pin_memory"):

@@ -160,3 +160,73 @@ def vocab_parallel(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 TASKS["vocab_parallel"] = vocab_parallel
+
+
+def _policy_batch(d: dict[str, Any]):
+    from archer_mcore.train.batching import PolicyBatch
+
+    return PolicyBatch(
+        input_ids=torch.tensor(d["input_ids"]),
+        prompt_lengths=torch.tensor(d["prompt_lengths"]),
+        response_mask=torch.tensor(d["response_mask"]),
+        old_logp=torch.tensor(d["old_logp"]),
+        advantages=torch.tensor(d["advantages"]),
+    )
+
+
+def _policy_cfg(payload: dict[str, Any], tp: int, pp: int):
+    from archer_mcore.train.policy import OptimConfig, PolicyConfig
+
+    return PolicyConfig(
+        tp=tp,
+        pp=pp,
+        optim=OptimConfig(**payload["optim"]),
+        micro_batch_tokens=payload["micro_batch_tokens"],
+        temperature=payload["temperature"],
+        with_reference=True,
+    )
+
+
+def _dp_share(batch, dp_rank: int, dp_size: int):
+    b = batch.size
+    per = b // dp_size
+    return batch.rows(slice(dp_rank * per, (dp_rank + 1) * per))
+
+
+def train_step(payload: dict[str, Any]) -> dict[str, Any]:
+    """One optimizer step per layout; the updated weights under HF names compared with
+    the transformers reference step the test computed (saved as safetensors)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy
+
+    expected = load_file(payload["expected"])
+    loss_cfg = LossConfig(**payload["loss"])
+    out: dict[str, Any] = {}
+    for tp, pp in payload["layouts"]:
+        policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp))
+        batch = _dp_share(_policy_batch(payload["batch"]), policy.dp_rank, policy.dp_size)
+        batch = replace(batch, ref_logp=policy.compute_ref_logprobs(batch))
+        metrics = policy.train_step(batch, loss_cfg)
+        worst, worst_name = 0.0, ""
+        names = 0
+        for name, t in iter_hf_tensors(policy.model, policy.shape):
+            names += 1
+            d = (t - expected[name]).abs().max().item()
+            if d > worst:
+                worst, worst_name = d, name
+        out[f"tp{tp}pp{pp}"] = {
+            "max_abs_diff": _max_over_world(worst),
+            "worst": worst_name,
+            "names": names,
+            "metrics": metrics,
+            "dp": policy.dp_size,
+        }
+    return out
+
+
+TASKS["train_step"] = train_step

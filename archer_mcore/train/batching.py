@@ -1,0 +1,145 @@
+"""The policy's batch format and token-budget micro-batching.
+
+A `PolicyBatch` holds B right-padded sequences ``prompt + response + pad`` and per
+response-token tensors [B, L] aligned so that response token j of row i sits at
+input position ``prompt_lengths[i] + j`` (its log-prob comes from the logits at the
+position before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+from archer_mcore.model.pipeline import MicroBatch, causal_positions
+
+
+@dataclass
+class PolicyBatch:
+    """Shapes: B sequences, T input positions, L response positions.
+
+    input_ids:      [B, T] long, prompt then response then padding (any pad id).
+    prompt_lengths: [B] long, number of prompt tokens of each row (>= 1).
+    response_mask:  [B, L] bool, True on valid response tokens.
+    old_logp, ref_logp: [B, L] fp32 log-probs of the response tokens (rollout/old
+                    policy, reference policy); needed by `train_step` (ref only for KL).
+    advantages:     [B] or [B, L] fp32.
+    selection:      [B, L] bool, a precomputed forking-token mask (mini-batch scope).
+    """
+
+    input_ids: Tensor
+    prompt_lengths: Tensor
+    response_mask: Tensor
+    old_logp: Tensor | None = None
+    advantages: Tensor | None = None
+    ref_logp: Tensor | None = None
+    selection: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        b = self.input_ids.shape[0]
+        if self.input_ids.dim() != 2 or self.prompt_lengths.shape != (b,):
+            raise ValueError(
+                f"input_ids must be [B, T] and prompt_lengths [B]; got {tuple(self.input_ids.shape)}, {tuple(self.prompt_lengths.shape)}"
+            )
+        if self.response_mask.dim() != 2 or self.response_mask.shape[0] != b:
+            raise ValueError(f"response_mask must be [B, L], got {tuple(self.response_mask.shape)}")
+        if bool((self.prompt_lengths < 1).any()):
+            raise ValueError("every row needs at least one prompt token")
+        if int(self.seq_lengths().max()) > self.input_ids.shape[1]:
+            raise ValueError("response_mask reaches past the end of input_ids")
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def response_lengths(self) -> Tensor:
+        """[B]: index of the last valid response token + 1 (0 for an empty response)."""
+        m = self.response_mask.bool()
+        idx = torch.arange(1, m.shape[1] + 1, device=m.device).expand_as(m)
+        return torch.where(m, idx, torch.zeros_like(idx)).amax(-1)
+
+    def seq_lengths(self) -> Tensor:
+        return self.prompt_lengths + self.response_lengths()
+
+    def rows(self, index: Tensor | slice) -> PolicyBatch:
+        """The sub-batch of the given rows (e.g. this data-parallel rank's share)."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = None if v is None else v[index]
+        return PolicyBatch(**kw)
+
+
+@dataclass
+class MicroBatchPlan:
+    """Rows of each micro-batch (indices into the batch) and their padded lengths."""
+
+    rows: list[Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def plan_microbatches(
+    seq_lengths: Tensor, token_budget: int, max_rows: int | None = None
+) -> MicroBatchPlan:
+    """Greedy token-budget packing: rows sorted by length (longest first) are added to
+    the current micro-batch while rows x longest <= token_budget (a row longer than
+    the budget gets a micro-batch of its own). Deterministic, so every pipeline stage
+    forms the same micro-batches."""
+    order = torch.argsort(seq_lengths, descending=True, stable=True)
+    plan = MicroBatchPlan()
+    cur: list[int] = []
+    cur_len = 0
+    for i in order.tolist():
+        n = int(seq_lengths[i])
+        new_len = max(cur_len, n)
+        full = max_rows is not None and len(cur) >= max_rows
+        if cur and (new_len * (len(cur) + 1) > token_budget or full):
+            plan.rows.append(torch.tensor(cur))
+            plan.lengths.append(cur_len)
+            cur, new_len = [], n
+        cur.append(i)
+        cur_len = new_len
+    if cur:
+        plan.rows.append(torch.tensor(cur))
+        plan.lengths.append(cur_len)
+    return plan
+
+
+def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBatch]:
+    """MicroBatches whose extras hold, for the loss, [b, Lm] tensors:
+    ``resp_pos`` (logit position predicting each response token), ``targets``,
+    ``mask``, and the batch's per-token inputs restricted to these rows."""
+    lengths = batch.response_lengths()
+    out = []
+    for rows, seq_len in zip(plan.rows, plan.lengths):
+        ids = batch.input_ids[rows, :seq_len].contiguous()
+        lm = max(1, int(lengths[rows].max()))
+        j = torch.arange(lm).unsqueeze(0)
+        p = batch.prompt_lengths[rows].unsqueeze(1)
+        target_pos = (p + j).clamp(max=seq_len - 1)
+        extras = {
+            "rows": rows,
+            "resp_pos": (target_pos - 1).clamp(min=0),
+            "targets": ids.gather(1, target_pos),
+            "mask": batch.response_mask[rows, :lm].bool() & (p + j < seq_len),
+        }
+        for name in ("old_logp", "ref_logp", "selection"):
+            v = getattr(batch, name)
+            if v is not None:
+                extras[name] = v[rows, :lm]
+        if batch.advantages is not None:
+            a = batch.advantages[rows]
+            extras["advantages"] = a if a.dim() == 1 else a[:, :lm]
+        out.append(MicroBatch(ids, causal_positions(ids), extras))
+    return out
+
+
+def scatter_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
+    """dst[rows, :Lm] = src (src [b, Lm])."""
+    dst[rows, : src.shape[1]] = src.to(dst.dtype)
+
+
+def with_fields(batch: PolicyBatch, **kw: Tensor | None) -> PolicyBatch:
+    return replace(batch, **kw)

@@ -1,0 +1,382 @@
+"""The Megatron policy: what the RL loop calls to score and update the model.
+
+    policy = MegatronPolicy.from_hf(hf_dir, PolicyConfig(tp=2, pp=1, ...))
+    logp, ent = policy.compute_logprobs(batch)            # old log-probs, forward only
+    ref = policy.compute_ref_logprobs(batch)              # frozen reference (KL)
+    metrics = policy.train_step(batch_with_old_adv_ref, loss_cfg)
+    for bucket in policy.export_hf_buckets(bucket_bytes): ...   # rollout weight sync
+    policy.save_checkpoint(dir, extra_state) / policy.load_checkpoint(dir) -> extra_state
+
+SPMD: every rank calls every method. A `PolicyBatch` passed in is this data-parallel
+rank's share (`policy.dp_rank` / `policy.dp_size` say which); ranks of one
+model replica (its TP x PP ranks) must pass the same batch. Results come back on
+every rank. Shapes are documented on `PolicyBatch`.
+
+Gradient accumulation: micro-batches are formed by a token budget; each micro-batch
+loss is sum-of-terms / N_global * dp (N_global = the mini-batch's units across all
+data-parallel ranks: tokens for token-mean, responses for the seq-mean modes), so
+after megatron DDP's data-parallel *mean* the gradient is exactly that of the
+mini-batch loss, whatever the micro-batch split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from archer_mcore.algo.losses import LossConfig, policy_loss
+from archer_mcore.algo.token_groups import forking_k
+from archer_mcore.model.build import ModelOptions, build_gpt_model
+from archer_mcore.model.hf_config import ModelShape, shape_from_hf_config
+from archer_mcore.model.hf_io import HFCheckpointReader
+from archer_mcore.model.pipeline import MicroBatch, run_microbatches
+from archer_mcore.model.weights import NamedTensors, iter_hf_buckets, load_hf_weights, unwrap
+from archer_mcore.parallel.distributed import init_distributed
+from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+from archer_mcore.train.batching import (
+    PolicyBatch,
+    build_microbatches,
+    plan_microbatches,
+    scatter_rows,
+)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam + LR schedule. decay_style: constant | linear | cosine (over decay_steps)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    decay_style: str = "constant"
+    distributed_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """tp/pp: model-parallel sizes (dp = world / (tp * pp)). micro_batch_tokens: the
+    token budget of one micro-batch (rows x padded length). temperature: the rollout
+    temperature the log-probs and entropies are computed at."""
+
+    tp: int = 1
+    pp: int = 1
+    seed: int = 1234
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch_tokens: int = 8192
+    temperature: float = 1.0
+    with_reference: bool = True
+    logprob_chunk_rows: int = 4096
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+class MegatronPolicy:
+    """A megatron-core GPTModel with DDP, distributed optimizer, LR schedule and an
+    optional frozen reference copy."""
+
+    def __init__(
+        self, shape: ModelShape, cfg: PolicyConfig, hf_dir: str | Path | None = None
+    ) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.shape, self.cfg = shape, cfg
+        model, self.config, self.spec_choice = build_gpt_model(shape, cfg.model)
+        if hf_dir is not None:
+            load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
+        self.reference = None
+        if cfg.with_reference:
+            ref, _, _ = build_gpt_model(shape, cfg.model)
+            ref.load_state_dict(model.state_dict())
+            ref.eval().requires_grad_(False)
+            self.reference = ref
+
+        o = cfg.optim
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=o.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=model)
+        dtype = self.config.params_dtype
+        opt_cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=o.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_cfg, [self.model])
+        decay = o.decay_steps if o.decay_steps is not None else 10**9
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(decay, o.warmup_steps + 1),
+            lr_decay_style=o.decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+        self.config.no_sync_func = self.model.no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.step = 0
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_hf(
+        cls, source: str | Path | Mapping[str, Any], cfg: PolicyConfig, init_dist: bool = True
+    ) -> MegatronPolicy:
+        """From an HF model directory (config.json + safetensors), or from a config dict
+        (random initialisation). Initialises torch.distributed and megatron's groups
+        unless `init_dist` is False (then they must exist already)."""
+        if init_dist:
+            init_distributed(cfg.tp, cfg.pp, cfg.seed)
+        shape = shape_from_hf_config(source)
+        hf_dir = None if isinstance(source, Mapping) else Path(source)
+        return cls(shape, cfg, hf_dir)
+
+    # ------------------------------------------------------------ topology
+    @property
+    def dp_rank(self) -> int:
+        return _ps().get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return _ps().get_data_parallel_world_size()
+
+    @property
+    def is_last_stage(self) -> bool:
+        return _ps().is_pipeline_last_stage()
+
+    def _vocab_start(self) -> int:
+        ps = _ps()
+        v_local = self.shape.padded_vocab_size(
+            ps.get_tensor_model_parallel_world_size(), self.cfg.model.make_vocab_size_divisible_by
+        )
+        return (
+            ps.get_tensor_model_parallel_rank()
+            * v_local
+            // ps.get_tensor_model_parallel_world_size()
+        )
+
+    # ------------------------------------------------------------ scoring
+    def _token_stats(self, logits: Tensor, mb: MicroBatch) -> tuple[Tensor, Tensor]:
+        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens."""
+        pos, targets = mb.extras["resp_pos"], mb.extras["targets"]
+        b, lm = pos.shape
+        rows = logits.gather(1, pos.to(logits.device).unsqueeze(-1).expand(b, lm, logits.shape[-1]))
+        ent, lp = vocab_parallel_entropy_and_logprob(
+            rows.reshape(b * lm, -1),
+            targets.reshape(-1).to(logits.device),
+            self._vocab_start(),
+            _ps().get_tensor_model_parallel_group(),
+            self.cfg.temperature,
+            self.shape.vocab_size,
+            self.cfg.logprob_chunk_rows,
+        )
+        return ent.reshape(b, lm), lp.reshape(b, lm)
+
+    def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
+        plan = plan_microbatches(batch.seq_lengths(), self.cfg.micro_batch_tokens)
+        return build_microbatches(batch, plan)
+
+    def _broadcast_from_last_stage(self, tensors: list[Tensor]) -> None:
+        ps = _ps()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            src = ps.get_pipeline_model_parallel_world_size() - 1
+            for t in tensors:
+                dist.broadcast(t, group=group, group_src=src)
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        mbs = self._microbatches(batch)
+
+        def collect(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
+            ent, lp = self._token_stats(logits, mb)
+            return logits.new_zeros(()), {"entropy": ent, "logprob": lp}
+
+        was_training = model.training
+        model.eval()
+        try:
+            outs = run_microbatches(model, mbs, collect, forward_only=True)
+        finally:
+            model.train(was_training)
+        shape = batch.response_mask.shape
+        device = batch.input_ids.device
+        logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        ent = torch.zeros(shape, dtype=torch.float32, device=device)
+        for mb, out in zip(mbs, outs):
+            m = mb.extras["mask"].to(out["logprob"].device)
+            scatter_rows(logp, mb.extras["rows"], torch.where(m, out["logprob"], 0.0).cpu())
+            scatter_rows(ent, mb.extras["rows"], torch.where(m, out["entropy"], 0.0).cpu())
+        self._broadcast_from_last_stage([logp, ent])
+        return logp, ent
+
+    def compute_logprobs(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """Current-policy (logprob, entropy) [B, L] fp32 of the response tokens, zero at
+        invalid positions; forward only."""
+        return self._score(self.model, batch)
+
+    def compute_ref_logprobs(self, batch: PolicyBatch) -> Tensor:
+        """Frozen reference policy's log-probs [B, L] fp32."""
+        if self.reference is None:
+            raise RuntimeError("this policy was built with with_reference=False")
+        return self._score(self.reference, batch)[0]
+
+    # ------------------------------------------------------------ training
+    def _global_units(
+        self, batch: PolicyBatch, mbs: list[MicroBatch], loss_cfg: LossConfig
+    ) -> float:
+        """The mini-batch's normalising units, summed over data-parallel ranks."""
+        mask = batch.response_mask.bool()
+        if loss_cfg.agg_mode != "token-mean":
+            local = float(mask.any(-1).sum())
+        elif loss_cfg.token_rule == "forking" and loss_cfg.forking_normalizer == "selected":
+            if batch.selection is not None:
+                local = float((batch.selection.bool() & mask).sum())
+            else:  # micro-batch scope: forking_k(N) tokens selected per micro-batch
+                local = 0.0
+                for mb in mbs:
+                    local += forking_k(int(mb.extras["mask"].sum()), loss_cfg.forking_rho)
+        else:
+            local = float(mask.sum())
+        t = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(t, group=_ps().get_data_parallel_group(with_context_parallel=True))
+        return float(t.item())
+
+    def train_step(self, batch: PolicyBatch, loss_cfg: LossConfig) -> dict[str, float]:
+        """One optimizer step on this mini-batch (old_logp and advantages required;
+        ref_logp when the loss has a KL term). Returns metrics averaged over the
+        mini-batch on every rank: loss, grad_norm, lr, and the loss function's metrics."""
+        if batch.old_logp is None or batch.advantages is None:
+            raise ValueError("train_step needs batch.old_logp and batch.advantages")
+        mbs = self._microbatches(batch)
+        units = self._global_units(batch, mbs, loss_cfg)
+        normalizer = max(units, 1.0) / self.dp_size
+
+        def loss_fn(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
+            ent, lp = self._token_stats(logits, mb)
+            x = {k: (v.to(lp.device) if isinstance(v, Tensor) else v) for k, v in mb.extras.items()}
+            loss, metrics = policy_loss(
+                lp,
+                x["old_logp"].float(),
+                x["advantages"].float(),
+                x["mask"],
+                ent,
+                x["ref_logp"].float() if "ref_logp" in x else None,
+                loss_cfg,
+                normalizer=normalizer,
+                selection=x.get("selection"),
+            )
+            metrics = {k: v.detach().float() for k, v in metrics.items()}
+            metrics["loss"] = loss.detach().float()
+            return loss, metrics
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = run_microbatches(self.model, mbs, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self._reduce_metrics(outs)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["update_skipped"] = float(not ok)
+        return metrics
+
+    def _reduce_metrics(self, outs: list[dict[str, Tensor]]) -> dict[str, float]:
+        """loss: summed over micro-batches and DP ranks / dp (= the mini-batch loss);
+        tokens/*: summed; the rest: means weighted by valid tokens."""
+        ps = _ps()
+        keys: list[str] = sorted(outs[0]) if outs else []
+        obj = [keys]
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast_object_list(
+                obj,
+                group=ps.get_pipeline_model_parallel_group(),
+                group_src=ps.get_pipeline_model_parallel_world_size() - 1,
+            )
+        keys = obj[0]
+        vec = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        for out in outs:
+            w = float(out.get("tokens/all", torch.tensor(1.0)))
+            vec[-1] += w
+            for i, k in enumerate(keys):
+                v = float(out[k])
+                vec[i] += v if (k == "loss" or k.startswith("tokens/")) else v * w
+        self._broadcast_from_last_stage([vec])
+        dist.all_reduce(vec, group=ps.get_data_parallel_group(with_context_parallel=True))
+        total_w = max(float(vec[-1]), 1e-12)
+        res = {}
+        for i, k in enumerate(keys):
+            if k == "loss":
+                res[k] = float(vec[i]) / self.dp_size
+            elif k.startswith("tokens/"):
+                res[k] = float(vec[i])
+            else:
+                res[k] = float(vec[i]) / total_w
+        return res
+
+    # ------------------------------------------------------------ weights out
+    def export_hf_buckets(
+        self, bucket_bytes: int = 512 * 1024**2, dtype: torch.dtype | None = None
+    ) -> Iterator[NamedTensors]:
+        """HF-named full tensors in buckets of about `bucket_bytes` (collective over the
+        model-parallel group; every rank yields the same buckets)."""
+        return iter_hf_buckets(self.model, self.shape, bucket_bytes, dtype)
+
+    def unwrapped(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(
+        self,
+        ckpt_dir: str | Path,
+        extra_state: Mapping[str, Any] | None = None,
+        keep_last: int | None = 3,
+    ) -> Path:
+        from archer_mcore.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last)
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        from archer_mcore.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, ckpt_dir)
