@@ -1,0 +1,187 @@
+"""Choose the fused Triton kernel or the torch reference for each fused operation.
+
+`mode` is one of:
+- "auto":   the Triton kernel for CUDA tensors (when triton compiles for this process),
+            the torch reference otherwise (CPU tensors, or TRITON_INTERPRET set);
+- "triton": always the kernel (on CPU this needs TRITON_INTERPRET=1, set before triton
+            is imported: the Triton interpreter, for tests);
+- "torch":  always the torch reference.
+
+Both paths take and return the same things, so callers never branch on the mode. The
+torch references: `archer_mcore.algo.entropy.entropy_and_logprob`,
+`archer_mcore.parallel.vocab_parallel.vocab_parallel_entropy_and_logprob` and
+`archer_mcore.algo.losses.token_terms`; the LM-head reference materialises the logits.
+Kernel modules are imported lazily, so the torch paths work without triton.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from archer_mcore.algo import entropy as torch_entropy
+from archer_mcore.algo import losses as torch_losses
+
+KernelMode = Literal["auto", "triton", "torch"]
+KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def triton_compiles() -> bool:
+    """True if triton is importable and builds compiled (not interpreted) kernels."""
+    try:
+        from archer_mcore.kernels import entropy_logprob
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return not isinstance(entropy_logprob._stats_kernel, InterpretedFunction)
+
+
+def use_triton(mode: str, device: torch.device) -> bool:
+    """Whether `mode` selects the Triton kernel for tensors on `device`."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; choose one of {KERNEL_MODES}")
+    if mode == "auto":
+        return device.type == "cuda" and triton_compiles()
+    return mode == "triton"
+
+
+def entropy_and_logprob(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, mode: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Entropy of softmax(logits / T) and log-prob of `tokens`: logits [..., V],
+    tokens [...] -> (entropy, logprob) [...] fp32 nats, differentiable w.r.t. logits."""
+    if use_triton(mode, logits.device):
+        from archer_mcore.kernels import entropy_logprob
+
+        return entropy_logprob.entropy_and_logprob(logits, tokens, temperature)
+    return torch_entropy.entropy_and_logprob(logits, tokens, temperature)
+
+
+def vocab_parallel_entropy_and_logprob(
+    logits_shard: Tensor,
+    tokens: Tensor,
+    vocab_start: int,
+    tp_group: dist.ProcessGroup | None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    *,
+    mode: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Entropy and log-prob over a vocabulary sharded across `tp_group`.
+
+    Args:
+        logits_shard: [N, V_local] this rank's columns (global ids from `vocab_start`).
+        tokens: [N] global token ids.
+        vocab_size: true vocabulary size; padding ids >= it are left out.
+    Returns:
+        (entropy [N], logprob [N]) fp32, the same on every rank; the backward gives this
+        shard's gradient without communication.
+    """
+    if use_triton(mode, logits_shard.device):
+        from archer_mcore.kernels import entropy_logprob
+
+        return entropy_logprob.vocab_parallel_entropy_and_logprob(
+            logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size
+        )
+    from archer_mcore.parallel import vocab_parallel
+
+    return vocab_parallel.vocab_parallel_entropy_and_logprob(
+        logits_shard, tokens, vocab_start, tp_group, temperature, vocab_size
+    )
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient over `group` backward (the input is
+    replicated over the group and each rank's use of it contributes a partial grad)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def lm_head_entropy_and_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    chunk_cols: int | None = None,
+    mode: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Entropy and log-prob of softmax(hidden @ weight^T / T).
+
+    Args:
+        hidden: [N, H] final hidden states, replicated over `tp_group`.
+        weight: [V_local, H] output weight (this rank's vocab shard with `tp_group`).
+        tokens: [N] global token ids.
+        vocab_start: first global id of the shard; default rank * V_local.
+        vocab_size: true vocabulary size; padding rows >= it are left out.
+        chunk_cols: Triton backward: vocab columns recomputed at a time.
+    Returns:
+        (entropy [N], logprob [N]) fp32. Gradients reach hidden (all-reduced over
+        `tp_group`: do not also wrap hidden in megatron's copy-to-TP region) and weight.
+        The Triton path never materialises the logits; the torch path does.
+    """
+    if use_triton(mode, hidden.device):
+        from archer_mcore.kernels import fused_lm_head
+
+        return fused_lm_head.fused_lm_head_entropy_logprob(
+            hidden, weight, tokens, temperature, tp_group, vocab_start, chunk_cols, vocab_size
+        )
+    sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
+    if vocab_start is None:
+        vocab_start = (dist.get_rank(tp_group) if sharded else 0) * weight.shape[0]
+    if sharded:
+        hidden = _AllReduceGrad.apply(hidden, tp_group)
+    logits = hidden @ weight.t()
+    if sharded or vocab_size is not None or vocab_start != 0:
+        return vocab_parallel_entropy_and_logprob(
+            logits, tokens, vocab_start, tp_group, temperature, vocab_size, mode="torch"
+        )
+    return torch_entropy.entropy_and_logprob(logits, tokens, temperature)
+
+
+def token_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    eps_low: Tensor | float,
+    eps_high: Tensor | float,
+    clip_c: float | None,
+    ref_logp: Tensor | None = None,
+    kl_estimator: str = "k3",
+    *,
+    mode: str = "auto",
+) -> torch_losses.TokenTerms:
+    """Per-token policy-loss terms (see `archer_mcore.algo.losses.token_terms`), from
+    the fused elementwise kernel or the torch reference; gradients flow to logp only."""
+    if use_triton(mode, logp.device):
+        from archer_mcore.kernels import fused_loss
+
+        t = fused_loss.fused_token_terms(
+            logp, old_logp, advantages, eps_low, eps_high, clip_c, ref_logp, kl_estimator
+        )
+        return torch_losses.TokenTerms(
+            pg_loss=t.pg_loss,
+            kl=t.kl,
+            ratio=t.ratio,
+            clipped_low=t.clipped_low,
+            clipped_high=t.clipped_high,
+            clipped_dual=t.clipped_dual,
+        )
+    return torch_losses.token_terms(
+        logp, old_logp, advantages, eps_low, eps_high, clip_c, ref_logp, kl_estimator
+    )
