@@ -13,7 +13,9 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
   gradients (4 B/param, megatron's `accumulate_allreduce_grads_in_fp32` default for
   bf16), and fp32 master weights plus Adam's two moments (12 B/param), the latter
   sharded over data-parallel ranks by the distributed optimizer. This is the 18 (or
-  6 + 12 / DP) bytes per parameter of megatron's theoretical-memory formula.
+  6 + 12 / DP) bytes per parameter of megatron's theoretical-memory formula. A KL
+  term adds a frozen bf16 reference copy (2 B/param). FP8 training is counted with
+  bf16 weight copies (conservative: FP8 parameter gather keeps them in 1 byte).
 * Activations follow Korthikanti et al. (arXiv 2205.05198, table 2) tensor by tensor,
   generalised to SwiGLU, grouped-query attention, Qwen3's q/k norms and flash
   attention (no s x s score tensors; a fp32 log-sum-exp per head and token instead).
@@ -306,10 +308,18 @@ class StageMemory:
     optimizer: float
     activations: float
     logits: float
+    reference: float = 0.0  # a frozen bf16 copy of the stage's weights, when a KL term needs it
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.reference
+        )
 
 
 @dataclass
@@ -388,6 +398,7 @@ def training_memory(
             optimizer=n * opt_bytes,
             activations=acts(which, layout.recompute),
             logits=logits_bytes(m, t, tp, layout.logits_path, assume) if has_logits else 0.0,
+            reference=n * weight_bytes if work.needs_reference else 0.0,
         )
 
     first, last = stage("first"), stage("last")
@@ -900,6 +911,7 @@ def format_plan(plan: Plan, assume: Assumptions = Assumptions()) -> str:
             f"{_gib(s.optimizer)}",
             f"    activations              {_gib(s.activations)}",
             f"    logits / entropy         {_gib(s.logits)}",
+            *([f"    reference model (bf16)   {_gib(s.reference)}"] if s.reference else []),
             f"    total                    {_gib(s.total)}",
         ]
     lines.append(

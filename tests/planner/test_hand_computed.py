@@ -3,6 +3,8 @@ checked against transformers' own Qwen2/Qwen3 models)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -160,3 +162,48 @@ def test_forward_flops_by_hand():
     # matmul weights per token: 73728 (layers) + 256 x 64 (LM head) = 90112 -> 2 x 90112
     # attention: 2 (QK, AV) x 2 FLOP x 2 layers x 4 heads x 16 x 100 / 2 = 25600 at context 100
     assert forward_flops_per_token(m, 100) == 2 * 90112 + 25600
+
+
+def test_kl_term_adds_a_reference_copy_by_hand():
+    m = shape_from_hf_config(TINY)
+    work = Workload(
+        prompts_per_step=4,
+        samples_per_prompt=2,
+        mini_batch_prompts=4,
+        ppo_epochs=1,
+        max_prompt_tokens=128,
+        max_new_tokens=384,
+        needs_reference=True,
+    )
+    layout = TrainLayout(gpus=2, micro_batch_tokens=512)
+    mem = training_memory(m, layout, work)
+    assert mem.first.reference == 2 * 106880  # bf16 copy of all 106880 parameters
+    no_kl = training_memory(m, layout, dataclasses.replace(work, needs_reference=False))
+    assert mem.first.total - no_kl.first.total == 2 * 106880
+
+
+def test_colocated_rollout_pool_is_what_the_trainer_leaves_by_hand():
+    from archer_mcore.planner import Cluster, make_plan
+
+    m = shape_from_hf_config(TINY)
+    work = Workload(
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        mini_batch_prompts=2,
+        ppo_epochs=1,
+        max_prompt_tokens=100,
+        max_new_tokens=412,
+        needs_reference=False,
+    )
+    gpu = GPU_SPECS["h800"]
+    plan = make_plan(
+        m,
+        Cluster(nodes=1, gpus_per_node=8, gpu="h800", rollout_nodes=0),
+        TrainLayout(gpus=8, micro_batch_tokens=512),
+        RolloutLayout(num_servers=8, tp=1, mem_fraction_static=0.8, colocated=True),
+        work,
+    )
+    assert plan.fits, plan.problems
+    # trainer keeps weights 2 + grads 4 + optimizer 12/8 bytes per parameter resident
+    resident = 106880 * (2 + 4 + 12 / 8)
+    assert plan.rollout_mem.static_budget == pytest.approx(0.8 * (gpu.memory_bytes - resident))
