@@ -214,6 +214,17 @@ class OptimizerConfig:
 
 
 @dataclass
+class SyntheticTaskConfig:
+    """The synthetic arithmetic task used when `data.train_files` is empty."""
+
+    min_operands: int = _f(2, ge=2)
+    max_operands: int = _f(3, ge=2)
+    min_value: int = _f(0, ge=0)
+    max_value: int = _f(9, ge=0)
+    operators: str = "+-*"
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = _f(factory=list)  # JSONL/Parquet; empty: the synthetic task
     eval_files: list[str] = _f(factory=list)
@@ -221,6 +232,7 @@ class DataConfig:
     shuffle: bool = True
     synthetic_train_size: int = _f(4096, gt=0)
     synthetic_eval_size: int = _f(256, gt=0)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 
 @dataclass
@@ -243,6 +255,23 @@ class TrainConfig:
     ppo_epochs: int = _f(1, ge=1)
     max_nonfinite_in_a_row: int = _f(3, ge=1)
     log_every: int = _f(1, ge=1)
+
+
+@dataclass
+class WarmstartConfig:
+    """A short supervised phase before RL (the CPU demo), cached after the first run.
+
+    Demonstrations are the synthetic task's worked solutions; a share `noise` of them
+    has a slipped final step (a wrong answer), so the warm-started policy can solve the
+    task but does so inconsistently: the regime where RL with verifiable rewards helps.
+    """
+
+    steps: int = _f(0, ge=0)  # 0: off (start from model.path or random weights)
+    batch_size: int = _f(64, ge=1)
+    lr: float = _f(3e-3, gt=0)
+    noise: float = _f(0.0, ge=0.0, le=1.0)
+    examples: int = _f(4096, ge=1)
+    cache_dir: str = ".cache/archer/warmstart"
 
 
 @dataclass
@@ -299,6 +328,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -416,6 +446,13 @@ def _validate(cfg: Config, source: str) -> None:
         )
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         raise ConfigError(f"{source}: optimizer.min_lr must not exceed optimizer.lr")
+    syn = cfg.data.synthetic
+    if syn.min_operands > syn.max_operands or syn.min_value > syn.max_value:
+        raise ConfigError(
+            f"{source}: data.synthetic: need min_operands <= max_operands and min_value <= max_value"
+        )
+    if not syn.operators or set(syn.operators) - set("+-*"):
+        raise ConfigError(f"{source}: data.synthetic.operators must be a non-empty subset of '+-*'")
     arch = cfg.model.arch
     if arch.num_attention_heads % arch.num_key_value_heads:
         raise ConfigError(
