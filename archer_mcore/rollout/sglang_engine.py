@@ -289,6 +289,7 @@ class SGLangEngine:
     async def _generate(
         self, prompts: list[list[int]], n: int, params: SamplingParams
     ) -> RolloutBatch:
+        await self._check_processes()
         step = uuid.uuid4().hex[:12]
         results: dict[tuple[int, int], Sample] = {}
         tasks = [
@@ -376,6 +377,7 @@ class SGLangEngine:
             return
         server.dead = True
         server.last_error = error
+        await self._router_remove(server)
         running = self._restarts.get(server.url)
         if (
             server.process is not None
@@ -405,10 +407,48 @@ class SGLangEngine:
                     server.last_error = f"weight reload after restart failed: {e}"
                     return
             else:
-                server.stale = True  # rejoins at the next update_weights
+                server.stale = True  # rejoins (and the router) at the next update_weights
                 self._pg_invalid = True
         server.dead = False
         server.last_error = ""
+        if not server.stale:
+            await self._router_add(server)
+
+    # -- router membership (sglang-router 0.3.x: GET/POST /workers, DELETE /workers/{id})
+    async def _router_remove(self, server: ServerHandle) -> None:
+        """Take a dead (or stale) server out of the router, best effort: the router's own
+        health checks would drop it too, but might re-admit a restarted server whose
+        weights are not current."""
+        if self.router_url is None:
+            return
+        try:
+            listing = await self._client.request_once(
+                "GET", self.router_url + "/workers", timeout_s=self.health_probe_timeout_s
+            )
+            for w in listing.get("workers", []) if isinstance(listing, dict) else []:
+                if w.get("url") == server.url and "id" in w:
+                    await self._client.request_once(
+                        "DELETE", f"{self.router_url}/workers/{w['id']}",
+                        timeout_s=self.health_probe_timeout_s,
+                    )  # fmt: skip
+        except RequestFailed as e:
+            server.last_error += f"; router removal failed: {e}"
+
+    async def _router_add(self, server: ServerHandle) -> None:
+        if self.router_url is None:
+            return
+        try:
+            await self._client.request_once("POST", self.router_url + "/workers",
+                                            json={"url": server.url},
+                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+        except RequestFailed as e:
+            server.last_error = f"router re-admission failed: {e}"
+
+    async def _check_processes(self) -> None:
+        """Notice launched servers whose process has exited (cheap: no HTTP)."""
+        for s in self.servers:
+            if s.process is not None and not s.dead and not s.process.alive:
+                await self._on_server_failure(s, f"process exited with code {s.process.returncode}")
 
     # -- control ----------------------------------------------------------------------
     def pause(self) -> None:
@@ -511,8 +551,14 @@ class SGLangEngine:
         else:
             raise ValueError(f"unknown weight sync mode {self.sync_cfg.mode!r}")
         self._version = new_version
-        for s in self.servers:
-            s.stale = False if not s.dead else s.stale
+        refreshed = [s for s in self.servers if s.stale and not s.dead]
+        for s in refreshed:
+            s.stale = False
+        self._run(self._readmit(refreshed))
+
+    async def _readmit(self, servers: Sequence[ServerHandle]) -> None:
+        for s in servers:
+            await self._router_add(s)
 
     async def _init_group(self) -> None:
         cfg = self.sync_cfg

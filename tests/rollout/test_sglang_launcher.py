@@ -114,8 +114,9 @@ def test_launch_failure_stops_already_started_servers(tmp_path):
     # the stand-in takes sglang's flags plus its own; a malformed one makes it exit (2)
     bad = SGLangServerArgs(model_path="m", port=free_port(), extra_args=("--fake-die-after", "x"))
     with pytest.raises(RolloutError, match=r"(?s)exited with code 2.*invalid int value"):
-        SGLangEngine.launch([good, bad], tmp_path, router=None,
-                            server_launch=(sys.executable, fake), health_deadline_s=20)  # fmt: skip
+        engine = SGLangEngine.launch([good, bad], tmp_path, router=None,
+                                     server_launch=(sys.executable, fake), health_deadline_s=20)  # fmt: skip
+        engine.shutdown()  # reached only if launch wrongly succeeded: leave no process
     # the first (healthy) server was stopped again: its port is free
     import socket
 

@@ -150,6 +150,13 @@ def test_real_sglang_router_in_front_of_fake_workers(tmp_path):
                               client=FAST)  # fmt: skip
         batch = engine.generate(PROMPTS, 4, SamplingParams(max_new_tokens=5, stop_token_ids=(3,)))
         health = engine.health()
+        # worker a crashes: the engine's health check notices and takes it out of the
+        # router, and the next batch is served by b alone
+        a.die()
+        after = engine.health()
+        listed = httpx2.get(ra.url + "/workers", timeout=10, trust_env=False).json()["workers"]
+        served_by_a = len(a.served)
+        batch2 = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=3))
     finally:
         if engine is not None:
             engine.shutdown()
@@ -159,16 +166,63 @@ def test_real_sglang_router_in_front_of_fake_workers(tmp_path):
     assert a.violations == [] and b.violations == [], router.log_tail()
     # what we sent arrived unchanged (the router may add GenerateReqInput defaults)
     for r in [*a.requests, *b.requests]:
-        if r["path"] == "/generate":
+        if r["path"] == "/generate" and r["body"]["sampling_params"]["max_new_tokens"] == 5:
             body = r["body"]
             assert body["sampling_params"] == {"max_new_tokens": 5, "temperature": 1.0,
                                                "top_p": 1.0, "top_k": -1, "ignore_eos": False,
                                                "stop_token_ids": [3]}  # fmt: skip
             assert body["return_logprob"] is True and body["logprob_start_len"] == -1
     served = {**a.served, **b.served}
-    assert len(served) == 12 and a.served and b.served  # routed to both workers
+    assert len(served) == 18 and a.served and b.served  # batch 1 routed to both workers
     for s in batch.samples():
         assert s.token_ids == served[s.request_id]["output_ids"]
         assert s.logprobs == served[s.request_id]["logprobs"]
     assert health.healthy and any("router" in line for line in health.detail)
+    assert not after.healthy and [w["url"] for w in listed] == [b.url]
+    assert len(a.served) == served_by_a
+    assert {s.request_id for s in batch2.samples()} <= set(b.served)
+    assert len(batch2.samples()) == 6
     assert not router.alive
+
+
+@pytest.mark.timeout(180)
+def test_restart_under_broadcast_sync_marks_stale_then_rebuilds_group(tmp_path):
+    """Broadcast path: a restarted server has base weights, so it gets no requests
+    ("stale") until the next update_weights, which rebuilds the weight-update group
+    (old group destroyed on the survivor, everyone re-initialised) and brings it back."""
+    args = [
+        SGLangServerArgs(model_path="fake", port=free_port(), extra_args=("--fake-die-after", "1")),
+        SGLangServerArgs(model_path="fake", port=free_port()),
+    ]  # fmt: skip
+    sync = WeightSyncConfig(mode="distributed", backend="gloo", device="cpu", timeout_s=60)
+    engine = SGLangEngine.launch(args, tmp_path, router=None, server_launch=FAKE,
+                                 weight_sync=sync, client=FAST, health_deadline_s=60,
+                                 restart_dead_servers=True)  # fmt: skip
+    v1 = [[("model.norm.weight", torch.full((4,), 1.0))]]
+    v2 = [[("model.norm.weight", torch.full((4,), 2.0))]]
+    try:
+        engine.update_weights(v1)
+        engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=3, ignore_eos=True))
+        engine.wait_for_restarts(timeout_s=60)
+        assert engine.servers[0].stale and not engine.servers[0].dead
+        assert not engine.health().healthy
+        batch = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=3, ignore_eos=True))
+        assert {s.request_id for s in batch.samples()} <= set(_state(args[1].url)["served"])
+        engine.update_weights(v2)
+        st0, st1 = _state(args[0].url), _state(args[1].url)
+        assert engine.health().healthy and not engine.servers[0].stale
+    finally:
+        engine.shutdown()
+    paths1 = [
+        r["path"] for r in st1["requests"] if r["method"] == "POST" and "weights" in r["path"]
+    ]
+    assert paths1 == ["/init_weights_update_group", "/update_weights_from_distributed",
+                      "/destroy_weights_update_group", "/init_weights_update_group",
+                      "/update_weights_from_distributed"]  # fmt: skip
+    paths0 = [
+        r["path"] for r in st0["requests"] if r["method"] == "POST" and "weights" in r["path"]
+    ]
+    assert paths0 == ["/init_weights_update_group", "/update_weights_from_distributed"]
+    for st in (st0, st1):
+        assert st["violations"] == [] and st["weight_version"] == "2"
+        assert _tensor(st["received"]["model.norm.weight"]).tolist() == [2.0] * 4
