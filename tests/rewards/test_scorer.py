@@ -51,11 +51,13 @@ def _hostile_registry() -> RewardRegistry:
         ("oom", h.oom_reward),
         ("crash", h.crashing_reward),
     ]:
-        reg.register_kind(name, fn, "process")
+        # a short limit for the hang; the others get the scorer's default
+        reg.register_kind(name, fn, "process", timeout_s=1.0 if name == "hang" else None)
         reg.map_source(f"src_{name}", name)
     return reg
 
 
+@pytest.mark.slow  # ~5-10 s: worker start-up, a 1 s hang, an OOM and a crash recovery
 def test_batch_scores_math_and_contains_every_kind_of_fault() -> None:
     reqs = [
         RewardRequest("4 * 2 = 8. 3 + 8 = 11. 11 - 5 = 6. \\boxed{6}", "6", "synthetic_arithmetic"),
@@ -70,7 +72,7 @@ def test_batch_scores_math_and_contains_every_kind_of_fault() -> None:
         RewardRequest("x", "x", "no_such_source"),
     ]
     with RewardScorer(
-        _hostile_registry(), num_workers=2, process_timeout_s=2.0, worker_memory_mb=768
+        _hostile_registry(), num_workers=2, process_timeout_s=30.0, worker_memory_mb=768
     ) as scorer:
         # the first call pays for the workers' start (interpreter + math_verify import)
         start = time.monotonic()
@@ -106,12 +108,19 @@ def test_batch_scores_math_and_contains_every_kind_of_fault() -> None:
     assert metrics["reward/failures/timeout"] == 1.0
 
 
+@pytest.mark.slow  # ~8-11 s: two worker start-ups and a 5 s math-verify hang
 def test_score_batch_from_a_worker_thread_with_timeouts() -> None:
-    """math-verify's signal timeouts would fail off the main thread; ours do not."""
-    reqs = [RewardRequest("x", "x", "src_hang"), RewardRequest("\\boxed{x^2+1}", "1+x^2", "math")]
-    with RewardScorer(_hostile_registry(), num_workers=2, process_timeout_s=30.0) as scorer:
-        scorer.score_batch([RewardRequest("\\boxed{1}", "1", "math")] * 2)  # warm both workers
-        scorer.registry.register_kind("hang", h.hanging_reward, "process", timeout_s=1.0)
+    """math-verify's signal timeouts would fail off the main thread; ours do not. The
+    second request is a real math-verify hang: sympy evaluating 9^(9^(9^9)) exactly."""
+    reqs = [
+        RewardRequest("x", "x", "src_hang"),
+        RewardRequest("\\boxed{9^{9^{9^{9}}}}", "2", "math"),
+        RewardRequest("\\boxed{x^2+1}", "1+x^2", "math"),
+    ]
+    with RewardScorer(_hostile_registry(), num_workers=2, process_timeout_s=5.0) as scorer:
+        # warm both workers (start-up is not charged to a call's timeout, sympy's first
+        # symbolic comparison is)
+        scorer.score_batch([RewardRequest("\\boxed{y+1}", "1+y", "math")] * 2)
         with ThreadPoolExecutor(1) as ex:
             fut = ex.submit(
                 lambda: (
@@ -122,7 +131,8 @@ def test_score_batch_from_a_worker_thread_with_timeouts() -> None:
             on_main, results = fut.result(timeout=120)
     assert not on_main
     assert results[0].failure == TIMEOUT and 0.9 < results[0].elapsed_s < 10
-    assert results[1].correct
+    assert results[1].failure == TIMEOUT and 4.9 < results[1].elapsed_s < 15
+    assert results[2].correct
 
 
 def test_inline_reward_that_hangs_is_cut_by_the_batch_deadline() -> None:
