@@ -153,6 +153,20 @@ class PromptDataset(Sequence[PromptExample]):
         return cls(examples, report)
 
     @classmethod
+    def from_dicts(
+        cls,
+        rows: Iterable[Any],
+        tokenizer: ChatTokenizer,
+        max_prompt_length: int,
+        name: str = "<memory>",
+        default_data_source: str = "",
+    ) -> PromptDataset:
+        """Build from in-memory rows (e.g. `generate_arithmetic_rows(...)`); locations
+        are reported as "row N" (0-based) of `name`."""
+        triples = ((name, f"row {i}", row) for i, row in enumerate(rows))
+        return cls.from_rows(triples, tokenizer, max_prompt_length, default_data_source)
+
+    @classmethod
     def from_files(
         cls,
         files: Sequence[str | Path],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,14 +117,33 @@ def arithmetic_row(tokens: list[Token], index: int, cfg: ArithmeticTaskConfig) -
 
 
 def generate_arithmetic_rows(
-    n: int, cfg: ArithmeticTaskConfig | None = None, seed: int = 0
+    n: int,
+    cfg: ArithmeticTaskConfig | None = None,
+    seed: int = 0,
+    exclude_expressions: Collection[str] = (),
+    max_tries: int = 1000,
 ) -> list[dict[str, Any]]:
-    """`n` rows; row i depends only on (cfg, seed, i), so prefixes agree across n."""
+    """`n` rows; row i depends only on (cfg, seed, i, exclude_expressions), so prefixes
+    agree across n.
+
+    exclude_expressions: expressions (as in `extra_info["expression"]`) not to produce,
+    e.g. the training set's when generating an evaluation set; a row redraws (up to
+    `max_tries` times, else ValueError: the knobs allow too few distinct problems).
+    """
     cfg = cfg or ArithmeticTaskConfig()
+    excluded = set(exclude_expressions)
     rows = []
     for i in range(n):
         rng = random.Random(f"archer-arith:{seed}:{i}")
-        rows.append(arithmetic_row(sample_expression(rng, cfg), i, cfg))
+        for _ in range(max_tries):
+            tokens = sample_expression(rng, cfg)
+            if format_expression(tokens) not in excluded:
+                break
+        else:
+            raise ValueError(
+                f"row {i}: no expression outside the excluded set in {max_tries} draws"
+            )
+        rows.append(arithmetic_row(tokens, i, cfg))
     return rows
 
 

@@ -8,8 +8,9 @@ Accepted ground-truth shapes (a dict/list, or the same as a JSON string):
   it in a one-element list; both forms are accepted).
 * LiveCodeBench / DeepCoder style: a list of `{"input": ..., "output": ...,
   "testtype": "stdin" | "functional"}`; functional inputs are one JSON value per line
-  (the arguments), outputs a JSON value; the function name comes from `"fn_name"` in
-  the case, or from `fn_name` passed alongside (`extra["fn_name"]`).
+  (the arguments), outputs a JSON value; the function name comes from `"fn_name"` or
+  `"metadata": {"func_name"}` in the case, or from `fn_name` passed alongside
+  (`extra["fn_name"]`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def parse_test_cases(ground_truth: Any, fn_name: str | None = None) -> list[Test
             if not isinstance(case, dict) or "input" not in case or "output" not in case:
                 raise BadTestCases(f"test case {k} must be a dict with 'input' and 'output'")
             if case.get("testtype", "stdin") == "functional":
-                name = case.get("fn_name") or fn_name
+                meta = case.get("metadata") if isinstance(case.get("metadata"), dict) else {}
+                name = case.get("fn_name") or meta.get("func_name") or fn_name
                 if not name:
                     raise BadTestCases(f"functional test case {k} has no fn_name")
                 expected = case["output"]

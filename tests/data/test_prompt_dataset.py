@@ -140,3 +140,15 @@ def test_parse_row_variants() -> None:
         parse_row({"prompt": [{"role": "user", "content": 3}], "answer": "1"})
     with pytest.raises(MalformedRow, match="'extra_info' must be an object"):
         parse_row({"prompt": "q", "answer": "1", "extra_info": [1]})
+
+
+def test_from_dicts_with_synthetic_rows(tokenizer: Any) -> None:
+    rows = generate_arithmetic_rows(5, seed=2)
+    rows.append({"prompt": 7})  # malformed
+    ds = PromptDataset.from_dicts(rows, tokenizer, max_prompt_length=256, name="synthetic")
+    assert len(ds) == 5 and [(b.file, b.location) for b in ds.report.malformed] == [
+        ("synthetic", "row 5")
+    ]
+    assert [ex.prompt_ids for ex in ds] == [
+        _expected_ids(tokenizer, r["prompt"][0]["content"]) for r in rows[:5]
+    ]

@@ -87,3 +87,18 @@ def test_math_reward_scores_the_task() -> None:
         assert score_math(row["extra_info"]["solution"], gt).correct
         wrong = str(int(gt) + 1)
         assert not score_math(f"... \\boxed{{{wrong}}}", gt).correct
+
+
+def test_eval_set_excludes_training_expressions() -> None:
+    # 2 operands in 0..2 with "+": 3 * 3 = 9 distinct problems
+    cfg = ArithmeticTaskConfig(
+        min_operands=2, max_operands=2, min_value=0, max_value=2, operators="+"
+    )
+    train = generate_arithmetic_rows(4, cfg, seed=0)
+    seen = {r["extra_info"]["expression"] for r in train}
+    assert 1 <= len(seen) < 9
+    held_out = generate_arithmetic_rows(10, cfg, seed=1, exclude_expressions=seen)
+    assert not seen & {r["extra_info"]["expression"] for r in held_out}
+    all_nine = {f"{a} + {b}" for a in range(3) for b in range(3)}
+    with pytest.raises(ValueError, match="excluded set"):
+        generate_arithmetic_rows(1, cfg, seed=2, exclude_expressions=all_nine, max_tries=50)

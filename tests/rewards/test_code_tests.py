@@ -37,6 +37,11 @@ def test_livecodebench_forms() -> None:
         fn_name="solve",
     )
     assert cases == [StdioCase("3\n1 2 3\n", "6\n"), CallCase("solve", [[1, 2], "x"], [2, 1])]
+    # DeepCoder stores the name in the case's metadata
+    meta = [
+        {"input": "3", "output": "9", "testtype": "functional", "metadata": {"func_name": "sq"}}
+    ]
+    assert parse_test_cases(json.dumps(meta)) == [CallCase("sq", [3], 9)]
 
 
 @pytest.mark.parametrize(

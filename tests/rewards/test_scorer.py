@@ -171,3 +171,21 @@ def test_code_requests_run_in_parallel_through_the_scorer() -> None:
         elapsed = time.monotonic() - start
     assert all(r.correct and r.fraction_passed == 1.0 for r in results)
     assert elapsed < 3.5, elapsed  # four 1 s sleeps, four at a time (serial: > 4 s)
+
+
+def test_from_config_uses_the_rewards_section() -> None:
+    from archer_mcore.config import RewardsConfig
+
+    cfg = RewardsConfig(math_timeout_s=7.0, code_timeout_s=4.0, code_memory_mb=300, num_workers=3)
+    with RewardScorer.from_config(cfg) as scorer:
+        assert (scorer.process_timeout_s, scorer.num_workers, scorer.pool.num_workers) == (
+            7.0,
+            3,
+            3,
+        )
+        assert (
+            scorer.code_limits.wall_s,
+            scorer.code_limits.cpu_s,
+            scorer.code_limits.memory_mb,
+        ) == (4.0, 4.0, 300)
+        assert scorer.allow_unsandboxed_code is False
