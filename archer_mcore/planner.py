@@ -201,7 +201,7 @@ class RolloutLayout:
     def describe(self) -> str:
         mode = "colocated" if self.colocated else "disaggregated"
         return (
-            f"{self.num_servers} SGLang servers x TP{self.tp} ({mode}), "
+            f"{self.num_servers} SGLang server(s) x TP{self.tp} ({mode}), "
             f"mem_fraction_static {self.mem_fraction_static:g}, weights "
             f"{'fp8' if self.fp8_weights else 'bf16'}"
         )
@@ -569,6 +569,7 @@ class Plan:
     rollout_mem: RolloutMemory
     time: StepTime
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -893,6 +894,7 @@ def format_plan(plan: Plan, assume: Assumptions = Assumptions()) -> str:
         f"step: {plan.work.prompts_per_step} prompts x {plan.work.samples_per_prompt}, "
         f"up to {plan.work.max_sequence_tokens} tokens per sequence, "
         f"{plan.work.ppo_epochs} PPO epoch(s)",
+        *(f"note: {n}" for n in plan.notes),
         "",
         f"training: {plan.train.gpus} GPUs, {plan.train.describe()}",
         f"  micro-batches per mini-batch and DP rank: {tm.microbatches}, in flight: {tm.in_flight}",
@@ -945,6 +947,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     return {
         "fits": plan.fits,
         "problems": plan.problems,
+        "notes": plan.notes,
         "params": total_params(plan.model),
         "train_layout": dataclasses.asdict(plan.train),
         "rollout_layout": dataclasses.asdict(plan.rollout),
@@ -977,7 +980,15 @@ def plan_config(
     m = shape_from_config(cfg, config_path)
     cluster = cluster_from_config(cfg, nodes, gpus_per_node, gpu)
     train, roll = layouts_from_config(cfg, cluster)
-    return make_plan(m, cluster, train, roll, workload_from_config(cfg), assume)
+    plan = make_plan(m, cluster, train, roll, workload_from_config(cfg), assume)
+    if cfg.rollout.engine != "sglang":
+        plan.notes.append(
+            f"rollout.engine = {cfg.rollout.engine}: the rollout figures assume SGLang servers "
+            "laid out as rollout.sglang says"
+        )
+    if cfg.model.fp8 != "none":
+        plan.notes.append("model.fp8: training weights counted in bf16 (an upper bound)")
+    return plan
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:

@@ -152,3 +152,12 @@ def test_bad_tensor_parallel_size_names_the_key():
     path = ROOT / "configs" / "r1_distill_1p5b_archer.yaml"
     plan = plan_config(load_config(path, ["parallel.tensor_model_parallel_size=4"]), path)
     assert any("parallel.tensor_model_parallel_size = 4" in p for p in plan.problems)
+
+
+def test_local_engine_and_fp8_are_noted(tmp_path):
+    p = tmp_path / "demo.yaml"
+    p.write_text("model:\n  transformer_impl: transformer_engine\n  fp8: delayed\n")
+    plan = plan_config(load_config(p), p)
+    assert plan.fits
+    assert any("rollout.engine = local" in n for n in plan.notes)
+    assert any("model.fp8" in n for n in plan.notes)
