@@ -175,9 +175,17 @@ def _lm_head_grad_kernel(
     tl.store(out, (g * inv_t).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _gpu_meta(hidden: int) -> dict[str, int]:
-    # Hopper: 128x128 tiles, K step 64, 8 warps, 3 stages (see benchmarks/kernels.py).
-    return {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# GPU tile configurations, autotuned per (H, V) on first use. Every BLOCK_V divides
+# _SPLIT_QUANTUM, so vocab splits never cut a tile. Not yet tuned on hardware.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+_GPU_BLOCK_M_ESTIMATE = 128  # for choosing the number of vocab splits before tuning
+_stats_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "V"])(_lm_head_stats_kernel)
+_grad_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "C"])(_lm_head_grad_kernel)
 
 
 def num_vocab_splits(
@@ -216,8 +224,9 @@ def launch_lm_head_stats(
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("hidden and weight must have unit stride along H")
     device = hidden.device
-    meta = _gpu_meta(h) if device.type == "cuda" else dict(_CPU_META)
-    k, split_size = splits or num_vocab_splits(n, max(v, 1), meta["BLOCK_M"], device)
+    cuda = device.type == "cuda"
+    block_m = _GPU_BLOCK_M_ESTIMATE if cuda else _CPU_META["BLOCK_M"]
+    k, split_size = splits or num_vocab_splits(n, max(v, 1), block_m, device)
     if out is None:
         out = torch.empty(4, k, n, dtype=torch.float32, device=device)
     if out.shape != (4, k, n) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -230,8 +239,12 @@ def launch_lm_head_stats(
         return out
     require_launchable(_lm_head_stats_kernel, device)
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
-    grid = (triton.cdiv(n, meta["BLOCK_M"]), k)
-    _lm_head_stats_kernel[grid](
+    kernel, meta = (_stats_tuned, {}) if cuda else (_lm_head_stats_kernel, dict(_CPU_META))
+
+    def grid(conf: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, conf["BLOCK_M"]), k)
+
+    kernel[grid](
         hidden, weight, tokens, out, n, v, h, int(vocab_start), 1.0 / float(temperature), split_size,
         hidden.stride(0), weight.stride(0),
         UPCAST=low_precision and device.type != "cuda",
@@ -264,10 +277,14 @@ def launch_lm_head_grad(
         return out
     device = hidden.device
     require_launchable(_lm_head_grad_kernel, device)
-    meta = _gpu_meta(h) if device.type == "cuda" else dict(_CPU_META)
+    cuda = device.type == "cuda"
+    kernel, meta = (_grad_tuned, {}) if cuda else (_lm_head_grad_kernel, dict(_CPU_META))
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
-    grid = (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_V"]))
-    _lm_head_grad_kernel[grid](
+
+    def grid(conf: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, conf["BLOCK_M"]), triton.cdiv(c, conf["BLOCK_V"]))
+
+    kernel[grid](
         hidden, weight_chunk, tokens, row_stats, grad_entropy, grad_logprob, out,
         n, c, valid_columns(c, col_start, vocab_size), h, int(col_start), 1.0 / float(temperature),
         hidden.stride(0), weight_chunk.stride(0), out.stride(0),
