@@ -66,7 +66,8 @@ class LocalEngine:
         # far faster single-threaded, and on a shared CPU multi-threaded spinning can cost
         # 1000x per matmul; None leaves torch's setting alone.
         self.num_threads = num_threads
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
         self._paused = threading.Event()
         self._abort = threading.Event()
         self._lock = threading.Lock()
@@ -148,9 +149,14 @@ class LocalEngine:
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         """Generate for B rows. Returns per row: token ids, log-probs, finish reason."""
         device = next(self.model.parameters()).device
-        gen = self._generator
         if params.seed is not None:
-            gen = torch.Generator().manual_seed(params.seed)
+            gen = torch.Generator(device=device).manual_seed(params.seed)
+        else:  # the engine's running stream (one per device the model has lived on)
+            if str(device) not in self._generators:
+                self._generators[str(device)] = torch.Generator(device=device).manual_seed(
+                    self._seed
+                )
+            gen = self._generators[str(device)]
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(_eos_ids(self.config))

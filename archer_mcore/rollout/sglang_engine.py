@@ -35,7 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from archer_mcore.rollout.http_client import AsyncJsonClient, ClientConfig, RequestFailed
+from archer_mcore.rollout.http_client import (
+    AsyncJsonClient,
+    ClientConfig,
+    RequestFailed,
+    backoff_delay,
+)
 from archer_mcore.rollout.sglang_launcher import (
     SGLANG_ROUTER_LAUNCH,
     SGLANG_SERVER_LAUNCH,
@@ -230,7 +235,7 @@ class SGLangEngine:
         **kwargs: Any,
     ) -> SGLangEngine:
         """Start every server, wait until all are healthy (deadline), start the router in
-        front of them (router="auto": round-robin-free port, cache_aware policy; None: no
+        front of them (router="auto": on a free port with the cache_aware policy; None: no
         router), and return the engine. On any failure all started processes are stopped."""
         handles: list[ServerHandle] = []
         router_proc: ManagedProcess | None = None
@@ -343,8 +348,7 @@ class SGLangEngine:
                     await self._abort_rid(base, rid)
                 if server is not None:
                     await self._on_server_failure(server, last_error)
-                await asyncio.sleep(min(self.client_cfg.backoff_max_s,
-                                        self.client_cfg.backoff_s * 2**attempt))  # fmt: skip
+                await asyncio.sleep(backoff_delay(attempt + 1, self.client_cfg))
                 continue
             sample = parse_generate_reply(reply, i, j, prompt, self._version)
             if (i, j) in results:  # cannot happen: one task per slot; guard the invariant
