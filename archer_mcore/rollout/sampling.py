@@ -3,12 +3,12 @@
 Semantics follow SGLang's sampler (the production engine), so that the local engine
 and SGLang agree on what a sampling parameter means:
   1. s = z / T (T > 0); greedy (T = 0) takes argmax z.
-  2. top-k keeps the k largest s (ties at the k-th value: the first k by sort order).
+  2. top-k keeps the k largest s (exactly k; ties at the k-th value broken by topk).
   3. top-p works on the top-k-renormalised probabilities sorted descending: token i is
      kept if the probability mass strictly before it is <= top_p (the most likely token
      is always kept; SGLang's rule, which at a mass exactly equal to top_p keeps one
      token more than transformers' TopPLogitsWarper).
-  4. sample from the renormalised kept set.
+  4. sample from the renormalised kept set (exponential race, as SGLang/vLLM do).
 The returned log-prob is log softmax(s) at the sampled id, over the *full* vocabulary,
 i.e. before top-k/top-p truncation (SGLang's default, SGLANG_RETURN_ORIGINAL_LOGPROB
 unset); for greedy it is log softmax(z).
@@ -24,19 +24,23 @@ def truncation_mask(probs: Tensor, top_k: int, top_p: float) -> Tensor:
     """Which tokens survive top-k then top-p.
 
     probs: [B, V] probabilities (rows sum to 1). Returns a bool mask [B, V], True = kept.
-    top_k <= 0 or >= V disables top-k; top_p >= 1 disables top-p.
+    top_k <= 0 or >= V disables top-k; top_p >= 1 disables top-p. Ties at the k-th
+    value are broken by torch.topk (exactly k tokens are kept).
     """
     vocab = probs.shape[-1]
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    use_k = 0 < top_k < vocab
+    if not use_k and top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    if use_k:
+        sorted_probs, order = probs.topk(top_k, dim=-1, sorted=True)
+    else:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep_sorted = torch.ones_like(sorted_probs, dtype=torch.bool)
-    if 0 < top_k < vocab:
-        keep_sorted[:, top_k:] = False
     if top_p < 1.0:
-        kept = sorted_probs * keep_sorted
-        kept = kept / kept.sum(dim=-1, keepdim=True)
+        kept = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         mass_before = kept.cumsum(dim=-1) - kept
-        keep_sorted &= mass_before <= top_p
-    keep = torch.zeros_like(keep_sorted)
+        keep_sorted = mass_before <= top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool)
     keep.scatter_(-1, order, keep_sorted)
     return keep
 
@@ -62,6 +66,10 @@ def sample_next_tokens(
         probs = logp_all.exp()
         keep = truncation_mask(probs, top_k, top_p)
         kept = torch.where(keep, probs, torch.zeros_like(probs))
-        tokens = torch.multinomial(kept, num_samples=1, generator=generator).squeeze(-1)
+        # exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from p
+        # (normalisation does not matter), cheaper than torch.multinomial on wide rows
+        race = torch.empty_like(kept).exponential_(generator=generator)
+        race.clamp_(min=torch.finfo(race.dtype).tiny)  # a 0 draw would make 0/0 = NaN
+        tokens = (kept / race).argmax(dim=-1)
     logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, logprobs
