@@ -116,8 +116,11 @@ class KillablePool:
     def _spawn(self) -> _Worker:
         w = _Worker(self.memory_mb, self.preload)
         with self._lock:
-            self._all.append(w)
-        return w
+            if not self._closed:
+                self._all.append(w)
+                return w
+        w.kill()  # close() ran while this worker was starting
+        raise RuntimeError("KillablePool is closed")
 
     def _retire(self, w: _Worker) -> None:
         w.kill()
@@ -138,9 +141,10 @@ class KillablePool:
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Outcome:
         """Call `fn(*args)` in a worker; give up (and kill the worker) after `timeout_s`."""
         self._ensure_started()
-        slot = self._idle.get()
-        worker = slot
+        worker = self._idle.get()
         try:
+            if self._closed:
+                return Outcome("crashed", error="KillablePool was closed")
             if worker is None or not worker.alive():
                 if worker is not None:
                     self._retire(worker)

@@ -52,7 +52,8 @@ class SandboxLimits:
     memory_mb: address-space cap of each process (RLIMIT_AS), MiB.
     file_size_mb: largest file the program may write, stdout included (RLIMIT_FSIZE).
     tmpfs_mb: size of the writable work directory, MiB.
-    max_processes: processes of the run's uid (RLIMIT_NPROC).
+    max_processes: processes and threads of the run's uid (RLIMIT_NPROC). Memory is
+        capped per process, so a run can use up to max_processes * memory_mb.
     max_open_files: RLIMIT_NOFILE.
     max_output_bytes: stdout/stderr bytes read back; more is flagged as an overflow.
     """
@@ -62,7 +63,7 @@ class SandboxLimits:
     memory_mb: int = 1024
     file_size_mb: int = 16
     tmpfs_mb: int = 64
-    max_processes: int = 32
+    max_processes: int = 8
     max_open_files: int = 64
     max_output_bytes: int = 4 * 1024 * 1024
 
@@ -318,6 +319,10 @@ def scrubbed_env(workdir: str) -> dict[str, str]:
         "PYTHONIOENCODING": "utf-8",
         "PYTHONHASHSEED": "0",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # numeric libraries would start a thread per core and hit the process limit
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 
 

@@ -8,6 +8,7 @@ passes, so the zeros are not a broken sandbox. Limits are small (wall 3 s, CPU 2
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -204,10 +205,13 @@ print("alive")
 
 
 def test_memory_hog_is_contained(sandbox: Sandbox) -> None:
+    # A 200 MiB cap: the hog touches under 200 MiB before MemoryError, which keeps it
+    # fast on a loaded machine (the default 512 MiB cap would take seconds to fill).
+    small = Sandbox(dataclasses.replace(sandbox.limits, memory_mb=200), base_uid=BASE_UID)
     src = "chunks = []\nwhile True:\n    chunks.append(bytearray(32 * 1024 * 1024))"
     start = time.monotonic()
-    r = score_code(_py(src), _stdio("done"), sandbox)
-    assert r.score == 0.0 and "MemoryError" in r.detail
+    r = score_code(_py(src), _stdio("done"), small)
+    assert r.score == 0.0 and "MemoryError" in r.detail, r.detail
     assert time.monotonic() - start < LIMITS.wall_s + 2
 
 
