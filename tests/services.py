@@ -10,6 +10,7 @@ Import from a test directory's conftest with `sys.path.insert(0, <tests dir>)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -240,3 +241,217 @@ def prometheus_config_for_test(
                 {"targets": [pushgateway_target] if pushgateway_target else []}
             ]
     return base
+
+
+# --------------------------------------------------------------------------- munge
+class Munge:
+    """A real munged with its key, socket and logs in `workdir`."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = require_binary("munged")
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.chmod(0o755)  # munged refuses group/other-writable dirs
+        key = workdir / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        self.socket = workdir / "munge.socket"
+        self.process = ManagedProcess(
+            "munged",
+            [
+                binary,
+                "--foreground",
+                "--force",
+                f"--socket={self.socket}",
+                f"--key-file={key}",
+                f"--log-file={workdir / 'munged.log'}",
+                f"--pid-file={workdir / 'munged.pid'}",
+                f"--seed-file={workdir / 'munged.seed'}",
+            ],
+            workdir / "munged.out",
+        )
+        try:
+            wait_until(self.socket.exists, 30, "munged socket")
+        except TimeoutError:
+            self.process.stop()
+            raise RuntimeError("munged did not start:\n" + self.process.log_tail()) from None
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+# --------------------------------------------------------------------------- Slurm
+class SlurmCluster:
+    """slurmctld + one slurmd per node name, all on 127.0.0.1 (Slurm's multiple-slurmd
+    mode gives each node its own port), munge auth, state and logs in `workdir`.
+
+    Commands (sbatch, scontrol, ...) must run with `env` (it sets SLURM_CONF).
+    """
+
+    def __init__(
+        self, workdir: Path, nodes: tuple[str, ...] = ("node1", "node2"), cpus_per_node: int = 2
+    ) -> None:
+        for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue"):
+            require_binary(b)
+        self.workdir = workdir
+        self.nodes = nodes
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.munge = Munge(workdir / "munge")
+        user = _user_name()
+        ctld_port = free_port()
+        state = workdir / "state"
+        state.mkdir()
+        (workdir / "log").mkdir()
+        node_lines = []
+        for name in nodes:
+            (workdir / "spool" / name).mkdir(parents=True)
+            node_lines.append(
+                f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
+                f"CPUs={cpus_per_node} RealMemory=1000 State=UNKNOWN"
+            )
+        conf = f"""\
+ClusterName=archertest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+AuthInfo=socket={self.munge.socket}
+CredType=cred/munge
+SlurmUser={user}
+SlurmdUser={user}
+StateSaveLocation={state}
+SlurmdSpoolDir={workdir}/spool/%n
+SlurmctldPidFile={workdir}/slurmctld.pid
+SlurmdPidFile={workdir}/slurmd-%n.pid
+SlurmctldLogFile={workdir}/log/slurmctld.log
+SlurmdLogFile={workdir}/log/slurmd-%n.log
+SlurmdParameters=config_overrides
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=30
+SlurmdTimeout=60
+{chr(10).join(node_lines)}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
+"""
+        self.conf = workdir / "slurm.conf"
+        self.conf.write_text(conf)
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for var in [v for v in self.env if v.startswith("SLURM_") and v != "SLURM_CONF"]:
+            del self.env[var]  # a test run inside a Slurm job must not leak its job's vars
+        self.daemons: list[ManagedProcess] = []
+        try:
+            self.daemons.append(
+                ManagedProcess(
+                    "slurmctld",
+                    [require_binary("slurmctld"), "-D", "-i"],
+                    workdir / "log" / "slurmctld.out",
+                    env=self.env,
+                    cwd=workdir,
+                )
+            )
+            wait_until(
+                lambda: (
+                    self.scontrol("ping").returncode == 0 and "UP" in self.scontrol("ping").stdout
+                ),
+                60,
+                "slurmctld to answer ping",
+            )
+            for name in nodes:
+                self.daemons.append(
+                    ManagedProcess(
+                        f"slurmd-{name}",
+                        [require_binary("slurmd"), "-D", "-N", name],
+                        workdir / "log" / f"slurmd-{name}.out",
+                        env=self.env,
+                        cwd=workdir,
+                    )
+                )
+            wait_until(self.nodes_idle, 90, "slurmd nodes to register idle")
+        except Exception:
+            logs = "\n".join(f"--- {d.name}\n{d.log_tail()}" for d in self.daemons)
+            self.stop()
+            raise RuntimeError(f"Slurm did not start:\n{logs}") from None
+
+    def run(
+        self,
+        *argv: str,
+        timeout: float = 60,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a Slurm client command against this cluster."""
+        return subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env | (env or {}),
+            cwd=cwd or self.workdir,
+        )
+
+    def scontrol(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return self.run(require_binary("scontrol"), *argv)
+
+    def nodes_idle(self) -> bool:
+        """Every node idle: no job or job step (completing included) on it."""
+        out = self.run(require_binary("sinfo"), "-h", "-N", "-o", "%N %t").stdout.split()
+        states = dict(zip(out[::2], out[1::2]))
+        return all(states.get(n) == "idle" for n in self.nodes)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a key -> value dict (JobState, Restarts, ExitCode, ...)."""
+        proc = self.scontrol("show", "job", "-o", job_id)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scontrol show job {job_id}: {proc.stderr}")
+        fields: dict[str, str] = {}
+        for token in proc.stdout.split():
+            k, sep, v = token.partition("=")
+            if sep and k not in fields:
+                fields[k] = v
+        return fields
+
+    def wait_job(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
+        """Poll until the job is in one of `states`; return its fields."""
+        info: dict[str, str] = {}
+
+        def reached() -> bool:
+            nonlocal info
+            info = self.job(job_id)
+            return info.get("JobState") in states
+
+        try:
+            wait_until(reached, timeout, f"job {job_id} to reach {states}", interval=0.5)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"{exc}; last: {info.get('JobState')} {info.get('Reason')}"
+            ) from None
+        return info
+
+    def stop(self) -> None:
+        """Cancel leftover jobs, then stop slurmd(s), slurmctld and munged by pid."""
+        if self.daemons and self.daemons[0].alive():
+            with contextlib.suppress(Exception):
+                self.run(require_binary("scancel"), "--full", "--user", _user_name(), timeout=30)
+                wait_until(
+                    lambda: not self.run(require_binary("squeue"), "-h").stdout.strip(),
+                    60,
+                    "jobs to leave the queue",
+                )
+        for d in reversed(self.daemons):
+            d.stop(timeout=30)
+        self.munge.stop()
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name

@@ -191,3 +191,17 @@ def test_bad_construction() -> None:
         MetricsExporter(run="", job="archer")
     with pytest.raises(RuntimeError, match="start"):
         _ = MetricsExporter(run="x", job="archer").port
+
+
+def test_docs_table_lists_every_key() -> None:
+    from pathlib import Path
+
+    from archer_mcore.metrics.keys import KEY_SPECS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/metrics.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")
+    }
+    assert {s.pattern for s in KEY_SPECS} <= rows
+    for s in KEY_SPECS:
+        assert f"`{s.metric}" in doc, s.metric

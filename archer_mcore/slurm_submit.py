@@ -1,0 +1,402 @@
+"""`archer submit CONFIG --nodes N ...`: render the right sbatch script and submit it.
+
+The scripts live in slurm/: train.sbatch, colocated.sbatch, disaggregated.sbatch, each
+a header of #SBATCH defaults around the shared body slurm/archer_job.sh. Rendering
+writes one self-contained script: #SBATCH lines from the command line (falling back
+to the config's `slurm` section), `export ARCHER_*=...` parameter lines, then the
+template's body with archer_job.sh inlined. `--dry-run` prints it; otherwise it is
+saved under --log-dir (a record of exactly what ran) and passed to `sbatch`.
+
+The mode, unless given, follows the config: rollout.mode = disaggregated with
+slurm.rollout_nodes > 0 -> disaggregated; rollout.engine = sglang -> colocated;
+otherwise train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("train", "colocated", "disaggregated")
+INCLUDE_MARK = "# archer:include archer_job.sh"
+
+
+def slurm_dir() -> Path:
+    """The slurm/ directory of this checkout (templates and archer_job.sh)."""
+    env = os.environ.get("ARCHER_SLURM_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "slurm"
+
+
+class SubmitError(ValueError):
+    """A bad submit request; the message names the flag or config key."""
+
+
+@dataclass
+class SubmitRequest:
+    """Everything a rendered script depends on (resolved: no None left but optional
+    strings, which are empty when unset)."""
+
+    config: Path
+    mode: str
+    nodes: int
+    rollout_nodes: int = 0
+    gpus_per_node: int = 8
+    nproc_per_node: int = 8
+    cpus_per_task: int = 0  # 0: Slurm's default
+    partition: str = ""
+    account: str = ""
+    time: str = "24:00:00"
+    job_name: str = "archer"
+    log_dir: Path = Path("slurm-logs")
+    signal_lead_s: int = 600
+    container_image: str = ""
+    container_mounts: str = ""
+    pushgateway: str = ""
+    python: str = sys.executable
+    home: Path = Path.cwd()
+    entry: str = ""  # empty: the script's default (-m archer_mcore.cli train)
+    sglang_model: str = ""
+    sglang_tp: int = 1
+    sglang_port: int = 30000
+    router_port: int = 30100
+    overrides: list[str] = field(default_factory=list)
+    extra_sbatch: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_submit_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `archer submit` (the lead's cli.py registers the subcommand)."""
+    p = parser
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("--nodes", "-N", type=int, help="nodes in the job [slurm.nodes]")
+    p.add_argument(
+        "--mode", choices=MODES, help="script to use [from the config's rollout section]"
+    )
+    p.add_argument(
+        "--rollout-nodes",
+        type=int,
+        help="disaggregated: nodes running SGLang [slurm.rollout_nodes]",
+    )
+    p.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node, 0 for CPU [slurm.gpus_per_node]"
+    )
+    p.add_argument(
+        "--nproc-per-node", type=int, help="trainer processes per node [GPUs per node, or 1]"
+    )
+    p.add_argument(
+        "--cpus-per-task", type=int, default=0, help="CPUs for each node's torchrun task"
+    )
+    p.add_argument("--partition", "-p", help="[slurm.partition]")
+    p.add_argument("--account", "-A", help="[slurm.account]")
+    p.add_argument("--time", "-t", help="time limit, e.g. 24:00:00 [slurm.time]")
+    p.add_argument("--job-name", "-J", help="[archer-<train.run_name>]")
+    p.add_argument(
+        "--log-dir", default="slurm-logs", help="job logs and rendered scripts [slurm-logs]"
+    )
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="SIGUSR1 this long before the time limit: checkpoint and requeue [600]",
+    )
+    p.add_argument("--container-image", help="pyxis/enroot image for srun [slurm.container_image]")
+    p.add_argument("--container-mounts", default="", help="pyxis --container-mounts")
+    p.add_argument("--pushgateway", default=None, help="Pushgateway URL [metrics.pushgateway]")
+    p.add_argument("--python", default=sys.executable, help="python on the nodes [this python]")
+    p.add_argument("--home", default=None, help="working directory on the nodes [current dir]")
+    p.add_argument("--entry", default="", help=argparse.SUPPRESS)  # tests: a stand-in program
+    p.add_argument(
+        "--sglang-model", default=None, help="disaggregated: server --model-path [model.path]"
+    )
+    p.add_argument(
+        "--override",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to the trainer (repeatable)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra sbatch flag, e.g. --sbatch=--qos=high (repeatable) [slurm.extra_sbatch]",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the job, e.g. NCCL_IB_HCA=mlx5 (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the rendered script, submit nothing"
+    )
+    p.add_argument(
+        "--test-only",
+        action="store_true",
+        help="sbatch --test-only: let Slurm validate the job without queueing it",
+    )
+
+
+def _pick(cli: Any, cfg_value: Any) -> Any:
+    return cfg_value if cli is None else cli
+
+
+def choose_mode(cfg: Any) -> str:
+    """The script a config needs (see module docstring)."""
+    if cfg.rollout.mode == "disaggregated" and cfg.slurm.rollout_nodes > 0:
+        return "disaggregated"
+    if cfg.rollout.engine == "sglang":
+        return "colocated"
+    return "train"
+
+
+def request_from_args(args: argparse.Namespace) -> SubmitRequest:
+    """Merge the command line with the config's slurm / rollout / metrics sections."""
+    from archer_mcore.config import load_config
+
+    cfg = load_config(args.config, args.override)
+    mode = args.mode or choose_mode(cfg)
+    gpus = _pick(args.gpus_per_node, cfg.slurm.gpus_per_node)
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SubmitError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    req = SubmitRequest(
+        config=Path(args.config).resolve(),
+        mode=mode,
+        nodes=_pick(args.nodes, cfg.slurm.nodes),
+        rollout_nodes=_pick(args.rollout_nodes, cfg.slurm.rollout_nodes),
+        gpus_per_node=gpus,
+        nproc_per_node=_pick(args.nproc_per_node, gpus if gpus > 0 else 1),
+        cpus_per_task=args.cpus_per_task,
+        partition=_pick(args.partition, cfg.slurm.partition),
+        account=_pick(args.account, cfg.slurm.account),
+        time=_pick(args.time, cfg.slurm.time),
+        job_name=args.job_name or f"archer-{cfg.train.run_name}",
+        log_dir=Path(args.log_dir).resolve(),
+        signal_lead_s=args.signal_lead,
+        container_image=_pick(args.container_image, cfg.slurm.container_image),
+        container_mounts=args.container_mounts,
+        pushgateway=_pick(args.pushgateway, cfg.metrics.pushgateway),
+        python=args.python,
+        home=Path(args.home).resolve() if args.home else Path.cwd(),
+        entry=args.entry,
+        sglang_model=_pick(args.sglang_model, cfg.model.path),
+        sglang_tp=cfg.rollout.sglang.tp_size,
+        sglang_port=cfg.rollout.sglang.base_port,
+        router_port=cfg.rollout.sglang.router_port,
+        overrides=list(args.override),
+        extra_sbatch=[*cfg.slurm.extra_sbatch, *args.sbatch],
+        env=env,
+    )
+    validate(req)
+    return req
+
+
+def validate(req: SubmitRequest) -> None:
+    if req.mode not in MODES:
+        raise SubmitError(f"mode {req.mode!r}: must be one of {', '.join(MODES)}")
+    if req.nodes < 1:
+        raise SubmitError(f"--nodes {req.nodes}: must be >= 1")
+    if req.nproc_per_node < 1:
+        raise SubmitError(f"--nproc-per-node {req.nproc_per_node}: must be >= 1")
+    if req.mode == "disaggregated":
+        if not 1 <= req.rollout_nodes < req.nodes:
+            raise SubmitError(
+                f"disaggregated mode: --rollout-nodes (slurm.rollout_nodes) = {req.rollout_nodes} "
+                f"must be >= 1 and < --nodes = {req.nodes} (some nodes must train)"
+            )
+        if not req.sglang_model:
+            raise SubmitError("disaggregated mode needs --sglang-model or model.path in the config")
+    if req.signal_lead_s < 0:
+        raise SubmitError(f"--signal-lead {req.signal_lead_s}: must be >= 0")
+    try:
+        limit = slurm_time_seconds(req.time)
+    except ValueError as exc:
+        raise SubmitError(f"--time (slurm.time): {exc}") from None
+    if limit is not None and req.signal_lead_s >= limit:
+        raise SubmitError(
+            f"--signal-lead {req.signal_lead_s} s is not shorter than the time limit "
+            f"{req.time} ({limit} s): Slurm would signal the job as soon as it starts"
+        )
+    if not re.fullmatch(r"[\w.+-]+", req.job_name):
+        raise SubmitError(f"--job-name {req.job_name!r}: use letters, digits, . _ + -")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds in a Slurm time limit ("30", "30:00", "4:00:00", "1-12", "2-00:30:00");
+    None for "UNLIMITED" / "infinite"; ValueError when malformed."""
+    t = text.strip()
+    if t.lower() in ("unlimited", "infinite"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", t)
+    if not m:
+        raise ValueError(f"time limit {text!r} is not a Slurm time (e.g. 30, 4:00:00, 1-12:00:00)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # hours:minutes:seconds
+        return a * 3600 + b * 60 + c
+    if b is not None:  # minutes:seconds
+        return a * 60 + b
+    return a * 60  # minutes
+
+
+# --------------------------------------------------------------------------- render
+def sbatch_header(req: SubmitRequest) -> list[str]:
+    lines = [
+        f"--job-name={req.job_name}",
+        f"--nodes={req.nodes}",
+        "--ntasks-per-node=1",
+    ]
+    if req.gpus_per_node > 0:
+        lines += [f"--gpus-per-node={req.gpus_per_node}", "--exclusive"]
+    if req.cpus_per_task > 0:
+        lines.append(f"--cpus-per-task={req.cpus_per_task}")
+    if req.partition:
+        lines.append(f"--partition={req.partition}")
+    if req.account:
+        lines.append(f"--account={req.account}")
+    lines += [
+        f"--time={req.time}",
+        "--requeue",
+        f"--signal=B:USR1@{req.signal_lead_s}",
+        "--open-mode=append",
+        f"--output={req.log_dir}/%x-%j.out",
+    ]
+    for flag in req.extra_sbatch:
+        flag = flag.strip().removeprefix("#SBATCH").strip()
+        if flag:
+            lines.append(flag)
+    return ["#SBATCH " + line for line in lines]
+
+
+def script_env(req: SubmitRequest) -> dict[str, str]:
+    env = {
+        "ARCHER_MODE": req.mode,
+        "ARCHER_CONFIG": str(req.config),
+        "ARCHER_HOME": str(req.home),
+        "ARCHER_PYTHON": req.python,
+        "ARCHER_NPROC_PER_NODE": str(req.nproc_per_node),
+        "ARCHER_LOG_DIR": str(req.log_dir),
+        "ARCHER_OVERRIDES": "\n".join(req.overrides),
+        "ARCHER_CONTAINER_IMAGE": req.container_image,
+        "ARCHER_CONTAINER_MOUNTS": req.container_mounts,
+        "ARCHER_PUSHGATEWAY": req.pushgateway,
+    }
+    if req.entry:
+        env["ARCHER_ENTRY"] = req.entry
+    if req.mode == "disaggregated":
+        env |= {
+            "ARCHER_ROLLOUT_NODES": str(req.rollout_nodes),
+            "ARCHER_SGLANG_MODEL": req.sglang_model,
+            "ARCHER_SGLANG_TP": str(req.sglang_tp),
+            "ARCHER_SGLANG_PORT": str(req.sglang_port),
+            "ARCHER_ROUTER_PORT": str(req.router_port),
+        }
+    return env | req.env
+
+
+def _template_body(mode: str) -> str:
+    """The template's lines after its #SBATCH header, with archer_job.sh inlined."""
+    base = slurm_dir()
+    lines = (base / f"{mode}.sbatch").read_text().splitlines()
+    last_directive = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    body: list[str] = []
+    skip_source = False
+    for line in lines[last_directive + 1 :]:
+        if line.strip() == INCLUDE_MARK:
+            body.append(f"# ---- begin slurm/archer_job.sh ({base / 'archer_job.sh'})")
+            body += (base / "archer_job.sh").read_text().splitlines()
+            body.append("# ---- end slurm/archer_job.sh")
+            skip_source = True
+            continue
+        if skip_source and line.startswith("source "):
+            skip_source = False
+            continue
+        body.append(line)
+    return "\n".join(body)
+
+
+def render_script(req: SubmitRequest, now: _dt.datetime | None = None) -> str:
+    """The complete sbatch script for `req`."""
+    validate(req)
+    stamp = (now or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = ["#!/bin/bash", *sbatch_header(req)]
+    out.append(f"# Rendered by `archer submit` from slurm/{req.mode}.sbatch at {stamp}.")
+    out.append("# Change parameters on the archer submit command line, not here.")
+    for name, value in script_env(req).items():
+        out.append(f"export {name}={shlex.quote(value)}")
+    out.append(_template_body(req.mode))
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- submit
+def submit(
+    script: str, req: SubmitRequest, test_only: bool = False, sbatch: str = "sbatch"
+) -> tuple[int, str]:
+    """Write the script under log_dir and run sbatch on it; (exit code, message)."""
+    binary = shutil.which(sbatch) or sbatch
+    req.log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    path = req.log_dir / f"{req.job_name}-{stamp}.sbatch"
+    path.write_text(script)
+    argv = [binary, "--parsable", *(["--test-only"] if test_only else []), str(path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=req.home, timeout=120)
+    except FileNotFoundError:
+        return 127, f"archer submit: {sbatch} not found (is Slurm installed here?)"
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        return proc.returncode, f"archer submit: sbatch failed ({proc.returncode}): {text}"
+    if test_only:
+        return 0, f"archer submit: Slurm accepts {path}: {text}"
+    job_id = proc.stdout.strip().split(";")[0]
+    return 0, f"Submitted batch job {job_id} ({req.mode}, {req.nodes} node(s)); script {path}"
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    """Entry point of `archer submit`; returns the process exit code."""
+    from archer_mcore.config import ConfigError
+
+    try:
+        req = request_from_args(args)
+    except (SubmitError, ConfigError) as exc:
+        print(f"archer submit: {exc}", file=sys.stderr)
+        return 2
+    script = render_script(req)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    rc, message = submit(script, req, test_only=args.test_only)
+    print(message, file=sys.stderr if rc else sys.stdout)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m archer_mcore.slurm_submit` (until `archer submit` is wired)."""
+    parser = argparse.ArgumentParser(prog="archer submit", description=__doc__.split("\n")[0])
+    add_submit_args(parser)
+    return run_submit(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,247 @@
+# shellcheck shell=bash
+# Shared body of the archer sbatch scripts (train.sbatch, colocated.sbatch,
+# disaggregated.sbatch). Sourced by them; `archer submit` inlines it into the rendered
+# script. Every knob is an environment variable (docs/slurm.md has the full table);
+# resources come from #SBATCH lines or sbatch's command line, never from edits here.
+#
+#   ARCHER_MODE           train | colocated | disaggregated
+#   ARCHER_CONFIG         the run's YAML config (required)
+#   ARCHER_HOME           repository / working directory       [$SLURM_SUBMIT_DIR]
+#   ARCHER_PYTHON         python with archer-mcore installed    [python3]
+#   ARCHER_ENTRY          what torchrun runs, before "CONFIG --resume"
+#                                                               [-m archer_mcore.cli train]
+#   ARCHER_OVERRIDES      newline-separated key=value config overrides (each becomes -o)
+#   ARCHER_NPROC_PER_NODE trainer processes per node            [$SLURM_GPUS_ON_NODE or 8]
+#   ARCHER_MASTER_PORT    torchrun c10d rendezvous port         [20000 + job id % 20000]
+#   ARCHER_SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to checkpoint after a
+#                         stop signal before SIGKILL            [600]
+#   ARCHER_REQUEUE_ON_SIGNAL 1: after a SIGUSR1 stop, `scontrol requeue` the job  [1]
+#   ARCHER_CONTAINER_IMAGE / ARCHER_CONTAINER_MOUNTS  pyxis/enroot container for srun
+#   ARCHER_SRUN_ARGS      extra srun flags for every step
+#   ARCHER_PUSHGATEWAY    Pushgateway URL -> metrics.pushgateway
+#   ARCHER_PROM_TARGETS_DIR  write a Prometheus file_sd target for rank 0 here
+#   ARCHER_METRICS_PORT   rank 0 exporter port when ARCHER_PROM_TARGETS_DIR is set [9400]
+#   ARCHER_LOG_DIR        where SGLang server / router logs go  [$SLURM_SUBMIT_DIR]
+#   disaggregated only:
+#   ARCHER_ROLLOUT_NODES  how many of the job's nodes run SGLang (the first ones)
+#   ARCHER_SGLANG_MODEL   --model-path of the servers (required)
+#   ARCHER_SGLANG_TP      tensor parallel size per server       [1]
+#   ARCHER_SGLANG_GPUS_PER_NODE  GPUs per rollout node          [$ARCHER_NPROC_PER_NODE]
+#   ARCHER_SGLANG_PORT    first server port on each node        [30000]
+#   ARCHER_ROUTER_PORT    sglang-router port (first rollout node) [30100]
+#   ARCHER_SGLANG_SERVER_CMD  [$ARCHER_PYTHON -m sglang.launch_server]
+#   ARCHER_SGLANG_ROUTER_CMD  [$ARCHER_PYTHON -m sglang_router.launch_router]
+#   ARCHER_SGLANG_ARGS    extra server flags
+#   ARCHER_ROLLOUT_HEALTH_TIMEOUT  seconds to wait for servers + router [900]
+
+set -euo pipefail
+
+archer_log() { echo "[archer $(date -u +%H:%M:%S)] $*"; }
+archer_die() { echo "[archer] error: $*" >&2; exit 2; }
+
+: "${SLURM_JOB_ID:?this script runs inside a Slurm job (sbatch)}"
+: "${ARCHER_CONFIG:?set ARCHER_CONFIG to the YAML config of the run}"
+ARCHER_MODE=${ARCHER_MODE:-train}
+ARCHER_HOME=${ARCHER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+ARCHER_PYTHON=${ARCHER_PYTHON:-python3}
+ARCHER_ENTRY=${ARCHER_ENTRY:--m archer_mcore.cli train}
+ARCHER_OVERRIDES=${ARCHER_OVERRIDES:-}
+ARCHER_NPROC_PER_NODE=${ARCHER_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+ARCHER_MASTER_PORT=${ARCHER_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+ARCHER_SHUTDOWN_TIMEOUT=${ARCHER_SHUTDOWN_TIMEOUT:-600}
+ARCHER_REQUEUE_ON_SIGNAL=${ARCHER_REQUEUE_ON_SIGNAL:-1}
+ARCHER_CONTAINER_IMAGE=${ARCHER_CONTAINER_IMAGE:-}
+ARCHER_CONTAINER_MOUNTS=${ARCHER_CONTAINER_MOUNTS:-}
+ARCHER_SRUN_ARGS=${ARCHER_SRUN_ARGS:-}
+ARCHER_PUSHGATEWAY=${ARCHER_PUSHGATEWAY:-}
+ARCHER_PROM_TARGETS_DIR=${ARCHER_PROM_TARGETS_DIR:-}
+ARCHER_METRICS_PORT=${ARCHER_METRICS_PORT:-9400}
+ARCHER_LOG_DIR=${ARCHER_LOG_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+case "$ARCHER_MODE" in train | colocated | disaggregated) ;; *)
+    archer_die "ARCHER_MODE=$ARCHER_MODE: must be train, colocated or disaggregated" ;;
+esac
+cd "$ARCHER_HOME"
+[ -f "$ARCHER_CONFIG" ] || archer_die "config $ARCHER_CONFIG not found (from $PWD)"
+
+# ---------------------------------------------------------------- NCCL / IB knobs
+# Defaults for H800/H100 InfiniBand or RoCE clusters; every one can be set before
+# submitting (sbatch exports the environment) and is then left alone.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1} # Megatron TP/SP overlap ordering
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} # fail fast, don't hang
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}     # IB verbs timeout 4.096us * 2^22 (~17 s)
+export NCCL_IB_RETRY_CNT=${NCCL_IB_RETRY_CNT:-7}
+# Site-specific, set only when you know the fabric (left unset otherwise):
+#   NCCL_IB_HCA=mlx5_0,mlx5_1,...   HCAs to use (H800 nodes: usually 8x 400G, mlx5_*)
+#   NCCL_IB_GID_INDEX=3             RoCE v2 GID index
+#   NCCL_SOCKET_IFNAME=bond0        bootstrap / TCP interface (also GLOO_SOCKET_IFNAME)
+#   NCCL_NET_GDR_LEVEL=PIX          GPUDirect RDMA distance
+#   NCCL_IB_QPS_PER_CONNECTION=2, NCCL_NVLS_ENABLE=0 (no NVLink SHARP on H800)
+if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+    export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+fi
+
+# ---------------------------------------------------------------- nodes and addresses
+mapfile -t ARCHER_ALL_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+archer_node_addr() { # the address Slurm reaches a node at (NodeAddr), else its name
+    local addr
+    addr=$(scontrol show node "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+    echo "${addr:-$1}"
+}
+if [ "$ARCHER_MODE" = disaggregated ]; then
+    ARCHER_ROLLOUT_NODES=${ARCHER_ROLLOUT_NODES:?disaggregated mode needs ARCHER_ROLLOUT_NODES}
+    [ "$ARCHER_ROLLOUT_NODES" -ge 1 ] && [ "$ARCHER_ROLLOUT_NODES" -lt "${#ARCHER_ALL_NODES[@]}" ] ||
+        archer_die "ARCHER_ROLLOUT_NODES=$ARCHER_ROLLOUT_NODES must be >= 1 and < the job's ${#ARCHER_ALL_NODES[@]} nodes"
+    ARCHER_ROLLOUT_HOSTS=("${ARCHER_ALL_NODES[@]:0:ARCHER_ROLLOUT_NODES}")
+    ARCHER_TRAIN_HOSTS=("${ARCHER_ALL_NODES[@]:ARCHER_ROLLOUT_NODES}")
+else
+    ARCHER_ROLLOUT_HOSTS=()
+    ARCHER_TRAIN_HOSTS=("${ARCHER_ALL_NODES[@]}")
+fi
+ARCHER_TRAIN_NNODES=${#ARCHER_TRAIN_HOSTS[@]}
+MASTER_ADDR=$(archer_node_addr "${ARCHER_TRAIN_HOSTS[0]}")
+MASTER_PORT=$ARCHER_MASTER_PORT
+export MASTER_ADDR MASTER_PORT
+ARCHER_TRAIN_NODELIST=$(IFS=,; echo "${ARCHER_TRAIN_HOSTS[*]}")
+
+ARCHER_SRUN_COMMON=(--kill-on-bad-exit=1)
+if [ -n "$ARCHER_CONTAINER_IMAGE" ]; then
+    ARCHER_SRUN_COMMON+=(--container-image="$ARCHER_CONTAINER_IMAGE" --container-workdir="$ARCHER_HOME")
+    [ -n "$ARCHER_CONTAINER_MOUNTS" ] && ARCHER_SRUN_COMMON+=(--container-mounts="$ARCHER_CONTAINER_MOUNTS")
+fi
+# shellcheck disable=SC2206 # word splitting of the user's extra flags is intended
+ARCHER_SRUN_COMMON+=($ARCHER_SRUN_ARGS)
+
+ARCHER_TRAIN_ARGS=("$ARCHER_CONFIG" --resume)
+while IFS= read -r ov; do
+    [ -n "$ov" ] && ARCHER_TRAIN_ARGS+=(-o "$ov")
+done <<<"$ARCHER_OVERRIDES"
+[ -n "$ARCHER_PUSHGATEWAY" ] && ARCHER_TRAIN_ARGS+=(-o "metrics.pushgateway=$ARCHER_PUSHGATEWAY")
+
+archer_log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} mode $ARCHER_MODE nodes ${ARCHER_ALL_NODES[*]}"
+archer_log "train nodes ${ARCHER_TRAIN_HOSTS[*]} x $ARCHER_NPROC_PER_NODE procs, rendezvous $MASTER_ADDR:$MASTER_PORT"
+
+# ---------------------------------------------------------------- stop signals
+# Slurm sends SIGUSR1 to this shell ARCHER_SIGNAL_LEAD seconds before the time limit
+# (#SBATCH --signal=B:USR1@secs), and SIGTERM on pre-emption / scancel. Either way
+# the signal goes to the training step (torchrun forwards it to every worker); the
+# trainer writes a checkpoint and exits. After SIGUSR1 the job requeues itself and
+# the next run resumes (--resume); after SIGTERM Slurm decides (pre-emption requeues
+# a --requeue job, scancel ends it).
+ARCHER_STOP_SIGNAL=""
+ARCHER_BG_PIDS=()
+archer_on_signal() {
+    ARCHER_STOP_SIGNAL=$1
+    archer_log "received SIG$1: asking the training step to checkpoint and stop"
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true # all steps, not this shell
+}
+trap 'archer_on_signal USR1' USR1
+trap 'archer_on_signal TERM' TERM
+archer_cleanup() {
+    local pid
+    for pid in "${ARCHER_BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [ -n "$ARCHER_PROM_TARGETS_DIR" ] && rm -f "$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
+    return 0
+}
+trap archer_cleanup EXIT
+
+ARCHER_WAIT_RC=0
+archer_wait() { # wait for a pid through trapped signals; its status -> ARCHER_WAIT_RC
+    local pid=$1
+    while :; do
+        wait "$pid" && ARCHER_WAIT_RC=0 || ARCHER_WAIT_RC=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+}
+
+# ---------------------------------------------------------------- Prometheus target
+if [ -n "$ARCHER_PROM_TARGETS_DIR" ]; then
+    ARCHER_TRAIN_ARGS+=(-o "metrics.host=0.0.0.0" -o "metrics.port=$ARCHER_METRICS_PORT")
+    mkdir -p "$ARCHER_PROM_TARGETS_DIR"
+    printf '[{"targets": ["%s:%s"], "labels": {"slurm_job_id": "%s"}}]\n' \
+        "$MASTER_ADDR" "$ARCHER_METRICS_PORT" "$SLURM_JOB_ID" \
+        >"$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
+fi
+
+# ---------------------------------------------------------------- rollout servers
+if [ "$ARCHER_MODE" = disaggregated ]; then
+    : "${ARCHER_SGLANG_MODEL:?disaggregated mode needs ARCHER_SGLANG_MODEL (server --model-path)}"
+    ARCHER_SGLANG_TP=${ARCHER_SGLANG_TP:-1}
+    ARCHER_SGLANG_GPUS_PER_NODE=${ARCHER_SGLANG_GPUS_PER_NODE:-$ARCHER_NPROC_PER_NODE}
+    ARCHER_SGLANG_PORT=${ARCHER_SGLANG_PORT:-30000}
+    ARCHER_ROUTER_PORT=${ARCHER_ROUTER_PORT:-30100}
+    ARCHER_SGLANG_SERVER_CMD=${ARCHER_SGLANG_SERVER_CMD:-$ARCHER_PYTHON -m sglang.launch_server}
+    ARCHER_SGLANG_ROUTER_CMD=${ARCHER_SGLANG_ROUTER_CMD:-$ARCHER_PYTHON -m sglang_router.launch_router}
+    ARCHER_SGLANG_ARGS=${ARCHER_SGLANG_ARGS:-}
+    ARCHER_ROLLOUT_HEALTH_TIMEOUT=${ARCHER_ROLLOUT_HEALTH_TIMEOUT:-900}
+    ARCHER_SERVERS_PER_NODE=$((ARCHER_SGLANG_GPUS_PER_NODE / ARCHER_SGLANG_TP))
+    [ "$ARCHER_SERVERS_PER_NODE" -ge 1 ] || ARCHER_SERVERS_PER_NODE=1
+    # token ids in, token ids out; logprobs of the sampling temperature
+    export SGLANG_RETURN_ORIGINAL_LOGPROB=false
+    ARCHER_SERVER_URLS=()
+    for host in "${ARCHER_ROLLOUT_HOSTS[@]}"; do
+        addr=$(archer_node_addr "$host")
+        for ((k = 0; k < ARCHER_SERVERS_PER_NODE; k++)); do
+            port=$((ARCHER_SGLANG_PORT + k))
+            gpus=$(seq -s, $((k * ARCHER_SGLANG_TP)) $(((k + 1) * ARCHER_SGLANG_TP - 1)))
+            ARCHER_SERVER_URLS+=("http://$addr:$port")
+            # shellcheck disable=SC2086 # the command and extra args are word lists
+            CUDA_VISIBLE_DEVICES=$gpus srun --nodes=1 --ntasks=1 --nodelist="$host" --overlap \
+                "${ARCHER_SRUN_COMMON[@]}" --output="$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log" \
+                $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" --host 0.0.0.0 \
+                --port "$port" --tp-size "$ARCHER_SGLANG_TP" --skip-tokenizer-init \
+                $ARCHER_SGLANG_ARGS &
+            ARCHER_BG_PIDS+=($!)
+        done
+    done
+    router_host=${ARCHER_ROLLOUT_HOSTS[0]}
+    ARCHER_SGLANG_ROUTER_URL="http://$(archer_node_addr "$router_host"):$ARCHER_ROUTER_PORT"
+    export ARCHER_SGLANG_ROUTER_URL
+    # shellcheck disable=SC2086
+    srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
+        --output="$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log" \
+        $ARCHER_SGLANG_ROUTER_CMD --worker-urls "${ARCHER_SERVER_URLS[@]}" \
+        --policy cache_aware --host 0.0.0.0 --port "$ARCHER_ROUTER_PORT" &
+    ARCHER_BG_PIDS+=($!)
+    archer_log "waiting for ${#ARCHER_SERVER_URLS[@]} SGLang server(s) and router $ARCHER_SGLANG_ROUTER_URL"
+    deadline=$((SECONDS + ARCHER_ROLLOUT_HEALTH_TIMEOUT))
+    for url in "${ARCHER_SERVER_URLS[@]}" "$ARCHER_SGLANG_ROUTER_URL"; do
+        until "$ARCHER_PYTHON" -c "import sys, urllib.request as u; u.urlopen(sys.argv[1] + '/health', timeout=5)" "$url" 2>/dev/null; do
+            [ "$SECONDS" -lt "$deadline" ] || archer_die "$url not healthy after ${ARCHER_ROLLOUT_HEALTH_TIMEOUT}s"
+            [ -z "$ARCHER_STOP_SIGNAL" ] || exit 0
+            sleep 2
+        done
+    done
+    urls_yaml=$(printf '"%s",' "${ARCHER_SERVER_URLS[@]}")
+    ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=disaggregated"
+        -o "rollout.sglang.server_urls=[${urls_yaml%,}]")
+fi
+
+if [ "$ARCHER_MODE" = colocated ]; then
+    ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=colocated")
+fi
+
+# ---------------------------------------------------------------- training
+# One torchrun per training node; c10d rendezvous on the first training node.
+# shellcheck disable=SC2086 # ARCHER_ENTRY is a word list ("-m module sub" or a script)
+srun --nodes="$ARCHER_TRAIN_NNODES" --ntasks="$ARCHER_TRAIN_NNODES" --ntasks-per-node=1 \
+    --nodelist="$ARCHER_TRAIN_NODELIST" "${ARCHER_SRUN_COMMON[@]}" \
+    "$ARCHER_PYTHON" -m torch.distributed.run \
+    --nnodes="$ARCHER_TRAIN_NNODES" --nproc-per-node="$ARCHER_NPROC_PER_NODE" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
+    --max-restarts=0 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown-timeout="$ARCHER_SHUTDOWN_TIMEOUT" \
+    $ARCHER_ENTRY "${ARCHER_TRAIN_ARGS[@]}" &
+ARCHER_TRAIN_PID=$!
+archer_wait "$ARCHER_TRAIN_PID"
+ARCHER_TRAIN_RC=$ARCHER_WAIT_RC
+archer_log "training step exited with status $ARCHER_TRAIN_RC"
+
+if [ -n "$ARCHER_STOP_SIGNAL" ]; then
+    if [ "$ARCHER_STOP_SIGNAL" = USR1 ] && [ "$ARCHER_REQUEUE_ON_SIGNAL" = 1 ]; then
+        archer_log "checkpoint written; requeueing job $SLURM_JOB_ID to resume"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit 0
+fi
+exit "$ARCHER_TRAIN_RC"

@@ -1,0 +1,288 @@
+"""Real Slurm (slurmctld + two slurmd "nodes" on 127.0.0.1, munge auth) runs the
+rendered sbatch scripts.
+
+STAND-IN payload: tests/slurm/standin_payload.py takes the trainer's place (same
+command line, checkpoint-on-signal and resume contract) until `archer train` lands;
+then the lead points --entry at the real demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from services import (
+    REPO_ROOT,
+    Prometheus,
+    Pushgateway,
+    SlurmCluster,
+    free_port,
+    prometheus_config_for_test,
+    require_binary,
+    wait_until,
+)
+
+from archer_mcore.slurm_submit import add_submit_args, run_submit
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+HERE = Path(__file__).resolve().parent
+PAYLOAD = HERE / "standin_payload.py"
+SGLANG = HERE / "standin_sglang.py"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    require_binary("slurmctld")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("node1", "node2"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def write_config(path: Path, run_name: str, steps: int, extra: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"train:\n  run_name: {run_name}\n  steps: {steps}\n  output_dir: {path.parent / 'out'}\n"
+        f"slurm:\n  gpus_per_node: 0\n{extra}"
+    )
+    return path
+
+
+def submit(
+    cluster: SlurmCluster, config: Path, *flags: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """`archer submit` against the test cluster; (exit code, printed text)."""
+    parser = argparse.ArgumentParser()
+    add_submit_args(parser)
+    args = parser.parse_args(
+        [
+            str(config),
+            "--log-dir",
+            str(config.parent / "logs"),
+            "--home",
+            str(REPO_ROOT),
+            "--python",
+            sys.executable,
+            "--entry",
+            str(PAYLOAD),
+            "--gpus-per-node",
+            "0",
+            "--time",
+            "10:00",
+            "--signal-lead",
+            "60",
+            *flags,
+        ]
+    )
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        rc = run_submit(args)
+    finally:
+        if old is None:
+            del os.environ["SLURM_CONF"]
+        else:
+            os.environ["SLURM_CONF"] = old
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def job_id_of(text: str) -> str:
+    m = re.search(r"Submitted batch job (\d+)", text)
+    assert m, text
+    return m.group(1)
+
+
+def job_log(config: Path, job_id: str) -> str:
+    logs = list((config.parent / "logs").glob(f"*-{job_id}.out"))
+    return logs[0].read_text() if logs else ""
+
+
+def payload_lines(log: str, pattern: str) -> list[re.Match[str]]:
+    return [m for line in log.splitlines() if (m := re.search(pattern, line))]
+
+
+def test_slurm_accepts_every_rendered_script(
+    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", "accept", 1, "model:\n  path: /models/none\n")
+    for flags in (
+        ("--mode", "train", "--nodes", "2"),
+        ("--mode", "colocated", "--nodes", "1"),
+        ("--mode", "disaggregated", "--nodes", "2", "--rollout-nodes", "1"),
+    ):
+        rc, text = submit(cluster, cfg, *flags, "--test-only", capsys=capsys)
+        assert rc == 0, f"{flags}: {text}"
+        assert "to start at" in text, text  # sbatch --test-only's verdict
+    # and Slurm rejects what this cluster cannot run (3 nodes), so the check is real
+    rc, text = submit(cluster, cfg, "--mode", "train", "--nodes", "3", "--test-only", capsys=capsys)
+    assert rc != 0, text
+
+
+def test_two_node_job_runs_payload_and_pushes_metrics(
+    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pgw = Pushgateway(tmp_path / "pgw")
+    prom = None
+    try:
+        prom = Prometheus(
+            tmp_path / "prom", prometheus_config_for_test([], f"127.0.0.1:{pgw.port}", [])
+        )
+        cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-dp2", 12)
+        rc, text = submit(
+            cluster,
+            cfg,
+            "--mode",
+            "train",
+            "--nodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--pushgateway",
+            pgw.url,
+            "--env",
+            "STANDIN_STEP_SECONDS=0.5",
+            capsys=capsys,
+        )
+        assert rc == 0, text
+        jid = job_id_of(text)
+        info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
+        log = job_log(cfg, jid)
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+        # DP=2 across the two nodes through srun + torchrun's c10d rendezvous
+        reduces = payload_lines(log, r"rank=(\d) node=(\w+) .*world=2 all_reduce=3 ok=True")
+        assert {(m.group(1), m.group(2)) for m in reduces} in (
+            {("0", "node1"), ("1", "node2")},
+            {("0", "node2"), ("1", "node1")},
+        ), log
+        result = json.loads((cfg.parent / "out" / "result.json").read_text())
+        assert result == {"final_step": 12, "world": 2}
+        # Prometheus scraped the pushed metrics while the job ran...
+        series = prom.query(f'max_over_time(archer_step{{slurm_job_id="{jid}"}}[10m])')
+        assert len(series) == 1, series
+        assert series[0]["metric"]["run"] == "slurm-dp2"
+        assert series[0]["metric"]["job"] == "archer"
+        assert 1 <= float(series[0]["value"][1]) <= 11
+        # ...and the clean exit deleted the job's group from the Pushgateway
+        assert all(g.get("slurm_job_id") != jid for g in pgw.groups())
+    finally:
+        if prom is not None:
+            prom.stop()
+        pgw.stop()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(
+    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    steps = 40
+    cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-preempt", steps)
+    rc, text = submit(
+        cluster,
+        cfg,
+        "--mode",
+        "train",
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--env",
+        "STANDIN_STEP_SECONDS=0.25",
+        capsys=capsys,
+    )
+    assert rc == 0, text
+    jid = job_id_of(text)
+    wait_until(
+        lambda: len(payload_lines(job_log(cfg, jid), r"rank=0 .* step (\d+)$")) >= 5,
+        120,
+        "five payload steps",
+    )
+    # What Slurm does at (time limit - --signal lead): SIGUSR1 to the batch shell only.
+    sig = cluster.run(require_binary("scancel"), "--batch", "--signal=USR1", jid)
+    assert sig.returncode == 0, sig.stderr
+    info = cluster.wait_job(jid, ("PENDING", "COMPLETED", "FAILED"), 120)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, job_log(cfg, jid))
+    # Slurm holds a requeued job for ~2 min (BeginTime) so that the old run's steps are
+    # gone and its revoked credential (second resolution) predates the new one. Wait
+    # for exactly that, then let it start.
+    wait_until(cluster.nodes_idle, 60, "the first run's steps to finish")
+    time.sleep(2)
+    upd = cluster.scontrol("update", f"JobId={jid}", "StartTime=now")
+    assert upd.returncode == 0, upd.stderr
+    info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), 180)
+    log = job_log(cfg, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    saved = payload_lines(log, r"rank=0 .*restart=0 checkpoint saved at step (\d+) on SIGUSR1")
+    assert len(saved) == 1, log
+    k = int(saved[0].group(1))
+    assert 5 <= k < steps
+    resumed = payload_lines(log, r"rank=(\d) .*restart=1 resumed from step (\d+)")
+    assert {(m.group(1), int(m.group(2))) for m in resumed} == {("0", k), ("1", k)}, log
+    # every step ran exactly once across the two runs: 0..k-1 first, k..steps-1 after
+    ran = [
+        (int(m.group(1)), int(m.group(2)))
+        for m in payload_lines(log, r"rank=0 .*restart=(\d) step (\d+)$")
+    ]
+    assert [s for r, s in ran if r == 0] == list(range(k))
+    assert [s for r, s in ran if r == 1] == list(range(k, steps))
+    assert "requeueing job" in log
+    assert json.loads((cfg.parent / "out" / "result.json").read_text())["final_step"] == steps
+
+
+def test_disaggregated_job_starts_servers_router_then_trains(
+    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(
+        tmp_path / "run" / "c.yaml", "slurm-disagg", 3, "model:\n  path: /models/standin\n"
+    )
+    server_port, router_port = free_port(), free_port()
+    py = sys.executable
+    rc, text = submit(
+        cluster,
+        cfg,
+        "--mode",
+        "disaggregated",
+        "--nodes",
+        "2",
+        "--rollout-nodes",
+        "1",
+        "--nproc-per-node",
+        "1",
+        "--env",
+        f"ARCHER_SGLANG_SERVER_CMD={py} {SGLANG} server",
+        "--env",
+        f"ARCHER_SGLANG_ROUTER_CMD={py} {SGLANG} router",
+        "--env",
+        f"ARCHER_SGLANG_PORT={server_port}",
+        "--env",
+        f"ARCHER_ROUTER_PORT={router_port}",
+        "--env",
+        "ARCHER_SGLANG_GPUS_PER_NODE=1",
+        capsys=capsys,
+    )
+    assert rc == 0, text
+    jid = job_id_of(text)
+    info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), 240)
+    log = job_log(cfg, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    url = f"http://127.0.0.1:{server_port}"
+    seen = payload_lines(
+        log,
+        r"rank=0 node=(\w+) .*rollout servers=\['(.*?)'\] router=(\S+) "
+        r"router_workers=\['(.*?)'\] healthy=True",
+    )
+    assert len(seen) == 1, log
+    node, servers, router, workers = seen[0].groups()
+    assert node == "node2"  # the first node serves rollouts, the second trains
+    assert servers == workers == url
+    assert router == f"http://127.0.0.1:{router_port}"
+    server_log = (cfg.parent / "logs").glob(f"sglang-{jid}-node1-{server_port}.log")
+    assert "model=/models/standin" in next(server_log).read_text()
