@@ -2,8 +2,9 @@
 
 Each `Sandbox.run` writes the run's files to a new temporary directory and starts
 `sandbox_launcher.py`, which puts the program in new network, mount and PID
-namespaces (where the OS allows), makes the file system read-only except a
-size-capped tmpfs work directory, applies CPU-time, address-space, file-size,
+namespaces (where the OS allows), chroots it into a minimal root (read-only system
+directories and a size-capped tmpfs work directory; the trainer's files, data sets
+and /tmp are not visible), applies CPU-time, address-space, file-size,
 process-count and open-file limits, drops to an unprivileged uid (a distinct one per
 concurrent run, so process-count limits do not interfere) and execs the program with
 a scrubbed environment. The parent enforces the wall-clock limit (SIGKILL to the
@@ -36,6 +37,20 @@ from pathlib import Path
 from archer_mcore.rewards import sandbox_launcher
 
 _LAUNCHER = Path(sandbox_launcher.__file__).resolve()
+#: What a sandboxed program sees of the host, read-only (when a mount namespace is
+#: available); the interpreter's prefix is added if it lies elsewhere.
+SYSTEM_DIRS: tuple[str, ...] = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+)
+#: The program's writable working directory inside its root.
+INNER_WORKDIR = "/sandbox"
 SETUP_FAILED_EXIT = sandbox_launcher.SETUP_FAILED_EXIT
 
 
@@ -243,6 +258,8 @@ class Sandbox:
                 f"({self.isolation.detail}); set rewards.allow_unsandboxed_code to override"
             )
         self.python = python or default_python()
+        prefix = str(Path(self.python).resolve().parents[1])
+        self.root_binds = list(SYSTEM_DIRS) + ([prefix] if prefix not in SYSTEM_DIRS else [])
 
     def run(
         self,
@@ -270,10 +287,15 @@ class Sandbox:
             if self.can_setuid:
                 os.chown(work, uid, gid)
             mem = limits.memory_mb * 1024 * 1024
+            inner = INNER_WORKDIR if self.isolation.mount else str(work)
+            (scratch / "root").mkdir(mode=0o700)
             spec = {
                 "workdir": str(work),
+                "inner_workdir": inner,
+                "new_root": str(scratch / "root"),
+                "root_binds": self.root_binds,
                 "argv": argv,
-                "env": scrubbed_env(str(work)),
+                "env": scrubbed_env(inner),
                 "uid": uid,
                 "gid": gid,
                 "tmpfs_mb": limits.tmpfs_mb,
@@ -337,9 +359,13 @@ def probe_isolation() -> Isolation:
             scratch.chmod(0o711)
             work = scratch / "work"
             work.mkdir()
+            (scratch / "root").mkdir(mode=0o700)
             spec = {
                 "workdir": str(work),
-                "argv": ["/bin/true"],
+                "inner_workdir": INNER_WORKDIR,
+                "new_root": str(scratch / "root"),
+                "root_binds": list(SYSTEM_DIRS),
+                "argv": ["/usr/bin/env", "true"],
                 "env": {},
                 "uid": 0,
                 "gid": 0,

@@ -8,9 +8,9 @@ with an empty environment and does, in order:
 2. forks the namespace's init (PID 1, dies with the launcher via PR_SET_PDEATHSIG;
    when it exits the kernel kills every process left in the namespace, so fork
    bombs and daemonised children cannot outlive a run);
-3. in the mount namespace: every mount read-only and nosuid, a size-capped tmpfs over
-   the work directory (the run's files copied in), a fresh /proc showing only the
-   namespace's processes;
+3. in the mount namespace: a minimal root (read-only system directories, four
+   devices, a fresh /proc showing only the namespace's processes, a size-capped tmpfs
+   work directory with the run's files) and chroot into it (see `_setup_mounts`);
 4. forks the program: resource limits (CPU seconds, address space, file size,
    processes, open files, no core dumps), drops to an unprivileged uid/gid with no
    supplementary groups, `chdir` to the work directory, `execve` with the spec's
@@ -71,37 +71,68 @@ def _status_to_exit(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
+def _bind_read_only(source: str, target: str) -> None:
+    _mount(source, target, None, MS_BIND | MS_REC)
+    _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+
+
 def _setup_mounts(spec: dict) -> None:
+    """Build the program's file system in the new mount namespace and chroot into it.
+
+    The new root is a tmpfs holding only: read-only binds of the system directories
+    (spec["root_binds"]: /usr, /etc, ... and the interpreter's prefix; top-level
+    symlinks such as /bin -> usr/bin are recreated), the devices null/zero/random/
+    urandom, a fresh /proc (with a PID namespace), and the writable, size-capped work
+    directory at spec["inner_workdir"], owned by the run's uid and holding the run's
+    files. The root tmpfs is then made read-only. Nothing else of the host (the
+    trainer's code, data sets, checkpoints, /tmp) is visible.
+    """
     work = spec["workdir"]
     files: dict[str, bytes] = {}
     for name in os.listdir(work):
         with open(os.path.join(work, name), "rb") as f:
             files[name] = f.read()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    with open("/proc/self/mounts") as f:
-        mount_points = [line.split()[1].encode().decode("unicode_escape") for line in f]
-    for mp in mount_points:
-        try:
-            _mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        except SetupError:
-            # A mount we cannot see into or that is already locked read-only.
-            if os.path.realpath(mp) in ("/", os.path.realpath(work)):
-                raise
+    root = spec["new_root"]
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    for path in spec["root_binds"]:
+        if not os.path.lexists(path):
+            continue
+        target = root + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            os.symlink(os.readlink(path), target)
+        elif os.path.isdir(path):
+            os.makedirs(target, exist_ok=True)
+            _bind_read_only(path, target)
+    os.makedirs(root + "/dev", exist_ok=True)
+    for dev in ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"):
+        if os.path.exists(dev):
+            open(root + dev, "w").close()
+            _mount(dev, root + dev, None, MS_BIND)
+            _mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID)
+    os.makedirs(root + "/tmp", exist_ok=True)
+    if spec["isolate_pid"]:
+        os.makedirs(root + "/proc", exist_ok=True)
+        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_RDONLY)
+    inner = root + spec["inner_workdir"]
+    os.makedirs(inner, exist_ok=True)
     uid, gid = spec["uid"], spec["gid"]
     _mount(
         "tmpfs",
-        work,
+        inner,
         "tmpfs",
         MS_NOSUID | MS_NODEV,
         f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}",
     )
     for name, data in files.items():
-        path = os.path.join(work, name)
+        path = os.path.join(inner, name)
         with open(path, "wb") as f:
             f.write(data)
         os.chown(path, uid, gid)
-    if spec["isolate_pid"]:
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV)
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chroot(root)
+    os.chdir("/")
 
 
 def _exec_program(spec: dict) -> None:
@@ -117,7 +148,7 @@ def _exec_program(spec: dict) -> None:
     os.setgroups([])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
-    os.chdir(spec["workdir"])
+    os.chdir(spec["inner_workdir"] if spec["isolate_mount"] else spec["workdir"])
     os.umask(0o077)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)

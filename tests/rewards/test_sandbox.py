@@ -8,6 +8,7 @@ passes, so the zeros are not a broken sandbox. Limits are small (wall 3 s, CPU 2
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import socket
@@ -184,6 +185,44 @@ print("wrote" if wrote else "blocked", open("inside.txt").read())
     assert run.stdout.decode().split() == ["blocked", "fine"], run.describe()
     assert not any(os.path.exists(p) for p in targets)
     assert score_code(_py(src), _stdio("wrote fine"), sandbox).score == 0.0
+
+
+def test_cannot_read_the_trainers_files(sandbox: Sandbox, tmp_path: Path) -> None:
+    """World-readable host files (a data set with the expected outputs, this test's own
+    source, the repository) are not visible: the program sees a minimal root."""
+    tmp_path.chmod(0o755)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("the-expected-output\n")
+    answers.chmod(0o644)
+    src = f"""
+import os
+seen = []
+for path in [{str(answers)!r}, {__file__!r}, {str(Path.cwd() / "setup.py")!r}]:
+    try:
+        seen.append(open(path).read()[:19])
+    except OSError:
+        pass
+print(seen[0] if seen else "hidden", sorted(os.listdir("/")))
+"""
+    run = sandbox.run_python(src)
+    out = run.stdout.decode().split(" ", 1)
+    assert out[0] == "hidden", run.describe()
+    # only the system directories, devices, proc, tmp and its own directory exist
+    assert set(ast.literal_eval(out[1])) <= {
+        "usr",
+        "bin",
+        "sbin",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "etc",
+        "dev",
+        "proc",
+        "tmp",
+        "sandbox",
+    }
+    assert score_code(_py(src), _stdio("the-expected-output"), sandbox).score == 0.0
 
 
 def test_cannot_kill_its_parent_or_the_trainer(sandbox: Sandbox) -> None:
