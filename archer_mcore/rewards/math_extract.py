@@ -81,11 +81,34 @@ def _strip_math_delimiters(answer: str) -> str:
     return answer
 
 
+_MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# Where a plain-text answer ends: ", " / "; " / a sentence end / an explanation word.
+_ANSWER_END = re.compile(r",\s|;|\.\s|\s(?:because|since|as|which|so|and|from|given)\b")
+
+
+def _answer_span(rest: str) -> str:
+    """The answer at the start of `rest`: a leading math span, else text up to its end."""
+    rest = rest.strip()
+    for left, right in _MATH_SPANS:
+        if rest.startswith(left):
+            close = rest.find(right, len(left))
+            if close > 0:
+                return rest[: close + len(right)]
+    if "\\boxed" in rest or "\\fbox" in rest:
+        return rest
+    m = _ANSWER_END.search(rest)
+    return rest[: m.start()] if m else rest
+
+
 def answer_is_phrase(text: str) -> str | None:
-    """X from the last "answer is X" / "answer: X" phrase, delimiters stripped; or None."""
+    """X from the last "answer is X" / "answer: X" phrase, delimiters stripped; or None.
+
+    X is a leading `$...$` / `\\(...\\)` span if there is one, else the text up to the
+    first ", ", ";", sentence end or explanation word ("because", "since", ...).
+    """
     matches = list(_ANSWER_IS.finditer(text))
     for m in reversed(matches):
-        candidate = _strip_math_delimiters(m.group("ans"))
+        candidate = _strip_math_delimiters(_answer_span(m.group("ans")))
         inner = last_boxed(candidate)
         if inner is not None:
             return inner

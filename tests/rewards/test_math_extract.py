@@ -45,6 +45,12 @@ def test_unbalanced_last_box_falls_back_to_an_earlier_one() -> None:
         ("the answer is: \\(x+1\\)", "x+1"),
         ("The answer is 1.\nLater: the answer is 2.", "2"),
         ("Final answer: $\\boxed{9}$", "9"),
+        # the answer ends at a comma, a sentence end or an explanation word
+        ("The answer is 6, since 3 + 3 = 6.", "6"),
+        ("The answer is 6 because 2 * 3 = 6", "6"),
+        ("So the answer is 2.5. Done.", "2.5"),
+        ("The answer is $x = 3$, clearly", "x = 3"),
+        ("The answer is \\(\\frac{1}{2}\\) since", "\\frac{1}{2}"),
     ],
 )
 def test_answer_is_phrase(text: str, expected: str) -> None:
