@@ -119,6 +119,7 @@ def lm_head_entropy_and_logprob(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     chunk_cols: int | None = None,
+    recompute: str = "triton",
     mode: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob of softmax(hidden @ weight^T / T).
@@ -129,7 +130,8 @@ def lm_head_entropy_and_logprob(
         tokens: [N] global token ids.
         vocab_start: first global id of the shard; default rank * V_local.
         vocab_size: true vocabulary size; padding rows >= it are left out.
-        chunk_cols: Triton backward: vocab columns recomputed at a time.
+        chunk_cols: Triton path: vocab columns recomputed at a time.
+        recompute: Triton path: "triton" (tl.dot tiles) or "cublas" (torch.mm chunks).
     Returns:
         (entropy [N], logprob [N]) fp32. Gradients reach hidden (all-reduced over
         `tp_group`: do not also wrap hidden in megatron's copy-to-TP region) and weight.
@@ -139,8 +141,9 @@ def lm_head_entropy_and_logprob(
         from archer_mcore.kernels import fused_lm_head
 
         return fused_lm_head.fused_lm_head_entropy_logprob(
-            hidden, weight, tokens, temperature, tp_group, vocab_start, chunk_cols, vocab_size
-        )
+            hidden, weight, tokens, temperature, tp_group, vocab_start, chunk_cols, vocab_size,
+            recompute,
+        )  # fmt: skip
     sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
     if vocab_start is None:
         vocab_start = (dist.get_rank(tp_group) if sharded else 0) * weight.shape[0]

@@ -13,6 +13,10 @@ logits = hidden @ weight^T / T is never materialised in full:
   writes d loss / d logits into a [N, chunk_cols] buffer, and two matmuls give
   grad_hidden += G @ W_c and grad_weight[c] = G^T @ hidden. Peak extra memory is that
   buffer plus an fp32 [N, H] accumulator.
+- `recompute="cublas"` makes the logits tiles differently: one cuBLAS matmul per vocab
+  chunk into an fp32 [N, chunk_cols] buffer, then kernel 1's statistics / gradient
+  kernels on it. Same results; which is faster depends on how close Triton's tl.dot
+  gets to cuBLAS on the GPU at hand (benchmarks/kernels.py reports both).
 
 Tensor parallelism: with `group`, `weight` is this rank's [V_local, H] shard (Megatron's
 ColumnParallelLinear output layer, rows vocab_start .. vocab_start + V_local). The
@@ -23,12 +27,19 @@ copy_to_tensor_model_parallel_region. Sequence parallelism is not handled here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 from archer_mcore.kernels._launch import require_launchable
-from archer_mcore.kernels.entropy_logprob import combine_partial_stats, valid_columns
+from archer_mcore.kernels.entropy_logprob import (
+    combine_partial_stats,
+    launch_grad,
+    launch_stats,
+    valid_columns,
+)
 from torch import Tensor
 
 _CPU_META = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}
@@ -303,54 +314,115 @@ def default_chunk_cols(
     return int(max(256, min(vocab, cols // 256 * 256 if cols >= 256 else 256)))
 
 
+@dataclass(frozen=True)
+class _HeadOptions:
+    temperature: float
+    vocab_start: int
+    vocab_size: int | None
+    group: dist.ProcessGroup | None
+    chunk_cols: int | None
+    recompute: str  # "triton": tl.dot tiles in the kernels; "cublas": torch.mm per chunk
+
+
+RECOMPUTE_MODES: tuple[str, ...] = ("triton", "cublas")
+
+
+def _mm_fp32(a: Tensor, b_t: Tensor, out: Tensor) -> Tensor:
+    """out (fp32) = a @ b_t with fp32 accumulation and fp32 output, for bf16/fp16 a, b."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b_t, out=out)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b_t, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):  # torch builds without mm.dtype_out
+            pass
+    return torch.mm(a.to(out.dtype), b_t.to(out.dtype), out=out)
+
+
+def _chunks(v: int, chunk: int):
+    for c0 in range(0, v, chunk):
+        yield c0, min(c0 + chunk, v)
+
+
+def _cublas_partials(hidden: Tensor, weight: Tensor, tokens: Tensor, opts: _HeadOptions) -> Tensor:
+    """Forward statistics [4, K, N] with one torch.mm per vocab chunk (fp32 logits in a
+    [N, chunk] buffer) and kernel 1's statistics kernel on each chunk."""
+    n, v = hidden.shape[0], weight.shape[0]
+    chunk = opts.chunk_cols or default_chunk_cols(n, v, 4)
+    buf = torch.empty(n * min(chunk, v), dtype=torch.float32, device=hidden.device)
+    bounds = list(_chunks(v, chunk))
+    partials = torch.empty(len(bounds), 4, n, dtype=torch.float32, device=hidden.device)
+    for k, (c0, c1) in enumerate(bounds):
+        z = _mm_fp32(hidden, weight[c0:c1].t(), buf[: n * (c1 - c0)].view(n, c1 - c0))
+        launch_stats(
+            z, tokens, partials[k], opts.temperature, opts.vocab_start + c0, opts.vocab_size
+        )
+    return partials.transpose(0, 1).contiguous()
+
+
 class _FusedLMHeadFn(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, weight, tokens, temperature, vocab_start, vocab_size, group, chunk_cols
-    ):
-        partials = launch_lm_head_stats(
-            hidden, weight, tokens, temperature, vocab_start, vocab_size=vocab_size
-        )
-        stats = combine_partial_stats(partials, group)
+    def forward(ctx, hidden, weight, tokens, opts: _HeadOptions):
+        if opts.recompute == "cublas":
+            partials = _cublas_partials(hidden, weight, tokens, opts)
+        else:
+            partials = launch_lm_head_stats(
+                hidden, weight, tokens, opts.temperature, opts.vocab_start,
+                vocab_size=opts.vocab_size,
+            )  # fmt: skip
+        stats = combine_partial_stats(partials, opts.group)
         ctx.save_for_backward(hidden, weight, tokens, stats.packed())
-        ctx.temperature, ctx.vocab_start, ctx.vocab_size = temperature, vocab_start, vocab_size
-        ctx.group, ctx.chunk_cols = group, chunk_cols
+        ctx.opts = opts
         return stats.entropy, stats.logprob
 
     @staticmethod
     def backward(ctx, grad_entropy, grad_logprob):
         hidden, weight, tokens, packed = ctx.saved_tensors
+        opts: _HeadOptions = ctx.opts
         n, v = hidden.shape[0], weight.shape[0]
         zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         gh = zeros if grad_entropy is None else grad_entropy.float().contiguous()
         gl = zeros if grad_logprob is None else grad_logprob.float().contiguous()
-        chunk = ctx.chunk_cols or default_chunk_cols(n, v, hidden.element_size())
+        cublas = opts.recompute == "cublas"
+        elem = hidden.element_size() + (4 if cublas else 0)
+        chunk = opts.chunk_cols or default_chunk_cols(n, v, elem)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc_dtype = torch.float32 if hidden.dtype != torch.float64 else torch.float64
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_h = (
             torch.zeros(n, hidden.shape[1], dtype=acc_dtype, device=hidden.device)
             if need_h
             else None
         )
         grad_w = torch.empty_like(weight) if need_w else None
-        buf = torch.empty(n * min(chunk, v), dtype=hidden.dtype, device=hidden.device)
-        for c0 in range(0, v, chunk):
-            c1 = min(c0 + chunk, v)
+        width = min(chunk, v)
+        buf = torch.empty(n * width, dtype=hidden.dtype, device=hidden.device)
+        buf32 = (
+            torch.empty(n * width, dtype=torch.float32, device=hidden.device) if cublas else None
+        )
+        for c0, c1 in _chunks(v, chunk):
             w_c = weight[c0:c1]
             g = buf[: n * (c1 - c0)].view(n, c1 - c0)
-            launch_lm_head_grad(
-                hidden, w_c, tokens, packed, gh, gl, g,
-                ctx.temperature, ctx.vocab_start + c0, ctx.vocab_size,
-            )  # fmt: skip
-            if need_h:
+            if cublas:
+                z = _mm_fp32(hidden, w_c.t(), buf32[: n * (c1 - c0)].view(n, c1 - c0))
+                launch_grad(
+                    z, g, tokens, packed, gh, gl, opts.temperature, opts.vocab_start + c0,
+                    opts.vocab_size,
+                )  # fmt: skip
+            else:
+                launch_lm_head_grad(
+                    hidden, w_c, tokens, packed, gh, gl, g,
+                    opts.temperature, opts.vocab_start + c0, opts.vocab_size,
+                )  # fmt: skip
+            if grad_h is not None:
                 grad_h += torch.mm(g, w_c)
             if need_w:
                 torch.mm(g.t(), hidden, out=grad_w[c0:c1])
+        out_h = None
         if grad_h is not None:
-            grad_h = grad_h.to(hidden.dtype)
-            if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
-                dist.all_reduce(grad_h, group=ctx.group)
-        return grad_h, grad_w, None, None, None, None, None, None
+            out_h = grad_h.to(hidden.dtype)
+            if opts.group is not None and dist.get_world_size(opts.group) > 1:
+                dist.all_reduce(out_h, group=opts.group)
+        return out_h, grad_w, None, None
 
 
 def fused_lm_head_entropy_logprob(
@@ -362,6 +434,7 @@ def fused_lm_head_entropy_logprob(
     vocab_start: int | None = None,
     chunk_cols: int | None = None,
     vocab_size: int | None = None,
+    recompute: str = "triton",
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob of softmax(hidden @ weight^T / T) without full logits.
 
@@ -375,6 +448,10 @@ def fused_lm_head_entropy_logprob(
         chunk_cols: vocab columns per backward chunk; default: a 512 MiB buffer.
         vocab_size: the true vocabulary size; weight rows with global id >= it
             (Megatron's vocab padding) are left out and get zero gradient.
+        recompute: how logits tiles are made: "triton" (tl.dot inside the fused kernels,
+            nothing logits-sized is written) or "cublas" (one torch.mm per vocab chunk
+            into an fp32 [N, chunk_cols] buffer, then kernel 1 on the chunk). Which is
+            faster depends on the GPU; benchmarks/kernels.py measures both.
     Returns:
         (entropy, logprob), each [...] fp32 in nats, over the whole vocabulary.
         Differentiable w.r.t. hidden and weight.
@@ -387,19 +464,15 @@ def fused_lm_head_entropy_logprob(
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     if vocab_start is None:
         vocab_start = (dist.get_rank(group) if group is not None else 0) * weight.shape[0]
+    opts = _HeadOptions(
+        float(temperature), int(vocab_start), vocab_size, group, chunk_cols, recompute
+    )
     lead = tokens.shape
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     toks = tokens.reshape(-1).to(torch.int64).contiguous()
-    entropy, logprob = _FusedLMHeadFn.apply(
-        flat,
-        weight.contiguous(),
-        toks,
-        float(temperature),
-        int(vocab_start),
-        vocab_size,
-        group,
-        chunk_cols,
-    )
+    entropy, logprob = _FusedLMHeadFn.apply(flat, weight.contiguous(), toks, opts)
     return entropy.reshape(lead), logprob.reshape(lead)

@@ -43,11 +43,13 @@ def _reference(hidden, weight, tokens, temperature):
     "n,h,v,chunk",
     [(1, 8, 1, None), (1, 16, 40, None), (17, 24, 300, 128), (5, 20, 600, 256), (33, 16, 77, None)],
 )
-def test_matches_float64_reference(n, h, v, chunk, dtype, tol):
+@pytest.mark.parametrize("recompute", ["triton", "cublas"])
+def test_matches_float64_reference(n, h, v, chunk, dtype, tol, recompute):
     hidden, weight, tokens, up = _inputs(n, h, v, dtype, seed=n + h + v)
     ent, lp, gh, gw = _run(
-        fused_lm_head_entropy_logprob, hidden, weight, tokens, up, 0.8, chunk_cols=chunk
-    )
+        fused_lm_head_entropy_logprob, hidden, weight, tokens, up, 0.8,
+        chunk_cols=chunk, recompute=recompute,
+    )  # fmt: skip
     want = _run(_reference, hidden.double(), weight.double(), tokens, up, 0.8)
     assert ent.dtype == lp.dtype == torch.float32 and gh.dtype == gw.dtype == dtype
     if v == 1:  # one class: everything is exactly zero
@@ -108,16 +110,19 @@ def test_bad_arguments_are_rejected():
         fused_lm_head_entropy_logprob(h, w.bfloat16(), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         fused_lm_head_entropy_logprob(h, w, torch.zeros(2, dtype=torch.long), -1.0)
+    with pytest.raises(ValueError, match="recompute"):
+        fused_lm_head_entropy_logprob(h, w, torch.zeros(2, dtype=torch.long), recompute="x")
 
 
-def test_vocab_padding_rows_are_left_out():
+@pytest.mark.parametrize("recompute", ["triton", "cublas"])
+def test_vocab_padding_rows_are_left_out(recompute):
     hidden, weight, tokens, up = _inputs(9, 16, 300, torch.float32, seed=4)
     tokens = tokens % 250
     padded = weight.clone()
     padded[250:] = hidden[0] * 50  # would dominate every softmax if counted
     ent, lp, gh, gw = _run(
         fused_lm_head_entropy_logprob, hidden, padded, tokens, up, 1.0,
-        vocab_size=250, chunk_cols=128,
+        vocab_size=250, chunk_cols=128, recompute=recompute,
     )  # fmt: skip
     want = _run(_reference, hidden.double(), weight[:250].double(), tokens, up, 1.0)
     for got, ref in zip((ent, lp, gh), want):
