@@ -199,6 +199,35 @@ def launch_token_terms_fwd(
     )  # fmt: skip
 
 
+def launch_token_terms_bwd(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    eps_low: tuple[Tensor, int],
+    eps_high: tuple[Tensor, int],
+    ref_logp: Tensor | None,
+    clip_c: float | None,
+    kl_estimator: str,
+    upstream: tuple[Tensor, Tensor, Tensor],
+    grad_out: Tensor,
+) -> None:
+    """Run the backward kernel: grad_out [N] = d(sum of upstream (pg_loss, kl, ratio)
+    gradients times the terms) / d logp. Arguments as `launch_token_terms_fwd`."""
+    n = logp.numel()
+    if n == 0:
+        return
+    meta = _meta(logp.device)
+    require_launchable(_loss_bwd_kernel, logp.device)
+    _loss_bwd_kernel[(triton.cdiv(n, meta["BLOCK"]),)](
+        logp, old_logp, advantages, eps_low[0], eps_high[0],
+        ref_logp if ref_logp is not None else logp,
+        *upstream, grad_out, eps_low[1], eps_high[1], n,
+        float(clip_c) if clip_c is not None else 0.0,
+        HAS_DUAL=clip_c is not None, HAS_REF=ref_logp is not None, KL=KL_CODES[kl_estimator],
+        **meta,
+    )  # fmt: skip
+
+
 class _TokenTermsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old, adv, lo, hi, ref, lo_stride, hi_stride, consts):
@@ -226,14 +255,12 @@ class _TokenTermsFn(torch.autograd.Function):
         g_kl = zeros if g_kl is None else g_kl.contiguous()
         g_ratio = zeros if g_ratio is None else g_ratio.contiguous()
         grad = torch.empty_like(logp)
-        n = logp.numel()
-        if n:
-            meta = _meta(logp.device)
-            _loss_bwd_kernel[(triton.cdiv(n, meta["BLOCK"]),)](
-                logp, old, adv, lo, hi, ref, g_loss, g_kl, g_ratio, grad,
-                ctx.strides[0], ctx.strides[1], n, consts.clip_c,
-                HAS_DUAL=consts.has_dual, HAS_REF=consts.has_ref, KL=consts.kl, **meta,
-            )  # fmt: skip
+        est = {code: name for name, code in KL_CODES.items()}[consts.kl]
+        launch_token_terms_bwd(
+            logp, old, adv, (lo, ctx.strides[0]), (hi, ctx.strides[1]),
+            ref if consts.has_ref else None, consts.clip_c if consts.has_dual else None, est,
+            (g_loss, g_kl, g_ratio), grad,
+        )  # fmt: skip
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -26,5 +26,7 @@ def _interpreted_triton_loaded() -> bool:
 
 if not _interpreted_triton_loaded():
     for name in list(sys.modules):
+        if name.startswith("triton._C"):
+            continue  # the compiled extension cannot be loaded twice; it does not decide
         if name == "triton" or name.startswith(("triton.", "archer_mcore.kernels")):
             del sys.modules[name]

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archer_mcore.kernels.fused_loss import fused_token_terms, launch_token_terms_fwd
+from archer_mcore.kernels.fused_loss import (
+    fused_token_terms,
+    launch_token_terms_bwd,
+    launch_token_terms_fwd,
+)
 from kernel_reference64 import rel_err, token_terms64
 
 from archer_mcore.algo.losses import token_terms
@@ -128,6 +132,13 @@ def test_every_output_element_is_written():
     )
     assert all(torch.isfinite(o).all() for o in outs)
     assert ((flags == 0) | (flags == 1)).all()
+
+    grad = torch.full((n,), float("nan"))
+    up = [torch.ones(n) for _ in range(3)]
+    launch_token_terms_bwd(
+        f[0], f[1], f[2], (f[4], 1), (torch.tensor([0.28]), 0), f[3], 3.0, "k3", up, grad
+    )
+    assert torch.isfinite(grad).all()
 
 
 def test_unknown_estimator_is_rejected():
