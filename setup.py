@@ -30,6 +30,9 @@ setup(
         "prometheus-client>=0.20",
         "math-verify>=0.7",
         "numpy",
+        "psutil",
+        "httpx2>=2.16",
+        "packaging",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.6"],

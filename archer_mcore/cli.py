@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from archer_mcore import __version__
 from archer_mcore.config import ConfigError, dump_yaml, load_config
@@ -36,8 +36,108 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_config_show)
 
 
-#: Later subcommands register here: name -> (add_arguments, run).
-_EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--override",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. train.steps=10 (repeatable)",
+    )
+
+
+def _single_process_rendezvous() -> None:
+    """Outside torchrun/srun, rendezvous on a free local port (not a fixed 29500)."""
+    import os
+    import socket
+
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if not launched and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from archer_mcore.train.loop import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("archer").setLevel(logging.INFO)
+    cfg = load_config(args.config, args.override)  # fails here, before any expensive work
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    _single_process_rendezvous()
+    summary = train(cfg, resume=args.resume)
+    return 0 if summary.stopped_by is None or summary.last_checkpoint else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from archer_mcore.train.eval_cli import run_eval
+
+    return run_eval(args)
+
+
+def _lazy(module: str, runner: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), runner)(args)
+
+    return run
+
+
+def _add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run RL training from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    _add_overrides(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on a prompt file")
+    p.add_argument("config", help="YAML config file (model, sampling defaults)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or root)")
+    p.add_argument("--data", required=True, action="append", help="JSONL/Parquet file(s)")
+    p.add_argument("--samples", "-k", type=int, default=None, help="samples per prompt")
+    p.add_argument("--out", default=None, help="JSON output path")
+    _add_overrides(p)
+    p.set_defaults(func=_eval)
+
+    from archer_mcore.model.convert_cli import add_convert_args
+    from archer_mcore.planner import add_plan_args
+    from archer_mcore.slurm_submit import add_submit_args
+
+    for name, help_text, add, module, runner in (
+        (
+            "convert",
+            "convert weights HF <-> megatron",
+            add_convert_args,
+            "archer_mcore.model.convert_cli",
+            "run_convert",
+        ),
+        (
+            "plan",
+            "per-GPU memory and step time of a layout",
+            add_plan_args,
+            "archer_mcore.planner",
+            "run_plan",
+        ),
+        (
+            "submit",
+            "render and submit a Slurm job",
+            add_submit_args,
+            "archer_mcore.slurm_submit",
+            "run_submit",
+        ),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        add(p)
+        p.set_defaults(func=_lazy(module, runner))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"archer-mcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config_parser(sub)
-    for add in _EXTRA:
-        add(sub)
+    _add_commands(sub)
     return parser
 
 

@@ -254,6 +254,7 @@ class TrainConfig:
     mini_batch_prompts: int = _f(32, ge=1)
     ppo_epochs: int = _f(1, ge=1)
     max_nonfinite_in_a_row: int = _f(3, ge=1)
+    torch_threads: int = _f(0, ge=0)  # intra-op CPU threads per process; 0: torch's default
     log_every: int = _f(1, ge=1)
 
 

@@ -1,0 +1,408 @@
+"""Build the RL loop's components from the config: data, policy, engine, rewards, metrics.
+
+Rank layout: every rank holds the Megatron policy; the rollout engine, the reward
+scorer and the metrics exporter live on global rank 0, which generates and scores each
+batch and broadcasts it to the other ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from archer_mcore.config import Config, ConfigError
+from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
+from archer_mcore.data.sampler import EpochSampler
+from archer_mcore.rewards.types import RewardRequest
+from archer_mcore.rollout.types import RolloutBatch, SamplingParams
+from archer_mcore.train.batch import ScoredGroup
+from archer_mcore.train.evaluation import summarize
+from archer_mcore.train.progress import PhaseTimer, step_line
+
+log = logging.getLogger("archer.train")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (identity without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- data
+def build_tokenizer(cfg: Config, cache: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.path
+    if not source:
+        from archer_mcore.data.arithmetic_tokenizer import build_arithmetic_tokenizer
+
+        source = str(build_arithmetic_tokenizer(cache / "tokenizer"))
+    return AutoTokenizer.from_pretrained(source)
+
+
+def synthetic_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
+    """Write the synthetic task's train and held-out files (no shared problem)."""
+    from archer_mcore.data.synthetic import (
+        ArithmeticTaskConfig,
+        generate_arithmetic_rows,
+        write_jsonl,
+    )
+
+    task = ArithmeticTaskConfig(**asdict(cfg.data.synthetic))
+    train_rows = generate_arithmetic_rows(cfg.data.synthetic_train_size, task, seed=cfg.train.seed)
+    seen = {r["extra_info"]["expression"] for r in train_rows}
+    candidates = generate_arithmetic_rows(
+        4 * cfg.data.synthetic_eval_size, task, seed=cfg.train.seed + 1
+    )
+    eval_rows = [r for r in candidates if r["extra_info"]["expression"] not in seen]
+    eval_rows = eval_rows[: cfg.data.synthetic_eval_size]
+    digest = hashlib.sha256(json.dumps(asdict(task), sort_keys=True).encode()).hexdigest()[:12]
+    tag = f"synthetic-{cfg.train.seed}-{cfg.data.synthetic_train_size}-{digest}"
+    train = write_jsonl(train_rows, cache / tag / "train.jsonl")
+    held_out = write_jsonl(eval_rows, cache / tag / "eval.jsonl")
+    return [str(train)], [str(held_out)]
+
+
+@dataclass
+class PromptStream:
+    """The training prompts in the sampler's deterministic, resumable order."""
+
+    dataset: PromptDataset
+    sampler: EpochSampler
+
+    def next_batch(self, k: int) -> list[PromptExample]:
+        return [self.dataset[i] for i in self.sampler.next_batch(k)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- model
+def hf_config_dict(cfg: Config, tokenizer: Any) -> dict[str, Any]:
+    """The policy's HF config: model.path's config.json, or the inline `model.arch`."""
+    if cfg.model.path:
+        path = Path(cfg.model.path) / "config.json"
+        if not path.exists():
+            raise ConfigError(f"model.path: {path} does not exist")
+        return json.loads(path.read_text())
+    a = cfg.model.arch
+    if len(tokenizer) > a.vocab_size:
+        raise ConfigError(
+            f"model.arch.vocab_size = {a.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens"
+        )
+    d = {k: v for k, v in asdict(a).items() if k != "family"}
+    d.update(
+        model_type=a.family,
+        architectures=["Qwen3ForCausalLM" if a.family == "qwen3" else "Qwen2ForCausalLM"],
+        hidden_act="silu",
+        attention_bias=a.family == "qwen2",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        torch_dtype="float32",
+    )
+    return d
+
+
+def warmstart_examples(
+    dataset: PromptDataset, tokenizer: Any, count: int, noise: float, seed: int
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, solution ids + eos) pairs; a share `noise` ends in a wrong answer."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(min(count, len(dataset))):
+        ex = dataset[i]
+        solution = ex.extra_info.get("solution")
+        if not solution:
+            raise ConfigError(
+                f"warmstart: {ex.source} has no extra_info.solution to imitate"
+            )
+        if rng.random() < noise:
+            truth = int(ex.ground_truth)
+            wrong = truth + rng.choice([-2, -1, 1, 2])
+            head, _, _ = solution.rpartition(f"= {truth}. ")
+            solution = (
+                f"{head}= {wrong}. \\boxed{{{wrong}}}" if head else f"\\boxed{{{wrong}}}"
+            )
+        ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        out.append((list(ex.prompt_ids), [*ids, tokenizer.eos_token_id]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the bundle
+@dataclass
+class Components:
+    cfg: Config
+    tokenizer: Any
+    prompts: PromptStream
+    eval_data: PromptDataset | None
+    policy: Any  # MegatronPolicy
+    engine: Any | None  # RolloutEngine, rank 0 only
+    scorer: Any | None  # RewardScorer, rank 0 only
+    exporter: Any | None  # MetricsExporter, rank 0 only
+    checkpoint_root: Path
+    pad_id: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    _failures_reported: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return rank() == 0
+
+    # -- rollout + reward --------------------------------------------------------------
+    def _score(self, prompts: Sequence[PromptExample], batch: RolloutBatch) -> list[ScoredGroup]:
+        assert self.scorer is not None
+        eos = self.tokenizer.eos_token_id
+        requests = []
+        for prompt, group in zip(prompts, batch.groups):
+            for s in group:
+                ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+                requests.append(
+                    RewardRequest(
+                        response=self.tokenizer.decode(ids, skip_special_tokens=True),
+                        ground_truth=prompt.ground_truth,
+                        data_source=prompt.data_source,
+                        extra=dict(prompt.extra_info),
+                    )
+                )
+        results = iter(self.scorer.score_batch(requests))
+        return [
+            ScoredGroup(
+                samples=list(group),
+                correct=[float(next(results).correct) for _ in group],
+                data_source=prompt.data_source,
+            )
+            for prompt, group in zip(prompts, batch.groups)
+        ]
+
+    def generate_groups(
+        self, n_prompts: int, n: int, params: SamplingParams, timer: PhaseTimer
+    ) -> list[ScoredGroup]:
+        """Rank 0 generates and scores the next `n_prompts` prompts; every rank gets them."""
+        prompts = self.prompts.next_batch(n_prompts)
+        groups = None
+        if self.is_main:
+            with timer("rollout"):
+                batch = self.engine.generate([p.prompt_ids for p in prompts], n, params)
+            with timer("reward"):
+                groups = self._score(prompts, batch)
+        return broadcast_object(groups)
+
+    def reward_failures(self) -> int:
+        """Reward faults since the last call (rank 0's count)."""
+        if not self.is_main:
+            return 0
+        total = self.scorer.counters().get("faults", 0)
+        new, self._failures_reported = total - self._failures_reported, total
+        return new
+
+    # -- weights, eval, metrics ----------------------------------------------------------
+    def sync_weights(self, version: int) -> int:
+        """Stream the policy's weights into the engine; returns the bytes sent."""
+        sent = 0
+
+        def buckets():
+            nonlocal sent
+            for bucket in self.policy.export_hf_buckets(self.cfg.rollout.sync_bucket_bytes):
+                sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield bucket
+
+        if self.is_main:
+            self.engine.update_weights(buckets(), version=version)
+        else:  # the export is collective over the model-parallel group
+            for _ in buckets():
+                pass
+        return sent
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """avg@k / pass@k on the held-out set with the eval sampling settings."""
+        result: dict[str, float] | None = None
+        if self.is_main and self.eval_data is not None and len(self.eval_data):
+            e = self.cfg.eval
+            params = SamplingParams(
+                temperature=e.temperature,
+                top_p=e.top_p,
+                max_new_tokens=e.max_new_tokens,
+                stop_token_ids=tuple(self.cfg.rollout.stop_token_ids),
+                seed=self.cfg.train.seed + 7,
+            )
+            prompts = list(self.eval_data)
+            batch = self.engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
+            groups = self._score(prompts, batch)
+            summary = summarize([(g.data_source, [c > 0 for c in g.correct]) for g in groups])
+            allrow = summary["all"]
+            result = {
+                "eval/accuracy": allrow[f"avg@{e.n_samples}"],
+                f"eval/pass@{e.n_samples}": allrow[f"pass@{e.n_samples}"],
+            }
+            path = Path(self.cfg.train.output_dir) / "eval" / f"step_{step:06d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return broadcast_object(result) or {}
+
+    def report(self, step: int, metrics: Mapping[str, float], timer: PhaseTimer) -> None:
+        row = {**metrics, **timer.metrics(), "step": float(step)}
+        self.history.append(row)
+        if not self.is_main:
+            return
+        print(step_line(step, self.cfg.train.steps, row), flush=True)
+        out = Path(self.cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.exporter is not None:
+            self.exporter.record_step(step, row)
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def _policy_config(cfg: Config) -> Any:
+    from archer_mcore.model.build import ModelOptions
+    from archer_mcore.train.policy import OptimConfig, PolicyConfig
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[
+        cfg.model.params_dtype
+    ]
+    o = cfg.optimizer
+    a = cfg.algorithm
+    needs_ref = a.kl_coef > 0 or (a.token_rule == "archer" and a.reasoning_kl_coef > 0)
+    return PolicyConfig(
+        tp=cfg.parallel.tensor_model_parallel_size,
+        pp=cfg.parallel.pipeline_model_parallel_size,
+        seed=cfg.train.seed,
+        model=ModelOptions(
+            transformer_impl=cfg.model.transformer_impl,
+            params_dtype=dtype,
+            recompute=None if cfg.model.recompute == "none" else cfg.model.recompute,
+        ),
+        optim=OptimConfig(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            warmup_steps=o.lr_warmup_steps,
+            decay_steps=cfg.train.steps * cfg.train.ppo_epochs
+            * (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts),
+            decay_style=o.lr_schedule,
+            distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        micro_batch_tokens=cfg.parallel.micro_batch_tokens,
+        temperature=cfg.rollout.temperature,
+        with_reference=needs_ref,
+    )
+
+
+def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Any:
+    if cfg.rollout.engine == "local":
+        from archer_mcore.rollout.local_engine import LocalEngine
+
+        return LocalEngine(dict(hf_config), seed=cfg.train.seed, pad_token_id=pad_id, num_threads=1)
+    from archer_mcore.rollout.sglang_engine import SGLangEngine
+
+    s = cfg.rollout.sglang
+    if not s.server_urls:
+        raise ConfigError(
+            "rollout.engine = sglang: list running servers in rollout.sglang.server_urls "
+            "(the Slurm scripts start them); launching from the trainer needs GPUs"
+        )
+    return SGLangEngine(list(s.server_urls), health_deadline_s=s.health_timeout_s)
+
+
+def build_components(cfg: Config) -> Components:
+    """Everything the loop needs, in dependency order; fails early on bad config."""
+    from archer_mcore.train.policy import MegatronPolicy
+
+    out = Path(cfg.train.output_dir)
+    cache = Path(cfg.warmstart.cache_dir)
+    tokenizer = build_tokenizer(cfg, cache)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.data.train_files:
+        train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
+    else:
+        train_files, eval_files = synthetic_files(cfg, cache)
+    for f in train_files + eval_files:
+        if not Path(f).exists():
+            raise ConfigError(f"data: file {f} does not exist")
+    train_data = PromptDataset.from_files(train_files, tokenizer, cfg.data.max_prompt_length)
+    if len(train_data) == 0:
+        raise ConfigError(f"data.train_files: no usable prompt in {train_files}")
+    eval_data = (
+        PromptDataset.from_files(eval_files, tokenizer, cfg.data.max_prompt_length)
+        if eval_files
+        else None
+    )
+    hf_config = hf_config_dict(cfg, tokenizer)
+
+    source: Any = cfg.model.path or hf_config
+    if cfg.warmstart.steps > 0:
+        from archer_mcore.train.warmstart import supervised_warmstart
+
+        w = cfg.warmstart
+        examples = warmstart_examples(train_data, tokenizer, w.examples, w.noise, cfg.train.seed)
+
+        def progress(step: int, loss: float) -> None:
+            if step % 50 == 0 or step == w.steps:
+                print(f"warm start {step}/{w.steps} | sft loss {loss:.4f}", flush=True)
+
+        source = str(
+            supervised_warmstart(
+                hf_config, examples, cache, w.steps, w.batch_size, w.lr, cfg.train.seed, pad_id,
+                on_progress=progress,
+            )
+        )
+    policy = MegatronPolicy.from_hf(source, _policy_config(cfg))
+    engine = scorer = exporter = None
+    if rank() == 0:
+        from archer_mcore.rewards.scorer import RewardScorer
+
+        engine = build_engine(cfg, hf_config, pad_id)
+        scorer = RewardScorer.from_config(cfg.rewards)
+        if cfg.metrics.enabled:
+            from archer_mcore.metrics.exporter import MetricsExporter
+
+            exporter = MetricsExporter.from_config(cfg.metrics, run=cfg.train.run_name)
+            exporter.start()
+            print(f"metrics: {exporter.url}", file=sys.stderr, flush=True)
+    sampler = EpochSampler(len(train_data), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    return Components(
+        cfg=cfg,
+        tokenizer=tokenizer,
+        prompts=PromptStream(train_data, sampler),
+        eval_data=eval_data,
+        policy=policy,
+        engine=engine,
+        scorer=scorer,
+        exporter=exporter,
+        checkpoint_root=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints",
+        pad_id=pad_id,
+    )

@@ -1,0 +1,239 @@
+"""The RL loop: one step is rollout -> reward -> advantages -> log-probs -> update -> sync.
+
+Read top to bottom; the components (policy, engine, rewards, data, metrics) are built
+in `components.py` and sit behind small interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from archer_mcore.config import Config
+from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
+from archer_mcore.rollout.types import SamplingParams
+from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
+from archer_mcore.train.batching import with_fields
+from archer_mcore.train.checkpoint import find_latest_checkpoint
+from archer_mcore.train.components import Components, build_components
+from archer_mcore.train.dynamic_sampling import collect_groups
+from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.signals import StopRequest
+
+log = logging.getLogger("archer.train")
+
+
+@dataclass
+class TrainSummary:
+    steps_done: int
+    stopped_by: str | None = None  # signal name, or None when the run finished
+    skipped_updates: int = 0
+    eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, accuracy)
+    last_checkpoint: str | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates with a non-finite loss; the last good checkpoint stays."""
+
+
+def rollout_params(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop_token_ids=tuple(r.stop_token_ids),
+    )
+
+
+def rollout_metrics(groups: list[ScoredGroup], batch: TrainBatch) -> dict[str, float]:
+    lengths = [len(s.token_ids) for g in groups for s in g.samples]
+    count = max(1, len(lengths))
+    return {
+        "reward/mean": float(batch.rewards.mean()),
+        "reward/std": float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0,
+        "response/repetition": mean_ngram_repetition_rate(
+            [s.token_ids for g in groups for s in g.samples]
+        ),
+        "reward/accuracy": sum(sum(g.correct) for g in groups) / count,
+        "response/length_mean": sum(lengths) / count,
+        "response/length_max": float(max(lengths, default=0)),
+        "response/clip_ratio": sum(s.finish_reason == "length" for g in groups for s in g.samples)
+        / count,
+    }
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted(set().union(*rows)) if rows else []
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def train(cfg: Config, resume: bool = False, components: Components | None = None) -> TrainSummary:
+    c = components or build_components(cfg)
+    t, a = cfg.train, cfg.algorithm
+    loss_cfg = a.loss_config()
+    params = rollout_params(cfg)
+    n = cfg.rollout.n_samples_per_prompt
+    summary = TrainSummary(steps_done=0)
+
+    # Resume: policy, optimizer, RNG and the data position from the newest checkpoint.
+    start = 0
+    latest = find_latest_checkpoint(c.checkpoint_root) if resume else None
+    if latest is not None:
+        state = c.policy.load_checkpoint(latest)
+        start = int(state["step"])
+        c.prompts.load_state_dict(state["sampler"])
+        summary.skipped_updates = int(state.get("skipped_updates", 0))
+        summary.last_checkpoint = str(latest)
+        if c.is_main:
+            print(f"resumed from {latest} (step {start})", flush=True)
+    elif resume and c.is_main:
+        print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
+    c.sync_weights(start)
+
+    def save(step: int) -> None:
+        extra = {
+            "step": step,
+            "sampler": c.prompts.state_dict(),
+            "skipped_updates": summary.skipped_updates,
+        }
+        path = c.policy.save_checkpoint(c.checkpoint_root, extra, cfg.checkpoint.keep_last)
+        summary.last_checkpoint = str(path)
+
+    nonfinite_in_a_row = 0
+    with StopRequest() as stop:
+        for step in range(start + 1, t.steps + 1):
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+
+            # 1. Rollout and reward, with the group filter / dynamic sampling.
+            outcome = collect_groups(
+                lambda k, timer=timer: c.generate_groups(k, n, params, timer),
+                lambda g: g.correct,
+                t.prompts_per_step,
+                a.group_filter,
+                a.max_generation_batches,
+            )
+            metrics: dict[str, float] = {
+                "sampling/drop_rate": outcome.drop_rate,
+                "sampling/generation_batches": float(outcome.generation_batches),
+                "reward/failures": float(c.reward_failures()),
+            }
+            if not outcome.groups:
+                log.warning("step %d: every group was all-correct or all-wrong; no update", step)
+                c.report(step, metrics, timer)
+                summary.steps_done = step
+                continue
+            if not outcome.full:
+                print(
+                    f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
+                    f"generation batches; training on {len(outcome.groups)} of "
+                    f"{t.prompts_per_step} groups",
+                    flush=True,
+                )
+
+            # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
+            overlong = (
+                (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
+            )
+            batch = build_batch(
+                outcome.groups,
+                a.reward_correct,
+                a.reward_incorrect,
+                a.norm_adv_by_std,
+                overlong,
+                c.pad_id,
+            )
+            metrics.update(rollout_metrics(outcome.groups, batch))
+
+            # 3. Old and reference log-probs, forward only.
+            with timer("logprobs"):
+                old_logp, _ = c.policy.compute_logprobs(batch.policy)
+                ref_logp = (
+                    c.policy.compute_ref_logprobs(batch.policy)
+                    if c.policy.reference is not None
+                    else None
+                )
+            full = with_fields(batch.policy, old_logp=old_logp, ref_logp=ref_logp)
+            diff = (old_logp - batch.rollout_logp)[full.response_mask]
+            metrics["rollout/logprob_abs_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
+
+            # 4. The update: ppo_epochs passes over mini-batches of whole groups; each
+            #    data-parallel rank takes its share of every mini-batch.
+            updates: list[dict[str, float]] = []
+            skipped_before = summary.skipped_updates
+            with timer("update"):
+                groups_total = len(outcome.groups)
+                per_mb = max(1, groups_total * t.mini_batch_prompts // t.prompts_per_step)
+                for epoch in range(t.ppo_epochs):
+                    g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + epoch)
+                    order = torch.randperm(groups_total, generator=g)
+                    for lo in range(0, groups_total, per_mb):
+                        rows = group_rows(order[lo : lo + per_mb], n)
+                        share = rows[c.policy.dp_rank :: c.policy.dp_size]
+                        m = c.policy.train_step(full.rows(share), loss_cfg)
+                        updates.append(m)
+                        if m.get("update_skipped") or not math.isfinite(m.get("loss", 0.0)):
+                            nonfinite_in_a_row += 1
+                            summary.skipped_updates += 1
+                            log.warning(
+                                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                step,
+                                nonfinite_in_a_row,
+                            )
+                            if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+                                raise NonFiniteLossError(
+                                    f"{nonfinite_in_a_row} non-finite updates in a row at step "
+                                    f"{step}; stopping. Last good checkpoint: "
+                                    f"{summary.last_checkpoint or 'none'}"
+                                )
+                        else:
+                            nonfinite_in_a_row = 0
+            for k, v in _mean(updates).items():
+                metrics[k if "/" in k else f"train/{k}"] = v
+            metrics["train/skipped_steps"] = float(summary.skipped_updates - skipped_before)
+            if "share/forking" in metrics:
+                metrics["forking/share"] = metrics["share/forking"]
+            trained = batch.num_response_tokens * t.ppo_epochs
+            metrics["throughput/train_tokens"] = float(trained)
+            metrics["throughput/train_tokens_per_s"] = trained / max(1e-9, timer.seconds["update"])
+            generated = sum(len(s.token_ids) for grp in outcome.all_groups for s in grp.samples)
+            metrics["throughput/rollout_tokens"] = float(generated)
+            metrics["throughput/rollout_tokens_per_s"] = generated / max(
+                1e-9, timer.seconds.get("rollout", 0.0)
+            )
+
+            # 5. Weight sync to the rollout engine.
+            with timer("sync"):
+                metrics["sync/bytes"] = float(c.sync_weights(step))
+
+            # 6. Eval, checkpoint, report.
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                with timer("eval"):
+                    ev = c.evaluate(step)
+                metrics.update(ev)
+                if "eval/accuracy" in ev:
+                    summary.eval_history.append((step, ev["eval/accuracy"]))
+            summary.steps_done = step
+            periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+            if stop or periodic or step == t.steps:
+                with timer("checkpoint"):
+                    save(step)
+            metrics["time/step"] = time.perf_counter() - step_start
+            c.report(step, metrics, timer)
+            if stop:
+                summary.stopped_by = stop.signal_name
+                if c.is_main:
+                    print(
+                        f"received {stop.signal_name}: checkpoint written at step {step} "
+                        f"({summary.last_checkpoint}); exiting",
+                        flush=True,
+                    )
+                break
+    c.close()
+    return summary
