@@ -1,0 +1,108 @@
+"""`archer eval CONFIG --checkpoint DIR --data FILE`: avg@k and pass@k of a checkpoint.
+
+The policy is rebuilt from the config, the checkpoint's weights are loaded into it and
+synced into the rollout engine, which samples k responses per prompt with the eval
+settings (`eval.temperature`, `eval.top_p`, `eval.n_samples`). Results per data source
+go to a JSON file and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from archer_mcore.config import ConfigError, load_config
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from archer_mcore.cli import _single_process_rendezvous
+    from archer_mcore.data.prompt_dataset import PromptDataset
+    from archer_mcore.train.checkpoint import find_latest_checkpoint
+    from archer_mcore.train.components import (
+        _policy_config,
+        build_engine,
+        build_tokenizer,
+        hf_config_dict,
+        rank,
+    )
+    from archer_mcore.train.evaluation import format_table, summarize
+    from archer_mcore.train.policy import MegatronPolicy
+
+    cfg = load_config(args.config, args.override)
+    if args.samples is not None:
+        if args.samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+        cfg.eval.n_samples = args.samples
+    for f in args.data:
+        if not Path(f).exists():
+            raise ConfigError(f"--data: file {f} does not exist")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f"--checkpoint: {ckpt} does not exist")
+    if (ckpt / "MANIFEST.json").exists() or ckpt.name.startswith("step_"):
+        step_dir = ckpt
+    else:
+        found = find_latest_checkpoint(ckpt)
+        if found is None:
+            raise ConfigError(f"--checkpoint: no finished checkpoint under {ckpt}")
+        step_dir = found
+
+    _single_process_rendezvous()
+    tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
+    data = PromptDataset.from_files(args.data, tokenizer, cfg.data.max_prompt_length)
+    if len(data) == 0:
+        raise ConfigError(f"--data: no usable prompt in {args.data}: {data.report.summary()}")
+    hf_config = hf_config_dict(cfg, tokenizer)
+    pcfg = _policy_config(cfg)
+    policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, pcfg)
+    policy.load_checkpoint(step_dir)
+    pad = tokenizer.pad_token_id or 0
+    engine = build_engine(cfg, hf_config, pad) if rank() == 0 else None
+    buckets = policy.export_hf_buckets(cfg.rollout.sync_bucket_bytes)
+    if engine is None:
+        for _ in buckets:
+            pass
+        return 0
+    engine.update_weights(buckets)
+
+    from archer_mcore.rewards.scorer import RewardScorer
+    from archer_mcore.rewards.types import RewardRequest
+    from archer_mcore.rollout.types import SamplingParams
+
+    e = cfg.eval
+    params = SamplingParams(
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=cfg.train.seed,
+    )
+    prompts = list(data)
+    print(f"eval: {len(prompts)} prompts x {e.n_samples} samples from {step_dir}", file=sys.stderr)
+    batch = engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
+    eos = tokenizer.eos_token_id
+    with RewardScorer.from_config(cfg.rewards) as scorer:
+        records = []
+        for prompt, group in zip(prompts, batch.groups):
+            reqs = [
+                RewardRequest(
+                    response=tokenizer.decode(
+                        s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids,
+                        skip_special_tokens=True,
+                    ),
+                    ground_truth=prompt.ground_truth,
+                    data_source=prompt.data_source,
+                    extra=dict(prompt.extra_info),
+                )
+                for s in group
+            ]
+            records.append((prompt.data_source, [r.correct for r in scorer.score_batch(reqs)]))
+    summary = summarize(records)
+    out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(step_dir), "results": summary}, indent=2) + "\n")
+    print(format_table(summary))
+    print(f"written: {out}", file=sys.stderr)
+    engine.shutdown()
+    return 0
