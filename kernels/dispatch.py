@@ -49,14 +49,20 @@ def use_triton(mode: str, device: torch.device) -> bool:
 
 
 def entropy_and_logprob(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, mode: str = "auto"
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    *,
+    inplace_backward: bool = False,
+    mode: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Entropy of softmax(logits / T) and log-prob of `tokens`: logits [..., V],
-    tokens [...] -> (entropy, logprob) [...] fp32 nats, differentiable w.r.t. logits."""
+    tokens [...] -> (entropy, logprob) [...] fp32 nats, differentiable w.r.t. logits.
+    inplace_backward (Triton path): the logits' memory receives their gradient."""
     if use_triton(mode, logits.device):
         from archer_mcore.kernels import entropy_logprob
 
-        return entropy_logprob.entropy_and_logprob(logits, tokens, temperature)
+        return entropy_logprob.entropy_and_logprob(logits, tokens, temperature, inplace_backward)
     return torch_entropy.entropy_and_logprob(logits, tokens, temperature)
 
 
@@ -68,6 +74,7 @@ def vocab_parallel_entropy_and_logprob(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     *,
+    inplace_backward: bool = False,
     mode: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob over a vocabulary sharded across `tp_group`.
@@ -76,6 +83,8 @@ def vocab_parallel_entropy_and_logprob(
         logits_shard: [N, V_local] this rank's columns (global ids from `vocab_start`).
         tokens: [N] global token ids.
         vocab_size: true vocabulary size; padding ids >= it are left out.
+        inplace_backward: Triton path: write the gradient into the logits' memory
+            (only when nothing reads those logits afterwards).
     Returns:
         (entropy [N], logprob [N]) fp32, the same on every rank; the backward gives this
         shard's gradient without communication.
@@ -84,7 +93,7 @@ def vocab_parallel_entropy_and_logprob(
         from archer_mcore.kernels import entropy_logprob
 
         return entropy_logprob.vocab_parallel_entropy_and_logprob(
-            logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size
+            logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size, inplace_backward
         )
     from archer_mcore.parallel import vocab_parallel
 

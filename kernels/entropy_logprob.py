@@ -260,13 +260,14 @@ def combine_partial_stats(partials: Tensor, group: dist.ProcessGroup | None = No
 
 class _EntropyLogprobFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, vocab_start, vocab_size, group):
+    def forward(ctx, logits, tokens, temperature, vocab_start, vocab_size, group, inplace):
         n = logits.shape[0]
         partial = torch.empty(4, n, dtype=torch.float32, device=logits.device)
         launch_stats(logits, tokens, partial, temperature, vocab_start, vocab_size)
         stats = combine_partial_stats(partial.unsqueeze(1), group)
         ctx.save_for_backward(logits, tokens, stats.packed())
         ctx.temperature, ctx.vocab_start, ctx.vocab_size = temperature, vocab_start, vocab_size
+        ctx.inplace = inplace
         return stats.entropy, stats.logprob
 
     @staticmethod
@@ -276,11 +277,12 @@ class _EntropyLogprobFn(torch.autograd.Function):
         zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
         gh = zeros if grad_entropy is None else grad_entropy.float().contiguous()
         gl = zeros if grad_logprob is None else grad_logprob.float().contiguous()
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        # In place: each element is read before the same program overwrites it.
+        grad = logits if ctx.inplace else torch.empty_like(logits)
         launch_grad(
             logits, grad, tokens, packed, gh, gl, ctx.temperature, ctx.vocab_start, ctx.vocab_size
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _check(logits: Tensor, tokens: Tensor, temperature: float) -> None:
@@ -293,19 +295,20 @@ def _check(logits: Tensor, tokens: Tensor, temperature: float) -> None:
 
 
 def entropy_and_logprob(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, inplace_backward: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Fused entropy of softmax(logits / T) and log-prob of `tokens`, in nats.
 
     Args:
         logits: [..., V] fp32 / bf16 / fp16 (math is fp32).
         tokens: [...] int token ids in [0, V).
+        inplace_backward: see `vocab_parallel_entropy_and_logprob`.
     Returns:
         (entropy, logprob), each [...] fp32; differentiable w.r.t. logits (the gradient
         has the logits' dtype).
     """
     return vocab_parallel_entropy_and_logprob(
-        logits, tokens, temperature, group=None, vocab_start=0
+        logits, tokens, temperature, group=None, vocab_start=0, inplace_backward=inplace_backward
     )
 
 
@@ -316,6 +319,7 @@ def vocab_parallel_entropy_and_logprob(
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob when the vocabulary is sharded over the ranks of `group`.
 
@@ -327,6 +331,9 @@ def vocab_parallel_entropy_and_logprob(
             (Megatron's equal partition).
         vocab_size: the true vocabulary size; columns with global id >= it (Megatron's
             vocab padding) are left out of the softmax and get zero gradient.
+        inplace_backward: write the logits gradient into the logits' own memory (as
+            megatron's vocab-parallel cross entropy does), saving a logits-sized buffer.
+            Only when nothing else reads those logits after this call's backward.
     Returns:
         (entropy, logprob) over the whole vocabulary, [...] fp32, equal on all ranks.
         The backward gives this shard's logits gradient and communicates nothing.
@@ -343,6 +350,6 @@ def vocab_parallel_entropy_and_logprob(
         flat = flat.contiguous()
     toks = tokens.reshape(-1).to(torch.int64).contiguous()
     entropy, logprob = _EntropyLogprobFn.apply(
-        flat, toks, float(temperature), int(vocab_start), vocab_size, group
+        flat, toks, float(temperature), int(vocab_start), vocab_size, group, inplace_backward
     )
     return entropy.reshape(lead), logprob.reshape(lead)

@@ -157,3 +157,15 @@ def test_a_shard_of_only_padding_combines_to_nothing():
     combined = combine_partial_stats(torch.stack([real, pad], dim=1))
     h64, lp64 = entropy_logprob64(logits.double(), tokens, 1.0)
     assert rel_err(combined.entropy, h64) < 1e-5 and rel_err(combined.logprob, lp64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_inplace_backward_writes_the_gradient_over_the_logits(dtype, tol):
+    logits, tokens, weights = _inputs(5, 130, dtype, seed=31)
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1  # a non-leaf logits tensor, like the output layer's
+    h, lp = entropy_and_logprob(z, tokens, 0.9, inplace_backward=True)
+    (h * weights[0].float() + lp * weights[1].float()).sum().backward()
+    _, _, grad64 = _fwd_bwd(entropy_logprob64, logits.double(), tokens, weights, 0.9)
+    assert rel_err(leaf.grad, grad64) < tol
+    assert torch.equal(z.detach(), leaf.grad)  # z's memory now holds its gradient
