@@ -239,17 +239,18 @@ def combine_partial_stats(partials: Tensor, group: dist.ProcessGroup | None = No
         group: if given, the slices of all ranks in the group are combined too (one
             all-reduce MAX of [N] and one all-reduce SUM of [3, N]).
     """
+    # Slices with no valid column (all vocab padding) have m = -inf and S = 0; they get
+    # weight 0 and no (m - M) S term, also when every slice of a rank is empty.
     m_k, s_k, b_k, xy_k = partials.unbind(0)
     m = m_k.amax(0)
-    w = torch.exp(m_k - m)
+    w = torch.where(s_k > 0, torch.exp(m_k - m), 0.0)
     s = (w * s_k).sum(0)
-    # Slices with no valid column have m = -inf and S = 0: keep (m - M) * S at 0 there.
     b = (w * (b_k + torch.where(s_k > 0, m_k - m, 0.0) * s_k)).sum(0)
     xy = xy_k.sum(0)
     if group is not None and dist.get_world_size(group) > 1:
         m_global = m.clone()
         dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-        w = torch.exp(m - m_global)
+        w = torch.where(s > 0, torch.exp(m - m_global), 0.0)
         shift = torch.where(s > 0, m - m_global, 0.0)
         sums = torch.stack([w * s, w * (b + shift * s), xy])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)

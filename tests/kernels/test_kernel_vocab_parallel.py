@@ -75,6 +75,11 @@ def _worker(rank: int, port: int, out: dict) -> None:
             padded[:, rank * half : (rank + 1) * half].contiguous(),
             tokens % 120, up, group=group, vocab_size=120,
         )  # fmt: skip
+        # Rank 1's whole shard is padding (vocab_size = 65 = rank 0's width).
+        out[("all_pad", rank)] = _fwd_bwd_logits(
+            vocab_parallel_entropy_and_logprob, shard, tokens % 65, up, group=group,
+            vocab_size=65,
+        )  # fmt: skip
         w_half = V_HEAD // 2
         w_shard = weight[rank * w_half : (rank + 1) * w_half]
         out[("head", rank)] = _fwd_bwd_head(
@@ -119,6 +124,11 @@ def test_tp2_equals_single_rank_and_float64():
     assert rel_err(r0[0], ref[0]) < 1e-5 and rel_err(r1[1], ref[1]) < 1e-5
     grad = torch.cat([r0[2], r1[2]], dim=1)
     assert rel_err(grad[:, :120], ref[2]) < 1e-5 and grad[:, 120:].abs().max() == 0
+
+    ref = _fwd_bwd_logits(entropy_logprob64, logits[:, :65].double(), tokens % 65, up.double())
+    r0, r1 = out[("all_pad", 0)], out[("all_pad", 1)]
+    assert rel_err(r1[0], ref[0]) < 1e-5 and rel_err(r1[1], ref[1]) < 1e-5
+    assert rel_err(r0[2], ref[2]) < 1e-5 and r1[2].abs().max() == 0
 
     single = _fwd_bwd_head(hidden, weight, head_tokens, up, chunk_cols=128)
     h64 = hidden.double().requires_grad_()
