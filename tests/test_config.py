@@ -100,6 +100,14 @@ def test_loss_config_follows_algorithm(tmp_path):
     assert (lc.token_rule, lc.reasoning_clip_high, lc.kl_coef) == ("archer", 0.5, 0.001)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-6 as the string "1e-6"; a float field accepts it as 1e-06.
+    cfg = load_config(_write(tmp_path, "optimizer:\n  lr: 1e-6\n"), ["algorithm.kl_coef=2E-3"])
+    assert cfg.optimizer.lr == 1e-6 and cfg.algorithm.kl_coef == 2e-3
+    with pytest.raises(ConfigError, match="train.steps must be int"):
+        load_config(_write(tmp_path, "train:\n  steps: 1e3\n"))
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config(_write(tmp_path, "algorithm: {name: forking}\nrollout: {top_k: 20}\n"))
     again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))

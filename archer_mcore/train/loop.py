@@ -95,6 +95,12 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
     elif resume and c.is_main:
         print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
     c.sync_weights(start)
+    if cfg.eval.every and start == 0:  # the baseline the run is measured against
+        ev = c.evaluate(0)
+        if "eval/accuracy" in ev:
+            summary.eval_history.append((0, ev["eval/accuracy"]))
+            if c.is_main:
+                print(f"step 0/{t.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
 
     def save(step: int) -> None:
         extra = {
