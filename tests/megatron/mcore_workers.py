@@ -230,3 +230,81 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 TASKS["train_step"] = train_step
+
+
+def _step_batch(step: int, vocab: int):
+    """A deterministic batch for training step `step` (the 'data position')."""
+    from archer_mcore.train.batching import PolicyBatch
+
+    g = torch.Generator().manual_seed(100 + step)
+    prompt = torch.randint(1, 4, (4,), generator=g)
+    resp = torch.randint(1, 6, (4,), generator=g)
+    ids = torch.randint(1, vocab, (4, 10), generator=g)
+    mask = torch.arange(5).unsqueeze(0) < resp.unsqueeze(1)
+    adv = torch.randn(4, generator=g)
+    return PolicyBatch(ids, prompt, mask, advantages=adv)
+
+
+def resume(payload: dict[str, Any]) -> dict[str, Any]:
+    """mode full: 4 steps, checkpoint after each. mode crash: same, but SIGKILL the
+    processes while step 3's checkpoint is being published. mode resume: load the
+    latest checkpoint and train on to step 4. Returns the final weights' path."""
+    import signal
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    import archer_mcore.train.checkpoint as ckpt
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
+
+    cfg = PolicyConfig(
+        tp=payload["tp"],
+        pp=payload["pp"],
+        micro_batch_tokens=20,
+        optim=OptimConfig(
+            lr=1e-2, warmup_steps=2, decay_steps=6, decay_style="cosine", clip_grad=1.0
+        ),
+    )
+    policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
+    loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean", kl_coef=0.01)
+    root = payload["ckpt_root"]
+    mode = payload["mode"]
+    start = 0
+    if mode == "resume":
+        extra = policy.load_checkpoint(root)
+        start = extra["next_batch"]
+    crash_at = payload.get("crash_during_save_of")
+    for step in range(start, 4):
+        batch = _step_batch(step, 100)
+        per = batch.size // policy.dp_size
+        batch = batch.rows(slice(policy.dp_rank * per, (policy.dp_rank + 1) * per))
+        old, _ = policy.compute_logprobs(batch)
+        batch = replace(batch, old_logp=old, ref_logp=policy.compute_ref_logprobs(batch))
+        # Perturb the old log-probs (as a stale rollout policy would) so ratios clip.
+        batch = replace(
+            batch,
+            old_logp=batch.old_logp
+            + 0.1
+            * torch.sin(
+                torch.arange(batch.old_logp.numel()).reshape(batch.old_logp.shape).float() + step
+            ),
+        )
+        policy.train_step(batch, loss_cfg)
+        if mode == "crash" and policy.step == crash_at:
+
+            def die(tmp, final):
+                dist.barrier()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            ckpt._publish = die
+        policy.save_checkpoint(root, {"next_batch": step + 1, "note": "data position"}, keep_last=2)
+    weights = {n: t.clone() for n, t in iter_hf_tensors(policy.model, policy.shape)}
+    out_path = payload["weights_out"]
+    if dist.get_rank() == 0:
+        save_file(weights, out_path)
+    return {"step": policy.step, "weights": out_path, "started_at": start}
+
+
+TASKS["resume"] = resume

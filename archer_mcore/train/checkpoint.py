@@ -1,0 +1,401 @@
+"""Atomic, verifiable checkpoints of a `MegatronPolicy` with megatron dist_checkpointing.
+
+Layout under a checkpoint root:
+
+    root/step_00000042/dist/            megatron dist_checkpointing (torch_dist): model,
+                                        optimizer (distributed, dp_reshardable), LR
+                                        scheduler, step
+    root/step_00000042/rng/rank_*.pt    per-rank RNG states (CPU, CUDA, megatron tracker,
+                                        python)
+    root/step_00000042/extra_state.pt   the caller's opaque dict (e.g. data position)
+    root/step_00000042/MANIFEST.json    written last: step, layout, every file's size and
+                                        CRC32
+    root/latest                         name of the newest complete checkpoint
+
+Saving writes everything into ``root/.tmp-step_N``, fsyncs it, writes the manifest and
+only then renames the directory into place (and updates ``latest``), so a crash at any
+point leaves either the previous checkpoints or a ``.tmp-*`` directory that is never
+loaded. Loading verifies the manifest (presence, sizes, checksums) and raises
+`CheckpointError` naming the problem instead of silently starting over. The frozen
+reference model is not saved: it is rebuilt from the same HF weights at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from archer_mcore.parallel import cpu_compat
+
+if TYPE_CHECKING:
+    from archer_mcore.train.policy import MegatronPolicy
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+    }
+
+
+# ------------------------------------------------------------------ verification
+def verify_checkpoint(ckpt: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Check a step directory against its manifest; returns the manifest.
+
+    Raises CheckpointError naming the directory and the first problem found."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+    if ckpt.name.startswith(".tmp-"):
+        raise CheckpointError(f"checkpoint {ckpt} is an unfinished save (a crash interrupted it)")
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is unreadable ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    for rel, (size, crc) in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} is missing")
+        if p.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: file {rel} has {p.stat().st_size} bytes, the manifest says {size}"
+            )
+        if checksums and _crc32(p) != crc:
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} fails its CRC32 check")
+    return manifest
+
+
+def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names (else the highest-numbered step directory with a
+    manifest); None when the root holds no finished checkpoint at all. Unfinished
+    ``.tmp-*`` saves are ignored. Does not verify: `load_checkpoint` does."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name:
+            return root / name
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, dict[str, Any]]:
+    """A step directory, or a root (then its latest checkpoint), verified: returns
+    (step_dir, manifest). Raises CheckpointError if there is none or it is damaged; it
+    never falls back to an older checkpoint or to a fresh start on its own."""
+    ckpt = Path(ckpt)
+    if (ckpt / MANIFEST).is_file() or ckpt.name.startswith(("step_", ".tmp-")):
+        step_dir = ckpt
+    else:
+        found = find_latest_checkpoint(ckpt)
+        if found is None:
+            raise CheckpointError(f"no checkpoint under {ckpt}")
+        step_dir = found
+    return step_dir, verify_checkpoint(step_dir, checksums=checksums)
+
+
+# ------------------------------------------------------------------ RNG
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {
+        "cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ------------------------------------------------------------------ save / load
+def _ensure_adam_state(optimizer: Any) -> None:
+    """Give every parameter a (zero) Adam state before loading into a fresh optimizer:
+    with plain torch Adam (no Apex/TE) megatron reads the step count from the existing
+    state while building the sharded state dict, and a fresh optimizer has none."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _restore_adam_steps(optimizer: Any, loaded_optimizer_state: Any) -> None:
+    """Give every parameter its own Adam step tensor holding the saved step count.
+
+    megatron's DistributedOptimizer, on the torch-Adam path (no Apex/TE), (1) assigns one
+    shared step tensor to every parameter, which torch Adam then increments once per
+    parameter per step, and (2) copies the dp_reshardable per-parameter "step" over it
+    from the placeholder state, losing the saved count. The count it saved in the
+    param groups is the right one."""
+    inner = (
+        loaded_optimizer_state.get("optimizer", {})
+        if isinstance(loaded_optimizer_state, dict)
+        else {}
+    )
+    groups = inner.get("param_groups", []) if isinstance(inner, dict) else []
+    steps = {g["step"] for g in groups if g.get("step") is not None}
+    if len(steps) > 1:
+        raise CheckpointError(f"optimizer param groups disagree on the step count: {sorted(steps)}")
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                value = float(next(iter(steps))) if steps else float(state["step"])
+                state["step"] = torch.tensor(value, dtype=state["step"].dtype)
+
+
+def _sharded_state(policy: MegatronPolicy, is_loading: bool) -> dict[str, Any]:
+    if is_loading:
+        _ensure_adam_state(policy.optimizer)
+    model = policy.unwrapped()
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIM_SHARDING
+        ),
+        "scheduler": policy.scheduler.state_dict(),
+        "step": policy.step,
+    }
+
+
+def _save_strategy():
+    """megatron's torch_dist format, written synchronously by torch.distributed.checkpoint's
+    plain FileSystemWriter. megatron's own writer (FileSystemWriterAsync) starts a
+    spawn-context multiprocessing Manager plus forked writer processes even for a
+    synchronous save, and that hangs in processes that are themselves spawned
+    workers with the CPU layer active; the files written here are the same DCP format
+    that megatron's torch_dist loader reads."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:  # type: ignore[override]
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            pyt_state_dict = mcore_to_pyt_state_dict(sd, False)
+            writer = FileSystemWriter(
+                str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1
+            )
+            planner = MCoreSavePlanner(
+                dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
+            )
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    return SyncTorchDistSaveStrategy("torch_dist", 1)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The commit point of a save: rename the finished directory into place."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _prune(root: Path, keep_last: int | None) -> None:
+    for p in root.glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last is None or keep_last <= 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    policy: MegatronPolicy, root: str | Path, extra_state: dict[str, Any], keep_last: int | None = 3
+) -> Path:
+    """Collective: save step `policy.step` under `root`, atomically; keep the newest
+    `keep_last` checkpoints (None: all). `extra_state` must be torch.load-able with
+    weights_only=True (tensors, numbers, strings, lists, dicts). Returns the step dir."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    name = step_dir_name(policy.step)
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    state = _sharded_state(policy, is_loading=False)
+    with cpu_compat.suspended():
+        dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=_save_strategy())
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        torch.save({"step": policy.step, "extra": extra_state}, tmp / "extra_state.pt")
+    _barrier()
+    _fsync_tree(tmp)  # every rank: its own writes are durable before the commit
+    _barrier()
+    if rank == 0:
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for n in names:
+                p = Path(dirpath) / n
+                files[str(p.relative_to(tmp))] = [p.stat().st_size, _crc32(p)]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": policy.step,
+            **_layout(),
+            "files": files,
+        }
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        _publish(tmp, final)
+        _write_atomic(root / LATEST, name)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    policy: MegatronPolicy, ckpt: str | Path, checksums: bool = True
+) -> dict[str, Any]:
+    """Collective: restore model, optimizer, scheduler, step and RNG from a step
+    directory, or from the latest checkpoint when `ckpt` is a root. Returns the
+    caller's extra state. Raises CheckpointError for a missing/partial/corrupt one."""
+    from megatron.core import dist_checkpointing
+
+    step_dir, manifest = resolve_checkpoint(ckpt, checksums)
+    layout = _layout()
+    for k, v in layout.items():
+        if manifest.get(k) != v:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was saved with {k}={manifest.get(k)}, this run has {k}={v}"
+            )
+    rank = _rank()
+    rng_file = step_dir / "rng" / f"rank_{rank:05d}.pt"
+    state = _sharded_state(policy, is_loading=True)
+    try:
+        with cpu_compat.suspended():
+            loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
+        extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
+        rng = torch.load(rng_file, weights_only=False)
+    except Exception as e:  # a manifest-consistent but unreadable checkpoint
+        raise CheckpointError(
+            f"checkpoint {step_dir} could not be loaded: {type(e).__name__}: {e}"
+        ) from e
+    with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+        policy.unwrapped().load_state_dict(loaded["model"])
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(policy.optimizer, loaded["optimizer"])
+    policy.scheduler.load_state_dict(loaded["scheduler"])
+    policy.step = int(loaded["step"])
+    if policy.step != int(manifest["step"]) or int(extra["step"]) != policy.step:
+        raise CheckpointError(
+            f"checkpoint {step_dir}: step mismatch between manifest, state and extra state"
+        )
+    _set_rng_state(rng)
+    _barrier()
+    return extra["extra"]
