@@ -90,8 +90,9 @@ archer_node_addr() { # the address Slurm reaches a node at (NodeAddr), else its 
 }
 if [ "$ARCHER_MODE" = disaggregated ]; then
     ARCHER_ROLLOUT_NODES=${ARCHER_ROLLOUT_NODES:?disaggregated mode needs ARCHER_ROLLOUT_NODES}
-    [ "$ARCHER_ROLLOUT_NODES" -ge 1 ] && [ "$ARCHER_ROLLOUT_NODES" -lt "${#ARCHER_ALL_NODES[@]}" ] ||
+    if [ "$ARCHER_ROLLOUT_NODES" -lt 1 ] || [ "$ARCHER_ROLLOUT_NODES" -ge "${#ARCHER_ALL_NODES[@]}" ]; then
         archer_die "ARCHER_ROLLOUT_NODES=$ARCHER_ROLLOUT_NODES must be >= 1 and < the job's ${#ARCHER_ALL_NODES[@]} nodes"
+    fi
     ARCHER_ROLLOUT_HOSTS=("${ARCHER_ALL_NODES[@]:0:ARCHER_ROLLOUT_NODES}")
     ARCHER_TRAIN_HOSTS=("${ARCHER_ALL_NODES[@]:ARCHER_ROLLOUT_NODES}")
 else
@@ -130,6 +131,7 @@ archer_log "train nodes ${ARCHER_TRAIN_HOSTS[*]} x $ARCHER_NPROC_PER_NODE procs,
 # a --requeue job, scancel ends it).
 ARCHER_STOP_SIGNAL=""
 ARCHER_BG_PIDS=()
+# shellcheck disable=SC2317 # trap handlers are invoked indirectly
 archer_on_signal() {
     ARCHER_STOP_SIGNAL=$1
     archer_log "received SIG$1: asking the training step to checkpoint and stop"
@@ -137,6 +139,7 @@ archer_on_signal() {
 }
 trap 'archer_on_signal USR1' USR1
 trap 'archer_on_signal TERM' TERM
+# shellcheck disable=SC2317
 archer_cleanup() {
     local pid
     for pid in "${ARCHER_BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -286,3 +286,75 @@ def test_disaggregated_job_starts_servers_router_then_trains(
     assert router == f"http://127.0.0.1:{router_port}"
     server_log = (cfg.parent / "logs").glob(f"sglang-{jid}-node1-{server_port}.log")
     assert "model=/models/standin" in next(server_log).read_text()
+
+
+def test_time_limit_signal_checkpoints_requeues_and_finishes(
+    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No manual signal: the rendered `#SBATCH --signal=B:USR1@45` with a 1-minute limit
+    makes Slurm itself warn the job. Slurm's timer may send the signal up to ~60 s early,
+    i.e. anywhere in the first 45 s of a run, even before the workers exist: such a run
+    dies without a checkpoint and the next one resumes from the last checkpoint. The
+    payload needs ~52 s, so the first run is always cut short; later runs may be too."""
+    steps = 160
+    cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-timelimit", steps)
+    rc, text = submit(
+        cluster,
+        cfg,
+        "--mode",
+        "train",
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--time",
+        "1",
+        "--signal-lead",
+        "45",
+        "--env",
+        "STANDIN_STEP_SECONDS=0.3",
+        capsys=capsys,
+    )
+    assert rc == 0, text
+    jid = job_id_of(text)
+    assert "#SBATCH --signal=B:USR1@45" in next((cfg.parent / "logs").glob("*.sbatch")).read_text()
+    restarts = 0
+    deadline = time.monotonic() + 400
+    while True:
+        assert time.monotonic() < deadline, job_log(cfg, jid)
+        info = cluster.job(jid)
+        if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        if info["JobState"] == "PENDING" and int(info["Restarts"]) > restarts:
+            restarts = int(info["Restarts"])
+            wait_until(cluster.nodes_idle, 60, "the previous run's steps to finish")
+            time.sleep(2)  # see test_preempted_job_...: skip Slurm's requeue hold
+            assert cluster.scontrol("update", f"JobId={jid}", "StartTime=now").returncode == 0
+        time.sleep(0.5)
+    log = job_log(cfg, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    restarts = int(info["Restarts"])  # Slurm's count, in case a requeue went unseen
+    assert restarts >= 1, log
+    runs: dict[int, dict[str, list[int]]] = {
+        r: {"steps": [], "saved": [], "resumed": []} for r in range(restarts + 1)
+    }
+    for kind, pattern in (
+        ("steps", r"rank=0 .*restart=(\d+) step (\d+)$"),
+        ("saved", r"rank=0 .*restart=(\d+) checkpoint saved at step (\d+) on"),
+        ("resumed", r"rank=0 .*restart=(\d+) resumed from step (\d+)"),
+    ):
+        for m in payload_lines(log, pattern):
+            runs[int(m.group(1))][kind].append(int(m.group(2)))
+    checkpoint = 0  # each run continues from the last checkpoint written before it
+    for r in range(restarts + 1):
+        run = runs[r]
+        assert run["resumed"] == ([checkpoint] if checkpoint else []), (r, run)
+        end = run["saved"][0] if run["saved"] else (steps if r == restarts else None)
+        if end is None:  # signalled before it could checkpoint: may have done a few steps
+            assert run["steps"] == list(range(checkpoint, checkpoint + len(run["steps"])))
+        else:
+            assert run["steps"] == list(range(checkpoint, end)), (r, run)
+            checkpoint = end
+    assert checkpoint == steps
+    assert any(run["saved"] for run in runs.values()), "no run checkpointed on the signal"
+    assert json.loads((cfg.parent / "out" / "result.json").read_text())["final_step"] == steps
