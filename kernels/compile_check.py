@@ -49,7 +49,8 @@ def _variants(
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             out.append((
                 k2._lm_head_stats_kernel,
-                dict(head, stats_ptr="*fp32", V="i32", vocab_start="i32", split_size="i32"),
+                dict(head, stats_ptr="*fp32", V="i32", vocab_start="i32", split_size="i32",
+                     n_splits="i32"),
                 consts, opts,
             ))  # fmt: skip
             out.append((
@@ -80,6 +81,9 @@ def _variants(
     return out
 
 
+_ALIGNED_INTS = {"H", "h_stride", "w_stride", "g_stride", "z_stride", "split_size"}
+
+
 def compile_all(arch: int, quick: bool = False, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> int:
     """Compile the kernels for sm_<arch>; returns the number of variants built."""
     import triton
@@ -95,7 +99,15 @@ def compile_all(arch: int, quick: bool = False, dtypes: tuple[str, ...] = ("bf16
         seen.add(fn.__name__)
         signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
         constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        # As a real launch specialises them: 16-byte aligned pointers, and sizes and
+        # strides that are multiples of 16 (H = 1536 / 5120, V_local), which is what
+        # lets Triton pipeline the tl.dot loads.
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, name in enumerate(fn.arg_names)
+            if name not in consts and (types[name].startswith("*") or name in _ALIGNED_INTS)
+        }
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=target, options=opts)
         shared = compiled.metadata.shared
         print(f"ok sm_{arch} {fn.__name__} {consts} {opts} shared={shared}B")

@@ -42,7 +42,7 @@ from archer_mcore.kernels.entropy_logprob import (
 )
 from torch import Tensor
 
-_CPU_META = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}
+_CPU_META = {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_M": 2}
 _SPLIT_QUANTUM = 256  # vocab split sizes are multiples of every BLOCK_V used
 
 
@@ -75,6 +75,19 @@ def _logits_tile(
 
 
 @triton.jit
+def _grouped_pid(pid, n_row_blocks, n_col_blocks, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to (row block, column block) in groups of GROUP_M row
+    blocks: the programs running at once then share a few hidden-state panels and a
+    few weight panels, which stay in L2 (the hidden panel of one row block alone is
+    BLOCK_M x H, 1.3 MB at H = 5120)."""
+    per_group = GROUP_M * n_col_blocks
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_row_blocks - first_m, GROUP_M)
+    in_group = pid % per_group
+    return first_m + in_group % group_m, in_group // group_m
+
+
+@triton.jit
 def _lm_head_stats_kernel(
     h_ptr,  # [N, H] hidden states
     w_ptr,  # [V, H] output weight (shard)
@@ -86,6 +99,7 @@ def _lm_head_stats_kernel(
     vocab_start,
     inv_t,
     split_size,
+    n_splits,
     h_stride,
     w_stride,
     UPCAST: tl.constexpr,  # bf16 dot under the interpreter: compute in fp32
@@ -93,10 +107,9 @@ def _lm_head_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    pid_m, pid_s = _grouped_pid(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), n_splits, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -159,9 +172,13 @@ def _lm_head_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_m, pid_v = _grouped_pid(
+        tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(C, BLOCK_V), GROUP_M
+    )
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
     col_mask = cols < C
     valid = row_mask[:, None] & (cols < C_valid)[None, :]
@@ -189,10 +206,18 @@ def _lm_head_grad_kernel(
 # GPU tile configurations, autotuned per (H, V) on first use. Every BLOCK_V divides
 # _SPLIT_QUANTUM, so vocab splits never cut a tile. Not yet tuned on hardware.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 256, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=4, num_stages=4
+    ),
 ]
 _GPU_BLOCK_M_ESTIMATE = 128  # for choosing the number of vocab splits before tuning
 _stats_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "V"])(_lm_head_stats_kernel)
@@ -202,11 +227,15 @@ _grad_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "C"])(_lm_head_gra
 def num_vocab_splits(
     n_rows: int, vocab: int, block_m: int, device: torch.device
 ) -> tuple[int, int]:
-    """(splits, split_size): enough programs to fill the GPU (about 4 per SM)."""
+    """(splits, split_size) of the vocabulary for the statistics kernel.
+
+    On the GPU: up to 32 splits of at least 2048 columns, so that the programs running
+    at once (GROUP_M row blocks by many splits) share panels in L2, and at least about
+    4 programs per SM in all."""
     row_blocks = triton.cdiv(n_rows, block_m)
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = triton.cdiv(target, row_blocks)
+        wanted = max(min(32, triton.cdiv(vocab, 2048)), triton.cdiv(target, row_blocks))
     else:
         wanted = 2  # exercise the split combine under the interpreter
     splits = max(1, min(wanted, triton.cdiv(vocab, _SPLIT_QUANTUM)))
@@ -252,11 +281,11 @@ def launch_lm_head_stats(
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
     kernel, meta = (_stats_tuned, {}) if cuda else (_lm_head_stats_kernel, dict(_CPU_META))
 
-    def grid(conf: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, conf["BLOCK_M"]), k)
+    def grid(conf: dict) -> tuple[int]:
+        return (triton.cdiv(n, conf["BLOCK_M"]) * k,)
 
     kernel[grid](
-        hidden, weight, tokens, out, n, v, h, int(vocab_start), 1.0 / float(temperature), split_size,
+        hidden, weight, tokens, out, n, v, h, int(vocab_start), 1.0 / float(temperature), split_size, k,
         hidden.stride(0), weight.stride(0),
         UPCAST=low_precision and device.type != "cuda",
         PRECISION="tf32" if low_precision else "ieee",
@@ -292,8 +321,8 @@ def launch_lm_head_grad(
     kernel, meta = (_grad_tuned, {}) if cuda else (_lm_head_grad_kernel, dict(_CPU_META))
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
 
-    def grid(conf: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, conf["BLOCK_M"]), triton.cdiv(c, conf["BLOCK_V"]))
+    def grid(conf: dict) -> tuple[int]:
+        return (triton.cdiv(n, conf["BLOCK_M"]) * triton.cdiv(c, conf["BLOCK_V"]),)
 
     kernel[grid](
         hidden, weight_chunk, tokens, row_stats, grad_entropy, grad_logprob, out,
