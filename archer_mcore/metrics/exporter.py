@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
 
-from archer_mcore.metrics.keys import ACCEPTED_KEYS, KEY_SPECS, KeySpec
+from archer_mcore.metrics.keys import ACCEPTED_KEYS, IGNORED_KEYS, KEY_SPECS, KeySpec, resolve_key
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,9 @@ class MetricsExporter:
     def record_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record one step's flat metrics (see keys.py); push if a Pushgateway is set."""
         for key, raw in metrics.items():
-            entry = ACCEPTED_KEYS.get(key)
+            if key in IGNORED_KEYS:
+                continue
+            entry = resolve_key(key)
             if entry is None:
                 self._reject(key, "unknown_key", raw)
                 continue

@@ -6,8 +6,13 @@ same table. Patterns expand over:
 
 - `<group>`: token groups `knowledge`, `reasoning` (Archer / forking split) and `all`;
 - `<bound>`: clip bounds `low`, `high` (the PPO clip range) and `dual` (dual clip, A < 0);
-- `<phase>`: step phases `rollout`, `reward`, `logprobs`, `update`, `sync`, `eval`, `step`
-  (`step` = the whole step, wall clock).
+- `<phase>`: step phases `rollout`, `reward`, `logprobs`, `update`, `sync`, `eval`,
+  `checkpoint`, `step` (`step` = the whole step, wall clock);
+- `<term>`: loss terms `pg`, `kl`, `entropy`;
+- `<k>`: any positive integer (pass@k).
+
+`share/<group>` and `tokens/<group>` also take the group `forking` (80/20 selection).
+The key `step` is ignored (the step number is record_step's argument).
 
 Kinds: `gauge` sets the value (NaN and inf pass through, so alerts can see them);
 `counter` adds the value, which is this step's increment (must be finite, >= 0);
@@ -17,12 +22,25 @@ both.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "all")
 CLIP_BOUNDS: tuple[str, ...] = ("low", "high", "dual")
-PHASES: tuple[str, ...] = ("rollout", "reward", "logprobs", "update", "sync", "eval", "step")
+PHASES: tuple[str, ...] = (
+    "rollout",
+    "reward",
+    "logprobs",
+    "update",
+    "sync",
+    "eval",
+    "checkpoint",
+    "step",
+)
+SHARE_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "forking", "all")
+LOSS_TERMS: tuple[str, ...] = ("pg", "kl", "entropy")
+IGNORED_KEYS: frozenset[str] = frozenset({"step"})
 
 Kind = Literal["gauge", "counter", "histogram", "gauge+histogram"]
 
@@ -38,6 +56,7 @@ class KeySpec:
     description: str
     histogram: str = ""  # for gauge+histogram: the histogram's name
     labels: tuple[str, ...] = field(default=())  # pattern placeholders -> label names
+    group_values: tuple[str, ...] = ()  # values of <group> when not TOKEN_GROUPS
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (
@@ -187,24 +206,111 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         "global gradient norm before clipping",
     ),
     KeySpec("train/lr", "gauge", "archer_learning_rate", "1/step", "learning rate"),
+    KeySpec(
+        "train/update_skipped",
+        "gauge",
+        "archer_update_skipped",
+        "0/1",
+        "1 when the last step's update was skipped, else 0",
+    ),
+    KeySpec(
+        "loss/<term>",
+        "gauge",
+        "archer_loss_term",
+        "loss",
+        "policy-gradient, KL and entropy terms of the loss",
+        labels=("term",),
+    ),
+    KeySpec(
+        "share/<group>",
+        "gauge",
+        "archer_token_group_ratio",
+        "ratio 0-1",
+        "share of valid response tokens in the group",
+        labels=("group",),
+        group_values=SHARE_GROUPS,
+    ),
+    KeySpec(
+        "tokens/<group>",
+        "counter",
+        "archer_group_tokens",
+        "tokens",
+        "valid response tokens of the group trained on this step",
+        labels=("group",),
+        group_values=SHARE_GROUPS,
+    ),
+    KeySpec(
+        "response/length_max",
+        "gauge",
+        "archer_response_length_max_tokens",
+        "tokens",
+        "longest response of the step",
+    ),
+    KeySpec(
+        "response/clip_ratio",
+        "gauge",
+        "archer_response_truncated_ratio",
+        "ratio 0-1",
+        "share of responses cut at max_new_tokens",
+    ),
+    KeySpec(
+        "rollout/logprob_abs_diff",
+        "gauge",
+        "archer_rollout_logprob_abs_diff_nats",
+        "nats",
+        "mean |log p_train - log p_rollout| over response tokens (engine mismatch)",
+    ),
+    KeySpec(
+        "sampling/generation_batches",
+        "gauge",
+        "archer_dynamic_sampling_generation_batches",
+        "batches",
+        "generation batches dynamic sampling needed to fill the step",
+    ),
+    KeySpec(
+        "eval/accuracy",
+        "gauge",
+        "archer_eval_accuracy_ratio",
+        "ratio 0-1",
+        "avg@k accuracy of the last periodic evaluation",
+    ),
+    KeySpec(
+        "eval/pass@<k>",
+        "gauge",
+        "archer_eval_pass_ratio",
+        "ratio 0-1",
+        "pass@k of the last periodic evaluation",
+        labels=("k",),
+    ),
 )
 
-_PLACEHOLDER_VALUES: dict[str, tuple[str, ...]] = {
+_PLACEHOLDER_VALUES: dict[str, tuple[str, ...] | None] = {
     "group": TOKEN_GROUPS,
     "bound": CLIP_BOUNDS,
     "phase": PHASES,
+    "term": LOSS_TERMS,
+    "k": None,  # open-ended: matched by regex (digits)
 }
 
 
+def _values(spec: KeySpec, name: str) -> tuple[str, ...] | None:
+    if name == "group" and spec.group_values:
+        return spec.group_values
+    return _PLACEHOLDER_VALUES[name]
+
+
 def expand_keys() -> dict[str, tuple[KeySpec, dict[str, str]]]:
-    """Every concrete accepted key -> (its spec, the label values it sets)."""
+    """Every concrete accepted key -> (its spec, the label values it sets); specs with
+    an open-ended placeholder (<k>) are left to `resolve_key`."""
     out: dict[str, tuple[KeySpec, dict[str, str]]] = {}
     for spec in KEY_SPECS:
         fixed = dict(lab.split("=", 1) for lab in spec.labels if "=" in lab)
         free = [lab for lab in spec.labels if "=" not in lab]
+        if any(_values(spec, name) is None for name in free):
+            continue
         combos: list[dict[str, str]] = [{}]
         for name in free:
-            combos = [c | {name: v} for c in combos for v in _PLACEHOLDER_VALUES[name]]
+            combos = [c | {name: v} for c in combos for v in _values(spec, name) or ()]
         for combo in combos:
             key = spec.pattern
             for name, value in combo.items():
@@ -214,3 +320,32 @@ def expand_keys() -> dict[str, tuple[KeySpec, dict[str, str]]]:
 
 
 ACCEPTED_KEYS: dict[str, tuple[KeySpec, dict[str, str]]] = expand_keys()
+
+
+def _open_regex(pattern: str) -> re.Pattern[str]:
+    """Regex of a pattern whose placeholders are open-ended positive integers."""
+    parts = re.split(r"<(\w+)>", pattern)  # literal, name, literal, name, ...
+    return re.compile(
+        "".join(
+            re.escape(p) if i % 2 == 0 else f"(?P<{p}>[1-9][0-9]*)" for i, p in enumerate(parts)
+        )
+    )
+
+
+_OPEN_SPECS: tuple[tuple[re.Pattern[str], KeySpec], ...] = tuple(
+    (_open_regex(spec.pattern), spec)
+    for spec in KEY_SPECS
+    if any(_values(spec, lab) is None for lab in spec.labels if "=" not in lab)
+)
+
+
+def resolve_key(key: str) -> tuple[KeySpec, dict[str, str]] | None:
+    """(spec, label values) for an accepted key, else None."""
+    hit = ACCEPTED_KEYS.get(key)
+    if hit is not None:
+        return hit
+    for regex, spec in _OPEN_SPECS:
+        m = regex.fullmatch(key)
+        if m:
+            return spec, dict(m.groupdict())
+    return None

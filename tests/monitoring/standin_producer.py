@@ -8,7 +8,7 @@ The lead replaces this with a short real demo run. Two profiles:
   one reward failure and skipped steps, and the loss turns NaN near the end. Must
   trigger every alert except ArcherExporterDown.
 
-Every accepted key of archer_mcore.metrics.keys is emitted, so each dashboard panel
+Every key of archer_mcore.metrics.keys is emitted (and `step`, as the trainer does), so each dashboard panel
 has data.
 """
 
@@ -73,6 +73,25 @@ def standin_step_metrics(
         "train/loss": math.nan if bad else 0.05 + rng.uniform(-0.01, 0.01),
         "train/grad_norm": 0.8 + rng.uniform(-0.1, 0.1),
         "train/lr": 1e-6,
+        "train/update_skipped": 1.0 if bad else 0.0,
+        "loss/pg": 0.04,
+        "loss/kl": 0.001,
+        "loss/entropy": 0.0,
+        "share/knowledge": 0.8,
+        "share/reasoning": 0.2,
+        "share/forking": 0.2,
+        "share/all": 1.0,
+        "tokens/knowledge": 8000.0,
+        "tokens/reasoning": 2000.0,
+        "tokens/forking": 2000.0,
+        "tokens/all": 10000.0,
+        "response/length_max": 900.0 + 5 * step,
+        "response/clip_ratio": 0.01,
+        "rollout/logprob_abs_diff": 0.002,
+        "sampling/generation_batches": 1.0 + (step % 2),
+        "eval/accuracy": accuracy * 0.9,
+        "eval/pass@4": min(1.0, accuracy * 1.3),
+        "step": float(step),
     }
     for group in ("knowledge", "reasoning", "all"):
         m[f"kl/{group}"] = 0.002 if group != "reasoning" else 0.01
@@ -86,6 +105,7 @@ def standin_step_metrics(
         "update": 1.5,
         "sync": 0.4,
         "eval": 0.8,
+        "checkpoint": 0.5,
     }
     for phase in PHASES:
         if phase != "step":

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from archer_mcore.metrics.exporter import MetricsExporter
-from archer_mcore.metrics.keys import ACCEPTED_KEYS, PHASES, TOKEN_GROUPS
+from archer_mcore.metrics.keys import ACCEPTED_KEYS, PHASES, TOKEN_GROUPS, resolve_key
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -42,10 +42,12 @@ def exporter(monkeypatch: pytest.MonkeyPatch):
 
 def test_every_key_reaches_its_series(exporter: MetricsExporter) -> None:
     # Give each key a distinct value so a mix-up between keys would show.
-    metrics = {key: 0.5 + i for i, key in enumerate(sorted(ACCEPTED_KEYS))}
+    concrete = {**ACCEPTED_KEYS, "eval/pass@4": resolve_key("eval/pass@4")}
+    assert concrete["eval/pass@4"] is not None
+    metrics = {key: 0.5 + i for i, key in enumerate(sorted(concrete))}
     exporter.record_step(7, metrics)
     samples = scrape(exporter)
-    for key, (spec, labels) in ACCEPTED_KEYS.items():
+    for key, (spec, labels) in concrete.items():
         v = metrics[key]
         if spec.kind in ("gauge", "gauge+histogram"):
             assert value(samples, spec.metric, **labels) == v, key
@@ -56,6 +58,7 @@ def test_every_key_reaches_its_series(exporter: MetricsExporter) -> None:
             assert value(samples, spec.metric + "_count", **labels) == 1.0, key
     assert value(samples, "archer_step") == 7
     assert value(samples, "archer_steps_total") == 1
+    assert value(samples, "archer_eval_pass_ratio", k="4") == metrics["eval/pass@4"]
 
 
 def test_counters_add_increments_and_histograms_bucket(exporter: MetricsExporter) -> None:
@@ -92,11 +95,13 @@ def test_bad_values_are_counted_not_raised(exporter: MetricsExporter) -> None:
             "time/update": math.inf,
             "train/loss": math.nan,  # a gauge keeps NaN: the NonFiniteLoss alert needs it
             "kl/knowledge": 0.01,
+            "eval/pass@0": 0.5,  # k must be a positive integer
+            "step": 3.0,  # the step number: ignored, not rejected
         },
     )
     s = scrape(exporter)
     rej = "archer_exporter_rejected_values_total"
-    assert value(s, rej, reason="unknown_key") == 1
+    assert value(s, rej, reason="unknown_key") == 2
     assert value(s, rej, reason="not_a_number") == 2
     assert value(s, rej, reason="negative_increment") == 1
     assert value(s, rej, reason="nonfinite") == 2
