@@ -418,13 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--compile", action="store_true", help="keep the torch.compile rows in --smoke mode"
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
         device = torch.device("cpu")
         args.tokens, args.hidden, args.vocab = [48], [32], 1000
         args.warmup, args.repeat = 0, 1
-        args.no_compile = True  # inductor's CPU build takes minutes on a small machine
+        # Inductor's CPU build takes about a minute per function on a small machine.
+        args.no_compile = args.no_compile or not args.compile
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
