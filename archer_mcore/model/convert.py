@@ -150,10 +150,11 @@ def split_qkv(qkv: Tensor, shape: ModelShape) -> tuple[Tensor, Tensor, Tensor]:
     rest = qkv.shape[1:]
     g = qkv.reshape(ng, (qpg + 2) * hd, *rest)
     q, k, v = torch.split(g, [qpg * hd, hd, hd], dim=1)
+    fresh = torch.contiguous_format  # clone, never a view of the (model's) input
     return (
-        q.reshape(ng * qpg * hd, *rest).contiguous(),
-        k.reshape(ng * hd, *rest).contiguous(),
-        v.reshape(ng * hd, *rest).contiguous(),
+        q.reshape(ng * qpg * hd, *rest).clone(memory_format=fresh),
+        k.reshape(ng * hd, *rest).clone(memory_format=fresh),
+        v.reshape(ng * hd, *rest).clone(memory_format=fresh),
     )
 
 
@@ -189,18 +190,28 @@ def to_tp_shards(
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
 
+def _cat(shards: list[Tensor], dim: int) -> Tensor:
+    """A fresh tensor (never a view of a model parameter): torch.cat copies; one shard
+    is cloned."""
+    return shards[0].clone() if len(shards) == 1 else torch.cat(shards, dim=dim)
+
+
 def from_tp_shards(rule: ParamRule, shards: list[Tensor], shape: ModelShape) -> list[Tensor]:
-    """The `tp` megatron shards of one rule -> its HF tensors (in `rule.hf` order)."""
+    """The `tp` megatron shards of one rule -> its HF tensors (in `rule.hf` order); each
+    result is a fresh tensor, copied once."""
     if rule.kind == "replicated":
         return [shards[0].clone()]
     if rule.kind == "row":
-        return [torch.cat(shards, dim=0)]
+        return [_cat(shards, 0)]
     if rule.kind == "col":
-        return [torch.cat(shards, dim=1)]
+        return [_cat(shards, 1)]
     if rule.kind == "vocab":
-        return [torch.cat(shards, dim=0)[: shape.vocab_size].clone()]
+        if len(shards) == 1:
+            return [shards[0][: shape.vocab_size].clone()]
+        return [torch.cat(shards, dim=0)[: shape.vocab_size]]
     if rule.kind == "qkv":
-        return list(split_qkv(torch.cat(shards, dim=0), shape))
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+        return list(split_qkv(full, shape))
     if rule.kind == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
