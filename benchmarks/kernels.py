@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         device = torch.device("cpu")
-        args.tokens, args.hidden, args.vocab = [48], [32], 1000
+        args.tokens, args.hidden, args.vocab = [16], [32], 300
         args.warmup, args.repeat = 0, 1
         # Inductor's CPU build takes about a minute per function on a small machine.
         args.no_compile = args.no_compile or not args.compile
