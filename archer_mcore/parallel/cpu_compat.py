@@ -45,11 +45,61 @@ def _map_device(device: Any) -> Any:
     return _CPU if _is_cuda_device(device) else device
 
 
+def _backward_under_mode(
+    tensors: Any,
+    grad_tensors: Any = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """torch.autograd.backward's body, run with the layer re-pushed.
+
+    torch pops a function mode while its handler runs, and since torch 2.13
+    autograd.backward itself goes through the handler, so the whole backward pass
+    (including megatron's activation-recompute forward, which creates tensors on
+    "cuda") would otherwise run without the layer."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(
+        tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False
+    )
+    if retain_graph is None:
+        retain_graph = create_graph
+    inputs_tuple = (
+        () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    )
+    with CudaToCpuMode():
+        _engine_run_backward(
+            tensors,
+            grads,
+            retain_graph,
+            create_graph,
+            inputs_tuple,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests in torch calls to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward:
+            return _backward_under_mode(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            self_t, *rest = args
+            if rest:
+                kwargs.setdefault("gradient", rest[0])
+            return _backward_under_mode(
+                self_t,
+                kwargs.get("gradient"),
+                kwargs.get("retain_graph"),
+                kwargs.get("create_graph", False),
+                kwargs.get("inputs"),
+            )
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:

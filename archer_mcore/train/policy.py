@@ -120,6 +120,7 @@ class MegatronPolicy:
             use_distributed_optimizer=o.distributed_optimizer,
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=model)
+        self.model.broadcast_params()  # data-parallel replicas start identical (random init)
         dtype = self.config.params_dtype
         opt_cfg = OptimizerConfig(
             optimizer="adam",

@@ -174,12 +174,14 @@ def _policy_batch(d: dict[str, Any]):
     )
 
 
-def _policy_cfg(payload: dict[str, Any], tp: int, pp: int):
+def _policy_cfg(payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None):
+    from archer_mcore.model.build import ModelOptions
     from archer_mcore.train.policy import OptimConfig, PolicyConfig
 
     return PolicyConfig(
         tp=tp,
         pp=pp,
+        model=ModelOptions(recompute=recompute),
         optim=OptimConfig(**payload["optim"]),
         micro_batch_tokens=payload["micro_batch_tokens"],
         temperature=payload["temperature"],
@@ -207,8 +209,8 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
     expected = load_file(payload["expected"])
     loss_cfg = LossConfig(**payload["loss"])
     out: dict[str, Any] = {}
-    for tp, pp in payload["layouts"]:
-        policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp))
+    for tp, pp, recompute in payload["layouts"]:
+        policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp, recompute))
         batch = _dp_share(_policy_batch(payload["batch"]), policy.dp_rank, policy.dp_size)
         batch = replace(batch, ref_logp=policy.compute_ref_logprobs(batch))
         metrics = policy.train_step(batch, loss_cfg)
@@ -219,13 +221,22 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
             d = (t - expected[name]).abs().max().item()
             if d > worst:
                 worst, worst_name = d, name
-        out[f"tp{tp}pp{pp}"] = {
+        out[f"tp{tp}pp{pp}" + (f"-{recompute}" if recompute else "")] = {
             "max_abs_diff": _max_over_world(worst),
             "worst": worst_name,
             "names": names,
             "metrics": metrics,
             "dp": policy.dp_size,
         }
+    # Random initialisation from a config dict: DP replicas hold identical weights.
+    policy = MegatronPolicy.from_hf(payload["hf_config"], _policy_cfg(payload, 1, 1))
+    spread = 0.0
+    for p in policy.unwrapped().parameters():
+        lo, hi = p.detach().clone(), p.detach().clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        spread = max(spread, (hi - lo).abs().max().item())
+    out["random_init"] = {"dp": policy.dp_size, "replica_spread": spread}
     return out
 
 

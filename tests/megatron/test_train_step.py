@@ -1,11 +1,12 @@
 """One optimizer step of MegatronPolicy equals the same step taken with transformers'
-model + the torch loss reference + torch Adam, at TP1 (DP2), TP2 and PP2."""
+model + the torch loss reference + torch Adam, at TP1 (DP2), TP2, PP2 and PP2 with full
+activation recompute."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_tiny_hf, spawn
+from conftest import save_tiny_hf, spawn, tiny_hf_config
 from safetensors.torch import save_file
 
 from archer_mcore.algo.entropy import entropy_and_logprob
@@ -97,11 +98,12 @@ def test_one_step_matches_transformers_reference_across_layouts(tmp_path, model_
         "optim": OPTIM,
         "temperature": TEMPERATURE,
         "micro_batch_tokens": 20,  # 2 sequences of <= 10 tokens: several micro-batches per rank
-        "layouts": [(1, 1), (2, 1), (1, 2)],
+        "layouts": [(1, 1, None), (2, 1, None), (1, 2, None), (1, 2, "full")],
+        "hf_config": tiny_hf_config(model_type),
     }
     res = spawn("train_step", 2, payload, tmp_path)
     assert ref_norm > OPTIM["clip_grad"]  # clipping is active in this step
-    for layout in ("tp1pp1", "tp2pp1", "tp1pp2"):
+    for layout in ("tp1pp1", "tp2pp1", "tp1pp2", "tp1pp2-full"):
         r = res[layout]
         assert r["names"] == len(expected), (layout, r)
         assert r["max_abs_diff"] < 1e-5, (layout, r)
@@ -111,3 +113,4 @@ def test_one_step_matches_transformers_reference_across_layouts(tmp_path, model_
             r["metrics"],
         )
     assert res["tp1pp1"]["dp"] == 2 and res["tp2pp1"]["dp"] == 1
+    assert res["random_init"] == {"dp": 2, "replica_spread": 0.0}

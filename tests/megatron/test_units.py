@@ -225,3 +225,27 @@ def test_bucketize_respects_byte_budget_and_order():
     # starts a bucket that 400 cannot join; 400 goes alone (over budget); 4 alone.
     assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]
     assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
+
+
+def test_backward_runs_with_the_layer_active():
+    """Code run by autograd during backward (e.g. activation recompute) still sees the layer."""
+    devices = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            devices.append(torch.ones(1, device="cuda").device.type)
+            return g * 2
+
+    with cpu_compat.cpu_compat():
+        x = torch.ones(3, requires_grad=True)
+        Probe.apply(x).sum().backward()
+        assert torch.equal(x.grad, torch.full((3,), 2.0))
+        y = torch.ones(2, requires_grad=True)
+        torch.autograd.backward([Probe.apply(y).sum()], grad_tensors=[torch.tensor(3.0)])
+        assert torch.equal(y.grad, torch.full((2,), 6.0))
+    assert devices == ["cpu", "cpu"]
