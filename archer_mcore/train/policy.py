@@ -87,6 +87,15 @@ def _ps():
     return parallel_state
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers live: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
 class MegatronPolicy:
     """A megatron-core GPTModel with DDP, distributed optimizer, LR schedule and an
     optional frozen reference copy."""
@@ -238,15 +247,17 @@ class MegatronPolicy:
         finally:
             model.train(was_training)
         shape = batch.response_mask.shape
-        device = batch.input_ids.device
-        logp = torch.zeros(shape, dtype=torch.float32, device=device)
-        ent = torch.zeros(shape, dtype=torch.float32, device=device)
+        dev = _comm_device()
+        logp = torch.zeros(shape, dtype=torch.float32, device=dev)
+        ent = torch.zeros(shape, dtype=torch.float32, device=dev)
         for mb, out in zip(mbs, outs):
-            m = mb.extras["mask"].to(out["logprob"].device)
-            scatter_rows(logp, mb.extras["rows"], torch.where(m, out["logprob"], 0.0).cpu())
-            scatter_rows(ent, mb.extras["rows"], torch.where(m, out["entropy"], 0.0).cpu())
+            m = mb.extras["mask"].to(dev)
+            rows = mb.extras["rows"].to(dev)
+            scatter_rows(logp, rows, torch.where(m, out["logprob"].to(dev), 0.0))
+            scatter_rows(ent, rows, torch.where(m, out["entropy"].to(dev), 0.0))
         self._broadcast_from_last_stage([logp, ent])
-        return logp, ent
+        out_dev = batch.input_ids.device
+        return logp.to(out_dev), ent.to(out_dev)
 
     def compute_logprobs(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
         """Current-policy (logprob, entropy) [B, L] fp32 of the response tokens, zero at
@@ -276,7 +287,7 @@ class MegatronPolicy:
                     local += forking_k(int(mb.extras["mask"].sum()), loss_cfg.forking_rho)
         else:
             local = float(mask.sum())
-        t = torch.tensor([local], dtype=torch.float64)
+        t = torch.tensor([local], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, group=_ps().get_data_parallel_group(with_context_parallel=True))
         return float(t.item())
 
@@ -335,7 +346,7 @@ class MegatronPolicy:
                 group_src=ps.get_pipeline_model_parallel_world_size() - 1,
             )
         keys = obj[0]
-        vec = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        vec = torch.zeros(len(keys) + 1, dtype=torch.float64, device=_comm_device())
         for out in outs:
             w = float(out.get("tokens/all", torch.tensor(1.0)))
             vec[-1] += w
@@ -344,6 +355,7 @@ class MegatronPolicy:
                 vec[i] += v if (k == "loss" or k.startswith("tokens/")) else v * w
         self._broadcast_from_last_stage([vec])
         dist.all_reduce(vec, group=ps.get_data_parallel_group(with_context_parallel=True))
+        vec = vec.cpu()
         total_w = max(float(vec[-1]), 1e-12)
         res = {}
         for i, k in enumerate(keys):
