@@ -11,8 +11,10 @@ import json
 import math
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -226,3 +228,46 @@ def test_dashboard_expressions_parse_in_prometheus_with_any_run(stack: LiveStack
         q = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$run", ".*")
         stack.prometheus.query(q)  # raises on error
         del title
+
+
+# ----------------------------------------------------------------------------------
+# A short real demo run (`archer train configs/demo_cpu.yaml`), scraped by Prometheus.
+DEMO = REPO_ROOT / "configs" / "demo_cpu.yaml"
+DEMO_RUN = "demo_cpu"  # train.run_name of the demo config
+
+
+@pytest.mark.timeout(1500)  # a fresh clone first runs (and caches) the demo's warm start
+def test_real_demo_run_feeds_every_dashboard_expression(tmp_path: Path) -> None:
+    """Prometheus scrapes the trainer's own exporter during a 6-step demo run; every
+    dashboard expression is then evaluated at the run's last scrape (its series go stale
+    when the run exits) and must return finite data, GPU memory aside on a CPU host."""
+    require_binary("prometheus")
+    port = free_port()
+    prom = Prometheus(
+        tmp_path / "prom",
+        prometheus_config_for_test([f"127.0.0.1:{port}"], None, [PROM_DIR / "alerts.yml"]),
+    )
+    try:
+        argv = [
+            sys.executable, "-m", "archer_mcore.cli", "train", str(DEMO),
+            "-o", f"metrics.port={port}", "-o", "train.steps=6", "-o", "eval.every=2",
+            "-o", "checkpoint.save_every=3", "-o", f"train.output_dir={tmp_path / 'run'}",
+        ]  # fmt: skip
+        proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # the last moment Prometheus saw the run alive
+        scraped = prom.api("query", query=f'archer_step{{run="{DEMO_RUN}"}}[30m]')["result"]
+        assert scraped, "Prometheus never scraped the demo's exporter"
+        last = max(float(t) for s in scraped for t, _ in s["values"])
+        assert max(float(v) for s in scraped for _, v in s["values"]) >= 5  # steps seen
+        for title, expr in dashboard_exprs():
+            q = expand_grafana(expr, DEMO_RUN)
+            result = prom.api("query", query=q, time=str(last))["result"]
+            if any(m in expr for m in GPU_ONLY_METRICS) and not CUDA:
+                assert result == [], f"{title}: GPU series on a CPU host: {result}"
+                continue
+            assert result, f"panel {title!r}: no data for {q}"
+            values = [float(s["value"][1]) for s in result]
+            assert any(math.isfinite(v) for v in values), f"panel {title!r}: {q} -> {values}"
+    finally:
+        prom.stop()
