@@ -73,6 +73,12 @@ def synthetic_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
     )
     eval_rows = [r for r in candidates if r["extra_info"]["expression"] not in seen]
     eval_rows = eval_rows[: cfg.data.synthetic_eval_size]
+    if not eval_rows:
+        raise ConfigError(
+            "data.synthetic: every problem of this task is in the training set, so no "
+            "held-out problem is left; raise data.synthetic.max_value or max_operands, or "
+            "lower data.synthetic_train_size"
+        )
     digest = hashlib.sha256(json.dumps(asdict(task), sort_keys=True).encode()).hexdigest()[:12]
     tag = f"synthetic-{cfg.train.seed}-{cfg.data.synthetic_train_size}-{digest}"
     train = write_jsonl(train_rows, cache / tag / "train.jsonl")

@@ -51,16 +51,21 @@ def rollout_params(cfg: Config) -> SamplingParams:
     )
 
 
-def rollout_metrics(groups: list[ScoredGroup], batch: TrainBatch) -> dict[str, float]:
+def rollout_metrics(
+    groups: list[ScoredGroup], generated: list[ScoredGroup], batch: TrainBatch
+) -> dict[str, float]:
+    """Metrics of the trained groups, except accuracy: over everything generated."""
     lengths = [len(s.token_ids) for g in groups for s in g.samples]
     count = max(1, len(lengths))
+    n_generated = max(1, sum(len(g.correct) for g in generated))
     return {
         "reward/mean": float(batch.rewards.mean()),
         "reward/std": float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0,
         "response/repetition": mean_ngram_repetition_rate(
             [s.token_ids for g in groups for s in g.samples]
         ),
-        "reward/accuracy": sum(sum(g.correct) for g in groups) / count,
+        "reward/accuracy": sum(sum(g.correct) for g in generated) / n_generated,
+        "reward/accuracy_trained": sum(sum(g.correct) for g in groups) / count,
         "response/length_mean": sum(lengths) / count,
         "response/length_max": float(max(lengths, default=0)),
         "response/clip_ratio": sum(s.finish_reason == "length" for g in groups for s in g.samples)
@@ -155,7 +160,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                 overlong,
                 c.pad_id,
             )
-            metrics.update(rollout_metrics(outcome.groups, batch))
+            metrics.update(rollout_metrics(outcome.groups, outcome.all_groups, batch))
 
             # 3. Old and reference log-probs, forward only.
             with timer("logprobs"):
