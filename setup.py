@@ -35,7 +35,21 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.6"],
+        "parquet": ["pyarrow>=15"],
+        "fp8": ["nvidia-modelopt==0.47.0", "requests"],  # modelopt imports requests
+        "router": ["sglang-router==0.3.2"],
+        # The tests run the real router, Parquet reading and the ModelOpt FP8 export.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "pyarrow>=15",
+            "sglang-router==0.3.2",
+            "nvidia-modelopt==0.47.0",
+            "requests",
+        ],
+        # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router", "nvidia-modelopt"],
     },
     entry_points={"console_scripts": ["archer=archer_mcore.cli:main"]},
