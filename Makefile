@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo test test-fast lint services
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,19 @@ $(STAMP): setup.py pyproject.toml
 
 setup: $(STAMP)
 
+# The real Prometheus, Pushgateway, Slurm and munge the integration tests start on
+# 127.0.0.1 (Debian packages; needs root or sudo). Without them those tests skip
+# locally and fail under CI=true.
+services:
+	-bash scripts/install_services.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/archer train configs/demo_cpu.yaml
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint services
 	$(PY) -m pytest
 
 # Developers: skip the slow multi-process tests (CI runs them all).
