@@ -318,4 +318,30 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
     return {"step": policy.step, "weights": out_path, "started_at": start}
 
 
+def full_then_crash(payload: dict[str, Any]) -> dict[str, Any]:
+    """The uninterrupted run, then (same processes, fresh policy) the run that is killed
+    while publishing step 3's checkpoint: one process start-up instead of two."""
+    out = resume(
+        {
+            **payload,
+            "mode": "full",
+            "ckpt_root": payload["full_root"],
+            "weights_out": payload["full_weights"],
+        }
+    )
+    if dist.get_rank() == 0:
+        with open(payload["full_result"], "w") as f:
+            json.dump(out, f)
+    resume(
+        {
+            **payload,
+            "mode": "crash",
+            "ckpt_root": payload["crash_root"],
+            "weights_out": payload["full_weights"] + ".unused",
+        }
+    )
+    raise AssertionError("the crash run was expected to kill this process")
+
+
 TASKS["resume"] = resume
+TASKS["full_then_crash"] = full_then_crash

@@ -27,31 +27,22 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     hf = save_tiny_hf("qwen3", tmp / "hf", seed=9)
     base = {"hf_dir": str(hf), "tp": 1, "pp": 1}
-    full = spawn(
-        "resume",
-        2,
-        {
-            **base,
-            "mode": "full",
-            "ckpt_root": str(tmp / "full"),
-            "weights_out": str(tmp / "full.safetensors"),
-        },
-        tmp,
-    )
     crashed_root = tmp / "crash"
     with pytest.raises(Exception, match="SIGKILL|signal"):
         spawn(
-            "resume",
+            "full_then_crash",
             2,
             {
                 **base,
-                "mode": "crash",
                 "crash_during_save_of": 3,
-                "ckpt_root": str(crashed_root),
-                "weights_out": str(tmp / "x.safetensors"),
+                "full_root": str(tmp / "full"),
+                "full_weights": str(tmp / "full.safetensors"),
+                "full_result": str(tmp / "full.json"),
+                "crash_root": str(crashed_root),
             },
             tmp,
         )
+    full = json.loads((tmp / "full.json").read_text())
     after_crash = sorted(p.name for p in crashed_root.iterdir())
     resumed = spawn(
         "resume",
