@@ -21,6 +21,7 @@ mini-batch loss, whatever the micro-batch split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,15 +324,45 @@ class MegatronPolicy:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = run_microbatches(self.model, mbs, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        metrics = self._reduce_metrics(outs)  # the same on every rank
+        ok, grad_norm = self._optimizer_step(math.isfinite(metrics.get("loss", 0.0)))
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics = self._reduce_metrics(outs)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["update_skipped"] = float(not ok)
         return metrics
+
+    def _optimizer_step(self, loss_is_finite: bool) -> tuple[bool, float]:
+        """megatron's `optimizer.step()` (clip by the global grad norm, then step), except
+        that a non-finite loss or gradient norm skips the update: megatron itself only
+        checks for inf/NaN through the fp16 loss scaler, so in fp32 or bf16 it would
+        apply NaN gradients. A skipped update leaves parameters, optimizer state and
+        (in the caller) the LR schedule untouched. `loss_is_finite` and the grad norm
+        (reduced over the grad-stats group) agree on every rank, so all ranks skip
+        together. Returns (updated, grad norm)."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        if opt.prepare_grads():  # the fp16 loss scaler found inf/NaN
+            grad_norm = float("nan")
+        else:
+            grad_norm = float(opt.get_grad_norm())
+        if not (loss_is_finite and math.isfinite(grad_norm)):
+            self.model.zero_grad_buffer()
+            opt.zero_grad()
+            return False, grad_norm
+        for inner in getattr(opt, "chained_optimizers", [opt]):
+            params = [] if getattr(inner, "is_stub_optimizer", False) else inner.get_parameters()
+            if params and inner.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    max_norm=inner.config.clip_grad,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+        return bool(opt.step_with_ready_grads()), grad_norm
 
     def _reduce_metrics(self, outs: list[dict[str, Tensor]]) -> dict[str, float]:
         """loss: summed over micro-batches and DP ranks / dp (= the mini-batch loss);
