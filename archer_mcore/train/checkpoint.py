@@ -312,15 +312,21 @@ def _prune(root: Path, keep_last: int | None) -> None:
 
 
 def save_checkpoint(
-    policy: MegatronPolicy, root: str | Path, extra_state: dict[str, Any], keep_last: int | None = 3
+    policy: MegatronPolicy,
+    root: str | Path,
+    extra_state: dict[str, Any],
+    keep_last: int | None = 3,
+    step: int | None = None,
 ) -> Path:
-    """Collective: save step `policy.step` under `root`, atomically; keep the newest
+    """Collective: save under `root` as step `step` (default: `policy.step`, the count of
+    optimizer steps; the RL loop passes its own step), atomically; keep the newest
     `keep_last` checkpoints (None: all). `extra_state` must be torch.load-able with
     weights_only=True (tensors, numbers, strings, lists, dicts). Returns the step dir."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    name = step_dir_name(policy.step)
+    step = policy.step if step is None else int(step)
+    name = step_dir_name(step)
     tmp, final = root / f".tmp-{name}", root / name
     rank = _rank()
     if rank == 0:
@@ -335,7 +341,10 @@ def save_checkpoint(
         dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=_save_strategy())
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
-        torch.save({"step": policy.step, "extra": extra_state}, tmp / "extra_state.pt")
+        torch.save(
+            {"step": step, "policy_step": policy.step, "extra": extra_state},
+            tmp / "extra_state.pt",
+        )
     _barrier()
     _fsync_tree(tmp)  # every rank: its own writes are durable before the commit
     _barrier()
@@ -347,7 +356,7 @@ def save_checkpoint(
                 files[str(p.relative_to(tmp))] = [p.stat().st_size, _crc32(p)]
         manifest = {
             "format_version": FORMAT_VERSION,
-            "step": policy.step,
+            "step": step,
             **_layout(),
             "files": files,
         }
@@ -392,7 +401,9 @@ def load_checkpoint(
     _restore_adam_steps(policy.optimizer, loaded["optimizer"])
     policy.scheduler.load_state_dict(loaded["scheduler"])
     policy.step = int(loaded["step"])
-    if policy.step != int(manifest["step"]) or int(extra["step"]) != policy.step:
+    if int(extra["step"]) != int(manifest["step"]) or policy.step != int(
+        extra.get("policy_step", extra["step"])
+    ):
         raise CheckpointError(
             f"checkpoint {step_dir}: step mismatch between manifest, state and extra state"
         )

@@ -415,10 +415,12 @@ class MegatronPolicy:
         ckpt_dir: str | Path,
         extra_state: Mapping[str, Any] | None = None,
         keep_last: int | None = 3,
+        step: int | None = None,
     ) -> Path:
+        """Save as `ckpt_dir/step_<step>` (default: this policy's optimizer-step count)."""
         from archer_mcore.train.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last)
+        return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last, step)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
         from archer_mcore.train.checkpoint import load_checkpoint
