@@ -99,6 +99,24 @@ class LocalEngine:
             load_named_tensors(self.model, buckets, require_all=self.require_full_update)
             self._version = self._version + 1 if version is None else int(version)
 
+    # -- sampling RNG (checkpoint/resume) ----------------------------------------------
+    def rng_state(self) -> dict[str, Tensor]:
+        """The running sampling streams (device name -> generator state, a CPU uint8
+        tensor) that calls without `params.seed` draw from; saved in checkpoints so a
+        resumed run samples what the uninterrupted one would have."""
+        with self._lock:
+            return {device: g.get_state() for device, g in self._generators.items()}
+
+    def set_rng_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore streams saved by `rng_state` (devices not in `state` restart from
+        the seed)."""
+        with self._lock:
+            self._generators = {}
+            for device, s in state.items():
+                g = torch.Generator(device=device)
+                g.set_state(s)
+                self._generators[device] = g
+
     # -- generation ------------------------------------------------------------------
     def generate(
         self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
