@@ -36,6 +36,16 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a signal that reached
+    only some processes), so that collective decisions like a checkpoint agree."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (identity without torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -222,6 +232,17 @@ class Components:
         total = self.scorer.counters().get("faults", 0)
         new, self._failures_reported = total - self._failures_reported, total
         return new
+
+    def rollout_rng_state(self) -> Any:
+        """The engine's running sampling RNG (rank 0; None where it has none), for
+        checkpoints: a resumed run then samples what the uninterrupted one would."""
+        get = getattr(self.engine, "rng_state", None)
+        return get() if self.is_main and get is not None else None
+
+    def set_rollout_rng_state(self, state: Any) -> None:
+        put = getattr(self.engine, "set_rng_state", None)
+        if self.is_main and put is not None and state is not None:
+            put(state)
 
     # -- weights, eval, metrics ----------------------------------------------------------
     def sync_weights(self, version: int) -> int:

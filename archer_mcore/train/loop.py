@@ -19,7 +19,7 @@ from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
 from archer_mcore.train.batching import with_fields
 from archer_mcore.train.checkpoint import find_latest_checkpoint
-from archer_mcore.train.components import Components, build_components
+from archer_mcore.train.components import Components, any_rank, build_components
 from archer_mcore.train.dynamic_sampling import collect_groups
 from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.signals import StopRequest
@@ -93,6 +93,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
         state = c.policy.load_checkpoint(latest)
         start = int(state["step"])
         c.prompts.load_state_dict(state["sampler"])
+        c.set_rollout_rng_state(state.get("rollout_rng"))
         summary.skipped_updates = int(state.get("skipped_updates", 0))
         summary.last_checkpoint = str(latest)
         if c.is_main:
@@ -111,10 +112,41 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
         extra = {
             "step": step,
             "sampler": c.prompts.state_dict(),
+            "rollout_rng": c.rollout_rng_state(),
             "skipped_updates": summary.skipped_updates,
         }
-        path = c.policy.save_checkpoint(c.checkpoint_root, extra, cfg.checkpoint.keep_last)
+        path = c.policy.save_checkpoint(
+            c.checkpoint_root, extra, cfg.checkpoint.keep_last, step=step
+        )
         summary.last_checkpoint = str(path)
+
+    def finish_step(
+        step: int, metrics: dict[str, float], timer: PhaseTimer, step_start: float, stop: StopRequest
+    ) -> bool:
+        """Eval, checkpoint and report the step; True when a stop signal ends the run."""
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            with timer("eval"):
+                ev = c.evaluate(step)
+            metrics.update(ev)
+            if "eval/accuracy" in ev:
+                summary.eval_history.append((step, ev["eval/accuracy"]))
+        summary.steps_done = step
+        stopping = any_rank(bool(stop))  # a signal may reach the ranks at different steps
+        periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+        if stopping or periodic or step == t.steps:
+            with timer("checkpoint"):
+                save(step)
+        metrics["time/step"] = time.perf_counter() - step_start
+        c.report(step, metrics, timer)
+        if stopping:
+            summary.stopped_by = stop.signal_name or "signal on another rank"
+            if c.is_main:
+                print(
+                    f"received {summary.stopped_by}: checkpoint written at step {step} "
+                    f"({summary.last_checkpoint}); exiting",
+                    flush=True,
+                )
+        return stopping
 
     nonfinite_in_a_row = 0
     with StopRequest() as stop:
@@ -137,8 +169,8 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             }
             if not outcome.groups:
                 log.warning("step %d: every group was all-correct or all-wrong; no update", step)
-                c.report(step, metrics, timer)
-                summary.steps_done = step
+                if finish_step(step, metrics, timer, step_start, stop):
+                    break
                 continue
             if not outcome.full:
                 print(
@@ -224,27 +256,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                 metrics["sync/bytes"] = float(c.sync_weights(step))
 
             # 6. Eval, checkpoint, report.
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                with timer("eval"):
-                    ev = c.evaluate(step)
-                metrics.update(ev)
-                if "eval/accuracy" in ev:
-                    summary.eval_history.append((step, ev["eval/accuracy"]))
-            summary.steps_done = step
-            periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-            if stop or periodic or step == t.steps:
-                with timer("checkpoint"):
-                    save(step)
-            metrics["time/step"] = time.perf_counter() - step_start
-            c.report(step, metrics, timer)
-            if stop:
-                summary.stopped_by = stop.signal_name
-                if c.is_main:
-                    print(
-                        f"received {stop.signal_name}: checkpoint written at step {step} "
-                        f"({summary.last_checkpoint}); exiting",
-                        flush=True,
-                    )
+            if finish_step(step, metrics, timer, step_start, stop):
                 break
     c.close()
     return summary

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 POLICY_SCRIPT = r'''
 import json, math, os, socket, sys
@@ -134,3 +135,62 @@ def _env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_loop_counts_skipped_updates_and_stops_after_n_in_a_row(archer, helpers, tmp_path):
+    # One mini-batch (one optimizer update) per step; every group trained on. NaN
+    # advantages at steps 2, 4 and 5 with max_nonfinite_in_a_row = 2: step 2 is skipped
+    # (1 in a row), step 3 trains (the count resets), step 4 is skipped (1), step 5 is
+    # skipped (2 in a row) and stops the run before its checkpoint.
+    out = tmp_path / "run"
+    proc = archer.run(
+        "train",
+        [
+            *helpers.FAST,
+            "algorithm.group_filter=none",
+            "train.steps=6",
+            "train.max_nonfinite_in_a_row=2",
+            "checkpoint.save_every=1",
+            f"train.output_dir={out}",
+        ],
+        hooks={"nan_steps": [2, 4, 5]},
+    )
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: 2 non-finite updates in a row at step 5" in proc.stderr
+    assert "step_00000004" in proc.stderr.split("NonFiniteLossError")[-1]  # the last good one
+
+    rows = {int(r["step"]): r for r in helpers.read_metrics(out)}
+    assert sorted(rows) == [1, 2, 3, 4]  # step 5 never finished
+    assert [rows[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 0.0, 1.0]
+    assert [rows[s]["train/update_skipped"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 0.0, 1.0]
+    assert math.isnan(rows[2]["train/loss"]) and math.isfinite(rows[3]["train/loss"])
+
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest",
+        "step_00000001",
+        "step_00000002",
+        "step_00000003",
+        "step_00000004",
+    ]
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    from archer_mcore.train.checkpoint import verify_checkpoint
+
+    for s in (1, 2, 3, 4):
+        verify_checkpoint(root / f"step_{s:08d}")  # manifest, sizes, CRC32
+    state = {s: helpers.checkpoint(root / f"step_{s:08d}") for s in (1, 2, 3, 4)}
+    w = {s: helpers.model_weights(state[s]) for s in state}
+    assert w[1].keys() == w[4].keys() and len(w[1]) > 5
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert all(torch.isfinite(t).all() for t in w[4].values())
+    assert same(w[1], w[2])  # the NaN step 2 left the weights alone
+    assert not same(w[2], w[3])  # step 3 trained
+    assert same(w[3], w[4])  # and step 4 did not
+    # LR schedule: stepped by real updates only; the policy counts every attempt.
+    assert [state[s]["common"]["scheduler"]["num_steps"] for s in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [state[s]["common"]["step"] for s in (1, 2, 3, 4)] == [1, 2, 3, 4]
