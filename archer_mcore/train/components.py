@@ -102,9 +102,10 @@ class PromptStream:
 
     dataset: PromptDataset
     sampler: EpochSampler
+    offset: int = 0  # prompts before it (the warm start's) are not sampled
 
     def next_batch(self, k: int) -> list[PromptExample]:
-        return [self.dataset[i] for i in self.sampler.next_batch(k)]
+        return [self.dataset[self.offset + i] for i in self.sampler.next_batch(k)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -142,27 +143,31 @@ def hf_config_dict(cfg: Config, tokenizer: Any) -> dict[str, Any]:
 
 
 def warmstart_examples(
-    dataset: PromptDataset, tokenizer: Any, count: int, noise: float, seed: int
+    dataset: PromptDataset, tokenizer: Any, count: int, noise: float, seed: int, copies: int = 4
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids + eos) pairs; a share `noise` ends in a wrong answer."""
+    """(prompt ids, solution ids + eos) pairs from the first `count` prompts.
+
+    Each prompt appears `copies` times, and each copy independently ends in a wrong
+    final answer with probability `noise`; the slip is thus a habit of the policy, not
+    a memorised wrong answer per problem, and RL can unlearn it for unseen problems too.
+    """
     rng = random.Random(seed)
     out = []
+    eos = tokenizer.eos_token_id
     for i in range(min(count, len(dataset))):
         ex = dataset[i]
         solution = ex.extra_info.get("solution")
         if not solution:
-            raise ConfigError(
-                f"warmstart: {ex.source} has no extra_info.solution to imitate"
-            )
-        if rng.random() < noise:
-            truth = int(ex.ground_truth)
-            wrong = truth + rng.choice([-2, -1, 1, 2])
-            head, _, _ = solution.rpartition(f"= {truth}. ")
-            solution = (
-                f"{head}= {wrong}. \\boxed{{{wrong}}}" if head else f"\\boxed{{{wrong}}}"
-            )
-        ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
-        out.append((list(ex.prompt_ids), [*ids, tokenizer.eos_token_id]))
+            raise ConfigError(f"warmstart: {ex.source} has no extra_info.solution to imitate")
+        for _ in range(copies):
+            text = solution
+            if rng.random() < noise:
+                truth = int(ex.ground_truth)
+                wrong = truth + rng.choice([-2, -1, 1, 2])
+                head, _, _ = solution.rpartition(f"= {truth}. ")
+                text = f"{head}= {wrong}. \\boxed{{{wrong}}}" if head else f"\\boxed{{{wrong}}}"
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append((list(ex.prompt_ids), [*ids, eos]))
     return out
 
 
@@ -420,11 +425,15 @@ def build_components(cfg: Config) -> Components:
             exporter = MetricsExporter.from_config(cfg.metrics, run=cfg.train.run_name)
             exporter.start()
             print(f"metrics: {exporter.url}", file=sys.stderr, flush=True)
-    sampler = EpochSampler(len(train_data), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    # RL samples the prompts the warm start did not imitate (when any are left), so that
+    # its gains are not recall of demonstrations.
+    offset = cfg.warmstart.examples if cfg.warmstart.steps > 0 else 0
+    offset = offset if offset < len(train_data) else 0
+    sampler = EpochSampler(len(train_data) - offset, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     return Components(
         cfg=cfg,
         tokenizer=tokenizer,
-        prompts=PromptStream(train_data, sampler),
+        prompts=PromptStream(train_data, sampler, offset),
         eval_data=eval_data,
         policy=policy,
         engine=engine,
