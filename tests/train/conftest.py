@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
 
-DRIVER = r'''
+DRIVER = r"""
 import hashlib
 import json
 import os
@@ -75,7 +75,7 @@ if hooks.get("trace"):
 from archer_mcore.cli import main
 
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 # Small, fast settings shared by the mechanics tests (not the accuracy test): 8 prompts
 # x 8 samples per step in one mini-batch (one optimizer update per step), no eval.
@@ -213,6 +213,7 @@ class Helpers:
     model_weights = staticmethod(model_weights)
     optimizer_tensors = staticmethod(optimizer_tensors)
     kill_group = staticmethod(kill_group)
+    child_env = staticmethod(child_env)
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-POLICY_SCRIPT = r'''
+POLICY_SCRIPT = r"""
 import json, math, os, socket, sys
 import torch
 
@@ -94,7 +94,7 @@ res["twins_agree_after_good_step"] = same(params(a), params(b))
 res["twin_grad_norms"] = [ma2["grad_norm"], mb2["grad_norm"]]
 with open(out_dir + "/result.json", "w") as f:
     json.dump(res, f)
-'''
+"""
 
 
 @pytest.mark.slow
