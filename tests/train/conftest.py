@@ -113,10 +113,17 @@ class ArcherRunner:
         self.cache = cache  # shared warm-start / tokenizer / synthetic-data cache
 
     def command(
-        self, subcommand: str, overrides: Sequence[str], *extra: str, config: Path = DEMO_CONFIG
+        self,
+        subcommand: str,
+        overrides: Sequence[str],
+        *extra: str,
+        config: Path = DEMO_CONFIG,
+        own_cache: bool = True,
     ) -> list[str]:
+        """own_cache False: the config's own warm-start cache directory."""
         cmd = [sys.executable, str(self.driver), subcommand, str(config)]
-        for o in (f"warmstart.cache_dir={self.cache}", *overrides):
+        cache = [f"warmstart.cache_dir={self.cache}"] if own_cache else []
+        for o in (*cache, *overrides):
             cmd += ["-o", o]
         return [*cmd, *extra]
 
@@ -127,9 +134,10 @@ class ArcherRunner:
         *extra: str,
         hooks: dict[str, Any] | None = None,
         config: Path = DEMO_CONFIG,
+        own_cache: bool = True,
     ) -> subprocess.Popen:
         return subprocess.Popen(
-            self.command(subcommand, overrides, *extra, config=config),
+            self.command(subcommand, overrides, *extra, config=config, own_cache=own_cache),
             cwd=REPO,
             env=child_env(hooks),
             stdout=subprocess.PIPE,
