@@ -375,6 +375,8 @@ def demo_overrides(out: Path, steps: int) -> list[str]:
         "train.mini_batch_prompts=2",
         "eval.every=0",
         "warmstart.steps=0",
+        # private data cache: the shared .cache/ may be rewritten by other runs meanwhile
+        f"warmstart.cache_dir={out / 'cache'}",
         "checkpoint.save_every=0",
         # grpo (no group filter) updates every step; with the demo's Archer preset and
         # an untrained model every group is filtered and steps end early (see report)
