@@ -202,9 +202,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ save / load
 def _ensure_adam_state(optimizer: Any) -> None:
-    """Give every parameter a (zero) Adam state before loading into a fresh optimizer:
-    with plain torch Adam (no Apex/TE) megatron reads the step count from the existing
-    state while building the sharded state dict, and a fresh optimizer has none."""
+    """Give every parameter without one a (zero) Adam state, as torch Adam would on its
+    first step: with plain torch Adam (no Apex/TE) megatron reads the step count from
+    the existing state while building the sharded state dict (to save, or to load into
+    a fresh optimizer), and a fresh optimizer has none."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         for group in inner.param_groups:
@@ -240,8 +241,10 @@ def _restore_adam_steps(optimizer: Any, loaded_optimizer_state: Any) -> None:
 
 
 def _sharded_state(policy: MegatronPolicy, is_loading: bool) -> dict[str, Any]:
-    if is_loading:
-        _ensure_adam_state(policy.optimizer)
+    # Saving needs it too: before the first optimizer step (a run stopped, or whose
+    # first steps had nothing to train on) megatron's state dict asserts on the missing
+    # Adam step count. Zero state is what torch Adam would create lazily anyway.
+    _ensure_adam_state(policy.optimizer)
     model = policy.unwrapped()
     model_sd = model.sharded_state_dict()
     return {
