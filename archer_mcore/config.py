@@ -264,8 +264,10 @@ class WarmstartConfig:
     """A short supervised phase before RL (the CPU demo), cached after the first run.
 
     Demonstrations are the synthetic task's worked solutions; a share `noise` of them
-    has a slipped final step (a wrong answer), so the warm-started policy can solve the
-    task but does so inconsistently: the regime where RL with verifiable rewards helps.
+    stops after the worked steps without the final \\boxed{} answer the verifier reads, so
+    the warm-started policy can solve the task but often fails to state its answer: the
+    regime where RL with verifiable rewards helps. RL then samples only the prompts
+    after the first `examples`, which the warm start never saw.
     """
 
     steps: int = _f(0, ge=0)  # 0: off (start from model.path or random weights)

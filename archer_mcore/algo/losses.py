@@ -172,6 +172,7 @@ def policy_loss(
     dp_group: dist.ProcessGroup | None = None,
     normalizer: float | None = None,
     selection: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss and its metrics.
 
@@ -188,6 +189,8 @@ def policy_loss(
             rescaled to local_mean * local_units / normalizer, so that micro-batch losses
             sum to the mini-batch loss when `normalizer` is the mini-batch's unit count.
         selection: precomputed forking mask (mini-batch scope), see `token_group_masks`.
+        token_weights: [B, L] per-token weights of the policy-gradient term (detached),
+            e.g. truncated importance-sampling weights (`algo.rollout_correction`).
     Returns:
         (loss scalar, metrics of detached 0-dim tensors): loss/pg, loss/kl, loss/entropy,
         and per group g: clip/low/g, clip/high/g, clip/dual/g, kl/g, entropy/g, share/g,
@@ -215,7 +218,10 @@ def policy_loss(
         denom = pg_mask if cfg.forking_normalizer == "selected" else mask
     else:
         pg_mask = denom = mask
-    pg = aggregate(terms.pg_loss, pg_mask, cfg.agg_mode, denom)
+    pg_terms = terms.pg_loss
+    if token_weights is not None:
+        pg_terms = pg_terms * token_weights.detach().to(pg_terms.dtype)
+    pg = aggregate(pg_terms, pg_mask, cfg.agg_mode, denom)
 
     kl_total = logp.new_zeros(())
     if ref_logp is not None:

@@ -27,6 +27,8 @@ class PolicyBatch:
                     policy, reference policy); needed by `train_step` (ref only for KL).
     advantages:     [B] or [B, L] fp32.
     selection:      [B, L] bool, a precomputed forking-token mask (mini-batch scope).
+    token_weights:  [B, L] fp32 per-token policy-gradient weights, e.g. truncated
+                    importance-sampling weights for the rollout/training mismatch.
     """
 
     input_ids: Tensor
@@ -36,6 +38,7 @@ class PolicyBatch:
     advantages: Tensor | None = None
     ref_logp: Tensor | None = None
     selection: Tensor | None = None
+    token_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         b = self.input_ids.shape[0]
@@ -125,7 +128,7 @@ def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBa
             "targets": ids.gather(1, target_pos),
             "mask": batch.response_mask[rows, :lm].bool() & (p + j < seq_len),
         }
-        for name in ("old_logp", "ref_logp", "selection"):
+        for name in ("old_logp", "ref_logp", "selection", "token_weights"):
             v = getattr(batch, name)
             if v is not None:
                 extras[name] = v[rows, :lm]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 from collections.abc import Mapping, Sequence
@@ -72,7 +73,6 @@ def synthetic_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
     from archer_mcore.data.synthetic import (
         ArithmeticTaskConfig,
         generate_arithmetic_rows,
-        write_jsonl,
     )
 
     task = ArithmeticTaskConfig(**asdict(cfg.data.synthetic))
@@ -91,9 +91,19 @@ def synthetic_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
         )
     digest = hashlib.sha256(json.dumps(asdict(task), sort_keys=True).encode()).hexdigest()[:12]
     tag = f"synthetic-{cfg.train.seed}-{cfg.data.synthetic_train_size}-{digest}"
-    train = write_jsonl(train_rows, cache / tag / "train.jsonl")
-    held_out = write_jsonl(eval_rows, cache / tag / "eval.jsonl")
-    return [str(train)], [str(held_out)]
+    return [_write_atomic(train_rows, cache / tag / "train.jsonl")], [
+        _write_atomic(eval_rows, cache / tag / "eval.jsonl")
+    ]
+
+
+def _write_atomic(rows: list[dict[str, Any]], path: Path) -> str:
+    """Every rank may write the same file: write a private temp file, then rename it
+    over the target, so that no reader ever sees a half-written file."""
+    from archer_mcore.data.synthetic import write_jsonl
+
+    tmp = write_jsonl(rows, path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+    os.replace(tmp, path)
+    return str(path)
 
 
 @dataclass
@@ -147,9 +157,10 @@ def warmstart_examples(
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, solution ids + eos) pairs from the first `count` prompts.
 
-    Each prompt appears `copies` times, and each copy independently ends in a wrong
-    final answer with probability `noise`; the slip is thus a habit of the policy, not
-    a memorised wrong answer per problem, and RL can unlearn it for unseen problems too.
+    Each prompt appears `copies` times, and each copy independently stops after the
+    worked steps without the final \\boxed{} answer (which the verifier needs) with
+    probability `noise`. The omission is thus a habit of the warm-started policy, not a
+    property of particular problems, and RL can unlearn it on problems it never saw.
     """
     rng = random.Random(seed)
     out = []
@@ -159,13 +170,9 @@ def warmstart_examples(
         solution = ex.extra_info.get("solution")
         if not solution:
             raise ConfigError(f"warmstart: {ex.source} has no extra_info.solution to imitate")
+        steps, boxed, _ = solution.rpartition(" \\boxed{")
         for _ in range(copies):
-            text = solution
-            if rng.random() < noise:
-                truth = int(ex.ground_truth)
-                wrong = truth + rng.choice([-2, -1, 1, 2])
-                head, _, _ = solution.rpartition(f"= {truth}. ")
-                text = f"{head}= {wrong}. \\boxed{{{wrong}}}" if head else f"\\boxed{{{wrong}}}"
+            text = steps if boxed and rng.random() < noise else solution
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             out.append((list(ex.prompt_ids), [*ids, eos]))
     return out
@@ -306,9 +313,11 @@ class Components:
         if self.exporter is not None:
             self.exporter.record_step(step, row)
 
-    def close(self) -> None:
+    def close(self, delete_push_group: bool = True) -> None:
+        """`delete_push_group` False keeps a pre-empted run's last pushed values visible
+        while Slurm requeues it."""
         if self.exporter is not None:
-            self.exporter.close()
+            self.exporter.close(delete_push_group=delete_push_group)
         if self.scorer is not None:
             self.scorer.close()
         if self.engine is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from archer_mcore.algo.rollout_correction import mismatch_metrics, truncated_is_weights
 from archer_mcore.config import Config
 from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
 from archer_mcore.rollout.types import SamplingParams
@@ -202,9 +203,21 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                     if c.policy.reference is not None
                     else None
                 )
-            full = with_fields(batch.policy, old_logp=old_logp, ref_logp=ref_logp)
-            diff = (old_logp - batch.rollout_logp)[full.response_mask]
+            # Rollout/training mismatch: metrics, and truncated importance sampling
+            # (w = min(pi_old / pi_rollout, cap) on the policy gradient) when capped.
+            mask = batch.policy.response_mask
+            cap = cfg.rollout.tis_cap
+            weights = truncated_is_weights(old_logp, batch.rollout_logp, cap, mask) if cap else None
+            full = with_fields(
+                batch.policy, old_logp=old_logp, ref_logp=ref_logp, token_weights=weights
+            )
+            mism = mismatch_metrics(old_logp, batch.rollout_logp, mask, cap)
+            metrics["rollout/mismatch_kl_k3"] = mism["mismatch_kl_k3"]
+            diff = (old_logp - batch.rollout_logp)[mask]
             metrics["rollout/logprob_abs_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
+            if cap:
+                metrics["rollout/tis_weight_mean"] = mism["tis_weight_mean"]
+                metrics["rollout/tis_clipped_fraction"] = mism["tis_clipped_fraction"]
 
             # 4. The update: ppo_epochs passes over mini-batches of whole groups; each
             #    data-parallel rank takes its share of every mini-batch.
@@ -258,5 +271,5 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             # 6. Eval, checkpoint, report.
             if finish_step(step, metrics, timer, step_start, stop):
                 break
-    c.close()
+    c.close(delete_push_group=summary.stopped_by is None)
     return summary

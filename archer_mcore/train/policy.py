@@ -315,6 +315,7 @@ class MegatronPolicy:
                 loss_cfg,
                 normalizer=normalizer,
                 selection=x.get("selection"),
+                token_weights=x.get("token_weights"),
             )
             metrics = {k: v.detach().float() for k, v in metrics.items()}
             metrics["loss"] = loss.detach().float()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -97,15 +99,23 @@ def supervised_warmstart(
         loss_value = loss.item()
         if on_progress is not None:
             on_progress(step, loss_value)
-    log.info("warm start: %d steps, final loss %.4f, %.1fs", steps, loss_value, time.perf_counter() - start)
+    log.info(
+        "warm start: %d steps, final loss %.4f, %.1fs",
+        steps,
+        loss_value,
+        time.perf_counter() - start,
+    )
 
-    tmp = target.with_name(target.name + ".tmp")
+    # Ranks of one job may all run this: each writes a private temp dir, the first to
+    # finish publishes it with a rename, later ones discard theirs.
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "DONE").write_text(json.dumps({"steps": steps, "final_loss": loss_value}) + "\n")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "DONE").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

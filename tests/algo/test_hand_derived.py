@@ -202,3 +202,14 @@ def test_normalizer_rescales_to_minibatch_mean():
     l1, _ = policy_loss(z1, z1, torch.tensor([1.0]), z1 == 0, z1, None, cfg, normalizer=3)
     l2, _ = policy_loss(z2, z2, torch.tensor([3.0]), z2 == 0, z2, None, cfg, normalizer=3)
     assert (l1 + l2).item() == pytest.approx(-5.0 / 3.0)
+
+
+def test_token_weights_scale_the_policy_gradient_only():
+    # r = 1, A = +1: token losses -1. Weights [0.5, 2] with token-mean: (-0.5 - 2) / 2
+    # = -1.25; the KL term (k1 = 0.5 per token, coefficient 0.1) is not reweighted: +0.05.
+    z = torch.zeros(1, 2, dtype=torch.float64)
+    cfg = LossConfig(kl_coef=0.1, kl_estimator="k1")
+    w = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+    loss, met = policy_loss(z, z, torch.ones(1), z == 0, z, z - 0.5, cfg, token_weights=w)
+    assert met["loss/pg"].item() == pytest.approx(-1.25)
+    assert loss.item() == pytest.approx(-1.25 + 0.05)
