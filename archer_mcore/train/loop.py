@@ -271,5 +271,12 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             # 6. Eval, checkpoint, report.
             if finish_step(step, metrics, timer, step_start, stop):
                 break
+    if c.is_main and len(summary.eval_history) >= 2:
+        (s0, a0), (s1, a1) = summary.eval_history[0], summary.eval_history[-1]
+        print(
+            f"held-out accuracy: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1} "
+            f"({100 * (a1 - a0):+.1f} points)",
+            flush=True,
+        )
     c.close(delete_push_group=summary.stopped_by is None)
     return summary
