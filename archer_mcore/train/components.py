@@ -28,7 +28,7 @@ from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
 from archer_mcore.train.evaluation import summarize
-from archer_mcore.train.progress import PhaseTimer, step_line
+from archer_mcore.train.progress import PhaseTimer, ProgressBar, step_line
 
 log = logging.getLogger("archer.train")
 
@@ -257,6 +257,16 @@ class Components:
             put(state)
 
     # -- weights, eval, metrics ----------------------------------------------------------
+    def hand_devices_to_training(self) -> None:
+        """Colocated mode: the engine stops generating while the policy trains (an
+        engine that can release its memory does so on pause)."""
+        if self.is_main and self.cfg.rollout.mode == "colocated":
+            self.engine.pause()
+
+    def hand_devices_to_rollout(self) -> None:
+        if self.is_main and self.cfg.rollout.mode == "colocated":
+            self.engine.resume()
+
     def sync_weights(self, version: int) -> int:
         """Stream the policy's weights into the engine; returns the bytes sent."""
         sent = 0
@@ -411,8 +421,12 @@ def build_components(cfg: Config) -> Components:
         w = cfg.warmstart
         examples = warmstart_examples(train_data, tokenizer, w.examples, w.noise, cfg.train.seed)
 
+        bar = ProgressBar("warm start", w.steps)  # drawn only on a terminal
+
         def progress(step: int, loss: float) -> None:
-            if step % 50 == 0 or step == w.steps:
+            bar.update()
+            if step % 100 == 0 or step == w.steps:
+                bar.close()
                 print(f"warm start {step}/{w.steps} | sft loss {loss:.4f}", flush=True)
 
         source = str(

@@ -195,7 +195,8 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             )
             metrics.update(rollout_metrics(outcome.groups, outcome.all_groups, batch))
 
-            # 3. Old and reference log-probs, forward only.
+            # 3. Old and reference log-probs, forward only (colocated: the engine yields).
+            c.hand_devices_to_training()
             with timer("logprobs"):
                 old_logp, _ = c.policy.compute_logprobs(batch.policy)
                 ref_logp = (
@@ -264,9 +265,10 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                 1e-9, timer.seconds.get("rollout", 0.0)
             )
 
-            # 5. Weight sync to the rollout engine.
+            # 5. Weight sync to the rollout engine, which then takes the devices back.
             with timer("sync"):
                 metrics["sync/bytes"] = float(c.sync_weights(step))
+            c.hand_devices_to_rollout()
 
             # 6. Eval, checkpoint, report.
             if finish_step(step, metrics, timer, step_start, stop):
