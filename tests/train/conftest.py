@@ -78,9 +78,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 # Small, fast settings shared by the mechanics tests (not the accuracy test): 8 prompts
-# x 8 samples per step in one mini-batch (one optimizer update per step), no eval.
+# x 8 samples per step in one mini-batch (one optimizer update per step), no eval. A
+# 50-step warm start solves few problems, so rewards may all be equal; the entropy
+# bonus gives every update a non-zero gradient regardless (these tests are about the
+# loop's mechanics, not learning), and lr is pinned so the demo's tuning cannot shrink
+# the updates.
 FAST = (
     "train.torch_threads=1",
+    "algorithm.entropy_coef=0.01",
+    "optimizer.lr=5.0e-4",
     "warmstart.steps=50",
     "data.synthetic_train_size=512",
     "data.synthetic_eval_size=16",
