@@ -398,7 +398,13 @@ def plot(runs: Sequence[RunResult], algorithms: Sequence[str], path: Path, title
             steps, mean, std = _band([metric_curve(r, f"entropy/{g}") for r in rs])
             if steps:
                 ax_ent.plot(
-                    steps, mean, styles.get(g, "-"), color=colors[algo], label=f"{algo}: {g}"
+                    steps,
+                    mean,
+                    styles.get(g, "-"),
+                    color=colors[algo],
+                    marker=".",
+                    ms=3,
+                    label=f"{algo}: {g}",
                 )
     ax_acc.set(
         xlabel="RL step",
@@ -471,6 +477,20 @@ def replace_section(text: str, section: str) -> str:
     return "\n".join(new + lines[end:]).rstrip("\n") + "\n"
 
 
+def shown_command(argv: Sequence[str]) -> list[str]:
+    """The benchmark's arguments as they produced the runs: without --report-only and
+    without the --note text (which goes into the section itself)."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif a != "--report-only" and not a.startswith("--note="):
+            shown.append(a)
+    return shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo_cpu.yaml")
@@ -520,11 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.steps = 2
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    cfg = load_config(args.config, overrides)  # fail early on a bad key
+    out = Path(args.out_dir).resolve()
+    frozen = out / "config.yaml"  # the copy the runs read (see below)
+    # --report-only describes the runs: their frozen config, not today's file.
+    source = frozen if args.report_only and frozen.exists() else Path(args.config)
+    cfg = load_config(source, overrides)  # fail early on a bad key
     seeds = args.seeds or [cfg.train.seed + i for i in range(1 if args.smoke else 3)]
     if args.smoke:
         seeds = seeds[:1]
-    out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_md = Path(
         args.results_md or (out / "RESULTS.md" if args.smoke else REPO / "benchmarks/RESULTS.md")
@@ -532,7 +555,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     # Every run reads one frozen copy: the config may be edited while the benchmark runs.
-    frozen = out / "config.yaml"
     if not args.report_only:
         shutil.copyfile(args.config, frozen)
     config = str(frozen)
@@ -559,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
     total = time.perf_counter() - t0
-    argv_shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    argv_shown = shown_command(argv if argv is not None else sys.argv[1:])
     previous = out / "summary.json"
     if args.report_only and previous.exists():
         total = float(json.loads(previous.read_text()).get("total_wall_s", total))
@@ -603,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Command: `{command}` (total {total / 60:.1f} min).  ",
             f"Machine: {machine_line()}.  ",
             f"Code: {code_line()}.  ",
-            f"Config: `{args.config}` with {cfg.train.steps} RL steps x {pps} prompts x {n} samples "
+            f"Config: `{args.config}` (the copy the runs read: "
+            f"`{os.path.relpath(frozen, results_md.resolve().parent)}`) with {cfg.train.steps} RL steps x {pps} prompts x {n} samples "
             f"per step, {cfg.train.ppo_epochs} PPO epoch(s), lr {cfg.optimizer.lr:g}; eval every "
             f"{cfg.eval.every} steps on {cfg.data.synthetic_eval_size if not cfg.data.eval_files else 'the'} "
             f"held-out problems, avg@{cfg.eval.n_samples} at T={cfg.eval.temperature:g}. "
