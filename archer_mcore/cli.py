@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from archer_mcore.train.loop import train
+    from archer_mcore.train.loop import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("archer").setLevel(logging.INFO)
@@ -73,7 +73,11 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     _single_process_rendezvous()
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except NonFiniteLossError as exc:
+        print(f"archer: training stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0 if summary.stopped_by is None or summary.last_checkpoint else 1
 
 

@@ -178,6 +178,18 @@ def warmstart_examples(
     return out
 
 
+def eval_sampling_params(cfg: Config) -> SamplingParams:
+    """The held-out evaluation's sampling settings (the loop's and `archer eval`'s)."""
+    e = cfg.eval
+    return SamplingParams(
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        stop_token_ids=tuple(cfg.rollout.stop_token_ids),
+        seed=cfg.train.seed + 7,
+    )
+
+
 # ----------------------------------------------------------------------------- the bundle
 @dataclass
 class Components:
@@ -289,13 +301,7 @@ class Components:
         result: dict[str, float] | None = None
         if self.is_main and self.eval_data is not None and len(self.eval_data):
             e = self.cfg.eval
-            params = SamplingParams(
-                temperature=e.temperature,
-                top_p=e.top_p,
-                max_new_tokens=e.max_new_tokens,
-                stop_token_ids=tuple(self.cfg.rollout.stop_token_ids),
-                seed=self.cfg.train.seed + 7,
-            )
+            params = eval_sampling_params(self.cfg)
             prompts = list(self.eval_data)
             batch = self.engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
             groups = self._score(prompts, batch)

@@ -24,6 +24,7 @@ def run_eval(args: argparse.Namespace) -> int:
         _policy_config,
         build_engine,
         build_tokenizer,
+        eval_sampling_params,
         hf_config_dict,
         rank,
     )
@@ -69,15 +70,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from archer_mcore.rewards.scorer import RewardScorer
     from archer_mcore.rewards.types import RewardRequest
-    from archer_mcore.rollout.types import SamplingParams
 
     e = cfg.eval
-    params = SamplingParams(
-        temperature=e.temperature,
-        top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens,
-        seed=cfg.train.seed,
-    )
+    params = eval_sampling_params(cfg)
     prompts = list(data)
     print(f"eval: {len(prompts)} prompts x {e.n_samples} samples from {step_dir}", file=sys.stderr)
     batch = engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)

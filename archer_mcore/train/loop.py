@@ -226,7 +226,10 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             skipped_before = summary.skipped_updates
             with timer("update"):
                 groups_total = len(outcome.groups)
-                per_mb = max(1, groups_total * t.mini_batch_prompts // t.prompts_per_step)
+                # The configured number of updates per epoch, however many groups the
+                # filter kept (fewer groups make smaller mini-batches, not more of them).
+                n_mb = min(groups_total, t.prompts_per_step // t.mini_batch_prompts)
+                per_mb = math.ceil(groups_total / n_mb)
                 for epoch in range(t.ppo_epochs):
                     g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + epoch)
                     order = torch.randperm(groups_total, generator=g)
@@ -244,6 +247,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                                 nonfinite_in_a_row,
                             )
                             if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+                                c.close(delete_push_group=False)
                                 raise NonFiniteLossError(
                                     f"{nonfinite_in_a_row} non-finite updates in a row at step "
                                     f"{step}; stopping. Last good checkpoint: "
