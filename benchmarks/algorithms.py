@@ -62,6 +62,7 @@ ENTROPY_GROUPS = {
 SMOKE_OVERRIDES = (
     "data.synthetic_train_size=128",
     "data.synthetic_eval_size=12",
+    "data.synthetic.min_operands=2",
     "data.synthetic.max_operands=2",
     "warmstart.steps=40",
     "warmstart.examples=64",
