@@ -38,6 +38,7 @@ setup(
         "parquet": ["pyarrow>=15"],
         "fp8": ["nvidia-modelopt==0.47.0", "requests"],  # modelopt imports requests
         "router": ["sglang-router==0.3.2"],
+        "bench": ["matplotlib>=3.8"],
         # The tests run the real router, Parquet reading and the ModelOpt FP8 export.
         "test": [
             "pytest>=8",
@@ -48,6 +49,7 @@ setup(
             "sglang-router==0.3.2",
             "nvidia-modelopt==0.47.0",
             "requests",
+            "matplotlib>=3.8",  # benchmarks/algorithms.py's smoke test draws its PNG
         ],
         # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router", "nvidia-modelopt"],
