@@ -108,7 +108,11 @@ def job_log(config: Path, job_id: str) -> str:
 
 
 def payload_lines(log: str, pattern: str) -> list[re.Match[str]]:
-    return [m for line in log.splitlines() if (m := re.search(pattern, line))]
+    """Matches of `pattern` in each payload message. Two ranks printing at once can put
+    two messages on one log line, so messages are split at their "payload rank=" prefix
+    (and cut at the end of their line), not at newlines."""
+    messages = (m.split("\n", 1)[0] for m in re.split(r"(?=payload rank=)", log))
+    return [m for msg in messages if (m := re.search(pattern, msg))]
 
 
 def test_slurm_accepts_every_rendered_script(
