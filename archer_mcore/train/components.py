@@ -178,6 +178,36 @@ def warmstart_examples(
     return out
 
 
+def score_groups(
+    scorer: Any, tokenizer: Any, prompts: Sequence[PromptExample], batch: RolloutBatch
+) -> list[ScoredGroup]:
+    """Decode every response (without its eos) and score the whole batch in one call;
+    group i answers prompts[i]."""
+    eos = tokenizer.eos_token_id
+    requests = [
+        RewardRequest(
+            response=tokenizer.decode(
+                s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids,
+                skip_special_tokens=True,
+            ),
+            ground_truth=prompt.ground_truth,
+            data_source=prompt.data_source,
+            extra=dict(prompt.extra_info),
+        )
+        for prompt, group in zip(prompts, batch.groups)
+        for s in group
+    ]
+    results = iter(scorer.score_batch(requests))
+    return [
+        ScoredGroup(
+            samples=list(group),
+            correct=[float(next(results).correct) for _ in group],
+            data_source=prompt.data_source,
+        )
+        for prompt, group in zip(prompts, batch.groups)
+    ]
+
+
 def eval_sampling_params(cfg: Config) -> SamplingParams:
     """The held-out evaluation's sampling settings (the loop's and `archer eval`'s)."""
     e = cfg.eval
@@ -213,28 +243,7 @@ class Components:
     # -- rollout + reward --------------------------------------------------------------
     def _score(self, prompts: Sequence[PromptExample], batch: RolloutBatch) -> list[ScoredGroup]:
         assert self.scorer is not None
-        eos = self.tokenizer.eos_token_id
-        requests = []
-        for prompt, group in zip(prompts, batch.groups):
-            for s in group:
-                ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
-                requests.append(
-                    RewardRequest(
-                        response=self.tokenizer.decode(ids, skip_special_tokens=True),
-                        ground_truth=prompt.ground_truth,
-                        data_source=prompt.data_source,
-                        extra=dict(prompt.extra_info),
-                    )
-                )
-        results = iter(self.scorer.score_batch(requests))
-        return [
-            ScoredGroup(
-                samples=list(group),
-                correct=[float(next(results).correct) for _ in group],
-                data_source=prompt.data_source,
-            )
-            for prompt, group in zip(prompts, batch.groups)
-        ]
+        return score_groups(self.scorer, self.tokenizer, prompts, batch)
 
     def generate_groups(
         self, n_prompts: int, n: int, params: SamplingParams, timer: PhaseTimer
@@ -368,7 +377,8 @@ def _policy_config(cfg: Config) -> Any:
             adam_eps=o.adam_eps,
             clip_grad=o.clip_grad,
             warmup_steps=o.lr_warmup_steps,
-            decay_steps=cfg.train.steps * cfg.train.ppo_epochs
+            decay_steps=cfg.train.steps
+            * cfg.train.ppo_epochs
             * (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts),
             decay_style=o.lr_schedule,
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -437,7 +447,14 @@ def build_components(cfg: Config) -> Components:
 
         source = str(
             supervised_warmstart(
-                hf_config, examples, cache, w.steps, w.batch_size, w.lr, cfg.train.seed, pad_id,
+                hf_config,
+                examples,
+                cache,
+                w.steps,
+                w.batch_size,
+                w.lr,
+                cfg.train.seed,
+                pad_id,
                 on_progress=progress,
             )
         )

@@ -27,6 +27,7 @@ def run_eval(args: argparse.Namespace) -> int:
         eval_sampling_params,
         hf_config_dict,
         rank,
+        score_groups,
     )
     from archer_mcore.train.evaluation import format_table, summarize
     from archer_mcore.train.policy import MegatronPolicy
@@ -69,30 +70,15 @@ def run_eval(args: argparse.Namespace) -> int:
     engine.update_weights(buckets)
 
     from archer_mcore.rewards.scorer import RewardScorer
-    from archer_mcore.rewards.types import RewardRequest
 
     e = cfg.eval
     params = eval_sampling_params(cfg)
     prompts = list(data)
     print(f"eval: {len(prompts)} prompts x {e.n_samples} samples from {step_dir}", file=sys.stderr)
     batch = engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
-    eos = tokenizer.eos_token_id
     with RewardScorer.from_config(cfg.rewards) as scorer:
-        records = []
-        for prompt, group in zip(prompts, batch.groups):
-            reqs = [
-                RewardRequest(
-                    response=tokenizer.decode(
-                        s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids,
-                        skip_special_tokens=True,
-                    ),
-                    ground_truth=prompt.ground_truth,
-                    data_source=prompt.data_source,
-                    extra=dict(prompt.extra_info),
-                )
-                for s in group
-            ]
-            records.append((prompt.data_source, [r.correct for r in scorer.score_batch(reqs)]))
+        groups = score_groups(scorer, tokenizer, prompts, batch)
+    records = [(g.data_source, [c > 0 for c in g.correct]) for g in groups]
     summary = summarize(records)
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
