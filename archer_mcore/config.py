@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 import yaml
 
-from archer_mcore.algo.losses import LossConfig
-
 
 class ConfigError(ValueError):
     """A bad config: the message names the file and the dotted key."""
@@ -136,24 +134,6 @@ class AlgorithmConfig:
     overlong_cache_length: int = _f(4096, gt=0)
     group_filter: Literal["none", "drop", "refill"] = "none"
     max_generation_batches: int = _f(10, ge=1)
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(
-            token_rule=self.token_rule,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            reasoning_clip_low=self.reasoning_clip_low,
-            reasoning_clip_high=self.reasoning_clip_high,
-            clip_ratio_c=self.clip_ratio_c,
-            kl_coef=self.kl_coef,
-            reasoning_kl_coef=self.reasoning_kl_coef,
-            kl_estimator=self.kl_estimator,
-            entropy_coef=self.entropy_coef,
-            agg_mode=self.agg_mode,
-            archer_quantile=self.archer_quantile,
-            forking_rho=self.forking_rho,
-            forking_normalizer=self.forking_normalizer,
-        )
 
 
 _DAPO: dict[str, Any] = {

@@ -95,9 +95,19 @@ def test_preset_fields_can_be_overridden_one_by_one(tmp_path):
     assert cfg.algorithm.clip_high == 0.25  # from the override
 
 
-def test_loss_config_follows_algorithm(tmp_path):
-    lc = load_config(_write(tmp_path, "algorithm: {name: archer}\n")).algorithm.loss_config()
+def test_the_loss_reads_the_algorithm_section_itself(tmp_path):
+    # No copy in between: the object the loss takes is the config's own section, so
+    # every algorithm field the loss reads arrives as loaded.
+    from archer_mcore.algo.losses import LossConfig
+
+    lc = load_config(_write(tmp_path, "algorithm: {name: archer}\n")).algorithm
+    assert isinstance(lc, LossConfig)
     assert (lc.token_rule, lc.reasoning_clip_high, lc.kl_coef) == ("archer", 0.5, 0.001)
+
+
+def test_loading_a_config_does_not_import_torch():
+    code = "import sys, archer_mcore.config; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_exponent_without_dot_is_a_float(tmp_path):

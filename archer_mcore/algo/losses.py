@@ -16,7 +16,6 @@ Log-probs are natural-log, per token, fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,31 +23,20 @@ from torch import Tensor
 
 from archer_mcore.algo.kl import kl_estimate
 from archer_mcore.algo.token_groups import archer_reasoning_mask, forking_mask
+from archer_mcore.config import AlgorithmConfig
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 TOKEN_RULES: tuple[str, ...] = ("none", "archer", "forking")
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Constants of the policy loss. Clip/KL fields without a prefix apply to all tokens
-    (rule ``none``/``forking``) or to knowledge tokens (rule ``archer``)."""
-
-    token_rule: Literal["none", "archer", "forking"] = "none"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    reasoning_clip_low: float = 0.2
-    reasoning_clip_high: float = 0.2
-    clip_ratio_c: float | None = 3.0  # dual-clip cap for A < 0; None disables it
-    kl_coef: float = 0.0
-    reasoning_kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: float = 0.0
-    agg_mode: AggMode = "token-mean"
-    archer_quantile: float = 0.8
-    forking_rho: float = 0.2
-    forking_normalizer: Literal["selected", "all"] = "selected"
+#: The loss reads the config's `algorithm` section itself (`archer_mcore.config`), so no
+#: field can be lost in a copy: `LossConfig` is that class under the name the loss's
+#: callers use. Fields read here: token_rule, clip_low/high, reasoning_clip_low/high,
+#: clip_ratio_c (dual-clip cap for A < 0; None disables it), kl_coef, reasoning_kl_coef,
+#: kl_estimator, entropy_coef, agg_mode, archer_quantile, forking_rho,
+#: forking_normalizer. Clip/KL fields without a prefix apply to all tokens (rule
+#: ``none``/``forking``) or to knowledge tokens (rule ``archer``).
+LossConfig = AlgorithmConfig
 
 
 @dataclass

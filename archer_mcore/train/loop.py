@@ -82,7 +82,6 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: Config, resume: bool = False, components: Components | None = None) -> TrainSummary:
     c = components or build_components(cfg)
     t, a = cfg.train, cfg.algorithm
-    loss_cfg = a.loss_config()
     params = rollout_params(cfg)
     n = cfg.rollout.n_samples_per_prompt
     summary = TrainSummary(steps_done=0)
@@ -236,7 +235,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                     for lo in range(0, groups_total, per_mb):
                         rows = group_rows(order[lo : lo + per_mb], n)
                         share = rows[c.policy.dp_rank :: c.policy.dp_size]
-                        m = c.policy.train_step(full.rows(share), loss_cfg)
+                        m = c.policy.train_step(full.rows(share), a)
                         updates.append(m)
                         if m.get("update_skipped") or not math.isfinite(m.get("loss", 0.0)):
                             nonfinite_in_a_row += 1
