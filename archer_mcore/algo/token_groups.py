@@ -83,3 +83,16 @@ def forking_mask(
     out = torch.zeros_like(mask)
     out[mask] = selected
     return out
+
+
+def forking_mask_of_rows(entropy: Tensor, mask: Tensor, rows: Tensor, rho: float = 0.2) -> Tensor:
+    """Forking tokens chosen over the rows `rows` of a batch taken together.
+
+    `entropy` and `mask` are [B, L] over the whole batch; the result is [B, L] bool with
+    the top k = max(1, ceil(rho N)) of the N valid tokens in `rows` set (ties by
+    position in `rows` order, then by column) and every other row all False. This is the
+    mini-batch scope when `rows` is one mini-batch (every data-parallel rank's share).
+    """
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    out[rows] = forking_mask(entropy[rows], mask[rows].bool(), rho)
+    return out

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from archer_mcore.algo.rollout_correction import mismatch_metrics, truncated_is_weights
-from archer_mcore.config import Config
+from archer_mcore.algo.token_groups import forking_mask_of_rows
+from archer_mcore.config import AlgorithmConfig, Config
 from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
@@ -74,6 +75,23 @@ def rollout_metrics(
     }
 
 
+def minibatch_selection(
+    a: AlgorithmConfig, entropy: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor | None:
+    """The forking-token mask [B, L] for the mini-batch `rows`, or None.
+
+    `algorithm.forking_scope` = mini_batch: the top-rho tokens of the whole mini-batch
+    (the rows of every data-parallel rank together), ranked by `entropy` [B, L], the
+    entropies the old policy gave in the scoring pass (for the first mini-batch of the
+    first epoch that is the policy being updated). micro_batch (or a token rule other
+    than forking): None, and the loss selects within each micro-batch by the current
+    policy's entropies.
+    """
+    if a.token_rule != "forking" or a.forking_scope != "mini_batch":
+        return None
+    return forking_mask_of_rows(entropy, mask, rows, a.forking_rho)
+
+
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted(set().union(*rows)) if rows else []
     return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
@@ -121,7 +139,11 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
         summary.last_checkpoint = str(path)
 
     def finish_step(
-        step: int, metrics: dict[str, float], timer: PhaseTimer, step_start: float, stop: StopRequest
+        step: int,
+        metrics: dict[str, float],
+        timer: PhaseTimer,
+        step_start: float,
+        stop: StopRequest,
     ) -> bool:
         """Eval, checkpoint and report the step; True when a stop signal ends the run."""
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -197,7 +219,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             # 3. Old and reference log-probs, forward only (colocated: the engine yields).
             c.hand_devices_to_training()
             with timer("logprobs"):
-                old_logp, _ = c.policy.compute_logprobs(batch.policy)
+                old_logp, old_entropy = c.policy.compute_logprobs(batch.policy)
                 ref_logp = (
                     c.policy.compute_ref_logprobs(batch.policy)
                     if c.policy.reference is not None
@@ -235,7 +257,9 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                     for lo in range(0, groups_total, per_mb):
                         rows = group_rows(order[lo : lo + per_mb], n)
                         share = rows[c.policy.dp_rank :: c.policy.dp_size]
-                        m = c.policy.train_step(full.rows(share), a)
+                        selection = minibatch_selection(a, old_entropy, mask, rows)
+                        mini = full if selection is None else with_fields(full, selection=selection)
+                        m = c.policy.train_step(mini.rows(share), a)
                         updates.append(m)
                         if m.get("update_skipped") or not math.isfinite(m.get("loss", 0.0)):
                             nonfinite_in_a_row += 1
