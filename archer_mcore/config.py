@@ -433,6 +433,13 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: algorithm.overlong_cache_length ({a.overlong_cache_length}) must not "
             f"exceed algorithm.overlong_max_length ({a.overlong_max_length})"
         )
+    d = cfg.data
+    if cfg.eval.every and d.train_files and not d.eval_files:
+        raise ConfigError(
+            f"{source}: eval.every = {cfg.eval.every} but data.eval_files is empty: with "
+            "data.train_files given there is no held-out set; list one in data.eval_files "
+            "or set eval.every: 0"
+        )
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         raise ConfigError(f"{source}: optimizer.min_lr must not exceed optimizer.lr")
     syn = cfg.data.synthetic

@@ -124,8 +124,8 @@ def prepare_shared_start(
     from archer_mcore.data.prompt_dataset import PromptDataset
     from archer_mcore.train.components import (
         build_tokenizer,
+        data_files,
         hf_config_dict,
-        synthetic_files,
         warmstart_examples,
     )
     from archer_mcore.train.warmstart import cache_key
@@ -134,10 +134,7 @@ def prepare_shared_start(
     base = [*overrides, f"warmstart.cache_dir={cache}", "metrics.enabled=false"]
     cfg = load_config(config, base)
     tokenizer = build_tokenizer(cfg, cache)
-    if cfg.data.train_files:
-        train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
-    else:
-        train_files, eval_files = synthetic_files(cfg, cache)
+    train_files, eval_files = data_files(cfg, cache)
     reuse = [
         f"data.eval_files={json.dumps(eval_files)}",
         "warmstart.steps=0",

@@ -96,6 +96,27 @@ def synthetic_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
     ]
 
 
+def data_files(cfg: Config, cache: Path) -> tuple[list[str], list[str]]:
+    """(training files, held-out files) of the run.
+
+    Training: `data.train_files`, or the synthetic task's training file when that list is
+    empty. Held-out: `data.eval_files` whenever it is given (also with synthetic
+    training data); otherwise the synthetic task's held-out file when training is
+    synthetic, and none when training is on the user's files. Every file must exist.
+    """
+    d = cfg.data
+    if d.train_files:
+        train_files, eval_files = list(d.train_files), list(d.eval_files)
+    else:
+        train_files, synthetic_eval = synthetic_files(cfg, cache)
+        eval_files = list(d.eval_files) or synthetic_eval
+    for key, files in (("data.train_files", train_files), ("data.eval_files", eval_files)):
+        for f in files:
+            if not Path(f).exists():
+                raise ConfigError(f"{key}: file {f} does not exist")
+    return train_files, eval_files
+
+
 def _write_atomic(rows: list[dict[str, Any]], path: Path) -> str:
     """Every rank may write the same file: write a private temp file, then rename it
     over the target, so that no reader ever sees a half-written file."""
@@ -413,13 +434,7 @@ def build_components(cfg: Config) -> Components:
     cache = Path(cfg.warmstart.cache_dir)
     tokenizer = build_tokenizer(cfg, cache)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if cfg.data.train_files:
-        train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
-    else:
-        train_files, eval_files = synthetic_files(cfg, cache)
-    for f in train_files + eval_files:
-        if not Path(f).exists():
-            raise ConfigError(f"data: file {f} does not exist")
+    train_files, eval_files = data_files(cfg, cache)
     train_data = PromptDataset.from_files(train_files, tokenizer, cfg.data.max_prompt_length)
     if len(train_data) == 0:
         raise ConfigError(f"data.train_files: no usable prompt in {train_files}")
