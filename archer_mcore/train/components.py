@@ -28,7 +28,7 @@ from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
 from archer_mcore.train.evaluation import summarize
-from archer_mcore.train.progress import PhaseTimer, ProgressBar, step_line
+from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
 
 log = logging.getLogger("archer.train")
 
@@ -347,11 +347,15 @@ class Components:
         return broadcast_object(result) or {}
 
     def report(self, step: int, metrics: Mapping[str, float], timer: PhaseTimer) -> None:
+        """Record every step (history, metrics.jsonl, the exporter); print its line on the
+        steps `train.log_every` picks (`progress.prints_step_line`)."""
         row = {**metrics, **timer.metrics(), "step": float(step)}
         self.history.append(row)
         if not self.is_main:
             return
-        print(step_line(step, self.cfg.train.steps, row), flush=True)
+        t = self.cfg.train
+        if prints_step_line(step, t.steps, t.log_every, row):
+            print(step_line(step, t.steps, row), flush=True)
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "metrics.jsonl", "a") as f:

@@ -33,6 +33,12 @@ def _fmt(metrics: Mapping[str, float], key: str, spec: str = ".3f") -> str | Non
     return format(metrics[key], spec) if key in metrics else None
 
 
+def prints_step_line(step: int, total: int, every: int, metrics: Mapping[str, float]) -> bool:
+    """`train.log_every`: a step line every `every` steps, at the last step (`total`) and at
+    every step that carries an eval result; the other steps are recorded silently."""
+    return step % every == 0 or step == total or "eval/accuracy" in metrics
+
+
 def step_line(step: int, total: int, m: Mapping[str, float]) -> str:
     """One line: reward, accuracy, entropy per group, clip fractions, KL, length,
     throughput and phase times, e.g.
