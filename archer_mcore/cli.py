@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from archer_mcore import __version__
+from archer_mcore import __version__, quiet_known_warnings
 from archer_mcore.config import ConfigError, dump_yaml, load_config
 
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
