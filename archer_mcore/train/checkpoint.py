@@ -161,6 +161,41 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def latest_valid_checkpoint(
+    root: str | Path, checksums: bool = True, report: Any = None
+) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`: the one
+    ``latest`` names first, then the step directories from the highest step down.
+    Each damaged one is skipped and passed to `report(step_dir, reason)` (when given).
+    None when the root holds no checkpoint at all; CheckpointError (listing every
+    reason) when it holds some and none is valid."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates: list[Path] = []
+    pointer = root / LATEST
+    if pointer.is_file() and pointer.read_text().strip():
+        candidates.append(root / pointer.read_text().strip())
+    for p in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+        if p not in candidates:
+            candidates.append(p)
+    skipped: list[str] = []
+    for p in candidates:
+        try:
+            verify_checkpoint(p, checksums=checksums)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            if report is not None:
+                report(p, str(exc))
+            continue
+        return p
+    if skipped:
+        raise CheckpointError(
+            f"no valid checkpoint under {root}; every one is damaged: " + "; ".join(skipped)
+        )
+    return None
+
+
 def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, dict[str, Any]]:
     """A step directory, or a root (then its latest checkpoint), verified: returns
     (step_dir, manifest). Raises CheckpointError if there is none or it is damaged; it
@@ -304,13 +339,17 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _prune(root: Path, keep_last: int | None) -> None:
+def _prune(root: Path, keep_last: int | None, current: Path) -> None:
+    """Delete unfinished saves, and finished checkpoints older than `current` (the one
+    just written) beyond the newest `keep_last` (counting `current`). `current` itself
+    is never deleted, nor are higher-numbered directories (left by a run that was
+    resumed from an older checkpoint; the run replaces them as it reaches their steps)."""
     for p in root.glob(".tmp-step_*"):
         shutil.rmtree(p, ignore_errors=True)
     if keep_last is None or keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in steps[:-keep_last]:
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < current.name)
+    for p in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -366,7 +405,7 @@ def save_checkpoint(
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _publish(tmp, final)
         _write_atomic(root / LATEST, name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     _barrier()
     return final
 
