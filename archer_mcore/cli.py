@@ -84,7 +84,9 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(cfg.train.output_dir)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
     main_rank = launch_rank() == 0
-    locks = [RunDirLock(d) for d in dict.fromkeys([out, ckpt_root])] if main_rank else []
+    inside = ckpt_root.resolve().is_relative_to(out.resolve())
+    locked = [out] if inside else [out, ckpt_root]  # a separate checkpoint.dir is locked too
+    locks = [RunDirLock(d) for d in locked] if main_rank else []
     with contextlib.ExitStack() as stack:
         for lock in locks:
             stack.enter_context(lock)
