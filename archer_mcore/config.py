@@ -235,6 +235,9 @@ class DataConfig:
     synthetic_train_size: int = _f(4096, gt=0)
     synthetic_eval_size: int = _f(256, gt=0)
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    # The reward kind ("math", "code") of rows whose data_source maps to none and that
+    # name none (reward_model.style / ability); empty: such rows are a config error.
+    default_reward_kind: str = ""
 
 
 @dataclass
@@ -507,6 +510,15 @@ def _validate(cfg: Config, source: str) -> None:
             f"data.synthetic_train_size ({cfg.data.synthetic_train_size}): RL samples only "
             "the prompts after the warm start's examples, and none would be left"
         )
+    if cfg.data.default_reward_kind:
+        from archer_mcore.rewards.registry import default_registry
+
+        kinds = sorted(default_registry().kinds)
+        if cfg.data.default_reward_kind not in kinds:
+            raise ConfigError(
+                f"{_at(source, 'data.default_reward_kind')}: data.default_reward_kind must be "
+                f"one of {', '.join(kinds)} (or empty), got {cfg.data.default_reward_kind!r}"
+            )
     arch = cfg.model.arch
     if arch.num_attention_heads % arch.num_key_value_heads:
         raise ConfigError(

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from archer_mcore.parallel import cpu_compat
 
@@ -433,7 +434,9 @@ def load_checkpoint(
             loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
         extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
         rng = torch.load(rng_file, weights_only=False)
-    except Exception as e:  # a manifest-consistent but unreadable checkpoint
+    except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
+        # (torch's CheckpointException, e.g. for a model of another shape, derives from
+        # BaseException and would escape `except Exception`)
         raise CheckpointError(
             f"checkpoint {step_dir} could not be loaded: {type(e).__name__}: {e}"
         ) from e

@@ -107,7 +107,13 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(archer, helpers, 
     out = tmp_path / "run"
     cmd = archer.command(
         "train",
-        [*helpers.FAST, "train.steps=4", "checkpoint.save_every=1", f"train.output_dir={out}"],
+        [
+            *helpers.FAST,
+            "algorithm.group_filter=none",
+            "train.steps=4",
+            "checkpoint.save_every=1",
+            f"train.output_dir={out}",
+        ],
     )
     cmd[1] = str(driver)
     env = {**helpers.child_env(), "POISON_STEPS": "2"}
