@@ -69,6 +69,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from archer_mcore.train.checkpoint import CheckpointError
     from archer_mcore.train.loop import NonFiniteLossError, train
+    from archer_mcore.train.preflight import check_metrics_endpoint, preflight
     from archer_mcore.train.run_dir import (
         NonFiniteParametersError,
         RunDirLock,
@@ -79,6 +80,9 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("archer").setLevel(logging.INFO)
     cfg = load_config(args.config, args.override)  # fails here, before any expensive work
+    preflight(cfg)  # model.path, data files: before the tokenizer and the model load
+    if launch_rank() == 0:
+        check_metrics_endpoint(cfg)  # the exporter lives on rank 0
     # One run per output directory (rank 0 holds the lock until it exits), and no fresh
     # run into another run's checkpoints.
     out = Path(cfg.train.output_dir)

@@ -43,9 +43,10 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {args.samples}")
         cfg.eval.n_samples = args.samples
-    for f in args.data:
-        if not Path(f).exists():
-            raise ConfigError(f"--data: file {f} does not exist")
+    from archer_mcore.train.preflight import check_data_files, check_model_path
+
+    check_model_path(cfg)  # before the tokenizer and the model load
+    check_data_files(args.data, "--data")
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f"--checkpoint: {ckpt} does not exist")
