@@ -212,6 +212,21 @@ def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, 
     return step_dir, verify_checkpoint(step_dir, checksums=checksums)
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for an exception; for torch's CheckpointException (whose str holds
+    every rank's traceback) the first failing rank's exception."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
+        exc = inner
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return f"{prefix}{type(exc).__name__}: {text}"
+
+
 # ------------------------------------------------------------------ RNG
 def _rng_state() -> dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -437,9 +452,7 @@ def load_checkpoint(
     except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
         # (torch's CheckpointException, e.g. for a model of another shape, derives from
         # BaseException and would escape `except Exception`)
-        raise CheckpointError(
-            f"checkpoint {step_dir} could not be loaded: {type(e).__name__}: {e}"
-        ) from e
+        raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
     with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
         policy.unwrapped().load_state_dict(loaded["model"])
         policy.optimizer.load_state_dict(loaded["optimizer"])

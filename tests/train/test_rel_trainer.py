@@ -129,3 +129,59 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(archer, helpers, 
     weights = helpers.model_weights(helpers.checkpoint(root / "step_00000001"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert [int(r["step"]) for r in helpers.read_metrics(out)] == [1]
+
+
+def _eval_rows(cache: Path, n: int, out: Path) -> Path:
+    files = sorted(cache.glob("synthetic-*-512-*/eval.jsonl"))
+    assert len(files) == 1, files
+    out.write_text("".join(files[0].read_text().splitlines(keepends=True)[:n]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eval_reports_reward_failures_and_rejects_a_checkpoint_of_another_shape(
+    archer, helpers, reference_run, tmp_path
+):
+    data = _eval_rows(archer.cache, 3, tmp_path / "three.jsonl")
+    ckpt = str(reference_run / "checkpoints")
+    # A model of another shape: a one-line error naming the checkpoint, exit 2 (main:
+    # a traceback, torch's CheckpointException escaping `except Exception`).
+    proc = archer.run(
+        "eval",
+        [*helpers.REFERENCE, "model.arch.hidden_size=32"],
+        "--checkpoint",
+        ckpt,
+        "--data",
+        str(data),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "archer: config error: --checkpoint: checkpoint" in proc.stderr
+    assert "could not be loaded" in proc.stderr
+
+    # Every reward times out (a microsecond budget): accuracy 0 with the reason beside
+    # it, 3 prompts x 2 samples = 6 failures.
+    out = tmp_path / "eval.json"
+    proc = archer.run(
+        "eval",
+        [*helpers.REFERENCE, "rewards.math_timeout_s=0.000001"],
+        "--checkpoint",
+        ckpt,
+        "--data",
+        str(data),
+        "--samples",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["reward_failures"] == {"all": 6, "synthetic_arithmetic": 6}
+    assert got["results"]["all"]["avg@2"] == 0.0
+    header = next(x for x in proc.stdout.splitlines() if x.startswith("| source"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    row = next(x for x in proc.stdout.splitlines() if x.startswith("| all "))
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["reward_failures"] == "6" and cells["avg@2"] == "0.0000"
+    assert "6 responses could not be scored" in proc.stderr
