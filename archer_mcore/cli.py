@@ -80,14 +80,14 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("archer").setLevel(logging.INFO)
     cfg = load_config(args.config, args.override)  # fails here, before any expensive work
+    main_rank = launch_rank() == 0
     preflight(cfg)  # model.path, data files: before the tokenizer and the model load
-    if launch_rank() == 0:
+    if main_rank:
         check_metrics_endpoint(cfg)  # the exporter lives on rank 0
     # One run per output directory (rank 0 holds the lock until it exits), and no fresh
     # run into another run's checkpoints.
     out = Path(cfg.train.output_dir)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
-    main_rank = launch_rank() == 0
     inside = ckpt_root.resolve().is_relative_to(out.resolve())
     locked = [out] if inside else [out, ckpt_root]  # a separate checkpoint.dir is locked too
     locks = [RunDirLock(d) for d in locked] if main_rank else []

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -91,7 +92,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
     # Resume: policy, optimizer, RNG and the data position from the newest checkpoint.
     start = 0
 
-    def skipped(path, reason: str) -> None:
+    def skipped(path: Path, reason: str) -> None:
         if c.is_main:
             print(f"--resume: skipping damaged checkpoint {path.name}: {reason}", flush=True)
 

@@ -209,3 +209,20 @@ def test_warm_start_covering_every_file_prompt_is_a_config_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "warmstart.examples (5) must be smaller than the 5 usable training prompts" in err
+
+
+def test_eval_rejects_unknown_data_sources_before_loading_the_model(tmp_path, capsys) -> None:
+    # A step directory whose manifest verifies (one listed file, its size and CRC32).
+    import zlib
+
+    step = tmp_path / "ckpt" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "x").write_bytes(b"x")
+    manifest = {"format_version": 1, "step": 1, "files": {"x": [1, zlib.crc32(b"x")]}}
+    (step / "MANIFEST.json").write_text(json.dumps(manifest))
+    data = _jsonl(tmp_path / "flat.jsonl", [{"prompt": "Compute 1+2.", "answer": "3"}])
+    args = ["eval", str(DEMO), "--checkpoint", str(step), "--data", str(data)]
+    rc = main([*args, "-o", f"warmstart.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "--data: no reward function for data_source ''" in err and f"{data}:line 1" in err
