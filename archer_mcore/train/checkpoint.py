@@ -16,7 +16,10 @@ Saving writes everything into ``root/.tmp-step_N``, fsyncs it, writes the manife
 only then renames the directory into place (and updates ``latest``), so a crash at any
 point leaves either the previous checkpoints or a ``.tmp-*`` directory that is never
 loaded. Loading verifies the manifest (presence, sizes, checksums) and raises
-`CheckpointError` naming the problem instead of silently starting over. The frozen
+`CheckpointError` naming the problem instead of silently starting over; `--resume` picks
+the newest checkpoint that verifies (`latest_valid_checkpoint`, which reports each
+damaged one it skips). Pruning keeps the checkpoint just written and deletes only older
+ones beyond `keep_last`. The frozen
 reference model is not saved: it is rebuilt from the same HF weights at start-up.
 """
 
