@@ -7,8 +7,10 @@ checks stay fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from archer_mcore import __version__, quiet_known_warnings
 from archer_mcore.config import ConfigError, dump_yaml, load_config
@@ -65,19 +67,42 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from archer_mcore.train.checkpoint import CheckpointError
     from archer_mcore.train.loop import NonFiniteLossError, train
+    from archer_mcore.train.preflight import check_metrics_endpoint, preflight
+    from archer_mcore.train.run_dir import (
+        NonFiniteParametersError,
+        RunDirLock,
+        check_fresh_start,
+        launch_rank,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("archer").setLevel(logging.INFO)
     cfg = load_config(args.config, args.override)  # fails here, before any expensive work
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
-    _single_process_rendezvous()
-    try:
-        summary = train(cfg, resume=args.resume)
-    except NonFiniteLossError as exc:
-        print(f"archer: training stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    main_rank = launch_rank() == 0
+    preflight(cfg)  # model.path, data files: before the tokenizer and the model load
+    if main_rank:
+        check_metrics_endpoint(cfg)  # the exporter lives on rank 0
+    # One run per output directory (rank 0 holds the lock until it exits), and no fresh
+    # run into another run's checkpoints.
+    out = Path(cfg.train.output_dir)
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
+    inside = ckpt_root.resolve().is_relative_to(out.resolve())
+    locked = [out] if inside else [out, ckpt_root]  # a separate checkpoint.dir is locked too
+    locks = [RunDirLock(d) for d in locked] if main_rank else []
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        check_fresh_start(ckpt_root, out, args.resume, args.overwrite, delete=main_rank)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        _single_process_rendezvous()
+        try:
+            summary = train(cfg, resume=args.resume)
+        except (NonFiniteLossError, NonFiniteParametersError, CheckpointError) as exc:
+            print(f"archer: training stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     return 0 if summary.stopped_by is None or summary.last_checkpoint else 1
 
 
@@ -101,6 +126,12 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config file")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the checkpoints (and metrics.jsonl) of an earlier run in the output "
+        "directory and start over; without it a fresh run there refuses to start",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on a prompt file")
@@ -167,6 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"archer: config error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from archer_mcore.train.run_dir import RunDirError
+
+        if not isinstance(exc, RunDirError):
+            raise
+        print(f"archer: {exc}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -214,6 +215,9 @@ class DataConfig:
     synthetic_train_size: int = _f(4096, gt=0)
     synthetic_eval_size: int = _f(256, gt=0)
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    # The reward kind ("math", "code") of rows whose data_source maps to none and that
+    # name none (reward_model.style / ability); empty: such rows are a config error.
+    default_reward_kind: str = ""
 
 
 @dataclass
@@ -337,17 +341,44 @@ def _describe(tp: Any) -> str:
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+class _Origin(str):
+    """A config file's name that also knows which dotted keys `-o` overrides set, so
+    that an error in an overridden value blames the override, not the file."""
+
+    overrides: dict[str, str]
+
+    def __new__(cls, path: str, overrides: dict[str, str]) -> _Origin:
+        obj = super().__new__(cls, path)
+        obj.overrides = overrides
+        return obj
+
+
+def _at(source: str, key: str) -> str:
+    """Where the value of dotted `key` came from: "override KEY=VALUE" or the file."""
+    if isinstance(source, _Origin):
+        parts = key.replace("[", ".[").split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i]).replace(".[", "[")
+            if prefix in source.overrides:
+                return f"override {source.overrides[prefix]!r}"
+    return str(source)
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against annotation `tp`; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{_at(source, key)}: {key} must be a mapping, got {value!r}")
         return _build(tp, value, key + ".", source)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            return _coerce(value, float, key, source)  # raises: must be a finite number
         for arg in args:
             if arg is type(None):
                 continue
@@ -355,18 +386,18 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError:
                 continue
-        raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+        raise ConfigError(f"{_at(source, key)}: {key} must be {_describe(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{_at(source, key)}: {key} must be {_describe(tp)}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{_at(source, key)}: {key} must be {_describe(tp)}, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads "1e-6" (no dot) as a string
+        value = float(value)  # YAML 1.1 reads "1e-6" (no dot) as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -374,9 +405,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         str: isinstance(value, str),
     }.get(tp)
     if ok is None:
-        raise ConfigError(f"{source}: {key} has an unsupported type {tp!r}")
+        raise ConfigError(f"{_at(source, key)}: {key} has an unsupported type {tp!r}")
     if not ok:
-        raise ConfigError(f"{source}: {key} must be {_describe(tp)}, got {value!r}")
+        raise ConfigError(f"{_at(source, key)}: {key} must be {_describe(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        # YAML's .inf / .nan (or 1e999): a learning rate of inf makes every weight NaN.
+        raise ConfigError(f"{_at(source, key)}: {key} must be a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -393,7 +427,7 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str, source: s
         if name in meta and not ok(value, meta[name]):
             lo = [f"{bounds[n][1]} {meta[n]}" for n in ("gt", "ge", "lt", "le") if n in meta]
             raise ConfigError(
-                f"{source}: {key} = {value!r} is out of range: must be {' and '.join(lo)}"
+                f"{_at(source, key)}: {key} = {value!r} is out of range: must be {' and '.join(lo)}"
             )
 
 
@@ -404,7 +438,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
         name = raw.get("name", AlgorithmConfig.name)
         if name not in ALGORITHM_PRESETS:
             raise ConfigError(
-                f"{source}: {prefix}name must be one of {', '.join(ALGORITHM_PRESETS)}, got {name!r}"
+                f"{_at(source, prefix + 'name')}: {prefix}name must be one of {', '.join(ALGORITHM_PRESETS)}, got {name!r}"
             )
         raw = {**ALGORITHM_PRESETS[name], **raw}
     kwargs = {}
@@ -413,7 +447,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
-            raise ConfigError(f"{source}: unknown key {dotted}{hint}")
+            raise ConfigError(f"{_at(source, dotted)}: unknown key {dotted}{hint}")
         value = _coerce(value, hints[key], dotted, source)
         _check_range(value, fields[key].metadata, dotted, source)
         kwargs[key] = value
@@ -449,6 +483,29 @@ def _validate(cfg: Config, source: str) -> None:
         )
     if not syn.operators or set(syn.operators) - set("+-*"):
         raise ConfigError(f"{source}: data.synthetic.operators must be a non-empty subset of '+-*'")
+    if cfg.rollout.n_samples_per_prompt < 2:
+        raise ConfigError(
+            f"{source}: rollout.n_samples_per_prompt = {cfg.rollout.n_samples_per_prompt}: "
+            "advantages are normalised within each prompt's group of responses (reward "
+            "minus the group mean), so a group of one always has advantage 0 and no update "
+            "ever happens; use 2 or more"
+        )
+    w = cfg.warmstart
+    if w.steps > 0 and not cfg.data.train_files and w.examples >= cfg.data.synthetic_train_size:
+        raise ConfigError(
+            f"{source}: warmstart.examples ({w.examples}) must be smaller than "
+            f"data.synthetic_train_size ({cfg.data.synthetic_train_size}): RL samples only "
+            "the prompts after the warm start's examples, and none would be left"
+        )
+    if cfg.data.default_reward_kind:
+        from archer_mcore.rewards.registry import default_registry
+
+        kinds = sorted(default_registry().kinds)
+        if cfg.data.default_reward_kind not in kinds:
+            raise ConfigError(
+                f"{_at(source, 'data.default_reward_kind')}: data.default_reward_kind must be "
+                f"one of {', '.join(kinds)} (or empty), got {cfg.data.default_reward_kind!r}"
+            )
     arch = cfg.model.arch
     if arch.num_attention_heads % arch.num_key_value_heads:
         raise ConfigError(
@@ -475,8 +532,40 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dic
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else ""
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML: {_one_line(exc)}"
+            ) from None
+        set_dotted(raw, key.strip(), value)
     return raw
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    return " ".join(str(exc).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain PyYAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first != line:
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {line} (first set at line {first})"
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>") -> Config:
@@ -493,16 +582,30 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
     """Load a YAML config file, apply overrides, validate. Errors name file and key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides), str(path))
+    overrides = list(overrides)
+    origins = {}
+    for item in overrides:
+        key, _, _ = item.partition("=")
+        origins[key.strip()] = item
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, _Origin(str(path), origins))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

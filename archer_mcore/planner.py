@@ -991,12 +991,36 @@ def plan_config(
     return plan
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _unit_fraction(text: str) -> float:
+    """argparse type: a finite number in (0, 1] (a utilisation or a share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--nodes", type=int, default=None, help="nodes (default: slurm.nodes)")
+    parser.add_argument(
+        "--nodes", type=_positive_int, default=None, help="nodes (default: slurm.nodes)"
+    )
     parser.add_argument(
         "--gpus-per-node",
-        type=int,
+        type=_positive_int,
         default=None,
         help="GPUs per node (default: slurm.gpus_per_node)",
     )
@@ -1013,13 +1037,13 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mfu",
-        type=float,
+        type=_unit_fraction,
         default=Assumptions.mfu_train,
         help="assumed training model-FLOPs utilisation",
     )
     parser.add_argument(
         "--mean-response-fraction",
-        type=float,
+        type=_unit_fraction,
         default=Assumptions.mean_response_fraction,
         help="assumed mean response length / rollout.max_new_tokens",
     )

@@ -15,6 +15,7 @@ otherwise train.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import os
 import re
@@ -211,7 +212,60 @@ def request_from_args(args: argparse.Namespace) -> SubmitRequest:
     return req
 
 
+_FLAGS = {  # SubmitRequest field -> the flag (and config key) that sets it
+    "config": "CONFIG",
+    "partition": "--partition (slurm.partition)",
+    "account": "--account (slurm.account)",
+    "time": "--time (slurm.time)",
+    "job_name": "--job-name",
+    "log_dir": "--log-dir",
+    "container_image": "--container-image (slurm.container_image)",
+    "container_mounts": "--container-mounts",
+    "pushgateway": "--pushgateway (metrics.pushgateway)",
+    "python": "--python",
+    "home": "--home",
+    "entry": "--entry",
+    "sglang_model": "--sglang-model (model.path)",
+    "overrides": "--override",
+    "extra_sbatch": "--sbatch (slurm.extra_sbatch)",
+    "env": "--env",
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_no_control_chars(req: SubmitRequest) -> None:
+    """Every text that goes into the script must be one line of printable text: a
+    newline in, say, --partition would end the #SBATCH line and start another."""
+    for f in dataclasses.fields(req):
+        value = getattr(req, f.name)
+        texts: list[str]
+        if isinstance(value, dict):
+            texts = [f"{k}={v}" for k, v in value.items()]
+        elif isinstance(value, list):
+            texts = [str(v) for v in value]
+        elif isinstance(value, (str, Path)):
+            texts = [str(value)]
+        else:
+            continue
+        for text in texts:
+            m = _CONTROL.search(text)
+            if m:
+                flag = _FLAGS.get(f.name, f.name)
+                raise SubmitError(
+                    f"{flag} {text!r}: contains the control character {m.group()!r}; "
+                    "values must be single lines of printable text"
+                )
+
+
 def validate(req: SubmitRequest) -> None:
+    _check_no_control_chars(req)
+    for value, flag in (
+        (req.gpus_per_node, "--gpus-per-node (slurm.gpus_per_node)"),
+        (req.rollout_nodes, "--rollout-nodes (slurm.rollout_nodes)"),
+        (req.cpus_per_task, "--cpus-per-task"),
+    ):
+        if value < 0:
+            raise SubmitError(f"{flag} {value}: must be >= 0")
     if req.mode not in MODES:
         raise SubmitError(f"mode {req.mode!r}: must be one of {', '.join(MODES)}")
     if req.nodes < 1:
@@ -251,13 +305,28 @@ def slurm_time_seconds(text: str) -> int | None:
     if not m:
         raise ValueError(f"time limit {text!r} is not a Slurm time (e.g. 30, 4:00:00, 1-12:00:00)")
     days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+
+    def limited(value: int | None, bound: int, what: str) -> int:
+        if value is not None and value >= bound:
+            raise ValueError(f"time limit {text!r}: {value} {what} (must be < {bound})")
+        return value or 0
+
     if days is not None:  # days-hours[:minutes[:seconds]]
-        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    if c is not None:  # hours:minutes:seconds
-        return a * 3600 + b * 60 + c
-    if b is not None:  # minutes:seconds
-        return a * 60 + b
-    return a * 60  # minutes
+        seconds = (
+            days * 86400
+            + limited(a, 24, "hours") * 3600
+            + limited(b, 60, "minutes") * 60
+            + limited(c, 60, "seconds")
+        )
+    elif c is not None:  # hours:minutes:seconds
+        seconds = a * 3600 + limited(b, 60, "minutes") * 60 + limited(c, 60, "seconds")
+    elif b is not None:  # minutes:seconds
+        seconds = a * 60 + limited(b, 60, "seconds")
+    else:
+        seconds = a * 60  # minutes
+    if seconds <= 0:
+        raise ValueError(f"time limit {text!r} is zero: the job could not run at all")
+    return seconds
 
 
 # --------------------------------------------------------------------------- render

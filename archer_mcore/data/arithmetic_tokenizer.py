@@ -18,9 +18,12 @@ the chat template) and chat_template.jinja; `transformers.AutoTokenizer
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import string
+import tempfile
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -57,11 +60,37 @@ def build_tokenizer_object() -> Tokenizer:
     return tok
 
 
+def write_once(path: Path, text: str) -> None:
+    """Make `path` hold `text` without a reader ever seeing a partial file: nothing is
+    written when it already does; else a private temp file in the same directory is
+    written, fsynced and renamed over it (`os.replace` is atomic). Processes that
+    start together and share a cache directory all end up reading the same bytes."""
+    data = text.encode("utf-8")
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def build_arithmetic_tokenizer(out_dir: str | Path, model_max_length: int = 4096) -> Path:
-    """Write the tokenizer files into `out_dir` (created) and return it."""
+    """Write the tokenizer files into `out_dir` (created) and return it; each file is
+    written once and atomically (`write_once`), so concurrent builds into one cache
+    directory are safe."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer_object().save(str(out / "tokenizer.json"))
+    write_once(out / "tokenizer.json", build_tokenizer_object().to_str(pretty=True))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -73,6 +102,6 @@ def build_arithmetic_tokenizer(out_dir: str | Path, model_max_length: int = 4096
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    write_once(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_once(out / "chat_template.jinja", CHAT_TEMPLATE)
     return out

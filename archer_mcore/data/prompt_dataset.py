@@ -13,8 +13,9 @@ location; neither stops loading.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +51,10 @@ class PromptExample:
     reward_style: str
     extra_info: dict[str, Any]
     source: str
+    ability: str = ""
+    reward_kind: str | None = (
+        None  # set by `assign_reward_kinds` when the source alone does not route
+    )
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class PromptDataset(Sequence[PromptExample]):
                     reward_style=row.reward_style,
                     extra_info=row.extra_info,
                     source=f"{file}:{location}",
+                    ability=row.ability,
                 )
             )
         report.kept = len(examples)
@@ -182,3 +188,64 @@ class PromptDataset(Sequence[PromptExample]):
                     yield str(f), location, raw
 
         return cls.from_rows(rows(), tokenizer, max_prompt_length, default_data_source)
+
+
+class UnroutedDataError(ValueError):
+    """Rows whose data_source maps to no reward function (and that name none)."""
+
+
+def assign_reward_kinds(
+    dataset: PromptDataset,
+    kind_of: Callable[[str], str | None],
+    kinds: Collection[str],
+    default_kind: str = "",
+    object_kinds: Collection[str] = ("code",),
+) -> PromptDataset:
+    """Check, at load time, that every row can be scored, and record how.
+
+    A row is routed by its data_source when `kind_of(data_source)` names a kind (the
+    reward registry knows the source); else by the first of its `reward_model.style`,
+    its `ability` and `default_kind` that is one of `kinds`, which becomes its
+    `reward_kind`. Rows routed no way raise UnroutedDataError naming each such
+    data_source with the file and line of its first row (training on them would
+    score every response as a reward fault, i.e. train on nothing). A row whose
+    ground truth is a JSON object while its kind is not in `object_kinds` (code test
+    cases are objects; a math answer cannot be) is malformed: dropped and listed in
+    the report with its location."""
+    unrouted: dict[str, tuple[str, int]] = {}
+    examples = []
+    report = dataset.report
+    for ex in dataset:
+        routed = kind_of(ex.data_source)
+        assigned = None
+        if routed is None:
+            candidates = (ex.reward_style, ex.ability, default_kind)
+            assigned = next((k for k in candidates if k and k in kinds), None)
+            if assigned is None:
+                where, count = unrouted.get(ex.data_source, (ex.source, 0))
+                unrouted[ex.data_source] = (where, count + 1)
+                continue
+        kind = routed or assigned
+        if isinstance(ex.ground_truth, dict) and kind not in object_kinds:
+            file, _, location = ex.source.rpartition(":")
+            report.malformed.append(
+                BadRow(
+                    file,
+                    location,
+                    f"ground truth is a JSON object, which a {kind} reward cannot match",
+                )
+            )
+            continue
+        examples.append(dataclasses.replace(ex, reward_kind=assigned) if assigned else ex)
+    if unrouted:
+        listed = "; ".join(
+            f"data_source {src!r} ({count} rows, first at {where})"
+            for src, (where, count) in unrouted.items()
+        )
+        raise UnroutedDataError(
+            f"no reward function for {listed}: give the rows a known data_source, or name "
+            f"a reward kind ({', '.join(sorted(kinds))}) in reward_model.style or ability, "
+            "or set data.default_reward_kind"
+        )
+    report.kept = len(examples)
+    return PromptDataset(examples, report)

@@ -17,8 +17,18 @@ RawRecord = tuple[str, "dict[str, Any] | str"]
 
 
 def read_jsonl(path: Path) -> Iterator[RawRecord]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    """Rows of a JSONL file. A line that is not valid UTF-8 is a bad record (saying
+    which byte), never silently repaired with U+FFFD and kept."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield (
+                    f"line {lineno}",
+                    f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})",
+                )
+                continue
             if not line.strip():
                 continue
             try:

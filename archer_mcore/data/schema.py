@@ -41,6 +41,7 @@ class PromptRow:
     data_source: str
     reward_style: str = "rule"
     extra_info: dict[str, Any] = field(default_factory=dict)
+    ability: str = ""  # the row's "ability" ("math", "code", ...), if any
 
 
 def _messages(prompt: Any) -> list[Message]:
@@ -91,6 +92,10 @@ def parse_row(row: Any, default_data_source: str = "") -> PromptRow:
         style = reward_model.get("style") or "rule"
     elif "answer" in row:
         ground_truth, style = row["answer"], "rule"
+        if isinstance(ground_truth, dict):
+            # A flat row's answer is what a math verifier compares with: an object can
+            # never match, so every response would be scored wrong.
+            raise MalformedRow("'answer' is a JSON object; expected a string or a number")
     else:
         raise MalformedRow("missing ground truth: neither 'reward_model.ground_truth' nor 'answer'")
     if ground_truth is None or (isinstance(ground_truth, str) and not ground_truth.strip()):
@@ -101,4 +106,7 @@ def parse_row(row: Any, default_data_source: str = "") -> PromptRow:
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise MalformedRow(f"'extra_info' must be an object, got {type(extra).__name__}")
-    return PromptRow(messages, ground_truth, data_source, str(style), dict(extra))
+    ability = row.get("ability") or ""
+    if not isinstance(ability, str):
+        raise MalformedRow(f"'ability' must be a string, got {type(ability).__name__}")
+    return PromptRow(messages, ground_truth, data_source, str(style), dict(extra), ability)

@@ -212,6 +212,17 @@ class MetricsExporter:
 
     def record_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record one step's flat metrics (see keys.py); push if a Pushgateway is set."""
+        self.record_values(metrics)
+        self._step.labels(**self._base).set(step)
+        self._steps_total.labels(**self._base).inc()
+        self._last_step_time.labels(**self._base).set(time.time())
+        self._record_gpu_memory()
+        if self.pushgateway:
+            self.push()
+
+    def record_values(self, metrics: Mapping[str, float]) -> None:
+        """Record flat metrics that belong to no step (e.g. the start-up data counters
+        `DataReport.metrics()`): like `record_step`, without the step bookkeeping."""
         for key, raw in metrics.items():
             if key in IGNORED_KEYS:
                 continue
@@ -243,12 +254,6 @@ class MetricsExporter:
                     self._histograms[hist].labels(**self._base, **labels).observe(value)
                 elif spec.kind == "histogram":  # a gauge+histogram already kept the value
                     self._reject(key, "nonfinite", raw)
-        self._step.labels(**self._base).set(step)
-        self._steps_total.labels(**self._base).inc()
-        self._last_step_time.labels(**self._base).set(time.time())
-        self._record_gpu_memory()
-        if self.pushgateway:
-            self.push()
 
     def _record_gpu_memory(self) -> None:
         torch = sys.modules.get("torch")  # never import torch just for this

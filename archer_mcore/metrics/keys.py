@@ -310,7 +310,36 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         "pass@k of the last periodic evaluation",
         labels=("k",),
     ),
+    KeySpec(
+        "data/rows_read",
+        "gauge",
+        "archer_data_rows_read",
+        "rows",
+        "training-data rows read at start-up (all data.train_files)",
+    ),
+    KeySpec(
+        "data/kept",
+        "gauge",
+        "archer_data_rows_kept",
+        "rows",
+        "training-data rows kept as prompts",
+    ),
+    KeySpec(
+        "data/too_long",
+        "gauge",
+        "archer_data_rows_too_long",
+        "rows",
+        "training-data rows dropped for exceeding data.max_prompt_length",
+    ),
+    KeySpec(
+        "data/malformed",
+        "gauge",
+        "archer_data_rows_malformed",
+        "rows",
+        "training-data rows dropped as malformed (bad JSON or UTF-8, schema, object answers)",
+    ),
 )
+
 
 _PLACEHOLDER_VALUES: dict[str, tuple[str, ...] | None] = {
     "group": TOKEN_GROUPS,

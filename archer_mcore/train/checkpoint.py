@@ -16,7 +16,10 @@ Saving writes everything into ``root/.tmp-step_N``, fsyncs it, writes the manife
 only then renames the directory into place (and updates ``latest``), so a crash at any
 point leaves either the previous checkpoints or a ``.tmp-*`` directory that is never
 loaded. Loading verifies the manifest (presence, sizes, checksums) and raises
-`CheckpointError` naming the problem instead of silently starting over. The frozen
+`CheckpointError` naming the problem instead of silently starting over; `--resume` picks
+the newest checkpoint that verifies (`latest_valid_checkpoint`, which reports each
+damaged one it skips). Pruning keeps the checkpoint just written and deletes only older
+ones beyond `keep_last`. The frozen
 reference model is not saved: it is rebuilt from the same HF weights at start-up.
 """
 
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from archer_mcore.parallel import cpu_compat
 
@@ -161,6 +165,41 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def latest_valid_checkpoint(
+    root: str | Path, checksums: bool = True, report: Any = None
+) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`: the one
+    ``latest`` names first, then the step directories from the highest step down.
+    Each damaged one is skipped and passed to `report(step_dir, reason)` (when given).
+    None when the root holds no checkpoint at all; CheckpointError (listing every
+    reason) when it holds some and none is valid."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates: list[Path] = []
+    pointer = root / LATEST
+    if pointer.is_file() and pointer.read_text().strip():
+        candidates.append(root / pointer.read_text().strip())
+    for p in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+        if p not in candidates:
+            candidates.append(p)
+    skipped: list[str] = []
+    for p in candidates:
+        try:
+            verify_checkpoint(p, checksums=checksums)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            if report is not None:
+                report(p, str(exc))
+            continue
+        return p
+    if skipped:
+        raise CheckpointError(
+            f"no valid checkpoint under {root}; every one is damaged: " + "; ".join(skipped)
+        )
+    return None
+
+
 def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, dict[str, Any]]:
     """A step directory, or a root (then its latest checkpoint), verified: returns
     (step_dir, manifest). Raises CheckpointError if there is none or it is damaged; it
@@ -174,6 +213,21 @@ def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, 
             raise CheckpointError(f"no checkpoint under {ckpt}")
         step_dir = found
     return step_dir, verify_checkpoint(step_dir, checksums=checksums)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception; for torch's CheckpointException (whose str holds
+    every rank's traceback) the first failing rank's exception."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
+        exc = inner
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return f"{prefix}{type(exc).__name__}: {text}"
 
 
 # ------------------------------------------------------------------ RNG
@@ -304,13 +358,17 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _prune(root: Path, keep_last: int | None) -> None:
+def _prune(root: Path, keep_last: int | None, current: Path) -> None:
+    """Delete unfinished saves, and finished checkpoints older than `current` (the one
+    just written) beyond the newest `keep_last` (counting `current`). `current` itself
+    is never deleted, nor are higher-numbered directories (left by a run that was
+    resumed from an older checkpoint; the run replaces them as it reaches their steps)."""
     for p in root.glob(".tmp-step_*"):
         shutil.rmtree(p, ignore_errors=True)
     if keep_last is None or keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in steps[:-keep_last]:
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < current.name)
+    for p in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -366,7 +424,7 @@ def save_checkpoint(
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _publish(tmp, final)
         _write_atomic(root / LATEST, name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     _barrier()
     return final
 
@@ -394,10 +452,10 @@ def load_checkpoint(
             loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
         extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
         rng = torch.load(rng_file, weights_only=False)
-    except Exception as e:  # a manifest-consistent but unreadable checkpoint
-        raise CheckpointError(
-            f"checkpoint {step_dir} could not be loaded: {type(e).__name__}: {e}"
-        ) from e
+    except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
+        # (torch's CheckpointException, e.g. for a model of another shape, derives from
+        # BaseException and would escape `except Exception`)
+        raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
     with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
         policy.unwrapped().load_state_dict(loaded["model"])
         policy.optimizer.load_state_dict(loaded["optimizer"])

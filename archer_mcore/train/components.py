@@ -213,6 +213,7 @@ def score_groups(
             ),
             ground_truth=prompt.ground_truth,
             data_source=prompt.data_source,
+            kind=prompt.reward_kind,
             extra=dict(prompt.extra_info),
         )
         for prompt, group in zip(prompts, batch.groups)
@@ -227,6 +228,26 @@ def score_groups(
         )
         for prompt, group in zip(prompts, batch.groups)
     ]
+
+
+def route_rewards(cfg: Config, data: PromptDataset, what: str) -> PromptDataset:
+    """Every row's reward kind, checked at load time (`assign_reward_kinds`)."""
+    from archer_mcore.data.prompt_dataset import UnroutedDataError, assign_reward_kinds
+    from archer_mcore.rewards.registry import default_registry
+
+    registry = default_registry()
+
+    def kind_of(source: str) -> str | None:
+        kind = registry.kind_for(source)
+        return kind.name if kind is not None else None
+
+    try:
+        routed = assign_reward_kinds(data, kind_of, registry.kinds, cfg.data.default_reward_kind)
+    except UnroutedDataError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    if len(routed) == 0:
+        raise ConfigError(f"{what}: no usable prompt: {routed.report.summary()}")
+    return routed
 
 
 def eval_sampling_params(cfg: Config) -> SamplingParams:
@@ -447,6 +468,14 @@ def build_components(cfg: Config) -> Components:
         if eval_files
         else None
     )
+    train_data = route_rewards(cfg, train_data, "data.train_files")
+    eval_data = route_rewards(cfg, eval_data, "data.eval_files") if eval_data else None
+    if cfg.warmstart.steps > 0 and cfg.warmstart.examples >= len(train_data):
+        raise ConfigError(
+            f"warmstart.examples ({cfg.warmstart.examples}) must be smaller than the "
+            f"{len(train_data)} usable training prompts: RL samples only the prompts after "
+            "the warm start's examples, and none would be left"
+        )
     hf_config = hf_config_dict(cfg, tokenizer)
 
     source: Any = cfg.model.path or hf_config
@@ -490,10 +519,10 @@ def build_components(cfg: Config) -> Components:
             exporter = MetricsExporter.from_config(cfg.metrics, run=cfg.train.run_name)
             exporter.start()
             print(f"metrics: {exporter.url}", file=sys.stderr, flush=True)
-    # RL samples the prompts the warm start did not imitate (when any are left), so that
+            exporter.record_values(train_data.report.metrics())  # data/* counters
+    # RL samples the prompts the warm start did not imitate (checked above), so that
     # its gains are not recall of demonstrations.
     offset = cfg.warmstart.examples if cfg.warmstart.steps > 0 else 0
-    offset = offset if offset < len(train_data) else 0
     sampler = EpochSampler(len(train_data) - offset, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     return Components(
         cfg=cfg,

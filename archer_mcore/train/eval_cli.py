@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from archer_mcore.config import ConfigError, load_config
 
@@ -19,7 +20,11 @@ from archer_mcore.config import ConfigError, load_config
 def run_eval(args: argparse.Namespace) -> int:
     from archer_mcore.cli import _single_process_rendezvous
     from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.checkpoint import find_latest_checkpoint
+    from archer_mcore.train.checkpoint import (
+        CheckpointError,
+        find_latest_checkpoint,
+        verify_checkpoint,
+    )
     from archer_mcore.train.components import (
         _policy_config,
         build_engine,
@@ -27,6 +32,7 @@ def run_eval(args: argparse.Namespace) -> int:
         eval_sampling_params,
         hf_config_dict,
         rank,
+        route_rewards,
         score_groups,
     )
     from archer_mcore.train.evaluation import format_table, summarize
@@ -37,9 +43,10 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {args.samples}")
         cfg.eval.n_samples = args.samples
-    for f in args.data:
-        if not Path(f).exists():
-            raise ConfigError(f"--data: file {f} does not exist")
+    from archer_mcore.train.preflight import check_data_files, check_model_path
+
+    check_model_path(cfg)  # before the tokenizer and the model load
+    check_data_files(args.data, "--data")
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f"--checkpoint: {ckpt} does not exist")
@@ -50,16 +57,24 @@ def run_eval(args: argparse.Namespace) -> int:
         if found is None:
             raise ConfigError(f"--checkpoint: no finished checkpoint under {ckpt}")
         step_dir = found
+    try:
+        verify_checkpoint(step_dir)
+    except CheckpointError as exc:
+        raise ConfigError(f"--checkpoint: {exc}") from None
 
     _single_process_rendezvous()
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
     data = PromptDataset.from_files(args.data, tokenizer, cfg.data.max_prompt_length)
     if len(data) == 0:
         raise ConfigError(f"--data: no usable prompt in {args.data}: {data.report.summary()}")
+    data = route_rewards(cfg, data, "--data")
     hf_config = hf_config_dict(cfg, tokenizer)
     pcfg = _policy_config(cfg)
     policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, pcfg)
-    policy.load_checkpoint(step_dir)
+    try:
+        policy.load_checkpoint(step_dir)
+    except CheckpointError as exc:  # e.g. a checkpoint of a model of another shape
+        raise ConfigError(f"--checkpoint: {exc}") from None
     pad = tokenizer.pad_token_id or 0
     engine = build_engine(cfg, hf_config, pad) if rank() == 0 else None
     buckets = policy.export_hf_buckets(cfg.rollout.sync_bucket_bytes)
@@ -77,13 +92,49 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"eval: {len(prompts)} prompts x {e.n_samples} samples from {step_dir}", file=sys.stderr)
     batch = engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
     with RewardScorer.from_config(cfg.rewards) as scorer:
-        groups = score_groups(scorer, tokenizer, prompts, batch)
+        recorder = _RecordingScorer(scorer)
+        groups = score_groups(recorder, tokenizer, prompts, batch)
     records = [(g.data_source, [c > 0 for c in g.correct]) for g in groups]
     summary = summarize(records)
+    failures = _failures_by_source(groups, recorder.results)
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(step_dir), "results": summary}, indent=2) + "\n")
-    print(format_table(summary))
+    result = {"checkpoint": str(step_dir), "results": summary, "reward_failures": failures}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    # The reward-failure count beside each accuracy: a response the reward could not
+    # score (timeout, crash, no reward for its source) counts as wrong.
+    table = {src: {**row, "reward_failures": failures.get(src, 0)} for src, row in summary.items()}
+    print(format_table(table))
+    if failures.get("all"):
+        print(
+            f"eval: {failures['all']} responses could not be scored (reward faults) and "
+            "count as wrong",
+            file=sys.stderr,
+        )
     print(f"written: {out}", file=sys.stderr)
     engine.shutdown()
     return 0
+
+
+class _RecordingScorer:
+    """A RewardScorer that keeps every result of `score_batch`, in order."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.results: list[Any] = []
+
+    def score_batch(self, requests: list[Any]) -> list[Any]:
+        out = list(self.scorer.score_batch(requests))
+        self.results.extend(out)
+        return out
+
+
+def _failures_by_source(groups: list[Any], results: list[Any]) -> dict[str, int]:
+    """Reward faults per data source (and "all"); group i holds the next len(i) results."""
+    counts: dict[str, int] = {"all": 0}
+    it = iter(results)
+    for g in groups:
+        n = sum(bool(next(it).is_fault) for _ in g.samples)
+        counts[g.data_source] = counts.get(g.data_source, 0) + n
+        counts["all"] += n
+    return counts

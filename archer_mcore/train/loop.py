@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,10 +21,11 @@ from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
 from archer_mcore.train.batching import with_fields
-from archer_mcore.train.checkpoint import find_latest_checkpoint
+from archer_mcore.train.checkpoint import latest_valid_checkpoint
 from archer_mcore.train.components import Components, any_rank, build_components
 from archer_mcore.train.dynamic_sampling import collect_groups
 from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
 from archer_mcore.train.signals import StopRequest
 
 log = logging.getLogger("archer.train")
@@ -106,7 +108,12 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
 
     # Resume: policy, optimizer, RNG and the data position from the newest checkpoint.
     start = 0
-    latest = find_latest_checkpoint(c.checkpoint_root) if resume else None
+
+    def skipped(path: Path, reason: str) -> None:
+        if c.is_main:
+            print(f"--resume: skipping damaged checkpoint {path.name}: {reason}", flush=True)
+
+    latest = latest_valid_checkpoint(c.checkpoint_root, report=skipped) if resume else None
     if latest is not None:
         state = c.policy.load_checkpoint(latest)
         start = int(state["step"])
@@ -278,6 +285,13 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                                 )
                         else:
                             nonfinite_in_a_row = 0
+            if not parameters_finite(c.policy.unwrapped()):
+                # Never sync or checkpoint NaN/inf weights: the last good checkpoint stays.
+                c.close(delete_push_group=False)
+                raise NonFiniteParametersError(
+                    f"non-finite weights after the update of step {step}; stopping before "
+                    f"it is saved. Last good checkpoint: {summary.last_checkpoint or 'none'}"
+                )
             for k, v in _mean(updates).items():
                 metrics[k if "/" in k else f"train/{k}"] = v
             metrics["train/skipped_steps"] = float(summary.skipped_updates - skipped_before)

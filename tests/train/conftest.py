@@ -88,6 +88,7 @@ FAST = (
     "algorithm.entropy_coef=0.01",
     "optimizer.lr=5.0e-4",
     "warmstart.steps=50",
+    "warmstart.examples=256",  # fewer than the 512 prompts: RL samples the other 256
     "data.synthetic_train_size=512",
     "data.synthetic_eval_size=16",
     "train.prompts_per_step=8",
