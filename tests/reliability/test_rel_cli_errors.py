@@ -95,9 +95,9 @@ def test_bad_data_files(tmp_path: Path, capsys) -> None:
         (csv, "unsupported suffix '.csv'"),
         (fake, "is not a Parquet file"),
     ):
-        rc = main(_train(tmp_path, f"data.train_files=[{value}]"))
+        rc = main(_train(tmp_path, f"data.train_files=[{value}]", "eval.every=0"))
         _one_line_error(capsys, rc, "data.train_files:", str(value), needle)
-    rc = main(_train(tmp_path, f"data.train_files=[{tmp_path / 'x.jsonl'}]"))
+    rc = main(_train(tmp_path, f"data.train_files=[{tmp_path / 'x.jsonl'}]", "eval.every=0"))
     _one_line_error(capsys, rc, "does not exist")
     rc = main(_train(tmp_path, f"data.eval_files=[{fake}]"))
     _one_line_error(capsys, rc, "data.eval_files:", "is not a Parquet file")

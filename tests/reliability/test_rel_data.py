@@ -47,7 +47,7 @@ def test_unknown_data_source_is_a_config_error_naming_source_and_file(tmp_path, 
         tmp_path / "flat.jsonl",
         [{"prompt": "Compute 1+2.", "answer": "3"}, {"prompt": "Compute 2+2.", "answer": "4"}],
     )
-    rc = main(_train(tmp_path, f"data.train_files=[{data}]", "warmstart.steps=0"))
+    rc = main(_train(tmp_path, f"data.train_files=[{data}]", "warmstart.steps=0", "eval.every=0"))
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "data.train_files: no reward function for data_source '' (2 rows, first at " in err
@@ -58,7 +58,7 @@ def test_unknown_data_source_is_a_config_error_naming_source_and_file(tmp_path, 
         tmp_path / "named.jsonl",
         [{"prompt": "Compute 1+2.", "answer": "3", "data_source": "my_set"}],
     )
-    rc = main(_train(tmp_path, f"data.train_files=[{data2}]", "warmstart.steps=0"))
+    rc = main(_train(tmp_path, f"data.train_files=[{data2}]", "warmstart.steps=0", "eval.every=0"))
     assert rc == 2 and "data_source 'my_set' (1 rows" in capsys.readouterr().err
 
 
@@ -204,7 +204,13 @@ def test_warm_start_covering_every_file_prompt_is_a_config_error(tmp_path, capsy
     ]
     data = _jsonl(tmp_path / "five.jsonl", rows)
     rc = main(
-        _train(tmp_path, f"data.train_files=[{data}]", "warmstart.steps=5", "warmstart.examples=5")
+        _train(
+            tmp_path,
+            f"data.train_files=[{data}]",
+            "warmstart.steps=5",
+            "warmstart.examples=5",
+            "eval.every=0",
+        )
     )
     err = capsys.readouterr().err
     assert rc == 2, err
