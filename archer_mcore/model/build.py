@@ -188,3 +188,32 @@ def build_gpt_model(shape: ModelShape, opts: ModelOptions | None = None):
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
     return model, config, choice
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The last stage's output weight [V_pad / tp, H]: the shared embedding when the
+    embeddings are tied, else the output layer's."""
+    if getattr(model, "share_embeddings_and_output_weights", False):
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def return_hidden_states(model: torch.nn.Module) -> None:
+    """Make a last-stage GPTModel return its final hidden states [b, s, H] (after the
+    final norm) where it returned logits: the output layer's forward becomes "hand the
+    input over", so no logits are computed (its weight stays a parameter of the model,
+    for the caller to use with `output_weight`). Under sequence parallelism the
+    hidden states are all-gathered along the sequence (backward: each rank keeps its
+    own slice; the caller all-reduces the gradient over TP, which together make the
+    reduce-scatter megatron's output layer would do)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = model.output_layer
+    sequence_parallel = bool(getattr(layer, "sequence_parallel", False))
+
+    def hand_over(input_, weight=None, runtime_gather_output=None):
+        if sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
+        return input_, None
+
+    layer.forward = hand_over

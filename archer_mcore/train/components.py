@@ -386,6 +386,7 @@ def _policy_config(cfg: Config) -> Any:
         micro_batch_tokens=cfg.parallel.micro_batch_tokens,
         temperature=cfg.rollout.temperature,
         with_reference=needs_ref,
+        kernels=cfg.kernels,
     )
 
 

@@ -7,10 +7,13 @@
     for bucket in policy.export_hf_buckets(bucket_bytes): ...   # rollout weight sync
     policy.save_checkpoint(dir, extra_state) / policy.load_checkpoint(dir) -> extra_state
 
-SPMD: every rank calls every method. A `PolicyBatch` passed in is this data-parallel
-rank's share (`policy.dp_rank` / `policy.dp_size` say which); ranks of one
-model replica (its TP x PP ranks) must pass the same batch. Results come back on
-every rank. Shapes are documented on `PolicyBatch`.
+SPMD: every rank calls every method. The scoring passes (`compute_logprobs`,
+`compute_ref_logprobs`) take the whole batch, the same on every rank, and shard it
+over data parallelism themselves (each DP rank runs the forward over 1/dp of the rows;
+the results are all-gathered). `train_step` takes this data-parallel rank's share
+(`policy.dp_rank` / `policy.dp_size` say which); ranks of one model replica (its
+TP x PP ranks) must pass the same batch. Results come back on every rank. Shapes are
+documented on `PolicyBatch`.
 
 Gradient accumulation: micro-batches are formed by a token budget; each micro-batch
 loss is sum-of-terms / N_global * dp (N_global = the mini-batch's units across all
@@ -33,13 +36,19 @@ from torch import Tensor
 
 from archer_mcore.algo.losses import LossConfig, policy_loss
 from archer_mcore.algo.token_groups import forking_k
-from archer_mcore.model.build import ModelOptions, build_gpt_model
+from archer_mcore.config import KernelsConfig
+from archer_mcore.model.build import (
+    ModelOptions,
+    build_gpt_model,
+    output_weight,
+    return_hidden_states,
+)
 from archer_mcore.model.hf_config import ModelShape, shape_from_hf_config
 from archer_mcore.model.hf_io import HFCheckpointReader
 from archer_mcore.model.pipeline import MicroBatch, run_microbatches
 from archer_mcore.model.weights import NamedTensors, iter_hf_buckets, load_hf_weights, unwrap
 from archer_mcore.parallel.distributed import init_distributed
-from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+from archer_mcore.train import kernel_dispatch
 from archer_mcore.train.batching import (
     PolicyBatch,
     build_microbatches,
@@ -80,6 +89,7 @@ class PolicyConfig:
     temperature: float = 1.0
     with_reference: bool = True
     logprob_chunk_rows: int = 4096
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 def _ps():
@@ -113,6 +123,10 @@ class MegatronPolicy:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.shape, self.cfg = shape, cfg
+        self.kernel_path = kernel_dispatch.resolve_kernel_path(
+            cfg.kernels.mode, cfg.kernels.fused_lm_head, torch.cuda.is_available()
+        )
+        kernel_dispatch.say_once(self.kernel_path)
         model, self.config, self.spec_choice = build_gpt_model(shape, cfg.model)
         if hf_dir is not None:
             load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
@@ -122,6 +136,12 @@ class MegatronPolicy:
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
             self.reference = ref
+        if self.kernel_path.fused_lm_head and _ps().is_pipeline_last_stage():
+            # The last stage hands over its final hidden states; the fused LM head
+            # makes the entropies and log-probs from them and the output weight.
+            for m in (model, self.reference):
+                if m is not None:
+                    return_hidden_states(m)
 
         o = cfg.optim
         ddp_cfg = DistributedDataParallelConfig(
@@ -165,6 +185,7 @@ class MegatronPolicy:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.step = 0
+        self.scored_rows = 0  # rows this rank has run a scoring forward over (diagnostics)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -205,20 +226,45 @@ class MegatronPolicy:
         )
 
     # ------------------------------------------------------------ scoring
-    def _token_stats(self, logits: Tensor, mb: MicroBatch) -> tuple[Tensor, Tensor]:
-        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens."""
+    def _token_stats(
+        self, out: Tensor, mb: MicroBatch, model: torch.nn.Module
+    ) -> tuple[Tensor, Tensor]:
+        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens.
+
+        `out` is the last stage's output [b, s, X]: the vocab-parallel logits
+        (X = V_pad / tp), or with `kernels.fused_lm_head` the final hidden states
+        (X = H), which go with the output weight [V_pad / tp, H] of `model` through the
+        fused LM head. `self.kernel_path.mode` picks the Triton kernel or the torch
+        reference."""
         pos, targets = mb.extras["resp_pos"], mb.extras["targets"]
         b, lm = pos.shape
-        rows = logits.gather(1, pos.to(logits.device).unsqueeze(-1).expand(b, lm, logits.shape[-1]))
-        ent, lp = vocab_parallel_entropy_and_logprob(
-            rows.reshape(b * lm, -1),
-            targets.reshape(-1).to(logits.device),
-            self._vocab_start(),
-            _ps().get_tensor_model_parallel_group(),
-            self.cfg.temperature,
-            self.shape.vocab_size,
-            self.cfg.logprob_chunk_rows,
-        )
+        rows = out.gather(1, pos.to(out.device).unsqueeze(-1).expand(b, lm, out.shape[-1]))
+        rows = rows.reshape(b * lm, -1)
+        targets = targets.reshape(-1).to(out.device)
+        group = _ps().get_tensor_model_parallel_group()
+        path = self.kernel_path
+        if path.fused_lm_head:
+            ent, lp = kernel_dispatch.lm_head_entropy_and_logprob(
+                rows,
+                output_weight(unwrap(model)),
+                targets,
+                self.cfg.temperature,
+                tp_group=group,
+                vocab_start=self._vocab_start(),
+                vocab_size=self.shape.vocab_size,
+                mode=path.mode,
+            )
+        else:
+            ent, lp = kernel_dispatch.vocab_parallel_entropy_and_logprob(
+                rows,
+                targets,
+                self._vocab_start(),
+                group,
+                self.cfg.temperature,
+                self.shape.vocab_size,
+                mode=path.mode,
+                chunk_rows=self.cfg.logprob_chunk_rows,
+            )
         return ent.reshape(b, lm), lp.reshape(b, lm)
 
     def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
@@ -234,11 +280,13 @@ class MegatronPolicy:
                 dist.broadcast(t, group=group, group_src=src)
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+    def _score_rows(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """(logprob, entropy) [b, L] fp32 of every row of `batch`, on this rank (no
+        data-parallel split); the caller's device."""
         mbs = self._microbatches(batch)
 
         def collect(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb)
+            ent, lp = self._token_stats(logits, mb, model)
             return logits.new_zeros(()), {"entropy": ent, "logprob": lp}
 
         was_training = model.training
@@ -247,6 +295,7 @@ class MegatronPolicy:
             outs = run_microbatches(model, mbs, collect, forward_only=True)
         finally:
             model.train(was_training)
+        self.scored_rows += sum(mb.shape[0] for mb in mbs)
         shape = batch.response_mask.shape
         dev = _comm_device()
         logp = torch.zeros(shape, dtype=torch.float32, device=dev)
@@ -257,16 +306,44 @@ class MegatronPolicy:
             scatter_rows(logp, rows, torch.where(m, out["logprob"].to(dev), 0.0))
             scatter_rows(ent, rows, torch.where(m, out["entropy"].to(dev), 0.0))
         self._broadcast_from_last_stage([logp, ent])
+        return logp, ent
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """Score the whole batch (the same on every rank) with each data-parallel rank
+        running the forward over its rows only (rows dp_rank, dp_rank + dp, ...), then
+        all-gather the results over the data-parallel group."""
+        dp, r = self.dp_size, self.dp_rank
         out_dev = batch.input_ids.device
-        return logp.to(out_dev), ent.to(out_dev)
+        if dp == 1:
+            logp, ent = self._score_rows(model, batch)
+            return logp.to(out_dev), ent.to(out_dev)
+        b, length = batch.response_mask.shape
+        per = -(-b // dp)  # rows of the largest share
+        dev = _comm_device()
+        mine = torch.arange(r, b, dp)
+        buf = torch.zeros(2, per, length, dtype=torch.float32, device=dev)
+        if len(mine):  # every rank of this model replica has the same dp rank: all skip or none
+            logp, ent = self._score_rows(model, batch.rows(mine))
+            buf[0, : len(mine)], buf[1, : len(mine)] = logp, ent
+        parts = [torch.empty_like(buf) for _ in range(dp)]
+        dist.all_gather(parts, buf, group=_ps().get_data_parallel_group())
+        full = torch.zeros(2, b, length, dtype=torch.float32, device=dev)
+        for k, part in enumerate(parts):
+            rows = torch.arange(k, b, dp, device=dev)
+            full[:, rows] = part[:, : len(rows)]
+        return full[0].to(out_dev), full[1].to(out_dev)
 
     def compute_logprobs(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
         """Current-policy (logprob, entropy) [B, L] fp32 of the response tokens, zero at
-        invalid positions; forward only."""
+        invalid positions; forward only. `batch` is the whole batch, the same on every
+        rank: each data-parallel rank scores 1/dp of its rows and the results are
+        gathered, so every rank returns all B rows."""
         return self._score(self.model, batch)
 
     def compute_ref_logprobs(self, batch: PolicyBatch) -> Tensor:
-        """Frozen reference policy's log-probs [B, L] fp32."""
+        """Frozen reference policy's log-probs [B, L] fp32 (sharded like
+        `compute_logprobs`: pass the whole batch on every rank)."""
         if self.reference is None:
             raise RuntimeError("this policy was built with with_reference=False")
         return self._score(self.reference, batch)[0]
@@ -303,7 +380,7 @@ class MegatronPolicy:
         normalizer = max(units, 1.0) / self.dp_size
 
         def loss_fn(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb)
+            ent, lp = self._token_stats(logits, mb, self.model)
             x = {k: (v.to(lp.device) if isinstance(v, Tensor) else v) for k, v in mb.extras.items()}
             loss, metrics = policy_loss(
                 lp,

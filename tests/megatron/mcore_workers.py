@@ -128,7 +128,7 @@ TASKS = {"parity": parity}
 
 def vocab_parallel(payload: dict[str, Any]) -> dict[str, Any]:
     """Entropy/log-prob and their gradients over a vocab split across the world (TP)."""
-    from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+    from archer_mcore.algo.entropy import vocab_parallel_entropy_and_logprob
 
     rank, world = dist.get_rank(), dist.get_world_size()
     logits = torch.tensor(payload["logits"], dtype=torch.float32)  # [N, V_pad]
@@ -211,8 +211,9 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tp, pp, recompute in payload["layouts"]:
         policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp, recompute))
-        batch = _dp_share(_policy_batch(payload["batch"]), policy.dp_rank, policy.dp_size)
-        batch = replace(batch, ref_logp=policy.compute_ref_logprobs(batch))
+        full = _policy_batch(payload["batch"])
+        full = replace(full, ref_logp=policy.compute_ref_logprobs(full))  # sharded over DP
+        batch = _dp_share(full, policy.dp_rank, policy.dp_size)
         metrics = policy.train_step(batch, loss_cfg)
         worst, worst_name = 0.0, ""
         names = 0
@@ -289,10 +290,10 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
     crash_at = payload.get("crash_during_save_of")
     for step in range(start, 4):
         batch = _step_batch(step, 100)
+        old, _ = policy.compute_logprobs(batch)  # the whole batch: sharded over DP inside
+        batch = replace(batch, old_logp=old, ref_logp=policy.compute_ref_logprobs(batch))
         per = batch.size // policy.dp_size
         batch = batch.rows(slice(policy.dp_rank * per, (policy.dp_rank + 1) * per))
-        old, _ = policy.compute_logprobs(batch)
-        batch = replace(batch, old_logp=old, ref_logp=policy.compute_ref_logprobs(batch))
         # Perturb the old log-probs (as a stale rollout policy would) so ratios clip.
         batch = replace(
             batch,
@@ -345,3 +346,83 @@ def full_then_crash(payload: dict[str, Any]) -> dict[str, Any]:
 
 TASKS["resume"] = resume
 TASKS["full_then_crash"] = full_then_crash
+
+
+def dp_scoring(payload: dict[str, Any]) -> dict[str, Any]:
+    """compute_logprobs / compute_ref_logprobs of the whole batch at TP=PP=1 on every
+    process of the world (so DP = world size): the gathered results and, per rank, how
+    many rows its model forwards saw (counted by a hook on the GPTModel itself)."""
+    from archer_mcore.train.policy import MegatronPolicy
+
+    policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, 1, 1))
+    seen = {"policy": 0, "reference": 0}
+
+    def counter(key: str):
+        def hook(_module, args, kwargs):
+            ids = args[0] if args else kwargs["input_ids"]
+            seen[key] += int(ids.shape[0])
+
+        return hook
+
+    policy.unwrapped().register_forward_pre_hook(counter("policy"), with_kwargs=True)
+    policy.reference.register_forward_pre_hook(counter("reference"), with_kwargs=True)
+    batch = _policy_batch(payload["batch"])
+    logp, ent = policy.compute_logprobs(batch)
+    ref = policy.compute_ref_logprobs(batch)
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, seen)
+    same = [torch.empty_like(logp) for _ in range(dist.get_world_size())]
+    dist.all_gather(same, logp)
+    return {
+        "dp": policy.dp_size,
+        "logprob": logp.tolist(),
+        "entropy": ent.tolist(),
+        "ref_logprob": ref.tolist(),
+        "rows_seen": rows,
+        "same_on_all_ranks": all(torch.equal(s, same[0]) for s in same),
+    }
+
+
+TASKS["dp_scoring"] = dp_scoring
+
+
+def kernel_paths(payload: dict[str, Any]) -> dict[str, Any]:
+    """For each TP size and kernel path (kernels.mode x kernels.fused_lm_head): the
+    log-probs and entropies of compute_logprobs, then one optimizer step's loss and
+    updated HF-named weights. Runs under TRITON_INTERPRET=1 (set by the test)."""
+    from dataclasses import replace
+
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import KernelsConfig
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy
+
+    loss_cfg = LossConfig(**payload["loss"])
+    full = _policy_batch(payload["batch"])
+    out: dict[str, Any] = {}
+    for tp in payload["tps"]:
+        for mode, fused in payload["paths"]:
+            cfg = replace(
+                _policy_cfg(payload, tp, 1), kernels=KernelsConfig(mode=mode, fused_lm_head=fused)
+            )
+            policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
+            logp, ent = policy.compute_logprobs(full)
+            batch = replace(full, ref_logp=policy.compute_ref_logprobs(full))
+            per = batch.size // policy.dp_size
+            share = batch.rows(slice(policy.dp_rank * per, (policy.dp_rank + 1) * per))
+            metrics = policy.train_step(share, loss_cfg)
+            weights = {n: t.tolist() for n, t in iter_hf_tensors(policy.model, policy.shape)}
+            probe = torch.zeros(3, 1, policy.shape.hidden_size)  # [s, b, H] into the head
+            width = policy.unwrapped().output_layer(probe)[0].shape[-1]
+            out[f"tp{tp}/{policy.kernel_path.name}"] = {
+                "head_output_width": width,
+                "logprob": logp.tolist(),
+                "entropy": ent.tolist(),
+                "loss": metrics["loss"],
+                "grad_norm": metrics["grad_norm"],
+                "weights": weights,
+            }
+    return out
+
+
+TASKS["kernel_paths"] = kernel_paths
