@@ -1,6 +1,6 @@
 """The Megatron policy: what the RL loop calls to score and update the model.
 
-    policy = MegatronPolicy.from_hf(hf_dir, PolicyConfig(tp=2, pp=1, ...))
+    policy = MegatronPolicy.from_hf(hf_dir, PolicyConfig(model=cfg.model, parallel=..., ...))
     logp, ent = policy.compute_logprobs(batch)            # old log-probs, forward only
     ref = policy.compute_ref_logprobs(batch)              # frozen reference (KL)
     metrics = policy.train_step(batch_with_old_adv_ref, loss_cfg)
@@ -36,13 +36,16 @@ from torch import Tensor
 
 from archer_mcore.algo.losses import LossConfig, policy_loss
 from archer_mcore.algo.token_groups import forking_k
-from archer_mcore.config import KernelsConfig
+from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from archer_mcore.model.build import (
-    ModelOptions,
+    BuildChoices,
     build_gpt_model,
+    ddp_config,
     output_weight,
+    resolve_build_choices,
     return_hidden_states,
 )
+from archer_mcore.model.fp8 import detect_environment
 from archer_mcore.model.hf_config import ModelShape, shape_from_hf_config
 from archer_mcore.model.hf_io import HFCheckpointReader
 from archer_mcore.model.pipeline import MicroBatch, run_microbatches
@@ -58,38 +61,61 @@ from archer_mcore.train.batching import (
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """Adam + LR schedule. decay_style: constant | linear | cosine (over decay_steps)."""
+class PolicyConfig:
+    """The policy's settings: the config sections it reads, embedded whole (no copies
+    of their fields), plus what comes from elsewhere in the config.
 
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_steps: int | None = None
-    decay_style: str = "constant"
-    distributed_optimizer: bool = True
+    model, parallel, optimizer, kernels: the `Config` sections of those names
+        (parallel.micro_batch_tokens: the token budget of one micro-batch, rows x
+        padded length; optimizer.lr_schedule decays over `lr_decay_steps`).
+    seed: initialisation seed. temperature: the rollout temperature the log-probs and
+    entropies are computed at. with_reference: keep a frozen reference copy (KL).
+    lr_decay_steps: optimizer steps of the LR decay (None: no decay within the run).
+    logprob_chunk_rows: rows per chunk of the torch entropy/log-prob reference.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    seed: int = 1234
+    temperature: float = 1.0
+    with_reference: bool = True
+    lr_decay_steps: int | None = None
+    logprob_chunk_rows: int = 4096
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.parallel.pipeline_model_parallel_size
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """tp/pp: model-parallel sizes (dp = world / (tp * pp)). micro_batch_tokens: the
-    token budget of one micro-batch (rows x padded length). temperature: the rollout
-    temperature the log-probs and entropies are computed at."""
+class PolicyChoices:
+    """Everything the policy decides from its config and the machine: the model
+    builder's choices and the kernel path. `archer plan` uses the same function."""
 
-    tp: int = 1
-    pp: int = 1
-    seed: int = 1234
-    model: ModelOptions = field(default_factory=ModelOptions)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch_tokens: int = 8192
-    temperature: float = 1.0
-    with_reference: bool = True
-    logprob_chunk_rows: int = 4096
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    build: BuildChoices
+    kernel_path: kernel_dispatch.KernelPath
+
+
+def resolve_policy_choices(
+    cfg: PolicyConfig,
+    te_version: str | None,
+    device_capability: tuple[int, int] | None,
+    cuda: bool,
+    triton_compiles: bool | None = None,
+) -> PolicyChoices:
+    """Pure given its arguments (`triton_compiles` None: ask triton)."""
+    return PolicyChoices(
+        resolve_build_choices(cfg.model, cfg.parallel, te_version, device_capability, cuda),
+        kernel_dispatch.resolve_kernel_path(
+            cfg.kernels.mode, cfg.kernels.fused_lm_head, cuda, triton_compiles
+        ),
+    )
 
 
 def _ps():
@@ -114,25 +140,21 @@ class MegatronPolicy:
     def __init__(
         self, shape: ModelShape, cfg: PolicyConfig, hf_dir: str | Path | None = None
     ) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.shape, self.cfg = shape, cfg
-        self.kernel_path = kernel_dispatch.resolve_kernel_path(
-            cfg.kernels.mode, cfg.kernels.fused_lm_head, torch.cuda.is_available()
-        )
+        self.choices = resolve_policy_choices(cfg, *detect_environment(), torch.cuda.is_available())
+        self.kernel_path = self.choices.kernel_path
         kernel_dispatch.say_once(self.kernel_path)
-        model, self.config, self.spec_choice = build_gpt_model(shape, cfg.model)
+        build = self.choices.build
+        model, self.config, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
         if hf_dir is not None:
             load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
         self.reference = None
         if cfg.with_reference:
-            ref, _, _ = build_gpt_model(shape, cfg.model)
+            ref, _, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
             self.reference = ref
@@ -143,13 +165,12 @@ class MegatronPolicy:
                 if m is not None:
                     return_hidden_states(m)
 
-        o = cfg.optim
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=o.distributed_optimizer,
+        o = cfg.optimizer
+        dist_opt = cfg.parallel.use_distributed_optimizer
+        self.ddp_config = ddp_config(build, cfg.parallel)
+        self.model = DistributedDataParallel(
+            config=self.config, ddp_config=self.ddp_config, module=model
         )
-        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=model)
         self.model.broadcast_params()  # data-parallel replicas start identical (random init)
         dtype = self.config.params_dtype
         opt_cfg = OptimizerConfig(
@@ -164,18 +185,19 @@ class MegatronPolicy:
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             params_dtype=dtype,
-            use_distributed_optimizer=o.distributed_optimizer,
+            use_distributed_optimizer=dist_opt,
         )
         self.optimizer = get_megatron_optimizer(opt_cfg, [self.model])
-        decay = o.decay_steps if o.decay_steps is not None else 10**9
+        decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else 10**9
+        warmup = o.lr_warmup_steps
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+            init_lr=0.0 if warmup > 0 else o.lr,
             max_lr=o.lr,
             min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=max(decay, o.warmup_steps + 1),
-            lr_decay_style=o.decay_style,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(decay, warmup + 1),
+            lr_decay_style=o.lr_schedule,
             start_wd=o.weight_decay,
             end_wd=o.weight_decay,
             wd_incr_steps=1,
@@ -216,9 +238,7 @@ class MegatronPolicy:
 
     def _vocab_start(self) -> int:
         ps = _ps()
-        v_local = self.shape.padded_vocab_size(
-            ps.get_tensor_model_parallel_world_size(), self.cfg.model.make_vocab_size_divisible_by
-        )
+        v_local = self.shape.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
         return (
             ps.get_tensor_model_parallel_rank()
             * v_local
@@ -268,7 +288,10 @@ class MegatronPolicy:
         return ent.reshape(b, lm), lp.reshape(b, lm)
 
     def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
-        plan = plan_microbatches(batch.seq_lengths(), self.cfg.micro_batch_tokens)
+        multiple = self.choices.build.seq_multiple
+        plan = plan_microbatches(
+            batch.seq_lengths(), self.cfg.parallel.micro_batch_tokens, seq_multiple=multiple
+        )
         return build_microbatches(batch, plan)
 
     def _broadcast_from_last_stage(self, tensors: list[Tensor]) -> None:

@@ -174,16 +174,21 @@ def _policy_batch(d: dict[str, Any]):
     )
 
 
-def _policy_cfg(payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None):
-    from archer_mcore.model.build import ModelOptions
-    from archer_mcore.train.policy import OptimConfig, PolicyConfig
+def _policy_cfg(
+    payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None, sp: bool = False
+):
+    from archer_mcore.config import ModelConfig, OptimizerConfig, ParallelConfig
+    from archer_mcore.train.policy import PolicyConfig
 
     return PolicyConfig(
-        tp=tp,
-        pp=pp,
-        model=ModelOptions(recompute=recompute),
-        optim=OptimConfig(**payload["optim"]),
-        micro_batch_tokens=payload["micro_batch_tokens"],
+        model=ModelConfig(recompute=recompute or "none"),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sp,
+            micro_batch_tokens=payload["micro_batch_tokens"],
+        ),
+        optimizer=OptimizerConfig(**payload["optim"]),
         temperature=payload["temperature"],
         with_reference=True,
     )
@@ -268,16 +273,20 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
 
     import archer_mcore.train.checkpoint as ckpt
     from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import OptimizerConfig, ParallelConfig
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
+    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
-        tp=payload["tp"],
-        pp=payload["pp"],
-        micro_batch_tokens=20,
-        optim=OptimConfig(
-            lr=1e-2, warmup_steps=2, decay_steps=6, decay_style="cosine", clip_grad=1.0
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=payload["tp"],
+            pipeline_model_parallel_size=payload["pp"],
+            micro_batch_tokens=20,
         ),
+        optimizer=OptimizerConfig(
+            lr=1e-2, lr_warmup_steps=2, lr_schedule="cosine", clip_grad=1.0, weight_decay=0.0
+        ),
+        lr_decay_steps=6,
     )
     policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
     loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean", kl_coef=0.01)
@@ -426,3 +435,52 @@ def kernel_paths(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 TASKS["kernel_paths"] = kernel_paths
+
+
+def sequence_parallel(payload: dict[str, Any]) -> dict[str, Any]:
+    """TP = world: with parallel.sequence_parallel off and on (and on with the fused LM
+    head's torch path): megatron's TransformerConfig flag, full logits of a batch of odd
+    length, compute_logprobs, and one optimizer step's loss and weights."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import KernelsConfig
+    from archer_mcore.model.pipeline import causal_positions
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy
+
+    tp = dist.get_world_size()
+    loss_cfg = LossConfig(**payload["loss"])
+    full = _policy_batch(payload["batch"])
+    out: dict[str, Any] = {}
+    for sp, fused in ((False, False), (True, False), (True, True)):
+        cfg = replace(
+            _policy_cfg(payload, tp, 1, sp=sp),
+            kernels=KernelsConfig(mode="torch", fused_lm_head=fused),
+        )
+        policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
+        ids = torch.tensor(payload["logits_ids"])  # [b, s], s a multiple of tp
+        with torch.no_grad():
+            logits = policy.reference(ids, causal_positions(ids), None) if not fused else None
+        logits = _gather_tp_vocab(logits) if logits is not None else None
+        logp, ent = policy.compute_logprobs(full)
+        batch = replace(full, ref_logp=policy.compute_ref_logprobs(full))
+        metrics = policy.train_step(batch, loss_cfg)
+        weights = {n: t.tolist() for n, t in iter_hf_tensors(policy.model, policy.shape)}
+        out[f"sp{int(sp)}" + ("_lm_head" if fused else "")] = {
+            "config_sequence_parallel": policy.config.sequence_parallel,
+            "seq_multiple": policy.choices.build.seq_multiple,
+            "logits": None if logits is None else logits.tolist(),
+            "logprob": logp.tolist(),
+            "entropy": ent.tolist(),
+            "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+            "weights": weights,
+            "tp": ps.get_tensor_model_parallel_world_size(),
+        }
+    return out
+
+
+TASKS["sequence_parallel"] = sequence_parallel
