@@ -484,3 +484,53 @@ def sequence_parallel(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 TASKS["sequence_parallel"] = sequence_parallel
+
+
+def plan_agrees(payload: dict[str, Any]) -> dict[str, Any]:
+    """For each override set on the demo config: build the policy the way `archer train`
+    does (components._policy_config) and ask the planner for the same config on this
+    machine; report both sides' choices."""
+    import dataclasses
+
+    from archer_mcore import planner
+    from archer_mcore.config import load_config
+    from archer_mcore.model.fp8 import detect_environment
+    from archer_mcore.train.components import _policy_config
+    from archer_mcore.train.policy import MegatronPolicy
+
+    out: dict[str, Any] = {}
+    for name, overrides in payload["cases"].items():
+        cfg = load_config(payload["config"], overrides)
+        policy = MegatronPolicy.from_hf(payload["hf_config"], _policy_config(cfg))
+        planned = planner.resolved_choices(
+            cfg, *detect_environment(), cuda=torch.cuda.is_available(), triton_compiles=None
+        )
+        cluster = planner.Cluster(
+            nodes=1, gpus_per_node=dist.get_world_size(), gpu="h100", rollout_nodes=0
+        )
+        layout, _ = planner.layouts_from_config(cfg, cluster, choices=planned)
+        built = policy.choices
+        out[name] = {
+            "same_choices": planned == built,
+            "built": {
+                "sequence_parallel": policy.config.sequence_parallel,
+                "fp8": policy.config.fp8,
+                "fp8_param_gather": policy.ddp_config.fp8_param_gather,
+                "spec": built.build.precision.spec,
+                "kernel_path": built.kernel_path.name,
+                "seq_multiple": built.build.seq_multiple,
+                "logits_width": policy.unwrapped()
+                .output_layer(torch.zeros(2, 1, policy.shape.hidden_size))[0]
+                .shape[-1],
+            },
+            "planned": {
+                "sequence_parallel": layout.sequence_parallel,
+                "fp8": layout.fp8,
+                "logits_path": layout.logits_path,
+                "choices": repr(dataclasses.asdict(planned.build)),
+            },
+        }
+    return out
+
+
+TASKS["plan_agrees"] = plan_agrees
