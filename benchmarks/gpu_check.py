@@ -21,6 +21,7 @@ benchmarks/gpu_check.sh runs this and benchmarks/kernels.py together.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -147,6 +148,7 @@ def run_path(mode: str, fused: bool, args: argparse.Namespace, hf: dict, batch, 
     mfu = 3 * flops_per_token(hf, args.seq) * train_tps / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
     del policy
+    gc.collect()  # the next path's peak memory must not include this one's model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return (
