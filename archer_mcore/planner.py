@@ -60,6 +60,7 @@ class GpuSpec:
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float  # per GPU, one direction
     network_bytes_per_s: float  # per GPU (one 400 Gb/s NIC per GPU), one direction
+    compute_capability: tuple[int, int] = (9, 0)  # Hopper: FP8 tensor cores
 
 
 GPU_SPECS: dict[str, GpuSpec] = {
@@ -88,7 +89,8 @@ class Assumptions:
     bandwidth_efficiency: float = 0.6  # achieved / peak HBM bandwidth when decoding
     mean_prompt_tokens: int = 256
     mean_response_fraction: float = 0.5  # mean response length / max_new_tokens
-    torch_chunk_rows: int = 1024  # rows per chunk of the torch entropy reference
+    torch_chunk_rows: int = 4096  # rows per chunk of the torch entropy reference (the policy's)
+    te_version: str | None = "2.8.0"  # Transformer Engine on the cluster (None: not installed)
     lm_head_chunk_rows: int = 4096  # rows per chunk of the fused linear-head kernel
 
 
@@ -589,10 +591,44 @@ def workload_from_config(cfg: Config) -> Workload:
     )
 
 
-def logits_path_from_config(cfg: Config) -> LogitsPath:
-    if cfg.kernels.fused_lm_head:
-        return "fused_lm_head"
-    return "chunked" if cfg.kernels.mode == "torch" else "fused"
+def resolved_choices(
+    cfg: Config,
+    te_version: str | None,
+    device_capability: tuple[int, int] | None,
+    cuda: bool = True,
+    triton_compiles: bool | None = True,
+) -> Any:
+    """The trainer's own choices for this config on a machine (TE version, GPU
+    capability, CUDA, whether triton compiles): `MegatronPolicy` builds with exactly
+    `resolve_policy_choices`, so what the plan sizes is what the trainer builds.
+    Returns a `PolicyChoices`; raises ValueError for contradictory settings (e.g. FP8
+    with the local layers, sequence parallelism at TP=1)."""
+    from archer_mcore.train.policy import PolicyConfig, resolve_policy_choices
+
+    pcfg = PolicyConfig(
+        model=cfg.model, parallel=cfg.parallel, optimizer=cfg.optimizer, kernels=cfg.kernels
+    )
+    return resolve_policy_choices(pcfg, te_version, device_capability, cuda, triton_compiles)
+
+
+def logits_path_of(choices: Any) -> LogitsPath:
+    """The planner's logits-buffer model for the policy's kernel path: the Triton fused
+    LM head never materialises logits; the Triton entropy kernel reads the
+    vocab-parallel logits; the torch reference (also behind the fused-LM-head switch,
+    whose torch path makes the logits) works on them in row chunks."""
+    path = choices.kernel_path
+    if path.mode == "torch":
+        return "chunked"
+    return "fused_lm_head" if path.fused_lm_head else "fused"
+
+
+def replace_sp_for_tp1(cfg: Config) -> Config:
+    """`cfg` with sequence parallelism off when TP = 1 (the planner reports that setting
+    as a problem itself, naming the key; the other choices are still planned)."""
+    p = cfg.parallel
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(p, sequence_parallel=False))
+    return cfg
 
 
 def cluster_from_config(
@@ -615,20 +651,33 @@ def cluster_from_config(
     )
 
 
-def layouts_from_config(cfg: Config, cluster: Cluster) -> tuple[TrainLayout, RolloutLayout]:
+def layouts_from_config(
+    cfg: Config,
+    cluster: Cluster,
+    assume: Assumptions = Assumptions(),
+    choices: Any | None = None,
+) -> tuple[TrainLayout, RolloutLayout]:
+    """The layouts the config asks for. Sequence parallelism, FP8 and the logits path
+    are the trainer's resolved choices (`resolved_choices`) on the cluster's GPUs with
+    `assume.te_version`, unless `choices` (a `PolicyChoices`) is given."""
     disagg = cfg.rollout.mode == "disaggregated"
     train_nodes = cluster.nodes - cluster.rollout_nodes if disagg else cluster.nodes
     p = cfg.parallel
+    if choices is None:
+        choices = resolved_choices(
+            replace_sp_for_tp1(cfg), assume.te_version, cluster.spec.compute_capability
+        )
     train = TrainLayout(
         gpus=max(0, train_nodes) * cluster.gpus_per_node,
         tp=p.tensor_model_parallel_size,
         pp=p.pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
+        # SP at TP = 1 stays visible here so that check_layout names the key.
+        sequence_parallel=choices.build.sequence_parallel or p.sequence_parallel,
         recompute=cfg.model.recompute,
         distributed_optimizer=p.use_distributed_optimizer,
         micro_batch_tokens=p.micro_batch_tokens,
-        logits_path=logits_path_from_config(cfg),
-        fp8=cfg.model.fp8 != "none",
+        logits_path=logits_path_of(choices),
+        fp8=choices.build.precision.fp8_enabled,
     )
     s = cfg.rollout.sglang
     roll = RolloutLayout(
@@ -979,15 +1028,27 @@ def plan_config(
 ) -> Plan:
     m = shape_from_config(cfg, config_path)
     cluster = cluster_from_config(cfg, nodes, gpus_per_node, gpu)
-    train, roll = layouts_from_config(cfg, cluster)
+    try:
+        choices = resolved_choices(
+            replace_sp_for_tp1(cfg), assume.te_version, cluster.spec.compute_capability
+        )
+    except ValueError as e:  # e.g. model.fp8 with model.transformer_impl: local
+        raise ConfigError(str(e)) from None
+    train, roll = layouts_from_config(cfg, cluster, assume, choices)
     plan = make_plan(m, cluster, train, roll, workload_from_config(cfg), assume)
     if cfg.rollout.engine != "sglang":
         plan.notes.append(
             f"rollout.engine = {cfg.rollout.engine}: the rollout figures assume SGLang servers "
             "laid out as rollout.sglang says"
         )
-    if cfg.model.fp8 != "none":
-        plan.notes.append("model.fp8: training weights counted in bf16 (an upper bound)")
+    if choices.build.precision.warning:
+        plan.notes.append(f"on the cluster: {choices.build.precision.warning}")
+    if train.fp8:
+        plan.notes.append(
+            f"model.fp8: {choices.build.precision.fp8_recipe} recipe on "
+            f"{cluster.spec.name} with Transformer Engine {assume.te_version}; training "
+            "weights counted in bf16 (an upper bound)"
+        )
     return plan
 
 

@@ -36,6 +36,7 @@ QWEN2_05B = {
     "tie_word_embeddings": True,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MODEL_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # model.params_dtype values
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
@@ -47,7 +48,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(max(1, args.threads // world))
-    from archer_mcore.model.build import ModelOptions, build_gpt_model
+    from archer_mcore.config import ModelConfig
+    from archer_mcore.model.build import build_gpt_model
     from archer_mcore.model.hf_config import shape_from_hf_config
     from archer_mcore.model.weights import iter_hf_buckets
     from archer_mcore.parallel.distributed import destroy_distributed, init_distributed
@@ -56,7 +58,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path
     try:
         cfg = dict(QWEN2_05B, num_hidden_layers=args.layers)
         shape = shape_from_hf_config(cfg)
-        model, _, _ = build_gpt_model(shape, ModelOptions(params_dtype=DTYPES[args.dtype]))
+        model, _, _ = build_gpt_model(shape, ModelConfig(params_dtype=MODEL_DTYPES[args.dtype]))
         n_params = sum(p.numel() for p in model.parameters())
         times, nbytes = [], 0
         for _ in range(args.repeats):

@@ -1,27 +1,9 @@
-"""Triton kernels (installed as archer_mcore.kernels); a torch reference beside each.
+"""Triton kernels (installed as archer_mcore.kernels); leaf code.
 
-Use the dispatcher, which picks the kernel on CUDA and the torch reference elsewhere
-(`mode` "auto" | "triton" | "torch"):
+Nothing here imports archer_mcore outside this package: which implementation runs
+(kernel or torch reference) is chosen by the caller, `archer_mcore.train.kernel_dispatch`.
 
-- `entropy_and_logprob`, `vocab_parallel_entropy_and_logprob`: kernel 1, from logits;
-- `lm_head_entropy_and_logprob`: kernel 2, from hidden states and the output weight;
-- `token_terms`: kernel 3, the per-token policy-loss terms.
+- `entropy_logprob`: kernel 1, entropy + log-prob from (vocab-parallel) logits;
+- `fused_lm_head`: kernel 2, the same from hidden states and the output weight;
+- `fused_loss`: kernel 3, the per-token policy-loss terms.
 """
-
-from archer_mcore.kernels.dispatch import (
-    KERNEL_MODES,
-    entropy_and_logprob,
-    lm_head_entropy_and_logprob,
-    token_terms,
-    use_triton,
-    vocab_parallel_entropy_and_logprob,
-)
-
-__all__ = [
-    "KERNEL_MODES",
-    "entropy_and_logprob",
-    "lm_head_entropy_and_logprob",
-    "token_terms",
-    "use_triton",
-    "vocab_parallel_entropy_and_logprob",
-]

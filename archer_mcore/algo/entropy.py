@@ -1,20 +1,36 @@
-"""Token entropy and sampled-token log-prob from logits: the torch reference.
+"""Token entropy and sampled-token log-prob from logits: the one torch reference.
 
-Both come from one pass over each row's softmax p = softmax(z / T):
+Both come from one pass over each row's softmax p = softmax(z / T). The vocabulary
+may be sharded across tensor-parallel ranks: each rank holds logits for vocabulary
+ids [vocab_start, vocab_start + V_local); unsharded is the case of one rank holding
+everything. With s = z / T the full softmax is assembled from three reductions over
+the group, never from gathered logits:
 
-    logprob_t = z_y / T - logsumexp(z / T)
-    H_t       = logsumexp(z / T) - sum_v p_v z_v / T
+    m       = max_v s_v                         (all-reduce MAX)
+    S       = sum_v exp(s_v - m)                (all-reduce SUM)
+    W       = sum_v exp(s_v - m) (s_v - m)      (same SUM call)
+    s_y - m = the target's shifted logit         (same SUM call; one rank holds it)
+
+    logprob = (s_y - m) - log S,      entropy = log S - W / S.
+
+Working on s - m keeps H from cancelling large numbers. The backward needs no
+communication: with p_v = exp(s_v - m) / S (global quantities already known on every
+rank), dH/ds_v = -p_v (s_v - E_p[s]) and dlogp/ds_v = 1[v = y] - p_v, so each rank
+differentiates its own columns. Upstream gradients are the same on every TP rank (the
+loss is replicated across TP), as in megatron's own vocab-parallel cross entropy.
 
 The math is fp32 for fp32/bf16/fp16 logits (fp64 for fp64 logits, so that the
-reference can be gradient-checked). Rows are processed in chunks, in the
-forward and again in the backward (which recomputes the softmax of one chunk at a
-time), so the extra memory is O(chunk_rows x V) however many tokens there are. This is
-the reference the fused GPU kernels in `archer_mcore.kernels` must match.
+reference can be gradient-checked). Columns at or beyond `vocab_size` (megatron's
+vocab padding) are excluded. Rows are processed in chunks, in the forward and again
+in the backward, so the extra memory is O(chunk_rows x V_local) however many tokens
+there are. This is the reference the fused Triton kernels (`archer_mcore.kernels`)
+must match; it only needs torch.distributed, nothing of megatron.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -22,65 +38,125 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_stats(z: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(max, lse, entropy, logprob) of s = z / T for one chunk of rows, shapes [n].
-
-    Works on s - max(s) so that H = lse' - E_p[s - max] does not cancel large numbers.
-    """
-    s = z.to(_math_dtype(z.dtype)) / temperature
-    m = s.amax(dim=-1, keepdim=True)
-    sh = s - m
-    lse_sh = torch.log(torch.exp(sh).sum(-1))
-    p = torch.exp(sh - lse_sh.unsqueeze(-1))
-    entropy = lse_sh - (p * sh).sum(-1)
-    logprob = sh.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse_sh
-    m = m.squeeze(-1)
-    return m, m + lse_sh, entropy, logprob
+def _shifted(z: Tensor, valid: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    s = z.to(dtype) / temperature
+    return s if valid is None else s.masked_fill(~valid, float("-inf"))
 
 
-class _EntropyLogprob(torch.autograd.Function):
+def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None, tp: int) -> Tensor:
+    if tp > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class _VocabParallelEntropyLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk_rows: int):
-        n = logits.shape[0]
-        kw = {"dtype": _math_dtype(logits.dtype), "device": logits.device}
-        entropy, logprob = torch.empty(n, **kw), torch.empty(n, **kw)
-        max_all, lse_all = torch.empty(n, **kw), torch.empty(n, **kw)
+    def forward(ctx, logits, tokens, vocab_start, vocab_size, group, temperature, chunk_rows):
+        n, v_local = logits.shape
+        tp = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+        dtype = _math_dtype(logits.dtype)
+        cols = torch.arange(vocab_start, vocab_start + v_local, device=logits.device)
+        valid = None if vocab_start + v_local <= vocab_size else (cols < vocab_size).unsqueeze(0)
+        local = tokens - vocab_start
+        in_shard = (local >= 0) & (local < v_local)
+        local = local.clamp(0, v_local - 1)
+
+        max_all = torch.empty(n, dtype=dtype, device=logits.device)
+        stats = torch.empty(3, n, dtype=dtype, device=logits.device)  # S, W, s_y - m
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
-            m, lse, h, lp = _chunk_stats(logits[lo:hi], tokens[lo:hi], temperature)
-            max_all[lo:hi], lse_all[lo:hi], entropy[lo:hi], logprob[lo:hi] = m, lse, h, lp
-        ctx.save_for_backward(logits, tokens, max_all, lse_all, entropy)
+            s = _shifted(logits[lo:hi], valid, temperature, dtype)
+            max_all[lo:hi] = s.amax(-1)
+        _all_reduce(max_all, dist.ReduceOp.MAX, group, tp)
+        for lo in range(0, n, chunk_rows):
+            hi = min(lo + chunk_rows, n)
+            sh = _shifted(logits[lo:hi], valid, temperature, dtype) - max_all[lo:hi].unsqueeze(-1)
+            e = torch.exp(sh)
+            stats[0, lo:hi] = e.sum(-1)
+            stats[1, lo:hi] = torch.where(e > 0, e * sh, torch.zeros_like(e)).sum(-1)
+            s_y = sh.gather(-1, local[lo:hi].unsqueeze(-1)).squeeze(-1)
+            stats[2, lo:hi] = torch.where(in_shard[lo:hi], s_y, torch.zeros_like(s_y))
+        _all_reduce(stats, dist.ReduceOp.SUM, group, tp)
+        lse_sh = torch.log(stats[0])
+        entropy = lse_sh - stats[1] / stats[0]
+        logprob = stats[2] - lse_sh
+
+        ctx.save_for_backward(logits, local, in_shard, max_all, lse_sh, entropy)
+        ctx.valid = valid
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         return entropy, logprob
 
     @staticmethod
-    def backward(ctx, grad_entropy: Tensor | None, grad_logprob: Tensor | None):
-        logits, tokens, max_all, lse_all, entropy = ctx.saved_tensors
-        grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
-        grad_logprob = torch.zeros_like(entropy) if grad_logprob is None else grad_logprob
-        t, chunk = ctx.temperature, ctx.chunk_rows
-        grad_logits = torch.empty_like(logits)
-        # dH/ds_v = -p_v (s_v - E_p[s]);  dlogp/ds_v = 1[v = y] - p_v;  ds/dz = 1/T.
-        for lo in range(0, logits.shape[0], chunk):
-            hi = min(lo + chunk, logits.shape[0])
-            m = max_all[lo:hi].unsqueeze(-1)
-            sh = logits[lo:hi].to(lse_all.dtype) / t - m
-            lse_sh = lse_all[lo:hi].unsqueeze(-1) - m
-            p = torch.exp(sh - lse_sh)
-            centred = sh - (lse_sh - entropy[lo:hi].unsqueeze(-1))  # s - E_p[s]
-            g_h = grad_entropy[lo:hi].to(lse_all.dtype).unsqueeze(-1)
-            g_l = grad_logprob[lo:hi].to(lse_all.dtype).unsqueeze(-1)
-            g = -g_h * p * centred - g_l * p
-            g.scatter_add_(-1, tokens[lo:hi].unsqueeze(-1), g_l)
-            grad_logits[lo:hi] = (g / t).to(logits.dtype)
-        return grad_logits, None, None, None
+    def backward(ctx, grad_entropy, grad_logprob):
+        logits, local, in_shard, max_all, lse_sh, entropy = ctx.saved_tensors
+        t, chunk, valid = ctx.temperature, ctx.chunk_rows, ctx.valid
+        dtype = max_all.dtype
+        n = logits.shape[0]
+        g_ent = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy.to(dtype)
+        g_lp = torch.zeros_like(entropy) if grad_logprob is None else grad_logprob.to(dtype)
+        grad = torch.empty_like(logits)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            sh = _shifted(logits[lo:hi], valid, t, dtype) - max_all[lo:hi].unsqueeze(-1)
+            p = torch.exp(sh - lse_sh[lo:hi].unsqueeze(-1))
+            # s - E_p[s] = sh - (lse_sh - H); zero where p = 0 (padding) to avoid 0 * -inf.
+            centred = sh - (lse_sh[lo:hi] - entropy[lo:hi]).unsqueeze(-1)
+            centred = torch.where(p > 0, centred, torch.zeros_like(centred))
+            gh = g_ent[lo:hi].unsqueeze(-1)
+            gl = g_lp[lo:hi].unsqueeze(-1)
+            g = -gh * p * centred - gl * p
+            hit = gl * in_shard[lo:hi].unsqueeze(-1).to(dtype)  # 1[v = y] on the owning rank
+            g.scatter_add_(-1, local[lo:hi].unsqueeze(-1), hit)
+            grad[lo:hi] = (g / t).to(logits.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def vocab_parallel_entropy_and_logprob(
+    logits_shard: Tensor,
+    tokens: Tensor,
+    vocab_start: int,
+    tp_group: dist.ProcessGroup | None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_rows: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """Entropy and sampled-token log-prob of softmax(logits / T) over a TP-sharded vocab.
+
+    Args:
+        logits_shard: [N, V_local] this rank's columns (any float dtype).
+        tokens: [N] int64 *global* token ids.
+        vocab_start: first global id of this rank's columns.
+        tp_group: the tensor-parallel group (None: unsharded, no communication).
+        temperature: sampling temperature T > 0.
+        vocab_size: true vocabulary size; ids >= it (padding) are excluded.
+        chunk_rows: rows per chunk (bounds scratch memory).
+    Returns:
+        (entropy [N], logprob [N]) in nats, fp32 (fp64 for fp64 logits); the same on all
+        TP ranks; differentiable w.r.t. `logits_shard`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits_shard.dim() != 2 or tokens.shape != logits_shard.shape[:1]:
+        raise ValueError(
+            f"logits_shard {tuple(logits_shard.shape)} must be [N, V_local] with tokens [N], got {tuple(tokens.shape)}"
+        )
+    vocab_size = 1 << 62 if vocab_size is None else int(vocab_size)
+    return _VocabParallelEntropyLogprob.apply(
+        logits_shard,
+        tokens.long(),
+        int(vocab_start),
+        vocab_size,
+        tp_group,
+        float(temperature),
+        max(1, int(chunk_rows)),
+    )
 
 
 def entropy_and_logprob(
     logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_rows: int = 2048
 ) -> tuple[Tensor, Tensor]:
-    """Entropy of softmax(logits / T) and the log-prob of `tokens` under it.
+    """Entropy of softmax(logits / T) and the log-prob of `tokens` under it (unsharded).
 
     Args:
         logits: [..., V] any float dtype.
@@ -88,16 +164,19 @@ def entropy_and_logprob(
         temperature: the rollout sampling temperature T (> 0).
         chunk_rows: rows processed at once; bounds the fp32 scratch memory.
     Returns:
-        (entropy, logprob), each [...] float32 (float64 for float64 logits), in nats. Differentiable w.r.t. logits.
+        (entropy, logprob), each [...] float32 (float64 for float64 logits), in nats.
+        Differentiable w.r.t. logits.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} differ")
     lead = tokens.shape
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_tokens = tokens.reshape(-1).long()
-    entropy, logprob = _EntropyLogprob.apply(
-        flat_logits, flat_tokens, float(temperature), max(1, int(chunk_rows))
+    entropy, logprob = vocab_parallel_entropy_and_logprob(
+        logits.reshape(-1, logits.shape[-1]),
+        tokens.reshape(-1),
+        0,
+        None,
+        temperature,
+        None,
+        chunk_rows,
     )
     return entropy.reshape(lead), logprob.reshape(lead)

@@ -1,123 +1,99 @@
-"""Build a megatron-core GPTModel for a Qwen2/Qwen3 `ModelShape`.
+"""Build a megatron-core GPTModel for a Qwen2/Qwen3 `ModelShape` from the config's
+`model` and `parallel` sections (read directly; no copy of them).
 
-Layer spec: megatron's local spec by default; the Transformer Engine spec when TE is
-importable and `ModelOptions.transformer_impl == "transformer_engine"` (required for
-FP8). `choose_layer_spec` holds the selection logic as a pure function so that it can
-be tested where TE is not installed.
+Every choice the builder makes is taken once, by `resolve_build_choices`, a pure
+function of those sections and the machine (Transformer Engine version, GPU compute
+capability, CUDA or not), so that `archer plan` sizes exactly what gets built:
+
+- precision: `model/fp8.py`'s `choose_precision` (the layer spec, the FP8 recipe and
+  FP8 parameter all-gather, with its fallbacks);
+- sequence parallelism: `parallel.sequence_parallel` at TP > 1 (an error at TP = 1);
+- the multiple micro-batch lengths are padded to: TP under sequence parallelism (the
+  sequence is split across TP ranks) times 16 under FP8 (TE's FP8 GEMMs need token
+  counts that are multiples of 16);
+- the parameter dtype (`model.params_dtype`, auto: bf16 on GPU, fp32 on CPU).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from archer_mcore.config import ModelConfig, ParallelConfig
+from archer_mcore.model.fp8 import PrecisionChoices, choose_precision, detect_environment, warn_once
 from archer_mcore.model.hf_config import ModelShape
 
-TransformerImpl = Literal["local", "transformer_engine"]
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_TOKEN_MULTIPLE = 16  # TE FP8 GEMMs: the token dimension must be a multiple of 16
 
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """How to instantiate the model (not what the model is).
+class BuildChoices:
+    """What the builder does for a config on a machine (see the module docstring)."""
 
-    params_dtype: parameter dtype (bf16 on GPU, fp32 on CPU by default).
-    recompute: None, "full" (every layer, uniform) or "selective" (core attention).
-    fp8: None, "e4m3" or "hybrid"; needs the TE spec. fp8_recipe: None = pick by GPU.
-    """
-
-    transformer_impl: TransformerImpl = "local"
-    params_dtype: torch.dtype | None = None
-    recompute: Literal["full", "selective"] | None = None
-    fp8: Literal["e4m3", "hybrid"] | None = None
-    fp8_recipe: str | None = None
-    make_vocab_size_divisible_by: int = 128
-    seq_length: int | None = None
+    precision: PrecisionChoices
+    sequence_parallel: bool
+    seq_multiple: int
+    params_dtype: torch.dtype
 
 
-@dataclass(frozen=True)
-class SpecChoice:
-    """Which layer spec, and with which FP8 recipe (None = no FP8)."""
-
-    spec: Literal["local", "transformer_engine"]
-    fp8: str | None
-    fp8_recipe: str | None
-
-
-def te_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def choose_layer_spec(
-    opts: ModelOptions, te_importable: bool, gpu_capability: tuple[int, int] | None
-) -> SpecChoice:
-    """Pure selection logic.
-
-    - TE requested and importable -> TE spec; requested but missing -> local spec with a
-      warning (bf16 training still works), unless FP8 was asked for: that is an error.
-    - FP8 recipe: the explicit one if given; else "mxfp8" on Blackwell (sm 10.x, where
-      TE's MXFP8 is native), "delayed" on Hopper/Ada, and an error on older GPUs or CPU.
-    """
-    if opts.fp8 is not None and opts.transformer_impl != "transformer_engine":
-        raise ValueError("fp8 needs transformer_impl='transformer_engine'")
-    if opts.transformer_impl == "local":
-        return SpecChoice("local", None, None)
-    if opts.transformer_impl != "transformer_engine":
+def resolve_build_choices(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    te_version: str | None,
+    device_capability: tuple[int, int] | None,
+    cuda: bool,
+) -> BuildChoices:
+    """Pure: the builder's choices for these sections on a machine described by the TE
+    version (None: not installed), the GPU capability (None: no GPU) and `cuda`."""
+    tp = parallel.tensor_model_parallel_size
+    if parallel.sequence_parallel and tp == 1:
         raise ValueError(
-            f"transformer_impl {opts.transformer_impl!r}: use 'local' or 'transformer_engine'"
+            "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1 "
+            "(it splits the sequence across tensor-parallel ranks)"
         )
-    if not te_importable:
-        if opts.fp8 is not None:
-            raise RuntimeError("fp8 was requested but transformer_engine is not importable")
-        warnings.warn(
-            "transformer_impl='transformer_engine' but transformer_engine is not importable; "
-            "using the local spec",
-            stacklevel=2,
-        )
-        return SpecChoice("local", None, None)
-    if opts.fp8 is None:
-        return SpecChoice("transformer_engine", None, None)
-    if opts.fp8_recipe is not None:
-        if opts.fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"fp8_recipe {opts.fp8_recipe!r}: choose one of {FP8_RECIPES}")
-        return SpecChoice("transformer_engine", opts.fp8, opts.fp8_recipe)
-    if gpu_capability is None or gpu_capability < (8, 9):
-        raise RuntimeError(f"fp8 needs a GPU with compute capability >= 8.9, got {gpu_capability}")
-    recipe = "mxfp8" if gpu_capability[0] >= 10 else "delayed"
-    return SpecChoice("transformer_engine", opts.fp8, recipe)
+    precision = choose_precision(
+        model.fp8,
+        model.transformer_impl,
+        parallel.use_distributed_optimizer,
+        te_version,
+        device_capability,
+    )
+    sp = parallel.sequence_parallel
+    multiple = (tp if sp else 1) * (FP8_TOKEN_MULTIPLE if precision.fp8_enabled else 1)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtype = dtypes.get(model.params_dtype, torch.bfloat16 if cuda else torch.float32)
+    return BuildChoices(precision, sp, multiple, dtype)
 
 
-def _gpu_capability() -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+def choices_on_this_machine(model: ModelConfig, parallel: ParallelConfig) -> BuildChoices:
+    """`resolve_build_choices` with this machine's TE, GPU and CUDA."""
+    te_version, capability = detect_environment()
+    return resolve_build_choices(model, parallel, te_version, capability, torch.cuda.is_available())
 
 
-def transformer_config(shape: ModelShape, opts: ModelOptions, choice: SpecChoice, pp: int = 1):
-    """megatron TransformerConfig for the shape; TP/PP sizes come from parallel_state."""
-    from megatron.core import parallel_state
+def transformer_config(
+    shape: ModelShape, model: ModelConfig, choices: BuildChoices, tp: int, pp: int
+) -> Any:
+    """megatron's TransformerConfig for the shape (TP/PP sizes as given)."""
     from megatron.core.transformer import TransformerConfig
 
-    dtype = opts.params_dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    dtype = choices.params_dtype
     if shape.num_kv_heads % tp != 0:
         raise ValueError(f"num_key_value_heads {shape.num_kv_heads} is not divisible by tp={tp}")
     if shape.num_layers % pp != 0:
         raise ValueError(f"num_hidden_layers {shape.num_layers} is not divisible by pp={pp}")
     on_gpu = torch.cuda.is_available()
-    kw: dict = {}
-    if opts.recompute == "full":
+    kw: dict[str, Any] = {}
+    if model.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif opts.recompute == "selective":
+    elif model.recompute == "selective":
         kw.update(recompute_granularity="selective")
-    elif opts.recompute is not None:
-        raise ValueError(f"recompute {opts.recompute!r}: use None, 'full' or 'selective'")
-    if choice.fp8 is not None:
-        kw.update(fp8=choice.fp8, fp8_recipe=choice.fp8_recipe)
+    elif model.recompute != "none":
+        raise ValueError(f"model.recompute {model.recompute!r}: use none, selective or full")
+    kw.update(choices.precision.transformer_config_kwargs())
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -127,6 +103,7 @@ def transformer_config(shape: ModelShape, opts: ModelOptions, choice: SpecChoice
         kv_channels=shape.head_dim,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        sequence_parallel=choices.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -154,29 +131,113 @@ def transformer_config(shape: ModelShape, opts: ModelOptions, choice: SpecChoice
     )
 
 
-def layer_spec(shape: ModelShape, choice: SpecChoice):
-    from megatron.core.models.gpt import gpt_layer_specs as specs
+def ddp_config(choices: BuildChoices, parallel: ParallelConfig) -> Any:
+    """megatron's DistributedDataParallelConfig (FP8 parameter gather from the same
+    precision choice as the TransformerConfig)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    if choice.spec == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=shape.qk_norm, normalization="RMSNorm")
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        **choices.precision.ddp_config_kwargs(),
+    )
 
 
-def build_gpt_model(shape: ModelShape, opts: ModelOptions | None = None):
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for megatron's local layer spec under sequence parallelism.
+
+    megatron-core 0.16.1's local spec builds RMSNorm as `WrappedTorchNorm`
+    (megatron/core/models/backends.py, `LocalSpecProvider.layer_norm`), which refuses
+    `config.sequence_parallel` (megatron/core/transformer/torch_norm.py). This is the
+    same computation; its weight is marked `sequence_parallel`, so that megatron's
+    `finalize_model_grads` (`_allreduce_non_tensor_model_parallel_grads`) sums its
+    gradient over the TP group: under SP each rank normalises only its slice of the
+    sequence. Constructor arguments as `WrappedTorchNorm`'s."""
+
+    def __init__(
+        self,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ) -> None:
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"only RMSNorm is handled here, got {config.normalization}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def _replace_module(spec: Any, old: type, new: type) -> Any:
+    """A copy of a megatron ModuleSpec / submodules dataclass tree with `old` -> `new`."""
+    import dataclasses
+
+    if spec is old:
+        return new
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {
+            f.name: _replace_module(getattr(spec, f.name), old, new)
+            for f in dataclasses.fields(spec)
+        }
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+def layer_spec_for(choices: BuildChoices, shape: ModelShape, config: Any) -> Any:
+    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec under
+    sequence parallelism, a whole-block spec whose torch RMSNorms (layers, q/k norms,
+    the final norm) are `SequenceParallelRMSNorm`."""
+    spec = choices.precision.build_layer_spec(shape.qk_norm)
+    if choices.precision.spec != "local" or not choices.sequence_parallel:
+        return spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = _replace_module(spec, WrappedTorchNorm, SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_norm=SequenceParallelRMSNorm,
+    )
+
+
+def build_gpt_model(
+    shape: ModelShape,
+    model: ModelConfig | None = None,
+    parallel: ParallelConfig | None = None,
+    choices: BuildChoices | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    seq_length: int | None = None,
+) -> tuple[Any, Any, BuildChoices]:
     """One GPTModel chunk for this process's pipeline stage (model-parallel state must be
-    initialised). Returns (model, TransformerConfig, SpecChoice)."""
+    initialised, with TP/PP as `parallel` says). Returns (model, TransformerConfig,
+    BuildChoices); `choices` default: `choices_on_this_machine`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    opts = opts or ModelOptions()
-    choice = choose_layer_spec(opts, te_available(), _gpu_capability())
-    config = transformer_config(shape, opts, choice)
+    model = model or ModelConfig()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = GPTModel(
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if parallel is None:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) != (tp, pp):
+        raise ValueError(
+            f"parallel says TP{parallel.tensor_model_parallel_size} "
+            f"PP{parallel.pipeline_model_parallel_size}; megatron's groups are TP{tp} PP{pp}"
+        )
+    if choices is None:
+        choices = choices_on_this_machine(model, parallel)
+    warn_once(choices.precision)
+    config = transformer_config(shape, model, choices, tp, pp)
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape, choice),
-        vocab_size=shape.padded_vocab_size(tp, opts.make_vocab_size_divisible_by),
-        max_sequence_length=opts.seq_length or shape.max_position_embeddings,
+        transformer_layer_spec=layer_spec_for(choices, shape, config),
+        vocab_size=shape.padded_vocab_size(tp, make_vocab_size_divisible_by),
+        max_sequence_length=seq_length or shape.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
@@ -186,5 +247,34 @@ def build_gpt_model(shape: ModelShape, opts: ModelOptions | None = None):
         rotary_base=int(shape.rope_theta),
     )
     if torch.cuda.is_available():
-        model = model.cuda(torch.cuda.current_device())
-    return model, config, choice
+        gpt = gpt.cuda(torch.cuda.current_device())
+    return gpt, config, choices
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The last stage's output weight [V_pad / tp, H]: the shared embedding when the
+    embeddings are tied, else the output layer's."""
+    if getattr(model, "share_embeddings_and_output_weights", False):
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def return_hidden_states(model: torch.nn.Module) -> None:
+    """Make a last-stage GPTModel return its final hidden states [b, s, H] (after the
+    final norm) where it returned logits: the output layer's forward becomes "hand the
+    input over", so no logits are computed (its weight stays a parameter of the model,
+    for the caller to use with `output_weight`). Under sequence parallelism the
+    hidden states are all-gathered along the sequence (backward: each rank keeps its
+    own slice; the caller all-reduces the gradient over TP, which together make the
+    reduce-scatter megatron's output layer would do)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = model.output_layer
+    sequence_parallel = bool(getattr(layer, "sequence_parallel", False))
+
+    def hand_over(input_, weight=None, runtime_gather_output=None):
+        if sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
+        return input_, None
+
+    layer.forward = hand_over

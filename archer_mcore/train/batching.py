@@ -84,18 +84,25 @@ class MicroBatchPlan:
 
 
 def plan_microbatches(
-    seq_lengths: Tensor, token_budget: int, max_rows: int | None = None
+    seq_lengths: Tensor,
+    token_budget: int,
+    max_rows: int | None = None,
+    seq_multiple: int = 1,
 ) -> MicroBatchPlan:
     """Greedy token-budget packing: rows sorted by length (longest first) are added to
-    the current micro-batch while rows x longest <= token_budget (a row longer than
-    the budget gets a micro-batch of its own). Deterministic, so every pipeline stage
-    forms the same micro-batches."""
+    the current micro-batch while rows x padded length <= token_budget (a row longer
+    than the budget gets a micro-batch of its own). Each micro-batch's length is the
+    longest row's rounded up to a multiple of `seq_multiple` (TP under sequence
+    parallelism, x16 under FP8). Deterministic, so every pipeline stage forms the same
+    micro-batches."""
+    if seq_multiple < 1:
+        raise ValueError(f"seq_multiple must be >= 1, got {seq_multiple}")
     order = torch.argsort(seq_lengths, descending=True, stable=True)
     plan = MicroBatchPlan()
     cur: list[int] = []
     cur_len = 0
     for i in order.tolist():
-        n = int(seq_lengths[i])
+        n = -(-int(seq_lengths[i]) // seq_multiple) * seq_multiple
         new_len = max(cur_len, n)
         full = max_rows is not None and len(cur) >= max_rows
         if cur and (new_len * (len(cur) + 1) > token_budget or full):
@@ -113,11 +120,16 @@ def plan_microbatches(
 def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBatch]:
     """MicroBatches whose extras hold, for the loss, [b, Lm] tensors:
     ``resp_pos`` (logit position predicting each response token), ``targets``,
-    ``mask``, and the batch's per-token inputs restricted to these rows."""
+    ``mask``, and the batch's per-token inputs restricted to these rows. A planned
+    length beyond the batch's width is right-padded with token 0 (causal attention:
+    padding never changes the outputs at valid positions)."""
     lengths = batch.response_lengths()
     out = []
     for rows, seq_len in zip(plan.rows, plan.lengths):
-        ids = batch.input_ids[rows, :seq_len].contiguous()
+        ids = batch.input_ids[rows, :seq_len]
+        if ids.shape[1] < seq_len:
+            ids = torch.nn.functional.pad(ids, (0, seq_len - ids.shape[1]))
+        ids = ids.contiguous()
         lm = max(1, int(lengths[rows].max()))
         j = torch.arange(lm).unsqueeze(0)
         p = batch.prompt_lengths[rows].unsqueeze(1)

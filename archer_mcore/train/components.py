@@ -396,42 +396,22 @@ class Components:
 
 
 def _policy_config(cfg: Config) -> Any:
-    from archer_mcore.model.build import ModelOptions
-    from archer_mcore.train.policy import OptimConfig, PolicyConfig
+    """The policy's settings: its config sections whole, plus what it needs from the
+    rest (seed, rollout temperature, whether the loss needs a reference, LR decay span)."""
+    from archer_mcore.train.policy import PolicyConfig
 
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[
-        cfg.model.params_dtype
-    ]
-    o = cfg.optimizer
     a = cfg.algorithm
+    t = cfg.train
     needs_ref = a.kl_coef > 0 or (a.token_rule == "archer" and a.reasoning_kl_coef > 0)
     return PolicyConfig(
-        tp=cfg.parallel.tensor_model_parallel_size,
-        pp=cfg.parallel.pipeline_model_parallel_size,
-        seed=cfg.train.seed,
-        model=ModelOptions(
-            transformer_impl=cfg.model.transformer_impl,
-            params_dtype=dtype,
-            recompute=None if cfg.model.recompute == "none" else cfg.model.recompute,
-        ),
-        optim=OptimConfig(
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
-            warmup_steps=o.lr_warmup_steps,
-            decay_steps=cfg.train.steps
-            * cfg.train.ppo_epochs
-            * (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts),
-            decay_style=o.lr_schedule,
-            distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        ),
-        micro_batch_tokens=cfg.parallel.micro_batch_tokens,
+        model=cfg.model,
+        parallel=cfg.parallel,
+        optimizer=cfg.optimizer,
+        kernels=cfg.kernels,
+        seed=t.seed,
         temperature=cfg.rollout.temperature,
         with_reference=needs_ref,
+        lr_decay_steps=t.steps * t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts),
     )
 
 

@@ -1,16 +1,19 @@
 """The Megatron policy: what the RL loop calls to score and update the model.
 
-    policy = MegatronPolicy.from_hf(hf_dir, PolicyConfig(tp=2, pp=1, ...))
+    policy = MegatronPolicy.from_hf(hf_dir, PolicyConfig(model=cfg.model, parallel=..., ...))
     logp, ent = policy.compute_logprobs(batch)            # old log-probs, forward only
     ref = policy.compute_ref_logprobs(batch)              # frozen reference (KL)
     metrics = policy.train_step(batch_with_old_adv_ref, loss_cfg)
     for bucket in policy.export_hf_buckets(bucket_bytes): ...   # rollout weight sync
     policy.save_checkpoint(dir, extra_state) / policy.load_checkpoint(dir) -> extra_state
 
-SPMD: every rank calls every method. A `PolicyBatch` passed in is this data-parallel
-rank's share (`policy.dp_rank` / `policy.dp_size` say which); ranks of one
-model replica (its TP x PP ranks) must pass the same batch. Results come back on
-every rank. Shapes are documented on `PolicyBatch`.
+SPMD: every rank calls every method. The scoring passes (`compute_logprobs`,
+`compute_ref_logprobs`) take the whole batch, the same on every rank, and shard it
+over data parallelism themselves (each DP rank runs the forward over 1/dp of the rows;
+the results are all-gathered). `train_step` takes this data-parallel rank's share
+(`policy.dp_rank` / `policy.dp_size` say which); ranks of one model replica (its
+TP x PP ranks) must pass the same batch. Results come back on every rank. Shapes are
+documented on `PolicyBatch`.
 
 Gradient accumulation: micro-batches are formed by a token budget; each micro-batch
 loss is sum-of-terms / N_global * dp (N_global = the mini-batch's units across all
@@ -33,13 +36,22 @@ from torch import Tensor
 
 from archer_mcore.algo.losses import LossConfig, policy_loss
 from archer_mcore.algo.token_groups import forking_k
-from archer_mcore.model.build import ModelOptions, build_gpt_model
+from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from archer_mcore.model.build import (
+    BuildChoices,
+    build_gpt_model,
+    ddp_config,
+    output_weight,
+    resolve_build_choices,
+    return_hidden_states,
+)
+from archer_mcore.model.fp8 import detect_environment
 from archer_mcore.model.hf_config import ModelShape, shape_from_hf_config
 from archer_mcore.model.hf_io import HFCheckpointReader
 from archer_mcore.model.pipeline import MicroBatch, run_microbatches
 from archer_mcore.model.weights import NamedTensors, iter_hf_buckets, load_hf_weights, unwrap
 from archer_mcore.parallel.distributed import init_distributed
-from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+from archer_mcore.train import kernel_dispatch
 from archer_mcore.train.batching import (
     PolicyBatch,
     build_microbatches,
@@ -49,37 +61,61 @@ from archer_mcore.train.batching import (
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """Adam + LR schedule. decay_style: constant | linear | cosine (over decay_steps)."""
+class PolicyConfig:
+    """The policy's settings: the config sections it reads, embedded whole (no copies
+    of their fields), plus what comes from elsewhere in the config.
 
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_steps: int | None = None
-    decay_style: str = "constant"
-    distributed_optimizer: bool = True
+    model, parallel, optimizer, kernels: the `Config` sections of those names
+        (parallel.micro_batch_tokens: the token budget of one micro-batch, rows x
+        padded length; optimizer.lr_schedule decays over `lr_decay_steps`).
+    seed: initialisation seed. temperature: the rollout temperature the log-probs and
+    entropies are computed at. with_reference: keep a frozen reference copy (KL).
+    lr_decay_steps: optimizer steps of the LR decay (None: no decay within the run).
+    logprob_chunk_rows: rows per chunk of the torch entropy/log-prob reference.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    seed: int = 1234
+    temperature: float = 1.0
+    with_reference: bool = True
+    lr_decay_steps: int | None = None
+    logprob_chunk_rows: int = 4096
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.parallel.pipeline_model_parallel_size
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """tp/pp: model-parallel sizes (dp = world / (tp * pp)). micro_batch_tokens: the
-    token budget of one micro-batch (rows x padded length). temperature: the rollout
-    temperature the log-probs and entropies are computed at."""
+class PolicyChoices:
+    """Everything the policy decides from its config and the machine: the model
+    builder's choices and the kernel path. `archer plan` uses the same function."""
 
-    tp: int = 1
-    pp: int = 1
-    seed: int = 1234
-    model: ModelOptions = field(default_factory=ModelOptions)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch_tokens: int = 8192
-    temperature: float = 1.0
-    with_reference: bool = True
-    logprob_chunk_rows: int = 4096
+    build: BuildChoices
+    kernel_path: kernel_dispatch.KernelPath
+
+
+def resolve_policy_choices(
+    cfg: PolicyConfig,
+    te_version: str | None,
+    device_capability: tuple[int, int] | None,
+    cuda: bool,
+    triton_compiles: bool | None = None,
+) -> PolicyChoices:
+    """Pure given its arguments (`triton_compiles` None: ask triton)."""
+    return PolicyChoices(
+        resolve_build_choices(cfg.model, cfg.parallel, te_version, device_capability, cuda),
+        kernel_dispatch.resolve_kernel_path(
+            cfg.kernels.mode, cfg.kernels.fused_lm_head, cuda, triton_compiles
+        ),
+    )
 
 
 def _ps():
@@ -104,32 +140,37 @@ class MegatronPolicy:
     def __init__(
         self, shape: ModelShape, cfg: PolicyConfig, hf_dir: str | Path | None = None
     ) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.shape, self.cfg = shape, cfg
-        model, self.config, self.spec_choice = build_gpt_model(shape, cfg.model)
+        self.choices = resolve_policy_choices(cfg, *detect_environment(), torch.cuda.is_available())
+        self.kernel_path = self.choices.kernel_path
+        kernel_dispatch.say_once(self.kernel_path)
+        build = self.choices.build
+        model, self.config, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
         if hf_dir is not None:
             load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
         self.reference = None
         if cfg.with_reference:
-            ref, _, _ = build_gpt_model(shape, cfg.model)
+            ref, _, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
             self.reference = ref
+        if self.kernel_path.fused_lm_head and _ps().is_pipeline_last_stage():
+            # The last stage hands over its final hidden states; the fused LM head
+            # makes the entropies and log-probs from them and the output weight.
+            for m in (model, self.reference):
+                if m is not None:
+                    return_hidden_states(m)
 
-        o = cfg.optim
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=o.distributed_optimizer,
+        o = cfg.optimizer
+        dist_opt = cfg.parallel.use_distributed_optimizer
+        self.ddp_config = ddp_config(build, cfg.parallel)
+        self.model = DistributedDataParallel(
+            config=self.config, ddp_config=self.ddp_config, module=model
         )
-        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=model)
         self.model.broadcast_params()  # data-parallel replicas start identical (random init)
         dtype = self.config.params_dtype
         opt_cfg = OptimizerConfig(
@@ -144,18 +185,19 @@ class MegatronPolicy:
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             params_dtype=dtype,
-            use_distributed_optimizer=o.distributed_optimizer,
+            use_distributed_optimizer=dist_opt,
         )
         self.optimizer = get_megatron_optimizer(opt_cfg, [self.model])
-        decay = o.decay_steps if o.decay_steps is not None else 10**9
+        decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else 10**9
+        warmup = o.lr_warmup_steps
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+            init_lr=0.0 if warmup > 0 else o.lr,
             max_lr=o.lr,
             min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=max(decay, o.warmup_steps + 1),
-            lr_decay_style=o.decay_style,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(decay, warmup + 1),
+            lr_decay_style=o.lr_schedule,
             start_wd=o.weight_decay,
             end_wd=o.weight_decay,
             wd_incr_steps=1,
@@ -165,6 +207,7 @@ class MegatronPolicy:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.step = 0
+        self.scored_rows = 0  # rows this rank has run a scoring forward over (diagnostics)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -195,9 +238,7 @@ class MegatronPolicy:
 
     def _vocab_start(self) -> int:
         ps = _ps()
-        v_local = self.shape.padded_vocab_size(
-            ps.get_tensor_model_parallel_world_size(), self.cfg.model.make_vocab_size_divisible_by
-        )
+        v_local = self.shape.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
         return (
             ps.get_tensor_model_parallel_rank()
             * v_local
@@ -205,24 +246,52 @@ class MegatronPolicy:
         )
 
     # ------------------------------------------------------------ scoring
-    def _token_stats(self, logits: Tensor, mb: MicroBatch) -> tuple[Tensor, Tensor]:
-        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens."""
+    def _token_stats(
+        self, out: Tensor, mb: MicroBatch, model: torch.nn.Module
+    ) -> tuple[Tensor, Tensor]:
+        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens.
+
+        `out` is the last stage's output [b, s, X]: the vocab-parallel logits
+        (X = V_pad / tp), or with `kernels.fused_lm_head` the final hidden states
+        (X = H), which go with the output weight [V_pad / tp, H] of `model` through the
+        fused LM head. `self.kernel_path.mode` picks the Triton kernel or the torch
+        reference."""
         pos, targets = mb.extras["resp_pos"], mb.extras["targets"]
         b, lm = pos.shape
-        rows = logits.gather(1, pos.to(logits.device).unsqueeze(-1).expand(b, lm, logits.shape[-1]))
-        ent, lp = vocab_parallel_entropy_and_logprob(
-            rows.reshape(b * lm, -1),
-            targets.reshape(-1).to(logits.device),
-            self._vocab_start(),
-            _ps().get_tensor_model_parallel_group(),
-            self.cfg.temperature,
-            self.shape.vocab_size,
-            self.cfg.logprob_chunk_rows,
-        )
+        rows = out.gather(1, pos.to(out.device).unsqueeze(-1).expand(b, lm, out.shape[-1]))
+        rows = rows.reshape(b * lm, -1)
+        targets = targets.reshape(-1).to(out.device)
+        group = _ps().get_tensor_model_parallel_group()
+        path = self.kernel_path
+        if path.fused_lm_head:
+            ent, lp = kernel_dispatch.lm_head_entropy_and_logprob(
+                rows,
+                output_weight(unwrap(model)),
+                targets,
+                self.cfg.temperature,
+                tp_group=group,
+                vocab_start=self._vocab_start(),
+                vocab_size=self.shape.vocab_size,
+                mode=path.mode,
+            )
+        else:
+            ent, lp = kernel_dispatch.vocab_parallel_entropy_and_logprob(
+                rows,
+                targets,
+                self._vocab_start(),
+                group,
+                self.cfg.temperature,
+                self.shape.vocab_size,
+                mode=path.mode,
+                chunk_rows=self.cfg.logprob_chunk_rows,
+            )
         return ent.reshape(b, lm), lp.reshape(b, lm)
 
     def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
-        plan = plan_microbatches(batch.seq_lengths(), self.cfg.micro_batch_tokens)
+        multiple = self.choices.build.seq_multiple
+        plan = plan_microbatches(
+            batch.seq_lengths(), self.cfg.parallel.micro_batch_tokens, seq_multiple=multiple
+        )
         return build_microbatches(batch, plan)
 
     def _broadcast_from_last_stage(self, tensors: list[Tensor]) -> None:
@@ -234,11 +303,13 @@ class MegatronPolicy:
                 dist.broadcast(t, group=group, group_src=src)
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+    def _score_rows(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """(logprob, entropy) [b, L] fp32 of every row of `batch`, on this rank (no
+        data-parallel split); the caller's device."""
         mbs = self._microbatches(batch)
 
         def collect(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb)
+            ent, lp = self._token_stats(logits, mb, model)
             return logits.new_zeros(()), {"entropy": ent, "logprob": lp}
 
         was_training = model.training
@@ -247,6 +318,7 @@ class MegatronPolicy:
             outs = run_microbatches(model, mbs, collect, forward_only=True)
         finally:
             model.train(was_training)
+        self.scored_rows += sum(mb.shape[0] for mb in mbs)
         shape = batch.response_mask.shape
         dev = _comm_device()
         logp = torch.zeros(shape, dtype=torch.float32, device=dev)
@@ -257,16 +329,44 @@ class MegatronPolicy:
             scatter_rows(logp, rows, torch.where(m, out["logprob"].to(dev), 0.0))
             scatter_rows(ent, rows, torch.where(m, out["entropy"].to(dev), 0.0))
         self._broadcast_from_last_stage([logp, ent])
+        return logp, ent
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """Score the whole batch (the same on every rank) with each data-parallel rank
+        running the forward over its rows only (rows dp_rank, dp_rank + dp, ...), then
+        all-gather the results over the data-parallel group."""
+        dp, r = self.dp_size, self.dp_rank
         out_dev = batch.input_ids.device
-        return logp.to(out_dev), ent.to(out_dev)
+        if dp == 1:
+            logp, ent = self._score_rows(model, batch)
+            return logp.to(out_dev), ent.to(out_dev)
+        b, length = batch.response_mask.shape
+        per = -(-b // dp)  # rows of the largest share
+        dev = _comm_device()
+        mine = torch.arange(r, b, dp)
+        buf = torch.zeros(2, per, length, dtype=torch.float32, device=dev)
+        if len(mine):  # every rank of this model replica has the same dp rank: all skip or none
+            logp, ent = self._score_rows(model, batch.rows(mine))
+            buf[0, : len(mine)], buf[1, : len(mine)] = logp, ent
+        parts = [torch.empty_like(buf) for _ in range(dp)]
+        dist.all_gather(parts, buf, group=_ps().get_data_parallel_group())
+        full = torch.zeros(2, b, length, dtype=torch.float32, device=dev)
+        for k, part in enumerate(parts):
+            rows = torch.arange(k, b, dp, device=dev)
+            full[:, rows] = part[:, : len(rows)]
+        return full[0].to(out_dev), full[1].to(out_dev)
 
     def compute_logprobs(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
         """Current-policy (logprob, entropy) [B, L] fp32 of the response tokens, zero at
-        invalid positions; forward only."""
+        invalid positions; forward only. `batch` is the whole batch, the same on every
+        rank: each data-parallel rank scores 1/dp of its rows and the results are
+        gathered, so every rank returns all B rows."""
         return self._score(self.model, batch)
 
     def compute_ref_logprobs(self, batch: PolicyBatch) -> Tensor:
-        """Frozen reference policy's log-probs [B, L] fp32."""
+        """Frozen reference policy's log-probs [B, L] fp32 (sharded like
+        `compute_logprobs`: pass the whole batch on every rank)."""
         if self.reference is None:
             raise RuntimeError("this policy was built with with_reference=False")
         return self._score(self.reference, batch)[0]
@@ -303,7 +403,7 @@ class MegatronPolicy:
         normalizer = max(units, 1.0) / self.dp_size
 
         def loss_fn(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb)
+            ent, lp = self._token_stats(logits, mb, self.model)
             x = {k: (v.to(lp.device) if isinstance(v, Tensor) else v) for k, v in mb.extras.items()}
             loss, metrics = policy_loss(
                 lp,

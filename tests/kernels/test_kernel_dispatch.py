@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archer_mcore.kernels import dispatch
 from archer_mcore.kernels import entropy_logprob as kernel1
 from kernel_reference64 import entropy_logprob64, rel_err, token_terms64
 
 from archer_mcore.algo.losses import TokenTerms
+from archer_mcore.train import kernel_dispatch as dispatch
 
 CPU = torch.device("cpu")
 
@@ -106,3 +106,49 @@ def test_token_terms_paths_match_float64(mode):
     for key in ("clipped_low", "clipped_high", "clipped_dual"):
         assert torch.equal(getattr(t, key), want[key])
     assert rel_err(logp.grad, lp64.grad) < 1e-5
+
+
+def test_kernel_path_resolution_and_auto_says_so_once(caplog):
+    r = dispatch.resolve_kernel_path
+    assert r("torch", False, cuda=True, compiles=True) == dispatch.KernelPath("torch", False)
+    assert r("triton", True, cuda=False) == dispatch.KernelPath("triton", True)
+    assert r("auto", False, cuda=True, compiles=True).mode == "triton"
+    assert r("auto", True, cuda=True, compiles=False).mode == "torch"
+    auto_cpu = r("auto", True, cuda=False)
+    assert (auto_cpu.mode, auto_cpu.fused_lm_head, auto_cpu.name) == (
+        "torch",
+        True,
+        "torch+lm_head",
+    )
+    with pytest.raises(ValueError, match="kernels.mode"):
+        r("fast", False, cuda=False)
+    dispatch._SAID.clear()
+    with caplog.at_level("INFO", logger=dispatch.log.name):
+        assert dispatch.say_once(auto_cpu) is True
+        assert dispatch.say_once(auto_cpu) is False  # once per process
+        assert dispatch.say_once(r("torch", False, cuda=False)) is False  # explicit: silent
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines == ["kernels.mode auto: torch path (no CUDA device)"]
+
+
+def test_kernels_package_imports_nothing_of_archer_mcore():
+    """kernels/ is leaf code: no import of archer_mcore outside archer_mcore.kernels."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.startswith("archer_mcore") and not n.startswith("archer_mcore.kernels")
+            ]
+    assert len(list(root.glob("*.py"))) >= 5
+    assert offenders == []

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from archer_mcore.kernels.dispatch import lm_head_entropy_and_logprob
 from archer_mcore.kernels.entropy_logprob import (
     entropy_and_logprob,
     vocab_parallel_entropy_and_logprob,
 )
 from archer_mcore.kernels.fused_lm_head import fused_lm_head_entropy_logprob
 from kernel_reference64 import entropy_logprob64, rel_err
+
+from archer_mcore.train.kernel_dispatch import lm_head_entropy_and_logprob
 
 N, V, H, T = 9, 130, 16, 0.9
 V_HEAD = 600

@@ -128,7 +128,7 @@ TASKS = {"parity": parity}
 
 def vocab_parallel(payload: dict[str, Any]) -> dict[str, Any]:
     """Entropy/log-prob and their gradients over a vocab split across the world (TP)."""
-    from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+    from archer_mcore.algo.entropy import vocab_parallel_entropy_and_logprob
 
     rank, world = dist.get_rank(), dist.get_world_size()
     logits = torch.tensor(payload["logits"], dtype=torch.float32)  # [N, V_pad]
@@ -174,16 +174,21 @@ def _policy_batch(d: dict[str, Any]):
     )
 
 
-def _policy_cfg(payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None):
-    from archer_mcore.model.build import ModelOptions
-    from archer_mcore.train.policy import OptimConfig, PolicyConfig
+def _policy_cfg(
+    payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None, sp: bool = False
+):
+    from archer_mcore.config import ModelConfig, OptimizerConfig, ParallelConfig
+    from archer_mcore.train.policy import PolicyConfig
 
     return PolicyConfig(
-        tp=tp,
-        pp=pp,
-        model=ModelOptions(recompute=recompute),
-        optim=OptimConfig(**payload["optim"]),
-        micro_batch_tokens=payload["micro_batch_tokens"],
+        model=ModelConfig(recompute=recompute or "none"),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sp,
+            micro_batch_tokens=payload["micro_batch_tokens"],
+        ),
+        optimizer=OptimizerConfig(**payload["optim"]),
         temperature=payload["temperature"],
         with_reference=True,
     )
@@ -211,8 +216,9 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tp, pp, recompute in payload["layouts"]:
         policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp, recompute))
-        batch = _dp_share(_policy_batch(payload["batch"]), policy.dp_rank, policy.dp_size)
-        batch = replace(batch, ref_logp=policy.compute_ref_logprobs(batch))
+        full = _policy_batch(payload["batch"])
+        full = replace(full, ref_logp=policy.compute_ref_logprobs(full))  # sharded over DP
+        batch = _dp_share(full, policy.dp_rank, policy.dp_size)
         metrics = policy.train_step(batch, loss_cfg)
         worst, worst_name = 0.0, ""
         names = 0
@@ -267,16 +273,20 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
 
     import archer_mcore.train.checkpoint as ckpt
     from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import OptimizerConfig, ParallelConfig
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
+    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
-        tp=payload["tp"],
-        pp=payload["pp"],
-        micro_batch_tokens=20,
-        optim=OptimConfig(
-            lr=1e-2, warmup_steps=2, decay_steps=6, decay_style="cosine", clip_grad=1.0
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=payload["tp"],
+            pipeline_model_parallel_size=payload["pp"],
+            micro_batch_tokens=20,
         ),
+        optimizer=OptimizerConfig(
+            lr=1e-2, lr_warmup_steps=2, lr_schedule="cosine", clip_grad=1.0, weight_decay=0.0
+        ),
+        lr_decay_steps=6,
     )
     policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
     loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean", kl_coef=0.01)
@@ -289,10 +299,10 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
     crash_at = payload.get("crash_during_save_of")
     for step in range(start, 4):
         batch = _step_batch(step, 100)
+        old, _ = policy.compute_logprobs(batch)  # the whole batch: sharded over DP inside
+        batch = replace(batch, old_logp=old, ref_logp=policy.compute_ref_logprobs(batch))
         per = batch.size // policy.dp_size
         batch = batch.rows(slice(policy.dp_rank * per, (policy.dp_rank + 1) * per))
-        old, _ = policy.compute_logprobs(batch)
-        batch = replace(batch, old_logp=old, ref_logp=policy.compute_ref_logprobs(batch))
         # Perturb the old log-probs (as a stale rollout policy would) so ratios clip.
         batch = replace(
             batch,
@@ -345,3 +355,182 @@ def full_then_crash(payload: dict[str, Any]) -> dict[str, Any]:
 
 TASKS["resume"] = resume
 TASKS["full_then_crash"] = full_then_crash
+
+
+def dp_scoring(payload: dict[str, Any]) -> dict[str, Any]:
+    """compute_logprobs / compute_ref_logprobs of the whole batch at TP=PP=1 on every
+    process of the world (so DP = world size): the gathered results and, per rank, how
+    many rows its model forwards saw (counted by a hook on the GPTModel itself)."""
+    from archer_mcore.train.policy import MegatronPolicy
+
+    policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, 1, 1))
+    seen = {"policy": 0, "reference": 0}
+
+    def counter(key: str):
+        def hook(_module, args, kwargs):
+            ids = args[0] if args else kwargs["input_ids"]
+            seen[key] += int(ids.shape[0])
+
+        return hook
+
+    policy.unwrapped().register_forward_pre_hook(counter("policy"), with_kwargs=True)
+    policy.reference.register_forward_pre_hook(counter("reference"), with_kwargs=True)
+    batch = _policy_batch(payload["batch"])
+    logp, ent = policy.compute_logprobs(batch)
+    ref = policy.compute_ref_logprobs(batch)
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, seen)
+    same = [torch.empty_like(logp) for _ in range(dist.get_world_size())]
+    dist.all_gather(same, logp)
+    return {
+        "dp": policy.dp_size,
+        "logprob": logp.tolist(),
+        "entropy": ent.tolist(),
+        "ref_logprob": ref.tolist(),
+        "rows_seen": rows,
+        "same_on_all_ranks": all(torch.equal(s, same[0]) for s in same),
+    }
+
+
+TASKS["dp_scoring"] = dp_scoring
+
+
+def kernel_paths(payload: dict[str, Any]) -> dict[str, Any]:
+    """For each TP size and kernel path (kernels.mode x kernels.fused_lm_head): the
+    log-probs and entropies of compute_logprobs, then one optimizer step's loss and
+    updated HF-named weights. Runs under TRITON_INTERPRET=1 (set by the test)."""
+    from dataclasses import replace
+
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import KernelsConfig
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy
+
+    loss_cfg = LossConfig(**payload["loss"])
+    full = _policy_batch(payload["batch"])
+    out: dict[str, Any] = {}
+    for tp in payload["tps"]:
+        for mode, fused in payload["paths"]:
+            cfg = replace(
+                _policy_cfg(payload, tp, 1), kernels=KernelsConfig(mode=mode, fused_lm_head=fused)
+            )
+            policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
+            logp, ent = policy.compute_logprobs(full)
+            batch = replace(full, ref_logp=policy.compute_ref_logprobs(full))
+            per = batch.size // policy.dp_size
+            share = batch.rows(slice(policy.dp_rank * per, (policy.dp_rank + 1) * per))
+            metrics = policy.train_step(share, loss_cfg)
+            weights = {n: t.tolist() for n, t in iter_hf_tensors(policy.model, policy.shape)}
+            probe = torch.zeros(3, 1, policy.shape.hidden_size)  # [s, b, H] into the head
+            width = policy.unwrapped().output_layer(probe)[0].shape[-1]
+            out[f"tp{tp}/{policy.kernel_path.name}"] = {
+                "head_output_width": width,
+                "logprob": logp.tolist(),
+                "entropy": ent.tolist(),
+                "loss": metrics["loss"],
+                "grad_norm": metrics["grad_norm"],
+                "weights": weights,
+            }
+    return out
+
+
+TASKS["kernel_paths"] = kernel_paths
+
+
+def sequence_parallel(payload: dict[str, Any]) -> dict[str, Any]:
+    """TP = world: with parallel.sequence_parallel off and on (and on with the fused LM
+    head's torch path): megatron's TransformerConfig flag, full logits of a batch of odd
+    length, compute_logprobs, and one optimizer step's loss and weights."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import KernelsConfig
+    from archer_mcore.model.pipeline import causal_positions
+    from archer_mcore.model.weights import iter_hf_tensors
+    from archer_mcore.train.policy import MegatronPolicy
+
+    tp = dist.get_world_size()
+    loss_cfg = LossConfig(**payload["loss"])
+    full = _policy_batch(payload["batch"])
+    out: dict[str, Any] = {}
+    for sp, fused in ((False, False), (True, False), (True, True)):
+        cfg = replace(
+            _policy_cfg(payload, tp, 1, sp=sp),
+            kernels=KernelsConfig(mode="torch", fused_lm_head=fused),
+        )
+        policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
+        ids = torch.tensor(payload["logits_ids"])  # [b, s], s a multiple of tp
+        with torch.no_grad():
+            logits = policy.reference(ids, causal_positions(ids), None) if not fused else None
+        logits = _gather_tp_vocab(logits) if logits is not None else None
+        logp, ent = policy.compute_logprobs(full)
+        batch = replace(full, ref_logp=policy.compute_ref_logprobs(full))
+        metrics = policy.train_step(batch, loss_cfg)
+        weights = {n: t.tolist() for n, t in iter_hf_tensors(policy.model, policy.shape)}
+        out[f"sp{int(sp)}" + ("_lm_head" if fused else "")] = {
+            "config_sequence_parallel": policy.config.sequence_parallel,
+            "seq_multiple": policy.choices.build.seq_multiple,
+            "logits": None if logits is None else logits.tolist(),
+            "logprob": logp.tolist(),
+            "entropy": ent.tolist(),
+            "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+            "weights": weights,
+            "tp": ps.get_tensor_model_parallel_world_size(),
+        }
+    return out
+
+
+TASKS["sequence_parallel"] = sequence_parallel
+
+
+def plan_agrees(payload: dict[str, Any]) -> dict[str, Any]:
+    """For each override set on the demo config: build the policy the way `archer train`
+    does (components._policy_config) and ask the planner for the same config on this
+    machine; report both sides' choices."""
+    import dataclasses
+
+    from archer_mcore import planner
+    from archer_mcore.config import load_config
+    from archer_mcore.model.fp8 import detect_environment
+    from archer_mcore.train.components import _policy_config
+    from archer_mcore.train.policy import MegatronPolicy
+
+    out: dict[str, Any] = {}
+    for name, overrides in payload["cases"].items():
+        cfg = load_config(payload["config"], overrides)
+        policy = MegatronPolicy.from_hf(payload["hf_config"], _policy_config(cfg))
+        planned = planner.resolved_choices(
+            cfg, *detect_environment(), cuda=torch.cuda.is_available(), triton_compiles=None
+        )
+        cluster = planner.Cluster(
+            nodes=1, gpus_per_node=dist.get_world_size(), gpu="h100", rollout_nodes=0
+        )
+        layout, _ = planner.layouts_from_config(cfg, cluster, choices=planned)
+        built = policy.choices
+        out[name] = {
+            "same_choices": planned == built,
+            "built": {
+                "sequence_parallel": policy.config.sequence_parallel,
+                "fp8": policy.config.fp8,
+                "fp8_param_gather": policy.ddp_config.fp8_param_gather,
+                "spec": built.build.precision.spec,
+                "kernel_path": built.kernel_path.name,
+                "seq_multiple": built.build.seq_multiple,
+                "logits_width": policy.unwrapped()
+                .output_layer(torch.zeros(2, 1, policy.shape.hidden_size))[0]
+                .shape[-1],
+            },
+            "planned": {
+                "sequence_parallel": layout.sequence_parallel,
+                "fp8": layout.fp8,
+                "logits_path": layout.logits_path,
+                "choices": repr(dataclasses.asdict(planned.build)),
+            },
+        }
+    return out
+
+
+TASKS["plan_agrees"] = plan_agrees

@@ -7,59 +7,39 @@ import pytest
 import torch
 from conftest import tiny_hf_config
 
-from archer_mcore.model.build import ModelOptions, SpecChoice, choose_layer_spec
+from archer_mcore.config import ModelConfig, ParallelConfig
+from archer_mcore.model.build import resolve_build_choices
 from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.model.weights import bucketize
 from archer_mcore.parallel import cpu_compat
 from archer_mcore.parallel.distributed import first_slurm_host, read_dist_env
 from archer_mcore.train.batching import PolicyBatch, build_microbatches, plan_microbatches
 
-TE = ModelOptions(transformer_impl="transformer_engine")
 
-
-# ------------------------------------------------------------ spec / recipe selection
-def test_local_spec_is_the_default_even_with_te_installed():
-    assert choose_layer_spec(ModelOptions(), True, (9, 0)) == SpecChoice("local", None, None)
-
-
-def test_te_spec_when_requested_and_importable():
-    assert choose_layer_spec(TE, True, (9, 0)) == SpecChoice("transformer_engine", None, None)
-
-
-def test_te_requested_but_missing_falls_back_to_local_with_warning():
-    with pytest.warns(UserWarning, match="not importable"):
-        assert choose_layer_spec(TE, False, None).spec == "local"
-
-
-@pytest.mark.parametrize(
-    "capability,recipe", [((9, 0), "delayed"), ((8, 9), "delayed"), ((10, 0), "mxfp8")]
-)
-def test_fp8_recipe_by_gpu_generation(capability, recipe):
-    opts = ModelOptions(transformer_impl="transformer_engine", fp8="hybrid")
-    assert choose_layer_spec(opts, True, capability) == SpecChoice(
-        "transformer_engine", "hybrid", recipe
+# ------------------------------------------------------------ the builder's choices
+def test_build_choices_sequence_parallel_padding_and_dtype():
+    """SP at TP>1 pads lengths to TP; FP8 (TE + Hopper) to 16 more; SP at TP=1 is an error."""
+    sp4 = ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True)
+    local = ModelConfig()
+    c = resolve_build_choices(local, sp4, None, None, cuda=False)
+    assert (c.sequence_parallel, c.seq_multiple, c.params_dtype) == (True, 4, torch.float32)
+    assert c.precision.spec == "local" and not c.precision.fp8_enabled
+    te_fp8 = ModelConfig(transformer_impl="transformer_engine", fp8="delayed")
+    c = resolve_build_choices(te_fp8, sp4, "2.8.0", (9, 0), cuda=True)
+    assert (c.seq_multiple, c.params_dtype, c.precision.fp8_recipe) == (
+        64,
+        torch.bfloat16,
+        "delayed",
     )
-
-
-def test_explicit_fp8_recipe_wins_and_bad_requests_fail():
-    opts = ModelOptions(transformer_impl="transformer_engine", fp8="e4m3", fp8_recipe="blockwise")
-    assert choose_layer_spec(opts, True, (10, 0)).fp8_recipe == "blockwise"
-    with pytest.raises(ValueError, match="fp8_recipe"):
-        choose_layer_spec(
-            ModelOptions(transformer_impl="transformer_engine", fp8="e4m3", fp8_recipe="nope"),
-            True,
-            (9, 0),
-        )
-    with pytest.raises(RuntimeError, match="not importable"):
-        choose_layer_spec(
-            ModelOptions(transformer_impl="transformer_engine", fp8="e4m3"), False, (9, 0)
-        )
-    with pytest.raises(RuntimeError, match="8.9"):
-        choose_layer_spec(
-            ModelOptions(transformer_impl="transformer_engine", fp8="e4m3"), True, (8, 0)
-        )
-    with pytest.raises(ValueError, match="transformer_engine"):
-        choose_layer_spec(ModelOptions(fp8="e4m3"), True, (9, 0))
+    c = resolve_build_choices(te_fp8, ParallelConfig(), "2.8.0", (9, 0), cuda=True)
+    assert (c.sequence_parallel, c.seq_multiple) == (False, 16)
+    # The same FP8 request without TE: megatron's local layers in BF16, no padding.
+    c = resolve_build_choices(te_fp8, ParallelConfig(), None, (9, 0), cuda=True)
+    assert (c.precision.spec, c.seq_multiple) == ("local", 1)
+    with pytest.raises(ValueError, match="parallel.sequence_parallel"):
+        resolve_build_choices(local, ParallelConfig(sequence_parallel=True), None, None, False)
+    with pytest.raises(ValueError, match="transformer_impl"):
+        resolve_build_choices(ModelConfig(fp8="delayed"), ParallelConfig(), "2.8", (9, 0), True)
 
 
 # ------------------------------------------------------------ CPU compatibility layer
@@ -185,6 +165,21 @@ def test_token_budget_plan_covers_every_row_once_and_keeps_padding_small():
     # A sequence longer than the budget still gets (its own) micro-batch.
     big = plan_microbatches(torch.tensor([700, 10, 10]), token_budget=512)
     assert [len(r) for r in big.rows] == [1, 2]
+
+
+def test_plan_pads_lengths_to_the_multiple_and_batches_are_padded_with_zeros():
+    plan = plan_microbatches(torch.tensor([13, 9, 4]), token_budget=32, seq_multiple=8)
+    # 13 -> 16 and 9 -> 16: two rows of 16 fill the budget; 4 -> 8 starts a new one.
+    assert [r.tolist() for r in plan.rows] == [[0, 1], [2]]
+    assert plan.lengths == [16, 8]
+    ids = torch.tensor([[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    batch = PolicyBatch(ids, torch.tensor([2, 1]), mask)
+    (mb,) = build_microbatches(batch, plan_microbatches(batch.seq_lengths(), 100, seq_multiple=4))
+    assert mb.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [4, 3, 0, 0, 0, 0, 0, 0]]
+    assert mb.extras["targets"][0].tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="seq_multiple"):
+        plan_microbatches(torch.tensor([3]), 10, seq_multiple=0)
 
 
 def test_microbatch_response_positions_by_hand():

@@ -1,5 +1,6 @@
-"""Vocab-parallel entropy/log-prob against the single-process torch reference
-(archer_mcore.algo.entropy) and a float64 gradient check."""
+"""The torch reference of entropy/log-prob (archer_mcore.algo.entropy), sharded and
+unsharded, against plain float64 autograd through torch.log_softmax, and a float64
+gradient check."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import pytest
 import torch
 from conftest import spawn
 
-from archer_mcore.algo.entropy import entropy_and_logprob
-from archer_mcore.parallel.vocab_parallel import vocab_parallel_entropy_and_logprob
+from archer_mcore.algo.entropy import vocab_parallel_entropy_and_logprob
 
 
 def _reference(logits: torch.Tensor, tokens: torch.Tensor, vocab: int, t: float, g_ent, g_lp):
-    """Reference on the unpadded columns; gradient zero on padding columns."""
-    z = logits.clone().requires_grad_(True)
-    ent, lp = entropy_and_logprob(z[:, :vocab], tokens, temperature=t)
-    ((ent * g_ent).sum() + (lp * g_lp).sum()).backward()
-    return ent.detach(), lp.detach(), z.grad
+    """float64 autograd on the unpadded columns (gradient zero on padding columns)."""
+    z = logits.double().clone().requires_grad_(True)
+    logp_all = torch.log_softmax(z[:, :vocab] / t, dim=-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ((ent * g_ent.double()).sum() + (lp * g_lp.double()).sum()).backward()
+    return ent.detach().float(), lp.detach().float(), z.grad.float()
 
 
 def test_unsharded_equals_reference_and_ignores_padding():

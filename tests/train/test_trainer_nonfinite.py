@@ -33,7 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from archer_mcore.algo.losses import LossConfig
 from archer_mcore.train.batching import with_fields
 from archer_mcore.train.batching import PolicyBatch
-from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
+from archer_mcore.config import OptimizerConfig
+from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
 out_dir = sys.argv[1]
 hf = AutoConfig.for_model("qwen3", vocab_size=50, hidden_size=32, intermediate_size=48,
@@ -42,7 +43,9 @@ hf = AutoConfig.for_model("qwen3", vocab_size=50, hidden_size=32, intermediate_s
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(hf).save_pretrained(out_dir + "/hf")
 
-cfg = PolicyConfig(optim=OptimConfig(lr=1e-3, clip_grad=1.0), with_reference=False)
+cfg = PolicyConfig(
+    optimizer=OptimizerConfig(lr=1e-3, clip_grad=1.0, weight_decay=0.0), with_reference=False
+)
 a = MegatronPolicy.from_hf(out_dir + "/hf", cfg)
 b = MegatronPolicy.from_hf(out_dir + "/hf", cfg, init_dist=False)
 

@@ -1,4 +1,9 @@
-"""Choose the fused Triton kernel or the torch reference for each fused operation.
+"""The policy side's choice between the fused Triton kernels and the torch reference.
+
+The kernels (`archer_mcore.kernels`, the repository's `kernels/` folder) are leaf code
+that imports nothing of archer_mcore; the choice of which implementation runs lives
+here, with their caller. `MegatronPolicy` resolves `kernels.mode` once
+(`resolve_kernel_path`) and passes the resolved mode to these functions.
 
 `mode` is one of:
 - "auto":   the Triton kernel for CUDA tensors (when triton compiles for this process),
@@ -16,6 +21,8 @@ Kernel modules are imported lazily, so the torch paths work without triton.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,13 +34,16 @@ from archer_mcore.algo import losses as torch_losses
 
 KernelMode = Literal["auto", "triton", "torch"]
 KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "torch")
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()
 
 
 def triton_compiles() -> bool:
     """True if triton is importable and builds compiled (not interpreted) kernels."""
     try:
-        from archer_mcore.kernels import entropy_logprob
         from triton.runtime.interpreter import InterpretedFunction
+
+        from archer_mcore.kernels import entropy_logprob
     except ImportError:
         return False
     return not isinstance(entropy_logprob._stats_kernel, InterpretedFunction)
@@ -46,6 +56,59 @@ def use_triton(mode: str, device: torch.device) -> bool:
     if mode == "auto":
         return device.type == "cuda" and triton_compiles()
     return mode == "triton"
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """How the policy turns its last stage's output into entropies and log-probs.
+
+    mode: "triton" or "torch" (resolved; never "auto").
+    fused_lm_head: True: the model's last stage hands over its final hidden states and
+        the (vocab-sharded) output weight goes to the fused LM-head function, so the
+        logits are never materialised (with mode "torch" the reference of that
+        function, which does materialise them). False: the model computes the
+        vocab-parallel logits and the entropy/log-prob function reads them.
+    reason: why auto picked what it picked ("" when the mode was explicit).
+    """
+
+    mode: Literal["triton", "torch"]
+    fused_lm_head: bool
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """torch | triton | torch+lm_head | triton+lm_head (for logs and benchmarks)."""
+        return self.mode + ("+lm_head" if self.fused_lm_head else "")
+
+
+def resolve_kernel_path(
+    mode: str, fused_lm_head: bool, cuda: bool, compiles: bool | None = None
+) -> KernelPath:
+    """Pure choice for `kernels.mode` / `kernels.fused_lm_head` on a machine with
+    (`cuda`) or without CUDA; `compiles`: whether triton builds compiled kernels in this
+    process (default: ask triton). auto: triton when CUDA is there and triton compiles,
+    torch otherwise."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels.mode must be one of {KERNEL_MODES}; got {mode!r}")
+    if mode != "auto":
+        return KernelPath(mode, bool(fused_lm_head))  # type: ignore[arg-type]
+    if not cuda:
+        return KernelPath("torch", bool(fused_lm_head), "no CUDA device")
+    if not (triton_compiles() if compiles is None else compiles):
+        return KernelPath("torch", bool(fused_lm_head), "triton cannot compile kernels here")
+    return KernelPath("triton", bool(fused_lm_head), "CUDA device with triton")
+
+
+def say_once(path: KernelPath, logger: logging.Logger = log) -> bool:
+    """Log, once per process, which path `kernels.mode: auto` took; True if logged now."""
+    if not path.reason:
+        return False
+    line = f"kernels.mode auto: {path.mode} path ({path.reason})"
+    if line in _SAID:
+        return False
+    _SAID.add(line)
+    logger.info(line)
+    return True
 
 
 def entropy_and_logprob(
@@ -76,6 +139,7 @@ def vocab_parallel_entropy_and_logprob(
     *,
     inplace_backward: bool = False,
     mode: str = "auto",
+    chunk_rows: int = 4096,
 ) -> tuple[Tensor, Tensor]:
     """Entropy and log-prob over a vocabulary sharded across `tp_group`.
 
@@ -85,6 +149,7 @@ def vocab_parallel_entropy_and_logprob(
         vocab_size: true vocabulary size; padding ids >= it are left out.
         inplace_backward: Triton path: write the gradient into the logits' memory
             (only when nothing reads those logits afterwards).
+        chunk_rows: torch path: rows per chunk (bounds its fp32 scratch memory).
     Returns:
         (entropy [N], logprob [N]) fp32, the same on every rank; the backward gives this
         shard's gradient without communication.
@@ -95,10 +160,8 @@ def vocab_parallel_entropy_and_logprob(
         return entropy_logprob.vocab_parallel_entropy_and_logprob(
             logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size, inplace_backward
         )
-    from archer_mcore.parallel import vocab_parallel
-
-    return vocab_parallel.vocab_parallel_entropy_and_logprob(
-        logits_shard, tokens, vocab_start, tp_group, temperature, vocab_size
+    return torch_entropy.vocab_parallel_entropy_and_logprob(
+        logits_shard, tokens, vocab_start, tp_group, temperature, vocab_size, chunk_rows
     )
 
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One prepared GPU check (one H100/H200, Python 3.12 with torch + triton, no network):
+# installs the wheels carried in .whl/ (megatron-core 0.16.1, its pure-python
+# dependencies, archer-mcore itself) into a private directory, then runs, side by side
+# in one run, the fused-kernel benchmarks (benchmarks/kernels.py) and a policy train
+# step on a Qwen3-0.6B-shaped model at sequence 4096 with the torch path and each
+# kernel path (benchmarks/gpu_check.py). Results: $OUT (default
+# benchmarks/results/gpu_check/): kernels.md, gpu_check.md, gpu_check.json, env.txt.
+#
+#   benchmarks/gpu_check.sh            # on the GPU machine, < 8 min
+#   benchmarks/gpu_check.sh --smoke    # tiny, on CPU with the Triton interpreter (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+OUT="benchmarks/results/gpu_check"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --out) OUT="$2"; shift ;;
+    *) echo "usage: $0 [--smoke] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE="${ARCHER_SITE:-/tmp/archer_site}"
+  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Fail here, with the reason, if something the check needs is missing.
+"$PY" -c "import torch, triton, megatron.core, archer_mcore.kernels, archer_mcore.train.policy" \
+  || { echo "gpu_check: a package is missing (see benchmarks/RESULTS.md for the wheels)" >&2; exit 3; }
+
+{
+  date -u
+  "$PY" -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'megatron-core', m.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1
+  "$PY" benchmarks/kernels.py --smoke | tee "$OUT/kernels.md"
+  "$PY" benchmarks/gpu_check.py --smoke --out "$OUT" | tee "$OUT/gpu_check.md"
+else
+  # Each part has its own time cap, and one failing does not stop the other.
+  status=0
+  # The policy train step first: Qwen3-0.6B shape, 4 x 4096 tokens, every kernel path.
+  timeout 240 "$PY" benchmarks/gpu_check.py --seq 4096 --rows 4 --repeat 3 --out "$OUT" \
+    | tee "$OUT/gpu_check.md" || { echo "gpu_check.py failed or timed out" >&2; status=1; }
+  # Kernels: Qwen3-0.6B's hidden size (1024) and a 32B-class one (5120), 16k/32k tokens.
+  timeout 300 "$PY" benchmarks/kernels.py --tokens 16384 32768 --hidden 1024 5120 \
+    | tee "$OUT/kernels.md" || { echo "kernels.py failed or timed out" >&2; status=1; }
+  echo "gpu_check: results in $OUT"
+  exit "$status"
+fi
+echo "gpu_check: results in $OUT"
