@@ -137,6 +137,9 @@ class MegatronPolicy:
     """A megatron-core GPTModel with DDP, distributed optimizer, LR schedule and an
     optional frozen reference copy."""
 
+    shape: ModelShape
+    cfg: PolicyConfig
+
     def __init__(
         self, shape: ModelShape, cfg: PolicyConfig, hf_dir: str | Path | None = None
     ) -> None:
