@@ -138,7 +138,7 @@ def test_proc_and_etc_show_nothing_of_the_host(sandbox: Sandbox) -> None:
     """PID 1 of the run's namespace is the launcher's fork; its command line used to
     carry the launcher's spec (host paths). /etc held the host's whole /etc."""
     src = """
-
+import os
 seen = {}
 for pid in ["1"] + [p for p in os.listdir("/proc") if p.isdigit()]:
     try:
