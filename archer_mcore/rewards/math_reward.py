@@ -1,24 +1,25 @@
 """Math reward: extract the final answer and check it against the ground truth.
 
 Equivalence is decided by math-verify (sympy), after a fast path for answers that are
-plain numbers or identical strings.
-
-Answer form (`strict_answer_form`, on by default; config `rewards.math_strict_answer_form`):
-when a reference answer is a plain number, the response's answer must be one too, in
-simplified form: an integer or a decimal (optional sign, thousands commas, a
-scientific exponent of at most three digits), or a fraction in lowest terms with a
-denominator above 1 (`3/4`, `\\frac{3}{4}`, `-\\frac{3}{4}`). No operators: a
-response that restates the question (`\\boxed{0 - 9 - 0}` for -9) or leaves the
-arithmetic undone (`12/2`, `\\frac{6}{8}`) fails with reason `answer_form`, whatever
-its value. A fractional reference such as 3/4 accepts `3/4`, `\\frac{3}{4}` and the exact
-decimal `0.75` (both are simplified numbers); an integer reference accepts `6` or
-`6.0`. References that are not plain numbers (`\\sqrt{2}`, `x^2+1`, intervals) are
-judged on equivalence alone. math-verify's own timeouts rely on SIGALRM, which
+plain numbers or identical strings. math-verify's own timeouts rely on SIGALRM, which
 only works in a process's main thread, so they are switched off here
 (`parsing_timeout=None`, `timeout_seconds=None`): the time limit is enforced from
 outside, by running `score_math` in a killable worker process
 (`archer_mcore.rewards.process_pool.KillablePool`). Call it directly only where
 hanging is acceptable (tests, offline evaluation in the main thread).
+
+Answer form (`strict_answer_form`, on by default; config
+`rewards.math_strict_answer_form`): when a reference answer is a plain number, the
+response's answer must be one too, in simplified form: an integer or a decimal
+(optional sign, thousands commas, a scientific exponent of at most three digits), or
+a fraction in lowest terms with a denominator above 1 (`3/4`, `\\frac{3}{4}`,
+`-\\frac{3}{4}`), optionally followed by a unit (`\\text{ cm}`, `^\\circ`, `\\%`). No
+operators: a response that restates the question (`\\boxed{0 - 9 - 0}` for -9) or
+leaves the arithmetic undone (`12/2`, `\\frac{6}{8}`) fails with reason
+`answer_form`, whatever its value. A fractional reference such as 3/4 accepts `3/4`,
+`\\frac{3}{4}` and the exact decimal `0.75` (all simplified numbers); an integer
+reference accepts `6` or `6.0`. References that are not plain numbers (`\\sqrt{2}`,
+`x^2+1`, intervals) are judged on equivalence alone.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ _SIMPLE_FRACTION = re.compile(
 )
 
 
+# A unit after the number: "18\\text{ dollars}", "30^\\circ", "50\\%" (spaces removed).
+_UNIT_SUFFIX = re.compile(r"(?:\\(?:text|mbox|mathrm)\{[A-Za-z.]*\}|\^\{?\\circ\}?|\\?%)+$")
+
+
 def is_simplified_number(answer: str) -> bool:
     """True if `answer` is a plain number in simplified form (see the module docstring):
-    "-9", "1,000", "0.75", "6.02e23", "3/4", "-\\frac{3}{4}"; not "0-9-0", "12/2",
-    "\\frac{6}{8}", "1e9999", "x=3"."""
-    s = _normalize(answer)
+    "-9", "1,000", "0.75", "6.02e23", "3/4", "-\\frac{3}{4}", also with a unit after it
+    ("18\\text{ dollars}", "30^\\circ", "50\\%"); not "0-9-0", "12/2", "\\frac{6}{8}",
+    "1e9999", "x=3"."""
+    s = _UNIT_SUFFIX.sub("", _normalize(answer))
     if _SIMPLE_DECIMAL.match(s):
         return any(ch.isdigit() for ch in s.split("e")[0].split("E")[0])
     m = _SIMPLE_FRACTION.match(s)

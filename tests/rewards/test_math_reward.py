@@ -64,6 +64,10 @@ def test_score_math_verdicts() -> None:
         ("0.75", "3/4"),  # the exact decimal of 3/4
         ("-\\frac{3}{4}", "-0.75"),
         ("\\frac{-3}{4}", "-3/4"),
+        # a unit after the number is not an operator (math-verify drops it)
+        ("18 \\text{ dollars}", "18"),
+        ("30^\\circ", "30"),
+        ("50\\%", "50"),
     ],
 )
 def test_simplified_numbers_pass_the_strict_form(pred: str, gold: str) -> None:
@@ -80,6 +84,7 @@ def test_simplified_numbers_pass_the_strict_form(pred: str, gold: str) -> None:
         ("6/8", "0.75"),
         ("1 - \\frac{1}{4}", "3/4"),
         ("x = 6", "6"),
+        ("7 - 1 \\text{ cm}", "6"),  # a unit does not excuse an expression
     ],
 )
 def test_unsimplified_answers_fail_the_strict_form_and_pass_relaxed(pred: str, gold: str) -> None:
