@@ -230,7 +230,6 @@ def _supervisor(spec: dict, launcher_alive: int) -> None:
     """
     code = SETUP_FAILED_EXIT
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
         if select.select([launcher_alive], [], [], 0)[0]:
             os._exit(PARENT_DIED_EXIT)  # the launcher died before prctl took effect
@@ -299,11 +298,17 @@ def main() -> None:
         os.write(2, f"sandbox: setup failed: {err}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
     alive_r, alive_w = os.pipe()
+    # SIGTERM waits until the child is recorded (and, in the child, until the
+    # launcher's handler is replaced by the default action).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     pid = os.fork()  # PID 1 of the new PID namespace, if there is one
     if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.close(alive_w)
         _supervisor(spec, alive_r)
     child.append(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.close(alive_r)
     _, status = os.waitpid(pid, 0)
     os._exit(_status_to_exit(status))
