@@ -38,10 +38,14 @@ import select
 import shutil
 import signal
 import sys
+import time
 
 SETUP_FAILED_EXIT = 197
 #: Exit status of a launcher or program that found its parent already dead.
 PARENT_DIED_EXIT = 198
+#: How long the launcher waits for a dying trainer to be gone before leaving the
+#: scratch directory to it (`_parent_gone`), seconds.
+PARENT_EXIT_WAIT_S = 3.0
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -259,6 +263,22 @@ def _kill_uid(uid: int) -> None:
                 continue
 
 
+def _parent_gone(parent: int, wait_s: float) -> bool:
+    """True once this process has been handed to another parent (its parent died).
+
+    The death signal comes when the *thread* that started us exits; while the
+    trainer's other threads are still exiting we are first handed to one of them,
+    and getppid() still reads the trainer's pid. A trainer that dies does so within
+    moments: wait up to `wait_s` before concluding that it lives on.
+    """
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _read_spec(fd: int) -> dict:
     chunks = []
     while chunk := os.read(fd, 65536):
@@ -274,13 +294,14 @@ def main() -> None:
     def parent_died(signum: int, frame: object) -> None:
         # The trainer died (PR_SET_PDEATHSIG) or someone asked us to stop: take the
         # run down, and remove its directory if the trainer can no longer do it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one pass; more may come
         for pid in child:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
         if not spec["isolate_pid"]:
             _kill_uid(spec["uid"])
-        if os.getppid() != spec["parent_pid"]:
+        if _parent_gone(spec["parent_pid"], PARENT_EXIT_WAIT_S):
             shutil.rmtree(spec["scratch"], ignore_errors=True)
         os._exit(128 + signum)
 
@@ -288,7 +309,7 @@ def main() -> None:
     try:
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
         if os.getppid() != spec["parent_pid"]:
-            parent_died(signal.SIGTERM, None)  # the trainer died before prctl
+            parent_died(signal.SIGTERM, None)  # the trainer died before prctl took effect
         flags = 0
         flags |= CLONE_NEWNET if spec["isolate_net"] else 0
         flags |= CLONE_NEWPID if spec["isolate_pid"] else 0
