@@ -227,6 +227,8 @@ class RewardsConfig:
     code_memory_mb: int = _f(1024, gt=0)
     num_workers: int = _f(4, ge=1)
     allow_unsandboxed_code: bool = False
+    # numeric references: the answer must be a simplified number, not "0 - 9 - 0"
+    math_strict_answer_form: bool = True
 
 
 @dataclass

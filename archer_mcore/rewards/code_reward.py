@@ -2,7 +2,9 @@
 
 Pass/fail: correct iff every case passes; `fraction_passed` is the metric. Stdin/stdout
 cases run one sandboxed process each; function-call cases run together in one process
-under `call_harness.py` (per-case alarm). After a case hits the wall-time, CPU or
+under `call_harness.py` (per-case alarm). Expected outputs and return values never
+enter the sandbox: the program's stdout, or the JSON of its return values, comes out
+and is compared here, in the trusted process. After a case hits the wall-time, CPU or
 memory limit the remaining stdin cases are not run (they count as failed), so a
 hostile program costs at most about one wall-time limit per request, plus
 `max_total_s` as an overall budget.
@@ -22,6 +24,7 @@ from archer_mcore.rewards.code_tests import (
     BadTestCases,
     CallCase,
     StdioCase,
+    call_result_matches,
     parse_test_cases,
     stdout_matches,
 )
@@ -71,27 +74,37 @@ def _run_stdio(
 def _run_calls(
     sandbox: Sandbox, program: str, cases: list[CallCase], per_case_s: float
 ) -> tuple[int, str]:
-    nonce = secrets.token_hex(8)
-    payload = [{"fn_name": c.fn_name, "args": c.args, "expected": c.expected} for c in cases]
-    limits = sandbox.limits
+    """Run every call in one sandboxed process; judge the returned values here.
+
+    Only the function names and arguments enter the sandbox; the program sends each
+    return value out as JSON and `call_result_matches` compares it with the expected
+    value in this (trusted) process. A case reported more than once fails.
+    """
+    tag = secrets.token_hex(8)
+    payload = [{"fn_name": c.fn_name, "args": c.args} for c in cases]
     run = sandbox.run(
-        {"main.py": _HARNESS_SOURCE, "solution.py": program, "cases.json": json.dumps(payload)},
-        [sandbox.python, "-I", "-B", "main.py", nonce, str(per_case_s)],
-        limits=limits,
+        {"main.py": _HARNESS_SOURCE, "solution.py": program, "calls.json": json.dumps(payload)},
+        [sandbox.python, "-I", "-B", "main.py", tag, str(per_case_s)],
+        limits=sandbox.limits,
     )
-    verdicts: dict[int, bool] = {}
-    notes: dict[int, str] = {}
+    reports: dict[int, list[tuple[str, str]]] = {}
     for line in run.stdout.decode(errors="replace").splitlines():
         parts = line.split(" ", 3)
-        if len(parts) == 4 and parts[0] == nonce and parts[1].isdigit():
-            verdicts[int(parts[1])] = parts[2] == "1"
-            notes[int(parts[1])] = parts[3]
-    passed = sum(verdicts.get(k, False) for k in range(len(cases)))
-    failing = [k for k in range(len(cases)) if not verdicts.get(k, False)]
-    note = ""
-    if failing:
-        k = failing[0]
-        note = f"case {k}: " + notes.get(k, "not run (" + run.describe() + ")")
+        if len(parts) == 4 and parts[0] == tag and parts[1].isdigit():
+            reports.setdefault(int(parts[1]), []).append((parts[2], parts[3]))
+    passed, note = 0, ""
+    for k, case in enumerate(cases):
+        got = reports.get(k, [])
+        if len(got) == 1 and got[0][0] == "ok" and call_result_matches(got[0][1], case.expected):
+            passed += 1
+        elif not note:
+            if not got:
+                why = "not run (" + run.describe() + ")"
+            elif len(got) > 1:
+                why = "reported more than once"
+            else:
+                why = "wrong" if got[0][0] == "ok" else got[0][1][:200]
+            note = f"case {k}: {why}"
     return passed, note
 
 

@@ -126,6 +126,47 @@ def _tokens_equal(a: str, b: str, rel_tol: float = 1e-6, abs_tol: float = 1e-6) 
     return math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (a == b and type(a) is type(b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def values_equal(result: Any, expected: Any) -> bool:
+    """A call's result against the expected value: both as JSON values (tuples are
+    lists, dict keys strings), floats equal to 1e-6, booleans only equal booleans.
+    Called in the trusted process on the result the sandboxed program sent out."""
+    with contextlib.suppress(TypeError, ValueError, RecursionError):
+        result = json.loads(json.dumps(result))
+    with contextlib.suppress(TypeError, ValueError, RecursionError):
+        expected = json.loads(json.dumps(expected))
+    try:
+        return _equal(result, expected)
+    except RecursionError:
+        return False
+
+
+def call_result_matches(result_json: str, expected: Any) -> bool:
+    """Judge a function-call case from the JSON text of the value the program returned.
+
+    APPS wraps a case's expected value in a one-element list; the bare value is
+    accepted too. Text that is not a JSON value never matches.
+    """
+    try:
+        result = json.loads(result_json)
+    except (ValueError, RecursionError):
+        return False
+    return values_equal(result, expected) or (
+        isinstance(expected, list) and len(expected) == 1 and values_equal(result, expected[0])
+    )
+
+
 def stdout_matches(actual: str, expected: str) -> bool:
     """Judge stdout the way online judges do: same whitespace-separated tokens, numbers
     equal to 1e-6 (relative or absolute); line breaks and trailing spaces ignored."""

@@ -11,74 +11,86 @@ from __future__ import annotations
 
 import re
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(
     r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<ans>[^\n]+)", re.IGNORECASE
 )
 
 
-def _braced_group(text: str, open_index: int) -> str | None:
-    """Contents of the `{...}` group whose `{` is at `open_index`; None if unbalanced."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # skip the escaped character (\{ and \} are literal braces)
-            i += 2
-            continue
+_BOX = re.compile(r"\\(?:boxed|fbox)")
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
+_BLANKS = re.compile(r"[ \t]*")
+_BARE_ANSWER = re.compile(r"[^\s$]+")
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of its matching `}` (unmatched ones absent), in one
+    pass; `\\{` and `\\}` are escaped (literal) braces and not counted."""
+    stack: list[int] = []
+    matches: dict[int, int] = {}
+    for m in _BRACE_OR_ESCAPE.finditer(text):
+        ch = m.group()
         if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1 : i]
-        i += 1
-    return None
+            stack.append(m.start())
+        elif ch == "}" and stack:
+            matches[stack.pop()] = m.start()
+    return matches
 
 
 def last_boxed(text: str) -> str | None:
     """The contents of the last well-formed `\\boxed{...}` / `\\fbox{...}` in `text`.
 
-    `\\boxed 5` (no braces) yields "5". Returns None if there is none.
+    `\\boxed 5` (no braces) yields "5". Returns None if there is none. Time is linear
+    in len(text) (the braces are matched in one pass), however many boxes are unclosed.
     """
-    positions = sorted(
-        (m.start(), cmd) for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd), text)
-    )
-    for start, cmd in reversed(positions):
-        rest = start + len(cmd)
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
+        return None
+    matches = _matching_braces(text)
+    for rest in reversed(starts):
         if rest < len(text) and text[rest].isalpha():
             continue  # a longer command such as \boxedfoo
-        j = rest
-        while j < len(text) and text[j] in " \t":
-            j += 1
+        j = _BLANKS.match(text, rest).end()  # type: ignore[union-attr]
         if j < len(text) and text[j] == "{":
-            group = _braced_group(text, j)
-            if group is not None:
-                return group.strip()
+            close = matches.get(j)
+            if close is not None:
+                return text[j + 1 : close].strip()
         elif j > rest and j < len(text):  # "\boxed 5": up to whitespace or `$`
-            m = re.match(r"[^\s$]+", text[j:])
+            m = _BARE_ANSWER.match(text, j)
             if m:
                 return m.group(0)
     return None
 
 
 def _strip_math_delimiters(answer: str) -> str:
-    answer = answer.strip()
+    """Remove enclosing `$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]` (repeatedly) and a
+    trailing period. Works on indices, so linear even for "$$$$...$$$$"."""
+    lo, hi = 0, len(answer)
+
+    def trim() -> None:
+        nonlocal lo, hi
+        while lo < hi and answer[lo].isspace():
+            lo += 1
+        while hi > lo and answer[hi - 1].isspace():
+            hi -= 1
+
+    trim()
     changed = True
-    while changed and answer:
+    while changed and lo < hi:
         changed = False
         for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
             if (
-                len(answer) >= len(left) + len(right)
-                and answer.startswith(left)
-                and answer.endswith(right)
+                hi - lo >= len(left) + len(right)
+                and answer.startswith(left, lo, hi)
+                and answer.endswith(right, lo, hi)
             ):
-                answer = answer[len(left) : len(answer) - len(right)].strip()
+                lo, hi = lo + len(left), hi - len(right)
+                trim()
                 changed = True
-        if answer.endswith((".", "。")) and not answer.endswith(".."):
-            answer = answer[:-1].rstrip()
+        if answer.endswith((".", "。"), lo, hi) and not answer.endswith("..", lo, hi):
+            hi -= 1
+            trim()
             changed = True
-    return answer
+    return answer[lo:hi]
 
 
 _MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))

@@ -7,17 +7,37 @@ only works in a process's main thread, so they are switched off here
 outside, by running `score_math` in a killable worker process
 (`archer_mcore.rewards.process_pool.KillablePool`). Call it directly only where
 hanging is acceptable (tests, offline evaluation in the main thread).
+
+Answer form (`strict_answer_form`, on by default; config
+`rewards.math_strict_answer_form`): when a reference answer is a plain number, the
+response's answer must be one too, in simplified form: an integer or a decimal
+(optional sign, thousands commas, a scientific exponent of at most three digits), or
+a fraction in lowest terms with a denominator above 1 (`3/4`, `\\frac{3}{4}`,
+`-\\frac{3}{4}`), optionally followed by a unit (`\\text{ cm}`, `^\\circ`, `\\%`). No
+operators: a response that restates the question (`\\boxed{0 - 9 - 0}` for -9) or
+leaves the arithmetic undone (`12/2`, `\\frac{6}{8}`) fails with reason
+`answer_form`, whatever its value. A fractional reference such as 3/4 accepts `3/4`,
+`\\frac{3}{4}` and the exact decimal `0.75` (all simplified numbers); an integer
+reference accepts `6` or `6.0`. References that are not plain numbers (`\\sqrt{2}`,
+`x^2+1`, intervals) are judged on equivalence alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from fractions import Fraction
 from typing import Any
 
 from archer_mcore.rewards.math_extract import extract_final_answer
-from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_ANSWER, WRONG_ANSWER, RewardResult
+from archer_mcore.rewards.types import (
+    ANSWER_FORM,
+    BAD_GROUND_TRUTH,
+    NO_ANSWER,
+    WRONG_ANSWER,
+    RewardResult,
+)
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
@@ -28,7 +48,7 @@ def _normalize(answer: str) -> str:
     s = answer.strip().strip("$").strip()
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\s+", "", s).replace("\u2212", "-")  # U+2212, the typographic minus
     return s.rstrip(".")
 
 
@@ -49,6 +69,39 @@ def _as_number(answer: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+_SIMPLE_DECIMAL = re.compile(r"^[+-]?(\d+|\d{1,3}(,\d{3})+)?(\.\d+)?([eE][+-]?\d{1,3})?$")
+_SIMPLE_FRACTION = re.compile(
+    r"^[+-]?(?:(?P<n1>\d+)/(?P<d1>\d+)"
+    r"|\\frac\{(?P<n2>[+-]?\d+)\}\{(?P<d2>\d+)\}"
+    r"|\\frac(?P<n3>\d)(?P<d3>\d))$"
+)
+
+
+# A unit after the number: "18\\text{ dollars}", "30^\\circ", "50\\%" (spaces removed).
+_UNIT_SUFFIX = re.compile(r"(?:\\(?:text|mbox|mathrm)\{[A-Za-z.]*\}|\^\{?\\circ\}?|\\?%)+$")
+
+
+def is_simplified_number(answer: str) -> bool:
+    """True if `answer` is a plain number in simplified form (see the module docstring):
+    "-9", "1,000", "0.75", "6.02e23", "3/4", "-\\frac{3}{4}", also with a unit after it
+    ("18\\text{ dollars}", "30^\\circ", "50\\%"); not "0-9-0", "12/2", "\\frac{6}{8}",
+    "1e9999", "x=3"."""
+    s = _UNIT_SUFFIX.sub("", _normalize(answer))
+    if _SIMPLE_DECIMAL.match(s):
+        return any(ch.isdigit() for ch in s.split("e")[0].split("E")[0])
+    m = _SIMPLE_FRACTION.match(s)
+    if m is None:
+        return False
+    try:
+        num = int(m.group("n1") or m.group("n2") or m.group("n3"))
+        den = int(m.group("d1") or m.group("d2") or m.group("d3"))
+    except ValueError:  # more digits than int() accepts from text
+        return False
+    if m.group("n2") and s.startswith(("-", "+")) and m.group("n2")[0] in "+-":
+        return False  # a sign both outside and inside: "-\frac{-3}{4}"
+    return den > 1 and math.gcd(num, den) == 1
 
 
 def _math_verify_equal(pred: str, gold: str) -> bool:
@@ -85,11 +138,13 @@ def _gold_answers(ground_truth: Any) -> list[str]:
     )
 
 
-def score_math(response: str, ground_truth: Any) -> RewardResult:
+def score_math(response: str, ground_truth: Any, strict_answer_form: bool = True) -> RewardResult:
     """Score a math response: correct iff its final answer matches any reference answer.
 
     ground_truth: a reference answer string, a number, or a list of acceptable answers;
     a `\\boxed{}` inside it is unwrapped.
+    strict_answer_form: against a plain-number reference, accept only a simplified
+    number (see the module docstring); failing that is reason `answer_form`.
     """
     try:
         golds = _gold_answers(ground_truth)
@@ -98,8 +153,15 @@ def score_math(response: str, ground_truth: Any) -> RewardResult:
     answer = extract_final_answer(response)
     if answer is None:
         return RewardResult.failed(NO_ANSWER, "no \\boxed{} or 'answer is' in the response")
+    form_failed = False
     for gold in golds:
-        gold_answer = extract_final_answer(gold) if "\\boxed" in gold else gold
-        if answers_equivalent(answer, gold_answer or gold):
+        gold_answer = (extract_final_answer(gold) if "\\boxed" in gold else gold) or gold
+        numeric_gold = _as_number(gold_answer) is not None
+        if strict_answer_form and numeric_gold and not is_simplified_number(answer):
+            form_failed = True  # checked first: cheap, and no huge exponent is evaluated
+            continue
+        if answers_equivalent(answer, gold_answer):
             return RewardResult.passed(detail=answer)
+    if form_failed:
+        return RewardResult.failed(ANSWER_FORM, detail=f"{answer} (not a simplified number)")
     return RewardResult.failed(WRONG_ANSWER, detail=answer)

@@ -11,12 +11,19 @@ no signals are used in the caller.
 Workers are fresh interpreters (`reward_worker.py`; never a fork of a process that
 has threads, e.g. torch's, and not multiprocessing's spawn, which re-runs the
 trainer's `__main__`); each caps its own address space at `memory_mb` (RLIMIT_AS).
+
+Workers die with the pool's process, even when it is SIGKILLed and the worker is
+stuck in a long C call (a 10**999999999 that holds the GIL): each worker asks the
+kernel for SIGKILL on its parent's death (PR_SET_PDEATHSIG). That signal follows the
+*thread* that started the worker, so workers are started from one long-lived thread
+of the process (`_spawn_process`), never from the short-lived caller threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import socket
 import subprocess
@@ -25,6 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
@@ -41,24 +49,56 @@ class Outcome:
     error: str = ""
 
 
+_spawn_requests: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], int]] = (
+    queue.SimpleQueue()
+)
+_spawner: tuple[int, threading.Thread] | None = None  # (pid of the process, thread)
+_spawner_lock = threading.Lock()
+
+
+def _spawner_loop() -> None:
+    while True:
+        future, argv, fd = _spawn_requests.get()
+        try:
+            future.set_result(subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL))
+        except BaseException as err:
+            future.set_exception(err)
+
+
+def _spawn_process(argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+    """Popen(argv) from this process's spawner thread, which lives as long as the
+    process does, so a worker's parent-death signal fires only when the process dies."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid() or not _spawner[1].is_alive():
+            thread = threading.Thread(target=_spawner_loop, name="reward-spawner", daemon=True)
+            thread.start()
+            _spawner = (os.getpid(), thread)
+    future: Future[subprocess.Popen[bytes]] = Future()
+    _spawn_requests.put((future, argv, fd))
+    return future.result()
+
+
 class _Worker:
     """One worker interpreter and the pool's end of its socket."""
 
     def __init__(self, memory_mb: int | None, preload: tuple[str, ...]) -> None:
         ours, theirs = socket.socketpair()
         options = json.dumps({"memory_mb": memory_mb, "preload": list(preload)})
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "archer_mcore.rewards.reward_worker",
-                str(theirs.fileno()),
-                options,
-            ],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
+        try:
+            self.process = _spawn_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "archer_mcore.rewards.reward_worker",
+                    str(theirs.fileno()),
+                    options,
+                    str(os.getpid()),
+                ],
+                theirs.fileno(),
+            )
+        finally:
+            theirs.close()
         self.conn = Connection(ours.detach())
 
     def alive(self) -> bool:

@@ -9,6 +9,7 @@ runs (in a killable worker process with a timeout, in the code sandbox, or inlin
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,10 +33,12 @@ class RewardKind:
     timeout_s: float | None = None  # process kinds: None uses the scorer's default
 
 
-def _math_fn(response: str, ground_truth: Any, extra: dict[str, Any]) -> Any:
+def _math_fn(
+    response: str, ground_truth: Any, extra: dict[str, Any], strict_answer_form: bool = True
+) -> Any:
     from archer_mcore.rewards.math_reward import score_math
 
-    return score_math(response, ground_truth)
+    return score_math(response, ground_truth, strict_answer_form=strict_answer_form)
 
 
 def _code_fn(response: str, ground_truth: Any, extra: dict[str, Any], sandbox: Any) -> Any:
@@ -120,10 +123,14 @@ class RewardRegistry:
         return dict(self._kinds)
 
 
-def default_registry() -> RewardRegistry:
-    """math (math-verify, in worker processes) and code (sandboxed), common sources."""
+def default_registry(math_strict_answer_form: bool = True) -> RewardRegistry:
+    """math (math-verify, in worker processes) and code (sandboxed), common sources.
+
+    math_strict_answer_form: see `archer_mcore.rewards.math_reward` (answer form).
+    """
     reg = RewardRegistry()
-    reg.register_kind("math", _math_fn, "process")
+    math_fn = functools.partial(_math_fn, strict_answer_form=math_strict_answer_form)
+    reg.register_kind("math", math_fn, "process")
     reg.register_kind("code", _code_fn, "sandbox")
     for source in MATH_SOURCES:
         reg.map_source(source, "math")

@@ -1,13 +1,16 @@
-"""Entry point of a `KillablePool` worker: `python -m archer_mcore.rewards.reward_worker FD`.
+"""Entry point of a `KillablePool` worker:
+`python -m archer_mcore.rewards.reward_worker FD OPTIONS_JSON PARENT_PID`.
 
 The worker is a fresh interpreter (not a multiprocessing child: spawn/forkserver would
 re-import the trainer's `__main__` script). It talks to the pool over the inherited
 socket FD with `multiprocessing.connection` framing: receives `(fn, args)` pickles,
-replies `(status, payload)`. It caps its own address space, exits when its parent dies, and imports the preload modules before announcing "ready".
+replies `(status, payload)`. It caps its own address space, dies when its parent
+dies (`_die_with_parent`), and imports the preload modules before announcing "ready".
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -40,10 +43,28 @@ def serve(conn: Connection) -> None:
             conn.send(("error", f"could not send the result: {type(err).__name__}: {err}"))
 
 
-def _exit_with_parent(poll_s: float = 0.5) -> None:
-    """Exit when the pool's process dies, even mid-call. (PR_SET_PDEATHSIG would fire
-    when the *thread* that started the worker exits, e.g. a scorer thread.)"""
-    parent = os.getppid()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Die when the pool's process `parent` dies, even mid-call.
+
+    The kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG), which stops a
+    call stuck in C code holding the GIL; the pool starts workers from a thread that
+    lives as long as its process, since the signal follows the starting thread. A
+    parent that died before the prctl is caught by the getppid() check. Where prctl
+    is unavailable, a watchdog thread polls getppid() instead (it cannot interrupt a
+    call that holds the GIL).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        ok = False
+    if os.getppid() != parent:
+        os._exit(0)
+    if ok:
+        return
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -56,7 +77,7 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
 def main() -> None:
     fd = int(sys.argv[1])
     options = json.loads(sys.argv[2])
-    _exit_with_parent()
+    _die_with_parent(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer
     conn = Connection(fd)
     if options.get("memory_mb"):

@@ -3,13 +3,19 @@
 Each `Sandbox.run` writes the run's files to a new temporary directory and starts
 `sandbox_launcher.py`, which puts the program in new network, mount and PID
 namespaces (where the OS allows), chroots it into a minimal root (read-only system
-directories and a size-capped tmpfs work directory; the trainer's files, data sets
-and /tmp are not visible), applies CPU-time, address-space, file-size,
-process-count and open-file limits, drops to an unprivileged uid (a distinct one per
-concurrent run, so process-count limits do not interfere) and execs the program with
-a scrubbed environment. The parent enforces the wall-clock limit (SIGKILL to the
-launcher's process group; the PID namespace then takes every descendant with it) and
-caps the output it reads.
+directories, a minimal /etc, a /proc showing only the run's own processes and a
+size-capped tmpfs work directory; the trainer's files, data sets and /tmp are not
+visible), applies CPU-time, address-space, file-size, process-count and open-file
+limits, drops to an unprivileged uid (a distinct one per concurrent run, so
+process-count limits do not interfere) and execs the program with a scrubbed
+environment. The parent enforces the wall-clock limit (SIGKILL to the launcher's
+process group; the PID namespace then takes every descendant with it) and caps the
+output it reads.
+
+Nothing outlives its parent: if the trainer dies (even by SIGKILL) the launcher gets
+SIGTERM (PR_SET_PDEATHSIG), kills the run and removes the run's temporary directory;
+if the launcher dies, the namespace's init and the program die with it. Otherwise the
+trainer removes the directory after the run.
 
 Network isolation is required: if a new network namespace cannot be created,
 `Sandbox` refuses to construct (`SandboxUnavailableError`) unless
@@ -47,8 +53,11 @@ SYSTEM_DIRS: tuple[str, ...] = (
     "/lib32",
     "/lib64",
     "/libx32",
-    "/etc",
 )
+#: The only host files of /etc a program sees (copies): the dynamic loader's cache and
+#: configuration and the time zone. passwd, group and hosts are synthetic (root, the
+#: run's uid, localhost); see `sandbox_launcher._write_etc`.
+ETC_FILES: tuple[str, ...] = ("ld.so.cache", "ld.so.conf", "localtime")
 #: The program's writable working directory inside its root.
 INNER_WORKDIR = "/sandbox"
 SETUP_FAILED_EXIT = sandbox_launcher.SETUP_FAILED_EXIT
@@ -169,16 +178,30 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
     stdin_path, out_path, err_path = scratch / "stdin", scratch / "stdout", scratch / "stderr"
     stdin_path.write_bytes(stdin)
     start = time.monotonic()
-    with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(spec)],
-            stdin=fin,
-            stdout=fout,
-            stderr=ferr,
-            env={},
-            close_fds=True,
-            start_new_session=True,
-        )
+    spec_r, spec_w = os.pipe()
+    try:
+        with (
+            open(stdin_path, "rb") as fin,
+            open(out_path, "wb") as fout,
+            open(err_path, "wb") as ferr,
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_LAUNCHER), str(spec_r)],
+                stdin=fin,
+                stdout=fout,
+                stderr=ferr,
+                env={},
+                close_fds=True,
+                pass_fds=(spec_r,),
+                start_new_session=True,
+            )
+    except BaseException:
+        os.close(spec_w)
+        raise
+    finally:
+        os.close(spec_r)
+    with contextlib.suppress(BrokenPipeError), open(spec_w, "wb") as pipe:
+        pipe.write(json.dumps(spec).encode())  # EOF on close; a dead launcher: ignored
     timed_out = False
     try:
         proc.wait(timeout=limits.wall_s)
@@ -290,6 +313,9 @@ class Sandbox:
             inner = INNER_WORKDIR if self.isolation.mount else str(work)
             (scratch / "root").mkdir(mode=0o700)
             spec = {
+                "parent_pid": os.getpid(),
+                "scratch": str(scratch),
+                "etc_files": list(ETC_FILES),
                 "workdir": str(work),
                 "inner_workdir": inner,
                 "new_root": str(scratch / "root"),
@@ -361,6 +387,9 @@ def probe_isolation() -> Isolation:
             work.mkdir()
             (scratch / "root").mkdir(mode=0o700)
             spec = {
+                "parent_pid": os.getpid(),
+                "scratch": str(scratch),
+                "etc_files": list(ETC_FILES),
                 "workdir": str(work),
                 "inner_workdir": INNER_WORKDIR,
                 "new_root": str(scratch / "root"),

@@ -1,20 +1,27 @@
-"""Sandbox launcher: runs as a script (`python -I -S sandbox_launcher.py SPEC_JSON`).
+"""Sandbox launcher: runs as a script (`python -I -S sandbox_launcher.py SPEC_FD`).
 
 Standard library only; it is started by `archer_mcore.rewards.sandbox.Sandbox` as root
-with an empty environment and does, in order:
+with an empty environment, reads its spec (JSON) from the inherited pipe SPEC_FD (so
+the spec is not on any command line) and does, in order:
 
-1. `unshare(2)` new network (no interfaces but a down loopback), mount and PID
-   namespaces, as the spec asks;
-2. forks the namespace's init (PID 1, dies with the launcher via PR_SET_PDEATHSIG;
-   when it exits the kernel kills every process left in the namespace, so fork
-   bombs and daemonised children cannot outlive a run);
-3. in the mount namespace: a minimal root (read-only system directories, four
-   devices, a fresh /proc showing only the namespace's processes, a size-capped tmpfs
-   work directory with the run's files) and chroot into it (see `_setup_mounts`);
-4. forks the program: resource limits (CPU seconds, address space, file size,
+1. arranges to die with the trainer: PR_SET_PDEATHSIG delivers SIGTERM when the
+   trainer dies (checked once after the call, in case it already had); the handler
+   kills the run and removes the run's scratch directory, which the dead trainer
+   can no longer do;
+2. `unshare(2)` new network (no interfaces but a down loopback) and PID namespaces,
+   as the spec asks;
+3. forks a supervisor (the PID namespace's init: when it exits the kernel kills every
+   process left in the namespace, so fork bombs and daemonised children cannot
+   outlive a run), which dies with the launcher (PR_SET_PDEATHSIG, SIGKILL; a pipe
+   tells it if the launcher died before that took effect);
+4. in the supervisor, a new mount namespace (the launcher stays in the host's): a
+   minimal root (read-only system directories, a minimal /etc, four devices, a fresh
+   /proc showing only the run's own processes, a size-capped tmpfs work directory
+   with the run's files) and chroot into it (see `_setup_mounts`);
+5. forks the program: resource limits (CPU seconds, address space, file size,
    processes, open files, no core dumps), drops to an unprivileged uid/gid with no
-   supplementary groups, `chdir` to the work directory, `execve` with the spec's
-   (scrubbed) environment.
+   supplementary groups, dies with the supervisor (PR_SET_PDEATHSIG), `chdir` to the
+   work directory, `execve` with the spec's (scrubbed) environment.
 
 The launcher's exit status is the program's (128 + signal number if it was killed by
 a signal); SETUP_FAILED_EXIT with a message on stderr if isolation could not be set up.
@@ -22,14 +29,23 @@ a signal); SETUP_FAILED_EXIT with a message on stderr if isolation could not be 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import resource
+import select
+import shutil
 import signal
 import sys
+import time
 
 SETUP_FAILED_EXIT = 197
+#: Exit status of a launcher or program that found its parent already dead.
+PARENT_DIED_EXIT = 198
+#: How long the launcher waits for a dying trainer to be gone before leaving the
+#: scratch directory to it (`_parent_gone`), seconds.
+PARENT_EXIT_WAIT_S = 3.0
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -76,13 +92,36 @@ def _bind_read_only(source: str, target: str) -> None:
     _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
 
 
+def _write_etc(etc: str, spec: dict) -> None:
+    """A minimal /etc: copies of the host files in spec["etc_files"] (the dynamic
+    loader's cache, the time zone) and a passwd/group/hosts naming only root and the
+    run's uid ("sandbox") and localhost. Nothing else of the host's /etc."""
+    os.makedirs(etc, exist_ok=True)
+    for name in spec.get("etc_files", ()):
+        source = os.path.join("/etc", name)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), os.path.join(etc, name))
+        elif os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(etc, name))
+    uid, gid, home = spec["uid"], spec["gid"], spec["inner_workdir"]
+    synthetic = {
+        "passwd": f"root:x:0:0::/:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}::{home}:/bin/sh\n",
+        "group": f"root:x:0:\nsandbox:x:{gid}:\n",
+        "hosts": "127.0.0.1 localhost\n::1 localhost\n",
+    }
+    for name, text in synthetic.items():
+        with open(os.path.join(etc, name), "w") as f:
+            f.write(text)
+
+
 def _setup_mounts(spec: dict) -> None:
     """Build the program's file system in the new mount namespace and chroot into it.
 
     The new root is a tmpfs holding only: read-only binds of the system directories
-    (spec["root_binds"]: /usr, /etc, ... and the interpreter's prefix; top-level
-    symlinks such as /bin -> usr/bin are recreated), the devices null/zero/random/
-    urandom, a fresh /proc (with a PID namespace), and the writable, size-capped work
+    (spec["root_binds"]: /usr, /lib, ... and the interpreter's prefix; top-level
+    symlinks such as /bin -> usr/bin are recreated), a minimal /etc (`_write_etc`),
+    the devices null/zero/random/urandom, a fresh /proc (with a PID namespace; only
+    the run's own processes are visible), and the writable, size-capped work
     directory at spec["inner_workdir"], owned by the run's uid and holding the run's
     files. The root tmpfs is then made read-only. Nothing else of the host (the
     trainer's code, data sets, checkpoints, /tmp) is visible.
@@ -112,9 +151,12 @@ def _setup_mounts(spec: dict) -> None:
             _mount(dev, root + dev, None, MS_BIND)
             _mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID)
     os.makedirs(root + "/tmp", exist_ok=True)
+    _write_etc(root + "/etc", spec)
     if spec["isolate_pid"]:
         os.makedirs(root + "/proc", exist_ok=True)
-        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_RDONLY)
+        # hidepid=2: a process sees only its own uid's entries, so not PID 1 (this
+        # supervisor, root), whose command line is the launcher's.
+        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_RDONLY, "hidepid=2")
     inner = root + spec["inner_workdir"]
     os.makedirs(inner, exist_ok=True)
     uid, gid = spec["uid"], spec["gid"]
@@ -135,8 +177,13 @@ def _setup_mounts(spec: dict) -> None:
     os.chdir("/")
 
 
-def _exec_program(spec: dict) -> None:
-    """In the program's process: limits, drop privileges, exec. Never returns."""
+def _exec_program(spec: dict, parent: int) -> None:
+    """In the program's process: limits, drop privileges, exec. Never returns.
+
+    parent: the pid (as seen here) of the process that forked this one; the program
+    is killed when that process dies (PR_SET_PDEATHSIG, set after the uid change,
+    which clears it), and exits at once if it is already gone.
+    """
     lim = spec["limits"]
     cpu = int(lim["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -148,39 +195,54 @@ def _exec_program(spec: dict) -> None:
     os.setgroups([])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
+    _die_with_parent(signal.SIGKILL, parent)
     os.chdir(spec["inner_workdir"] if spec["isolate_mount"] else spec["workdir"])
     os.umask(0o077)
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     os.execve(spec["argv"][0], spec["argv"], spec["env"])
 
 
 def _run_program(spec: dict) -> int:
     """Fork the program, wait for it, return its exit code (128 + signal if killed)."""
+    me = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
-            _exec_program(spec)
+            _exec_program(spec, me)
         except BaseException as err:
             os.write(2, f"sandbox: exec failed: {err}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            return _status_to_exit(status)
-        except InterruptedError:
-            continue
+    _, status = os.waitpid(pid, 0)  # retried by Python after EINTR
+    return _status_to_exit(status)
 
 
-def _namespace_init(spec: dict) -> None:
-    """PID 1 of the new namespaces. Never returns."""
+def _die_with_parent(sig: int, parent: int) -> None:
+    """Get `sig` when the parent dies; exit now if it already has (getppid() changed)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(PARENT_DIED_EXIT)
+
+
+def _supervisor(spec: dict, launcher_alive: int) -> None:
+    """The launcher's child: PID 1 of the new PID namespace when there is one (when it
+    exits the kernel kills every process left in the namespace). Never returns.
+
+    launcher_alive: read end of a pipe whose write end only the launcher holds: EOF
+    means the launcher is gone. (getppid() cannot tell here: it is 0 for a namespace's
+    init, whose parent lives outside the namespace.)
+    """
     code = SETUP_FAILED_EXIT
     try:
-        # getppid() is 0 here (the launcher lives outside this PID namespace), so a
-        # launcher killed before this line is not detected; the program's CPU limit
-        # still bounds the orphaned run.
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        if select.select([launcher_alive], [], [], 0)[0]:
+            os._exit(PARENT_DIED_EXIT)  # the launcher died before prctl took effect
+        os.close(launcher_alive)
         if spec["isolate_mount"]:
+            # Only this process and the program enter the new mount namespace: the
+            # launcher stays in the host's, where the scratch directory has no mounts
+            # and can be removed safely.
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
             _setup_mounts(spec)
         code = _run_program(spec)
     except BaseException as err:
@@ -188,25 +250,87 @@ def _namespace_init(spec: dict) -> None:
     os._exit(code)
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (the run's own uid; never the launcher's)."""
+    if uid == os.getuid():
+        return
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                continue
+
+
+def _parent_gone(parent: int, wait_s: float) -> bool:
+    """True once this process has been handed to another parent (its parent died).
+
+    The death signal comes when the *thread* that started us exits; while the
+    trainer's other threads are still exiting we are first handed to one of them,
+    and getppid() still reads the trainer's pid. A trainer that dies does so within
+    moments: wait up to `wait_s` before concluding that it lives on.
+    """
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _read_spec(fd: int) -> dict:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return json.loads(b"".join(chunks))
+
+
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    flags = 0
-    flags |= CLONE_NEWNET if spec["isolate_net"] else 0
-    flags |= CLONE_NEWNS if spec["isolate_mount"] else 0
-    flags |= CLONE_NEWPID if spec["isolate_pid"] else 0
+    spec = _read_spec(int(sys.argv[1]))
+    child: list[int] = []
+
+    def parent_died(signum: int, frame: object) -> None:
+        # The trainer died (PR_SET_PDEATHSIG) or someone asked us to stop: take the
+        # run down, and remove its directory if the trainer can no longer do it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one pass; more may come
+        for pid in child:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        if not spec["isolate_pid"]:
+            _kill_uid(spec["uid"])
+        if _parent_gone(spec["parent_pid"], PARENT_EXIT_WAIT_S):
+            shutil.rmtree(spec["scratch"], ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, parent_died)
     try:
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
+        if os.getppid() != spec["parent_pid"]:
+            parent_died(signal.SIGTERM, None)  # the trainer died before prctl took effect
+        flags = 0
+        flags |= CLONE_NEWNET if spec["isolate_net"] else 0
+        flags |= CLONE_NEWPID if spec["isolate_pid"] else 0
         if flags:
             _check(_libc.unshare(flags), "unshare")
-        if not spec["isolate_pid"]:
-            if spec["isolate_mount"]:
-                _setup_mounts(spec)
-            os._exit(_run_program(spec))
     except BaseException as err:
         os.write(2, f"sandbox: setup failed: {err}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
-    pid = os.fork()  # becomes PID 1 of the new PID namespace
+    alive_r, alive_w = os.pipe()
+    # SIGTERM waits until the child is recorded (and, in the child, until the
+    # launcher's handler is replaced by the default action).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    pid = os.fork()  # PID 1 of the new PID namespace, if there is one
     if pid == 0:
-        _namespace_init(spec)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.close(alive_w)
+        _supervisor(spec, alive_r)
+    child.append(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.close(alive_r)
     _, status = os.waitpid(pid, 0)
     os._exit(_status_to_exit(status))
 

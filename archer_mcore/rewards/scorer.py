@@ -67,6 +67,9 @@ class RewardScorer:
     worker_memory_mb: address-space cap of each reward worker process.
     batch_timeout_s: backstop for a whole batch (None: no backstop beyond the
         per-reward limits, which always apply).
+    math_strict_answer_form: the default registry's math answer-form rule (see
+        `archer_mcore.rewards.math_reward`); with a `registry` given, that registry's
+        math kind decides, and passing False here is an error.
     """
 
     def __init__(
@@ -79,8 +82,14 @@ class RewardScorer:
         worker_memory_mb: int | None = 2048,
         batch_timeout_s: float | None = None,
         preload: tuple[str, ...] = ("math_verify",),
+        math_strict_answer_form: bool = True,
     ) -> None:
-        self.registry = registry or default_registry()
+        if registry is not None and not math_strict_answer_form:
+            raise ValueError(
+                "math_strict_answer_form=False applies to the default registry only; "
+                "register the math kind with the rule you want instead"
+            )
+        self.registry = registry or default_registry(math_strict_answer_form)
         self.num_workers = num_workers
         self.process_timeout_s = process_timeout_s
         self.code_limits = code_limits or SandboxLimits()
@@ -96,7 +105,7 @@ class RewardScorer:
     @classmethod
     def from_config(cls, cfg: Any, registry: RewardRegistry | None = None) -> RewardScorer:
         """Build from `archer_mcore.config.RewardsConfig` (math_timeout_s, code_timeout_s,
-        code_memory_mb, num_workers, allow_unsandboxed_code)."""
+        code_memory_mb, num_workers, allow_unsandboxed_code, math_strict_answer_form)."""
         limits = SandboxLimits(
             wall_s=cfg.code_timeout_s, cpu_s=cfg.code_timeout_s, memory_mb=cfg.code_memory_mb
         )
@@ -106,6 +115,7 @@ class RewardScorer:
             process_timeout_s=cfg.math_timeout_s,
             code_limits=limits,
             allow_unsandboxed_code=cfg.allow_unsandboxed_code,
+            math_strict_answer_form=cfg.math_strict_answer_form,
         )
 
     # ------------------------------------------------------------------ scoring

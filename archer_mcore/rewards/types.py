@@ -15,6 +15,7 @@ from typing import Any
 # infrastructure ones (REWARD_FAULTS) say the reward itself could not finish.
 WRONG_ANSWER = "wrong_answer"
 NO_ANSWER = "no_answer"  # no \boxed{} / "answer is" in a math response
+ANSWER_FORM = "answer_form"  # a plain-number reference, the answer not a simplified number
 NO_CODE = "no_code"  # no program found in a code response
 TESTS_FAILED = "tests_failed"  # the program ran and failed at least one test case
 BAD_GROUND_TRUTH = "bad_ground_truth"  # the dataset's ground truth cannot be used

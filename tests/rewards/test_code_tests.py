@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from archer_mcore.rewards.call_harness import values_equal
 from archer_mcore.rewards.code_reward import extract_program
 from archer_mcore.rewards.code_tests import (
     BadTestCases,
@@ -14,6 +13,7 @@ from archer_mcore.rewards.code_tests import (
     StdioCase,
     parse_test_cases,
     stdout_matches,
+    values_equal,
 )
 
 

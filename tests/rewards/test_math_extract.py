@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from archer_mcore.rewards.math_extract import answer_is_phrase, extract_final_answer, last_boxed
+from archer_mcore.rewards.math_extract import (
+    _strip_math_delimiters,
+    answer_is_phrase,
+    extract_final_answer,
+    last_boxed,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +71,53 @@ def test_boxed_preferred_over_answer_is() -> None:
     assert extract_final_answer("I don't know") is None
     # an empty box is not an answer; the phrase is used instead
     assert extract_final_answer("\\boxed{} so the answer is 8") == "8"
+
+
+def _best_of(fn, text: str, repeats: int = 2) -> float:  # type: ignore[no-untyped-def]
+    """Least CPU time of this thread over `repeats` calls (CPU, not wall-clock, time:
+    other processes loading the machine do not inflate it)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        fn(text)
+        best = min(best, time.thread_time() - start)
+    return best
+
+
+def _finishes_within(fn, text: str, seconds: float) -> bool:  # type: ignore[no-untyped-def]
+    """Run fn(text) in a daemon thread; False if it is still running after `seconds`
+    (the quadratic scan took minutes on 30k boxes: fail fast instead of hanging)."""
+    t = threading.Thread(target=fn, args=(text,), daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("fn", "make"),
+    [
+        # unclosed boxes: each used to scan to the end of the text
+        (extract_final_answer, lambda n: "\\boxed{" * n),
+        (extract_final_answer, lambda n: "\\boxed{\\{" * n),  # with escaped braces
+        # nested math delimiters: one pair per pass, each pass copying the string
+        (_strip_math_delimiters, lambda n: "$" * n + "5" + "$" * n),
+    ],
+)
+def test_extraction_is_linear_in_the_response_length(fn, make) -> None:  # type: ignore[no-untyped-def]
+    small, big = make(30_000), make(300_000)
+    # A linear pass over 210k characters is well under a second even on a loaded
+    # machine; the quadratic one made 30k * 105k = 3e9 steps.
+    assert _finishes_within(fn, small, 10.0)
+    assert fn(small) in (None, "5")
+    t_small = _best_of(fn, small)
+    t_big = _best_of(fn, big)
+    # 10x the input: linear is ~10x the time; quadratic would be 100x. Generous margin.
+    assert t_big < 30 * t_small + 0.05, (t_small, t_big)
+
+
+def test_unclosed_boxes_do_not_hide_a_closed_one() -> None:
+    assert extract_final_answer("\\boxed{7} then " + "\\boxed{" * 30_000) == "7"
+    assert extract_final_answer("\\boxed{" * 30_000 + "\\boxed{42}") == "42"
+    # the last box closes (the unclosed ones before it are nested in nothing)
+    assert last_boxed("\\boxed{" * 3 + "x}") == "x"
+    assert last_boxed("\\boxed{a \\} b}") == "a \\} b"  # escaped brace kept literal

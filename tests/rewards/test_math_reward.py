@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from archer_mcore.rewards.math_reward import answers_equivalent, score_math
-from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_ANSWER, WRONG_ANSWER
+from archer_mcore.rewards.types import ANSWER_FORM, BAD_GROUND_TRUTH, NO_ANSWER, WRONG_ANSWER
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,67 @@ def test_score_math_verdicts() -> None:
     assert score_math("\\boxed{b}", ["a", "b"]).correct
     assert score_math("\\boxed{3}", 3).correct
     assert score_math("\\boxed{3}", None).failure == BAD_GROUND_TRUTH
+
+
+# ---------------------------------------------------------------- answer form (item 7)
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("-9", "-9"),
+        ("6.0", "6"),  # a decimal is a plain number
+        ("1,000", "1000"),
+        ("3/4", "3/4"),  # a fraction in lowest terms is the simplified form of 3/4
+        ("\\frac{3}{4}", "3/4"),
+        ("0.75", "3/4"),  # the exact decimal of 3/4
+        ("-\\frac{3}{4}", "-0.75"),
+        ("\\frac{-3}{4}", "-3/4"),
+        # a unit after the number is not an operator (math-verify drops it)
+        ("18 \\text{ dollars}", "18"),
+        ("30^\\circ", "30"),
+        ("50\\%", "50"),
+    ],
+)
+def test_simplified_numbers_pass_the_strict_form(pred: str, gold: str) -> None:
+    assert score_math(f"\\boxed{{{pred}}}", gold).correct
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("0 - 9 - 0", "-9"),  # the question restated: equals -9, not an answer
+        ("3 + 4 * 2 - 5", "6"),
+        ("12/2", "6"),  # arithmetic left undone
+        ("\\frac{6}{8}", "3/4"),  # not in lowest terms
+        ("6/8", "0.75"),
+        ("1 - \\frac{1}{4}", "3/4"),
+        ("x = 6", "6"),
+        ("7 - 1 \\text{ cm}", "6"),  # a unit does not excuse an expression
+    ],
+)
+def test_unsimplified_answers_fail_the_strict_form_and_pass_relaxed(pred: str, gold: str) -> None:
+    strict = score_math(f"\\boxed{{{pred}}}", gold)
+    assert (strict.correct, strict.failure) == (False, ANSWER_FORM), strict
+    # each is mathematically equal to its reference: the relaxed rule accepts it
+    assert score_math(f"\\boxed{{{pred}}}", gold, strict_answer_form=False).correct
+
+
+def test_strict_form_applies_to_numeric_references_only() -> None:
+    # a symbolic reference is judged on equivalence alone: sqrt(8) = 2 sqrt(2)
+    assert score_math("\\boxed{\\sqrt{8}}", "2\\sqrt{2}").correct
+    # a wrong plain number is a wrong answer, not a form failure
+    assert score_math("\\boxed{7}", "6").failure == WRONG_ANSWER
+    # a pathological exponent fails the form check at once (no 10**999999999 is built)
+    assert score_math("\\boxed{1e999999999}", "5").failure == ANSWER_FORM
+
+
+def test_demo_arithmetic_task_scores_its_solutions_and_rejects_restatements() -> None:
+    from archer_mcore.data.synthetic import ArithmeticTaskConfig, generate_arithmetic_rows
+
+    rows = generate_arithmetic_rows(200, ArithmeticTaskConfig(min_operands=3), seed=5)
+    assert any(int(r["reward_model"]["ground_truth"]) < 0 for r in rows)  # negatives seen
+    for row in rows:
+        gold = row["reward_model"]["ground_truth"]
+        solution = row["extra_info"]["solution"]  # "4 * 2 = 8. ... \boxed{6}"
+        assert score_math(solution, gold).correct, (solution, gold)
+        restated = f"\\boxed{{{row['extra_info']['expression']}}}"
+        assert score_math(restated, gold).failure == ANSWER_FORM, (restated, gold)

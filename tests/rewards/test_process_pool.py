@@ -84,3 +84,21 @@ def test_close_leaves_no_worker_behind() -> None:
     assert not any(_alive(p) for p in pids)
     with pytest.raises(RuntimeError, match="closed"):
         pool.run(h.add, (1, 2), timeout_s=1)
+
+
+def test_a_worker_outlives_the_thread_that_first_used_it() -> None:
+    """Workers die with the pool's process (PR_SET_PDEATHSIG), and that signal follows
+    the thread that started them: started from a caller's short-lived thread, a
+    worker would be killed when that thread ends. The pool starts them from its own
+    long-lived thread, so the worker serves the next call."""
+    with KillablePool(1, memory_mb=512) as pool:
+        seen: list[object] = []
+        t = threading.Thread(target=lambda: seen.append(pool.run(h.my_pid, (), timeout_s=30)))
+        t.start()
+        t.join()
+        [first] = seen
+        assert first.status == "ok"  # type: ignore[attr-defined]
+        time.sleep(0.5)  # a parent-death signal would have been delivered by now
+        assert _alive(first.value)  # type: ignore[attr-defined]
+        again = pool.run(h.my_pid, (), timeout_s=30)
+        assert again.status == "ok" and again.value == first.value  # type: ignore[attr-defined]

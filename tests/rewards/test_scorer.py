@@ -13,6 +13,7 @@ from archer_mcore.rewards import sandbox as sandbox_module
 from archer_mcore.rewards.registry import RewardRegistry, default_registry
 from archer_mcore.rewards.scorer import RewardScorer, batch_metrics
 from archer_mcore.rewards.types import (
+    ANSWER_FORM,
     CRASHED,
     NO_ANSWER,
     OUT_OF_MEMORY,
@@ -111,10 +112,11 @@ def test_batch_scores_math_and_contains_every_kind_of_fault() -> None:
 @pytest.mark.slow  # ~8-11 s: two worker start-ups and a 5 s math-verify hang
 def test_score_batch_from_a_worker_thread_with_timeouts() -> None:
     """math-verify's signal timeouts would fail off the main thread; ours do not. The
-    second request is a real math-verify hang: sympy evaluating 9^(9^(9^9)) exactly."""
+    second request is a real math-verify hang: sympy evaluating 9^(9^(9^9)) exactly
+    (against a symbolic reference, which the answer-form rule leaves to math-verify)."""
     reqs = [
         RewardRequest("x", "x", "src_hang"),
-        RewardRequest("\\boxed{9^{9^{9^{9}}}}", "2", "math"),
+        RewardRequest("\\boxed{9^{9^{9^{9}}}}", "2\\sqrt{2}", "math"),
         RewardRequest("\\boxed{x^2+1}", "1+x^2", "math"),
     ]
     with RewardScorer(_hostile_registry(), num_workers=2, process_timeout_s=5.0) as scorer:
@@ -189,3 +191,24 @@ def test_from_config_uses_the_rewards_section() -> None:
             scorer.code_limits.memory_mb,
         ) == (4.0, 4.0, 300)
         assert scorer.allow_unsandboxed_code is False
+
+
+def test_math_strict_answer_form_key_reaches_the_math_workers() -> None:
+    """rewards.math_strict_answer_form (default true): `\\boxed{0 - 9 - 0}` for -9 is an
+    answer-form failure; set to false it is equal to -9 and scores correct."""
+    from archer_mcore.config import RewardsConfig, config_from_dict
+
+    assert RewardsConfig().math_strict_answer_form is True
+    relaxed = config_from_dict({"rewards": {"math_strict_answer_form": False}}).rewards
+    assert relaxed.math_strict_answer_form is False
+    restated = RewardRequest("0 - 9 - 0 = -9, so \\boxed{0 - 9 - 0}", "-9", "synthetic_arithmetic")
+    honest = RewardRequest("\\boxed{-9}", "-9", "synthetic_arithmetic")
+    with RewardScorer.from_config(RewardsConfig(num_workers=1)) as scorer:
+        r_restated, r_honest = scorer.score_batch([restated, honest])
+        assert (r_restated.correct, r_restated.failure) == (False, ANSWER_FORM)
+        assert r_honest.correct
+        assert scorer.counters()["failure/answer_form"] == 1
+    with RewardScorer.from_config(RewardsConfig(num_workers=1, math_strict_answer_form=False)) as s:
+        assert [r.correct for r in s.score_batch([restated, honest])] == [True, True]
+    with pytest.raises(ValueError, match="default registry"):
+        RewardScorer(default_registry(), math_strict_answer_form=False)
