@@ -49,7 +49,7 @@ class ArchConfig:
     head_dim: int = _f(16, gt=0)
     rope_theta: float = _f(10000.0, gt=0)
     rms_norm_eps: float = _f(1e-6, gt=0)
-    max_position_embeddings: int = _f(512, gt=0)
+    max_position_embeddings: int = _f(2048, gt=0)  # >= data.max_prompt_length + max_new_tokens
     tie_word_embeddings: bool = True
 
 
@@ -468,6 +468,36 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: model.arch.num_attention_heads must be a multiple of "
             "model.arch.num_key_value_heads"
         )
+    if not cfg.model.path:  # the inline model's positions are known now
+        check_position_limit(
+            cfg, arch.max_position_embeddings, "model.arch.max_position_embeddings", source
+        )
+
+
+def check_position_limit(
+    cfg: Config, limit: int, limit_key: str, source: str, scaled: bool = False
+) -> None:
+    """The longest sequence the run produces, data.max_prompt_length + rollout.max_new_tokens
+    (and + eval.max_new_tokens), must fit the model's positions: `limit` tokens, named by
+    `limit_key` (max_position_embeddings, or with YaRN rope scaling factor x
+    original_max_position_embeddings, `scaled`). Raises ConfigError naming the keys."""
+    prompt = cfg.data.max_prompt_length
+    fix = (
+        "raise rope_scaling.factor"
+        if scaled
+        else "extend the model's context with YaRN rope scaling (config.json rope_scaling: "
+        "{rope_type: yarn, factor, original_max_position_embeddings})"
+    )
+    for key, new in (
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+    ):
+        if prompt + new > limit:
+            raise ConfigError(
+                f"{source}: data.max_prompt_length ({prompt}) + {key} ({new}) = {prompt + new} "
+                f"exceeds the model's positions, {limit_key} = {limit}: lower one of them, or "
+                f"{fix}"
+            )
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

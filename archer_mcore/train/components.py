@@ -21,9 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from archer_mcore.config import Config, ConfigError
+from archer_mcore.config import Config, ConfigError, check_position_limit
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
+from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
@@ -429,6 +430,15 @@ def build_components(cfg: Config) -> Components:
         else None
     )
     hf_config = hf_config_dict(cfg, tokenizer)
+    if cfg.model.path:  # the inline model.arch was checked at load
+        shape = shape_from_hf_config(hf_config)
+        check_position_limit(
+            cfg,
+            shape.position_limit,
+            f"{shape.position_limit_key} of {cfg.model.path}/config.json",
+            "model.path",
+            scaled=shape.rope_scaling is not None,
+        )
 
     source: Any = cfg.model.path or hf_config
     if cfg.warmstart.steps > 0:
