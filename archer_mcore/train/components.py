@@ -21,7 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from archer_mcore.config import Config, ConfigError, check_position_limit
+from archer_mcore.config import (
+    Config,
+    ConfigError,
+    check_context_parallel,
+    check_position_limit,
+)
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
 from archer_mcore.model.hf_config import shape_from_hf_config
@@ -408,8 +413,10 @@ def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Any:
 
 def build_components(cfg: Config) -> Components:
     """Everything the loop needs, in dependency order; fails early on bad config."""
+    from archer_mcore.model.build import te_available
     from archer_mcore.train.policy import MegatronPolicy
 
+    check_context_parallel(cfg, te_available(), torch.cuda.is_available())
     out = Path(cfg.train.output_dir)
     cache = Path(cfg.warmstart.cache_dir)
     tokenizer = build_tokenizer(cfg, cache)
