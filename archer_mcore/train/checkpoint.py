@@ -101,24 +101,103 @@ def _crc32(path: Path, chunk: int = 1 << 22) -> int:
     return crc
 
 
-def _threads(n_files: int, threads: int | None) -> int:
-    return max(1, min(n_files, threads or min(8, os.cpu_count() or 1)))
+#: Files are checksummed in blocks of this many bytes, one block per task, so that one
+#: large shard file is hashed by several threads; the blocks' CRCs are then combined.
+CRC_BLOCK_BYTES = 64 << 20
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
+
+
+def _gf2_apply(op: list[int], vec: int) -> int:
+    """A 32x32 GF(2) matrix, as its 32 columns, applied to a 32-bit vector."""
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= op[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_compose(a: list[int], b: list[int]) -> list[int]:
+    """The operator a(b(x)), as columns."""
+    return [_gf2_apply(a, col) for col in b]
+
+
+def crc32_shift(nbytes: int) -> list[int]:
+    """The GF(2)-linear map that takes the CRC-32 state past `nbytes` zero bytes.
+
+    One zero bit maps state x to (x >> 1) ^ (POLY if x & 1): column 0 is POLY, column
+    n the bit n - 1. Eight of them make a byte; powers by repeated squaring."""
+    bit = [_CRC_POLY] + [1 << (n - 1) for n in range(1, 32)]
+    step = _gf2_compose(bit, bit)
+    step = _gf2_compose(step, step)
+    step = _gf2_compose(step, step)  # one zero byte
+    out = [1 << n for n in range(32)]  # identity
+    while nbytes:
+        if nbytes & 1:
+            out = _gf2_compose(step, out)
+        step = _gf2_compose(step, step)
+        nbytes >>= 1
+    return out
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int, shift: list[int] | None = None) -> int:
+    """CRC-32 of A + B from crc32(A), crc32(B) and len(B): zlib's pre- and
+    post-conditioning cancel, leaving crc(A) advanced over len(B) zero bytes, xor
+    crc(B). `shift`: a precomputed ``crc32_shift(len_b)``."""
+    return _gf2_apply(shift or crc32_shift(len_b), crc_a) ^ crc_b
+
+
+def _crc32_range(path: Path, start: int, length: int, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length > 0 and (block := f.read(min(chunk, length))):
+            crc = zlib.crc32(block, crc)
+            length -= len(block)
+    return crc
+
+
+def _threads(n_tasks: int, threads: int | None) -> int:
+    return max(1, min(n_tasks, threads or min(8, os.cpu_count() or 1)))
+
+
+def _crc32_many(
+    paths: list[Path], threads: int | None, block: int | None = None
+) -> list[tuple[int, int]]:
+    """(size, CRC32) of each path: every `block`-byte block of every file is one task of
+    a thread pool (reads and ``zlib.crc32`` release the GIL), then each file's block
+    CRCs are combined in order."""
+    block = block or CRC_BLOCK_BYTES
+    sizes = [p.stat().st_size for p in paths]
+    tasks = [(i, off) for i, n in enumerate(sizes) for off in range(0, max(n, 1), block)]
+    with ThreadPoolExecutor(_threads(len(tasks), threads)) as pool:
+        crcs = list(pool.map(lambda t: _crc32_range(paths[t[0]], t[1], block), tasks))
+    full = crc32_shift(block) if any(n > block for n in sizes) else None
+    out: list[tuple[int, int]] = []
+    k = 0
+    for n in sizes:
+        crc = crcs[k]
+        for off in range(block, n, block):
+            k += 1
+            length = min(block, n - off)
+            crc = crc32_combine(crc, crcs[k], length, full if length == block else None)
+        k += 1
+        out.append((n, crc))
+    return out
 
 
 def checksum_files(
-    root: Path, rels: Collection[str], threads: int | None = None
+    root: Path, rels: Collection[str], threads: int | None = None, block: int | None = None
 ) -> dict[str, list[int]]:
-    """{relative path: [size in bytes, CRC32]} of files under `root`, computed by a pool
-    of `threads` threads (default: min(8, CPUs)); reads and ``zlib.crc32`` release the
-    GIL, so files are hashed concurrently."""
+    """{relative path: [size in bytes, CRC32]} of files under `root`, hashed in blocks
+    (`block` bytes, default CRC_BLOCK_BYTES) by a pool of `threads` threads (default:
+    min(8, CPUs))."""
     rels = sorted(rels)
-
-    def one(rel: str) -> list[int]:
-        p = root / rel
-        return [p.stat().st_size, _crc32(p)]
-
-    with ThreadPoolExecutor(_threads(len(rels), threads)) as pool:
-        return dict(zip(rels, pool.map(one, rels)))
+    return {
+        rel: [n, crc]
+        for rel, (n, crc) in zip(rels, _crc32_many([root / r for r in rels], threads, block))
+    }
 
 
 def verify_files(
@@ -127,11 +206,12 @@ def verify_files(
     rels: Collection[str],
     checksums: bool = True,
     threads: int | None = None,
+    block: int | None = None,
 ) -> None:
     """Check the files `rels` of checkpoint `ckpt` against the manifest entries `files`
     ({rel: [size, crc]}): listed, present, of the recorded size, and (with `checksums`)
-    of the recorded CRC32, hashed in a thread pool. Raises CheckpointError naming the
-    first failing file in sorted order."""
+    of the recorded CRC32, hashed in blocks by a thread pool (`checksum_files`). Raises
+    CheckpointError naming the first failing file in sorted order."""
     rels = sorted(rels)
     for rel in rels:
         if rel not in files:
@@ -145,10 +225,9 @@ def verify_files(
             )
     if not checksums or not rels:
         return
-    with ThreadPoolExecutor(_threads(len(rels), threads)) as pool:
-        ok = list(pool.map(lambda rel: _crc32(ckpt / rel) == files[rel][1], rels))
-    for rel, good in zip(rels, ok):
-        if not good:
+    got = _crc32_many([ckpt / rel for rel in rels], threads, block)
+    for rel, (_, crc) in zip(rels, got):
+        if crc != files[rel][1]:
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} fails its CRC32 check")
 
 

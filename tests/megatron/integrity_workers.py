@@ -34,18 +34,17 @@ def integrity(payload: dict[str, Any]) -> dict[str, Any]:
     policy.train_step(replace(batch, old_logp=old), LossConfig(agg_mode="token-mean"))
 
     hashed: list[str] = []
-    real_crc = ckpt._crc32
+    real_crc = ckpt._crc32_range
     root = Path(payload["root"])
 
-    def recording_crc(path: Path, chunk: int = 1 << 22) -> int:
-        rel = Path(path).relative_to(root / ".tmp-step_00000001")
-        hashed.append(str(rel))
-        return real_crc(path, chunk)
+    def recording_crc(path: Path, start: int, length: int, chunk: int = 1 << 22) -> int:
+        hashed.append(str(Path(path).relative_to(root / ".tmp-step_00000001")))
+        return real_crc(path, start, length, chunk)
 
-    ckpt._crc32 = recording_crc
+    ckpt._crc32_range = recording_crc
     good = ckpt.save_checkpoint(policy, root, {"next": 1})
-    ckpt._crc32 = real_crc
-    out: dict[str, Any] = {"hashed_on_save": _all(sorted(hashed))}
+    ckpt._crc32_range = real_crc
+    out: dict[str, Any] = {"hashed_on_save": _all(sorted(set(hashed)))}
 
     policy.load_checkpoint(good)
     out["verified_on_load"] = _all(ckpt.last_load_verification.files)

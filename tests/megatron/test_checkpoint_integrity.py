@@ -16,6 +16,8 @@ from archer_mcore.train.checkpoint import (
     MANIFEST,
     CheckpointError,
     checksum_files,
+    crc32_combine,
+    crc32_shift,
     verify_checkpoint,
     verify_files,
 )
@@ -33,19 +35,33 @@ def test_checksum_files_against_zlib_of_the_whole_file(tmp_path):
     for rel in sizes:
         data = (tmp_path / rel).read_bytes()
         assert got[rel] == [len(data), zlib.crc32(data)], rel
-    verify_files(tmp_path, got, sizes, threads=2)
+    # 1 MiB blocks: d.bin is hashed as 5 blocks (the last one short), e.bin as 3
+    assert checksum_files(tmp_path, list(sizes), threads=4, block=1 << 20) == got
+    verify_files(tmp_path, got, sizes, threads=2, block=1 << 20)
     with open(tmp_path / "b/d.bin", "r+b") as f:
         f.seek(1 << 22)  # in the second read chunk
         f.write(b"\x00")
     with open(tmp_path / "e.bin", "r+b") as f:
         f.write(b"\xff")
     with pytest.raises(CheckpointError, match="file b/d.bin fails its CRC32"):
-        verify_files(tmp_path, got, sizes, threads=4)
+        verify_files(tmp_path, got, sizes, threads=4, block=1 << 20)
     with pytest.raises(CheckpointError, match="e.bin fails"):
         verify_files(tmp_path, got, ["a.bin", "e.bin"])
     verify_files(tmp_path, got, ["a.bin", "b/c.bin"])  # only what is asked
     with pytest.raises(CheckpointError, match="not in its"):
         verify_files(tmp_path, got, ["zzz.bin"])
+
+
+@pytest.mark.parametrize("len_a,len_b", [(0, 0), (1, 0), (0, 5), (3, 7), (1000, 1), (777, 65537)])
+def test_crc32_combine_matches_zlib(len_a, len_b):
+    import random
+
+    rng = random.Random(len_a * 31 + len_b)
+    a, b = rng.randbytes(len_a), rng.randbytes(len_b)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b) == zlib.crc32(a + b)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b, crc32_shift(len_b)) == zlib.crc32(
+        a + b
+    )
 
 
 @pytest.mark.slow
