@@ -302,8 +302,10 @@ def resolve_checkpoint(
     ckpt: str | Path, checksums: bool = True, only: Collection[str] | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """A step directory, or a root (then its latest checkpoint), verified: returns
-    (step_dir, manifest). Raises CheckpointError if there is none or it is damaged; it
-    never falls back to an older checkpoint or to a fresh start on its own."""
+    (step_dir, manifest). `only`: the files to verify (None: all; `load_checkpoint`
+    passes none and has each rank verify what it reads). Raises CheckpointError if there
+    is none or it is damaged; it never falls back to an older checkpoint or to a fresh
+    start on its own."""
     ckpt = Path(ckpt)
     if (ckpt / MANIFEST).is_file() or ckpt.name.startswith(("step_", ".tmp-")):
         step_dir = ckpt
