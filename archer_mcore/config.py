@@ -48,7 +48,7 @@ class ArchConfig:
     head_dim: int = _f(16, gt=0)
     rope_theta: float = _f(10000.0, gt=0)
     rms_norm_eps: float = _f(1e-6, gt=0)
-    max_position_embeddings: int = _f(512, gt=0)
+    max_position_embeddings: int = _f(2048, gt=0)  # >= data.max_prompt_length + max_new_tokens
     tie_word_embeddings: bool = True
 
 
@@ -70,6 +70,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     micro_batch_tokens: int = _f(8192, gt=0)  # token budget of one micro-batch
+    # CP: each micro-batch's tokens split over this many GPUs (ring attention). Needs
+    # Transformer Engine on GPUs; `archer plan` models it, the trainer refuses CP > 1.
+    context_parallel_size: int = _f(1, ge=1)
 
 
 @dataclass
@@ -514,6 +517,70 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: model.arch.num_attention_heads must be a multiple of "
             "model.arch.num_key_value_heads"
         )
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1 and cfg.model.transformer_impl != "transformer_engine":
+        raise ConfigError(
+            f"{source}: parallel.context_parallel_size = {cp} needs "
+            "model.transformer_impl: transformer_engine: megatron-core's context-parallel "
+            "attention exists only in Transformer Engine layers (on GPUs)"
+        )
+    if not cfg.model.path:  # the inline model's positions are known now
+        check_position_limit(
+            cfg, arch.max_position_embeddings, "model.arch.max_position_embeddings", source
+        )
+
+
+def check_context_parallel(cfg: Config, te_importable: bool, cuda: bool) -> None:
+    """Refuse parallel.context_parallel_size > 1 when building the trainer.
+
+    megatron-core 0.16.1's context parallelism is Transformer Engine's ring attention
+    (TEDotProductAttention with cp_group; the local spec's DotProductAttention,
+    megatron/core/transformer/dot_product_attention.py, asserts context_parallel_size
+    == 1), which needs CUDA; and this trainer does not split its micro-batches over
+    CP ranks, which cannot be tested on CPU. The key is for `archer plan`."""
+    cp = cfg.parallel.context_parallel_size
+    if cp <= 1:
+        return
+    missing = [
+        what
+        for what, ok in (
+            ("transformer_engine is not importable", te_importable),
+            ("no CUDA device", cuda),
+        )
+        if not ok
+    ]
+    why = f" (here: {', '.join(missing)})" if missing else ""
+    raise ConfigError(
+        f"parallel.context_parallel_size = {cp}: context parallelism needs Transformer "
+        f"Engine attention on GPUs{why}, and this trainer does not yet split micro-batches "
+        "over CP ranks; `archer plan` models CP layouts. Set it to 1 to train."
+    )
+
+
+def check_position_limit(
+    cfg: Config, limit: int, limit_key: str, source: str, scaled: bool = False
+) -> None:
+    """The longest sequence the run produces, data.max_prompt_length + rollout.max_new_tokens
+    (and + eval.max_new_tokens), must fit the model's positions: `limit` tokens, named by
+    `limit_key` (max_position_embeddings, or with YaRN rope scaling factor x
+    original_max_position_embeddings, `scaled`). Raises ConfigError naming the keys."""
+    prompt = cfg.data.max_prompt_length
+    fix = (
+        "raise rope_scaling.factor"
+        if scaled
+        else "extend the model's context with YaRN rope scaling (config.json rope_scaling: "
+        "{rope_type: yarn, factor, original_max_position_embeddings})"
+    )
+    for key, new in (
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+    ):
+        if prompt + new > limit:
+            raise ConfigError(
+                f"{source}: data.max_prompt_length ({prompt}) + {key} ({new}) = {prompt + new} "
+                f"exceeds the model's positions, {limit_key} = {limit}: lower one of them, or "
+                f"{fix}"
+            )
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -176,14 +176,22 @@ class TrainLayout:
     micro_batch_tokens: int = 8192
     logits_path: LogitsPath = "fused"
     fp8: bool = False
+    cp: int = 1  # context parallel: a micro-batch's tokens split over cp GPUs
 
     @property
     def dp(self) -> int:
-        return self.gpus // (self.tp * self.pp)
+        return self.gpus // (self.tp * self.pp * self.cp)
+
+    @property
+    def model_parallel(self) -> int:
+        """GPUs one model replica spans: TP x PP x CP."""
+        return self.tp * self.pp * self.cp
 
     def describe(self) -> str:
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
         return (
-            f"TP{self.tp} PP{self.pp} DP{self.dp}, SP {'on' if self.sequence_parallel else 'off'}, "
+            f"TP{self.tp} PP{self.pp}{cp} DP{self.dp}, "
+            f"SP {'on' if self.sequence_parallel else 'off'}, "
             f"recompute {self.recompute}, distributed optimizer "
             f"{'on' if self.distributed_optimizer else 'off'}, micro-batch "
             f"{self.micro_batch_tokens} tokens, logits path {self.logits_path}"
@@ -355,6 +363,28 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: Literal["first", "last"
     return math.ceil(n / tp)
 
 
+def cp_tokens_per_gpu(layout: TrainLayout) -> int:
+    """Tokens of one micro-batch on one GPU: CP splits each micro-batch's sequence
+    dimension over `cp` ranks (megatron cuts it into 2 x cp chunks, rank r taking
+    chunks r and 2cp - 1 - r so that causal attention work is balanced)."""
+    return math.ceil(layout.micro_batch_tokens / layout.cp)
+
+
+def cp_kv_bytes_per_token(m: ModelShape, tp: int) -> float:
+    """bf16 K and V of one token in one layer on one TP rank: 2 x 2 B x (g / TP) x d."""
+    return 4 * m.num_kv_heads * m.head_dim / tp
+
+
+def cp_ring_buffer_bytes(m: ModelShape, layout: TrainLayout) -> float:
+    """What ring attention holds beyond the layer inventory (CP > 1): one K/V chunk
+    of another rank arriving while the local one is used (forward), and in backward
+    that chunk plus the dK/dV chunk travelling the other way: two chunks of t / CP
+    tokens of one layer's K and V. 0 at CP 1."""
+    if layout.cp <= 1:
+        return 0.0
+    return 2 * cp_tokens_per_gpu(layout) * cp_kv_bytes_per_token(m, layout.tp)
+
+
 def microbatches_per_rank(layout: TrainLayout, work: Workload, assume: Assumptions) -> int:
     """Packed micro-batches one data-parallel rank runs per mini-batch."""
     mean_seq = min(assume.mean_prompt_tokens, work.max_prompt_tokens) + (
@@ -367,7 +397,8 @@ def microbatches_per_rank(layout: TrainLayout, work: Workload, assume: Assumptio
 def training_memory(
     m: ModelShape, layout: TrainLayout, work: Workload, assume: Assumptions = Assumptions()
 ) -> TrainingMemory:
-    tp, pp, t = layout.tp, layout.pp, layout.micro_batch_tokens
+    tp, pp = layout.tp, layout.pp
+    t = cp_tokens_per_gpu(layout)  # a micro-batch's tokens on one GPU (all of them at CP 1)
     nmb = microbatches_per_rank(layout, work, assume)
     in_flight = min(pp, nmb) if pp > 1 else 1
     seq = min(t, work.max_sequence_tokens)
@@ -385,10 +416,11 @@ def training_memory(
             held += t * layer_activation_bytes_per_token(
                 m, tp, layout.sequence_parallel, "none", seq, assume
             )
-        return held
+        return held + cp_ring_buffer_bytes(m, layout)
 
     grad_bytes, weight_bytes = 4.0, 2.0
-    opt_bytes = 12.0 / layout.dp if layout.distributed_optimizer else 12.0
+    # megatron's distributed optimizer shards over the data-parallel group with CP
+    opt_bytes = 12.0 / (layout.dp * layout.cp) if layout.distributed_optimizer else 12.0
 
     def stage(which: Literal["first", "last"]) -> StageMemory:
         n = stage_params(m, tp, pp, which)
@@ -491,6 +523,7 @@ class StepTime:
     train_flops: float
     decode_step_s: float
     concurrency: int  # sequences decoding together per server
+    cp_comm_s: float = 0.0  # ring-attention K/V traffic, part of training_s
 
     @property
     def total_s(self) -> float:
@@ -503,6 +536,33 @@ def forward_flops_per_token(m: ModelShape, mean_context: float) -> float:
     return 2 * matmul_params_per_token(m) + attn
 
 
+def cp_comm_bytes(
+    m: ModelShape, train: TrainLayout, work: Workload, assume: Assumptions = Assumptions()
+) -> float:
+    """Bytes one GPU sends per RL step for ring attention (0 at CP 1).
+
+    Per layer and micro-batch, each CP rank passes a K/V chunk of t / CP tokens on
+    CP - 1 times in a forward; a backward passes K/V again and dK/dV back: twice that.
+    Summed over the step's tokens on one data-parallel rank (sequences x mean length /
+    DP), its layers (L / PP), and the passes: old log-probs (+ reference) forwards and,
+    per PPO epoch, a forward (+ the recompute forward under full recompute) and a
+    backward."""
+    cp = train.cp
+    if cp <= 1:
+        return 0.0
+    seq = min(assume.mean_prompt_tokens, work.max_prompt_tokens) + (
+        assume.mean_response_fraction * work.max_new_tokens
+    )
+    tokens_per_gpu = work.sequences * seq / train.dp / cp
+    forwards = 1 + (1 if work.needs_reference else 0)
+    forwards += work.ppo_epochs * (1 + (1 if train.recompute == "full" else 0))
+    backwards = work.ppo_epochs
+    per_pass = (
+        (m.num_layers // train.pp) * tokens_per_gpu * (cp - 1) * cp_kv_bytes_per_token(m, train.tp)
+    )
+    return per_pass * (forwards + 2 * backwards)
+
+
 def step_time(
     m: ModelShape,
     train: TrainLayout,
@@ -511,6 +571,7 @@ def step_time(
     gpu: GpuSpec,
     rmem: RolloutMemory,
     assume: Assumptions = Assumptions(),
+    gpus_per_node: int = 8,
 ) -> StepTime:
     prompt = min(assume.mean_prompt_tokens, work.max_prompt_tokens)
     resp = assume.mean_response_fraction * work.max_new_tokens
@@ -540,11 +601,19 @@ def step_time(
     nmb = microbatches_per_rank(train, work, assume)
     bubble = (train.pp - 1) / nmb if train.pp > 1 else 0.0
     training_s = flops / (train.gpus * tpeak * assume.mfu_train) * (1 + bubble)
+    # CP: ring attention's K/V traffic, counted as not overlapped with compute (an upper
+    # bound; TE overlaps it with the attention of the chunk at hand). NVLink while the
+    # TP x CP ranks of a group share a node (megatron orders ranks TP, CP, DP, PP).
+    cp_link = (
+        gpu.nvlink_bytes_per_s if train.tp * train.cp <= gpus_per_node else gpu.network_bytes_per_s
+    )
+    cp_comm_s = cp_comm_bytes(m, train, work, assume) / cp_link
+    training_s += cp_comm_s
     # Weight sync: the bf16 weights leave the trainer through one link (the bucketed
     # broadcast from the gathering rank; NVLink/IPC when colocated, the NIC otherwise).
     link = gpu.nvlink_bytes_per_s if roll.colocated else gpu.network_bytes_per_s
     sync_s = 2 * total_params(m) / link
-    return StepTime(rollout_s, sync_s, training_s, flops, decode_step, conc)
+    return StepTime(rollout_s, sync_s, training_s, flops, decode_step, conc, cp_comm_s)
 
 
 # --------------------------------------------------------------------------- planning
@@ -678,6 +747,7 @@ def layouts_from_config(
         micro_batch_tokens=p.micro_batch_tokens,
         logits_path=logits_path_of(choices),
         fp8=choices.build.precision.fp8_enabled,
+        cp=p.context_parallel_size,
     )
     s = cfg.rollout.sglang
     roll = RolloutLayout(
@@ -706,6 +776,11 @@ def check_layout(
         errs.append(
             f"{train.gpus} training GPUs are not a multiple of TP x PP = {tp * pp} "
             "(parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size)"
+        )
+    elif train.gpus % train.model_parallel:
+        errs.append(
+            f"{train.gpus} training GPUs are not a multiple of TP x PP x CP = "
+            f"{train.model_parallel} (parallel.context_parallel_size = {train.cp})"
         )
     if tp > cluster.gpus_per_node:
         errs.append(f"TP {tp} spans more than one node ({cluster.gpus_per_node} GPUs per node)")
@@ -784,7 +859,7 @@ def make_plan(
     tmem = training_memory(m, train, work, assume) if train.gpus > 0 and train.dp > 0 else None
     if tmem is None:  # no training GPUs: still report the rollout side
         tmem = training_memory(
-            m, dataclasses.replace(train, gpus=train.tp * train.pp), work, assume
+            m, dataclasses.replace(train, gpus=train.model_parallel), work, assume
         )
     reserved = 0.0
     if roll.colocated:  # the trainer's weights, gradients and optimizer stay resident
@@ -794,12 +869,13 @@ def make_plan(
     servers = max(1, roll.num_servers)
     tt = step_time(
         m,
-        dataclasses.replace(train, gpus=max(train.gpus, train.tp * train.pp)),
+        dataclasses.replace(train, gpus=max(train.gpus, train.model_parallel)),
         dataclasses.replace(roll, num_servers=servers),
         work,
         cluster.spec,
         rmem,
         assume,
+        gpus_per_node=cluster.gpus_per_node,
     )
     plan = Plan(m, cluster, train, roll, work, tmem, rmem, tt)
     plan.problems = check_layout(m, cluster, train, roll, work)
@@ -850,6 +926,12 @@ def candidate_layouts(
                                     )
                                 )
                                 trains.append((d, cand))
+    trains = [
+        (d + (cp != train.cp), dataclasses.replace(t, cp=cp))
+        for d, t in trains
+        for cp in sorted({1, 2, 4, train.cp})
+        if train.gpus % (t.tp * t.pp * cp) == 0
+    ]
     rolls: list[tuple[int, RolloutLayout]] = []
     gpus_r = (cluster.nodes if roll.colocated else cluster.rollout_nodes) * cluster.gpus_per_node
     for rtp in _divisors_pow2(cluster.gpus_per_node):
@@ -890,9 +972,10 @@ def nearest_fitting(
         plan = make_plan(m, cluster, t, r, work, assume)
         if not plan.fits:
             continue
-        key = (d, plan.time.total_s)
+        # among equally near layouts, one the trainer can run (no new CP) wins
+        key = (d + 0.5 * (t.cp != train.cp), plan.time.total_s)
         if best is None or key < best[:2]:
-            best = (d, plan.time.total_s, plan)
+            best = (key[0], plan.time.total_s, plan)
     return best[2] if best else None
 
 
@@ -905,6 +988,7 @@ def _layout_diff(old: Plan, new: Plan) -> list[str]:
         "distributed_optimizer": "parallel.use_distributed_optimizer",
         "micro_batch_tokens": "parallel.micro_batch_tokens",
         "logits_path": "kernels (logits path)",
+        "cp": "parallel.context_parallel_size",
     }
     out = [
         f"{name}={getattr(new.train, k)!r}"
@@ -913,6 +997,11 @@ def _layout_diff(old: Plan, new: Plan) -> list[str]:
         for k, name in keys.items()
         if getattr(old.train, k) != getattr(new.train, k)
     ]
+    if new.train.cp > 1 and old.train.cp != new.train.cp:
+        out.append(
+            "(CP needs model.transformer_impl: transformer_engine on GPUs; the trainer "
+            "does not run CP yet)"
+        )
     rkeys = {
         "tp": "rollout.sglang.tp_size",
         "num_servers": "rollout.sglang.num_servers",
@@ -948,6 +1037,13 @@ def format_plan(plan: Plan, assume: Assumptions = Assumptions()) -> str:
         f"training: {plan.train.gpus} GPUs, {plan.train.describe()}",
         f"  micro-batches per mini-batch and DP rank: {tm.microbatches}, in flight: {tm.in_flight}",
     ]
+    if plan.train.cp > 1:
+        lines.append(
+            f"  context parallel CP{plan.train.cp}: {cp_tokens_per_gpu(plan.train)} tokens of each "
+            f"micro-batch per GPU; ring attention sends "
+            f"{cp_comm_bytes(m, plan.train, plan.work, assume) / GIB:.1f} GiB per GPU per step "
+            f"({plan.time.cp_comm_s:.1f} s, counted in training, not overlapped)"
+        )
     stages = (
         [("each GPU", tm.first)]
         if tm.last is tm.first
@@ -1012,6 +1108,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "rollout": plan.time.rollout_s,
             "weight_sync": plan.time.weight_sync_s,
             "training": plan.time.training_s,
+            "context_parallel_comm": plan.time.cp_comm_s,
             "total": plan.time.total_s,
         },
     }

@@ -42,6 +42,9 @@ EXCLUDED = {PACKAGE / "config.py", PACKAGE / "planner.py"}
 LOAD_OR_PLAN_ONLY: dict[str, str] = {
     "algorithm.name": "selects the preset at load time (config.ALGORITHM_PRESETS); its effect "
     "is the preset's field values, which the loss and loop read (tests/test_config.py)",
+    "parallel.context_parallel_size": "sized by the planner; the trainer refuses values > 1 "
+    "(config.check_context_parallel, called by build_components: it does not split "
+    "micro-batches over CP ranks yet, tests/longctx/test_context_parallel.py)",
     "slurm.gpu_type": "the planner's GPU model (memory, peak FLOP/s); the job runs on the GPUs "
     "Slurm grants, so the trainer has nothing to do with the name",
 }

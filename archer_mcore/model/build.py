@@ -205,6 +205,58 @@ def layer_spec_for(choices: BuildChoices, shape: ModelShape, config: Any) -> Any
     )
 
 
+def rope_arguments(config, shape: ModelShape) -> dict:
+    """GPTModel's position arguments for the shape, plain RoPE or YaRN.
+
+    For YaRN, megatron-core 0.16.1's GPTModel reads ``yarn_*`` attributes off the
+    TransformerConfig with getattr (they are fields of its MLA config only), so they
+    are set on `config` here; see `archer_mcore.model.convert.mcore_rope`. Without CUDA
+    the model is built with plain RoPE and `install_cpu_yarn` swaps the embedding in
+    afterwards (YarnRotaryEmbedding.__init__ enters ``torch.device(cuda index)`` unless
+    use_cpu_initialization, which would also change how the weights are initialised)."""
+    from archer_mcore.model.convert import mcore_rope
+
+    rope = mcore_rope(shape)
+    for key, value in rope.config_attrs.items():
+        setattr(config, key, value)
+    if rope.position_embedding_type == "rope":
+        return {"position_embedding_type": "rope", "rotary_base": int(rope.rotary_base)}
+    kind = "yarn" if torch.cuda.is_available() else "rope"
+    return {"position_embedding_type": kind, "rotary_base": rope.rotary_base}
+
+
+def install_cpu_yarn(model, config, shape: ModelShape) -> None:
+    """On CPU, replace the plain rotary embedding of a YaRN model with megatron's
+    YarnRotaryEmbedding (built with CPU initialisation) and switch GPTModel's forward
+    to its "yarn" branch. The embedding holds no parameters or persistent buffers, so
+    state dicts are unchanged. No-op with CUDA or without YaRN."""
+    if (
+        shape.rope_scaling is None
+        or torch.cuda.is_available()
+        or not hasattr(model, "rotary_pos_emb")
+    ):
+        return
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding,
+    )
+
+    model.rotary_pos_emb = YarnRotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=1.0,
+        rotary_interleaved=config.rotary_interleaved,
+        rotary_base=shape.rope_theta,
+        scaling_factor=config.yarn_rotary_scaling_factor,
+        original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+        beta_fast=config.yarn_beta_fast,
+        beta_slow=config.yarn_beta_slow,
+        mscale=config.yarn_mscale,
+        mscale_all_dim=config.yarn_mscale_all_dim,
+        correction_range_round_to_int=config.yarn_correction_range_round_to_int,
+        use_cpu_initialization=True,
+    )
+    model.position_embedding_type = "yarn"
+
+
 def build_gpt_model(
     shape: ModelShape,
     model: ModelConfig | None = None,
@@ -242,10 +294,10 @@ def build_gpt_model(
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
         share_embeddings_and_output_weights=shape.tie_embeddings,
-        position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(shape.rope_theta),
+        **rope_arguments(config, shape),
     )
+    install_cpu_yarn(gpt, config, shape)
     if torch.cuda.is_available():
         gpt = gpt.cuda(torch.cuda.current_device())
     return gpt, config, choices

@@ -13,18 +13,22 @@ megatron layout (per TP rank r of tp, per PP stage holding global layers
 - embedding / output layer: vocab rows zero-padded to `padded_vocab`, split along dim 0.
 - norms: replicated. With the TE spec the pre-attention / pre-MLP norms are fused into
   ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``.
+
+Positions: `mcore_rope` / `hf_rope_from_mcore` map HF rope settings (plain RoPE or
+YaRN) to megatron's GPTModel arguments and config attributes and back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from archer_mcore.model.hf_config import ModelShape
+from archer_mcore.model.hf_config import ModelShape, RopeScaling
 
 Kind = Literal["replicated", "row", "col", "qkv", "gate_up", "vocab"]
 
@@ -267,4 +271,74 @@ def mcore_shards_to_hf(
                 raise KeyError(f"megatron shard (pp={stage}) is missing {key!r}") from None
             for name, t in zip(hf_names(rule, layer), from_tp_shards(rule, parts, shape)):
                 out[name] = t
+    return out
+
+
+# ------------------------------------------------------------------ positions (config)
+@dataclass(frozen=True)
+class MegatronRope:
+    """How megatron-core 0.16.1 expresses a shape's rotary embedding.
+
+    position_embedding_type: GPTModel's argument ("rope" or "yarn").
+    rotary_base: GPTModel's ``rotary_base`` (HF rope_theta).
+    config_attrs: attributes GPTModel (``megatron/core/models/gpt/gpt_model.py``) and
+      the attention's ``_yarn_get_concentration_factor_from_config``
+      (``megatron/core/models/common/embeddings/yarn_rotary_pos_embedding.py``) read
+      off the TransformerConfig with getattr for "yarn"; empty for plain RoPE.
+    """
+
+    position_embedding_type: Literal["rope", "yarn"]
+    rotary_base: float
+    config_attrs: dict[str, float | int | bool]
+
+
+def mcore_rope(shape: ModelShape) -> MegatronRope:
+    """HF rope settings -> megatron's.
+
+    megatron multiplies cos/sin by mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)
+    with mscale(s, m) = 0.1 m ln s + 1 (s > 1); with yarn_mscale_all_dim = 0 the
+    denominator is 1, so yarn_mscale = (attention_factor - 1) / (0.1 ln s) reproduces any
+    resolved HF attention factor. At s = 1 megatron's factor is 1 (the only value
+    `shape_from_hf_config` accepts there), and yarn_mscale is left at 1.
+    """
+    rs = shape.rope_scaling
+    if rs is None:
+        return MegatronRope("rope", shape.rope_theta, {})
+    mscale = (rs.attention_factor - 1.0) / (0.1 * math.log(rs.factor)) if rs.factor > 1 else 1.0
+    return MegatronRope(
+        "yarn",
+        shape.rope_theta,
+        {
+            "yarn_rotary_scaling_factor": rs.factor,
+            "yarn_original_max_position_embeddings": rs.original_max_position_embeddings,
+            "yarn_beta_fast": rs.beta_fast,
+            "yarn_beta_slow": rs.beta_slow,
+            "yarn_mscale": mscale,
+            "yarn_mscale_all_dim": 0.0,
+            "yarn_correction_range_round_to_int": rs.truncate,
+        },
+    )
+
+
+def hf_rope_from_mcore(rope: MegatronRope) -> dict[str, Any]:
+    """megatron rope settings -> the config.json keys (rope_theta [+ rope_scaling]);
+    the inverse of `mcore_rope` on the resolved values."""
+    out: dict[str, Any] = {"rope_theta": float(rope.rotary_base)}
+    if rope.position_embedding_type == "rope":
+        return out
+    a = rope.config_attrs
+    s = float(a["yarn_rotary_scaling_factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    out["rope_scaling"] = RopeScaling(
+        rope_type="yarn",
+        factor=s,
+        original_max_position_embeddings=int(a["yarn_original_max_position_embeddings"]),
+        beta_fast=float(a["yarn_beta_fast"]),
+        beta_slow=float(a["yarn_beta_slow"]),
+        attention_factor=mscale(float(a["yarn_mscale"])) / mscale(float(a["yarn_mscale_all_dim"])),
+        truncate=bool(a["yarn_correction_range_round_to_int"]),
+    ).to_hf()
     return out

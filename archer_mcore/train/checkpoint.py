@@ -19,17 +19,29 @@ loaded. Loading verifies the manifest (presence, sizes, checksums) and raises
 `CheckpointError` naming the problem instead of silently starting over; `--resume` picks
 the newest checkpoint that verifies (`latest_valid_checkpoint`, which reports each
 damaged one it skips). Pruning keeps the checkpoint just written and deletes only older
-ones beyond `keep_last`. The frozen
+ones beyond `keep_last`.
+
+Integrity scales with the ranks: on save each rank checksums only the files it wrote
+(its torch_dist shard files, as the storage writer reports them, and its RNG file) in a
+thread pool (``zlib.crc32`` and file reads release the GIL), the per-rank results are
+gathered to rank 0, which adds the files only it wrote (metadata, extra state) and
+writes the manifest. On load each rank verifies only what it reads: the shared small
+files, its own RNG file, and the shard files in its torch_dist read plan (checked as
+the storage reader is handed the plan); a problem on any rank fails the load on all. The frozen
 reference model is not saved: it is rebuilt from the same HF weights at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import time
 import zlib
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +105,136 @@ def _crc32(path: Path, chunk: int = 1 << 22) -> int:
     return crc
 
 
+#: Files are checksummed in blocks of this many bytes, one block per task, so that one
+#: large shard file is hashed by several threads; the blocks' CRCs are then combined.
+CRC_BLOCK_BYTES = 64 << 20
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
+
+
+def _gf2_apply(op: list[int], vec: int) -> int:
+    """A 32x32 GF(2) matrix, as its 32 columns, applied to a 32-bit vector."""
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= op[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_compose(a: list[int], b: list[int]) -> list[int]:
+    """The operator a(b(x)), as columns."""
+    return [_gf2_apply(a, col) for col in b]
+
+
+def crc32_shift(nbytes: int) -> list[int]:
+    """The GF(2)-linear map that takes the CRC-32 state past `nbytes` zero bytes.
+
+    One zero bit maps state x to (x >> 1) ^ (POLY if x & 1): column 0 is POLY, column
+    n the bit n - 1. Eight of them make a byte; powers by repeated squaring."""
+    bit = [_CRC_POLY] + [1 << (n - 1) for n in range(1, 32)]
+    step = _gf2_compose(bit, bit)
+    step = _gf2_compose(step, step)
+    step = _gf2_compose(step, step)  # one zero byte
+    out = [1 << n for n in range(32)]  # identity
+    while nbytes:
+        if nbytes & 1:
+            out = _gf2_compose(step, out)
+        step = _gf2_compose(step, step)
+        nbytes >>= 1
+    return out
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int, shift: list[int] | None = None) -> int:
+    """CRC-32 of A + B from crc32(A), crc32(B) and len(B): zlib's pre- and
+    post-conditioning cancel, leaving crc(A) advanced over len(B) zero bytes, xor
+    crc(B). `shift`: a precomputed ``crc32_shift(len_b)``."""
+    return _gf2_apply(shift or crc32_shift(len_b), crc_a) ^ crc_b
+
+
+def _crc32_range(path: Path, start: int, length: int, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length > 0 and (block := f.read(min(chunk, length))):
+            crc = zlib.crc32(block, crc)
+            length -= len(block)
+    return crc
+
+
+def _threads(n_tasks: int, threads: int | None) -> int:
+    return max(1, min(n_tasks, threads or min(8, os.cpu_count() or 1)))
+
+
+def _crc32_many(
+    paths: list[Path], threads: int | None, block: int | None = None
+) -> list[tuple[int, int]]:
+    """(size, CRC32) of each path: every `block`-byte block of every file is one task of
+    a thread pool (reads and ``zlib.crc32`` release the GIL), then each file's block
+    CRCs are combined in order."""
+    block = block or CRC_BLOCK_BYTES
+    sizes = [p.stat().st_size for p in paths]
+    tasks = [(i, off) for i, n in enumerate(sizes) for off in range(0, max(n, 1), block)]
+    with ThreadPoolExecutor(_threads(len(tasks), threads)) as pool:
+        crcs = list(pool.map(lambda t: _crc32_range(paths[t[0]], t[1], block), tasks))
+    full = crc32_shift(block) if any(n > block for n in sizes) else None
+    out: list[tuple[int, int]] = []
+    k = 0
+    for n in sizes:
+        crc = crcs[k]
+        for off in range(block, n, block):
+            k += 1
+            length = min(block, n - off)
+            crc = crc32_combine(crc, crcs[k], length, full if length == block else None)
+        k += 1
+        out.append((n, crc))
+    return out
+
+
+def checksum_files(
+    root: Path, rels: Collection[str], threads: int | None = None, block: int | None = None
+) -> dict[str, list[int]]:
+    """{relative path: [size in bytes, CRC32]} of files under `root`, hashed in blocks
+    (`block` bytes, default CRC_BLOCK_BYTES) by a pool of `threads` threads (default:
+    min(8, CPUs))."""
+    rels = sorted(rels)
+    return {
+        rel: [n, crc]
+        for rel, (n, crc) in zip(rels, _crc32_many([root / r for r in rels], threads, block))
+    }
+
+
+def verify_files(
+    ckpt: Path,
+    files: Mapping[str, Any],
+    rels: Collection[str],
+    checksums: bool = True,
+    threads: int | None = None,
+    block: int | None = None,
+) -> None:
+    """Check the files `rels` of checkpoint `ckpt` against the manifest entries `files`
+    ({rel: [size, crc]}): listed, present, of the recorded size, and (with `checksums`)
+    of the recorded CRC32, hashed in blocks by a thread pool (`checksum_files`). Raises
+    CheckpointError naming the first failing file in sorted order."""
+    rels = sorted(rels)
+    for rel in rels:
+        if rel not in files:
+            raise CheckpointError(f"checkpoint {ckpt}: file {rel} is not in its {MANIFEST}")
+        p, size = ckpt / rel, files[rel][0]
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} is missing")
+        if p.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: file {rel} has {p.stat().st_size} bytes, the manifest says {size}"
+            )
+    if not checksums or not rels:
+        return
+    got = _crc32_many([ckpt / rel for rel in rels], threads, block)
+    for rel, (_, crc) in zip(rels, got):
+        if crc != files[rel][1]:
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} fails its CRC32 check")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -114,10 +256,14 @@ def _layout() -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ verification
-def verify_checkpoint(ckpt: str | Path, checksums: bool = True) -> dict[str, Any]:
+def verify_checkpoint(
+    ckpt: str | Path, checksums: bool = True, only: Collection[str] | None = None
+) -> dict[str, Any]:
     """Check a step directory against its manifest; returns the manifest.
 
-    Raises CheckpointError naming the directory and the first problem found."""
+    `only`: the manifest's files to check (None: all, hashed in a thread pool; empty:
+    the manifest itself only). Raises CheckpointError naming the directory and the
+    first problem found."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
@@ -136,16 +282,7 @@ def verify_checkpoint(ckpt: str | Path, checksums: bool = True) -> dict[str, Any
         raise CheckpointError(
             f"checkpoint {ckpt}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
-    for rel, (size, crc) in files.items():
-        p = ckpt / rel
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} is missing")
-        if p.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {ckpt} is corrupt: file {rel} has {p.stat().st_size} bytes, the manifest says {size}"
-            )
-        if checksums and _crc32(p) != crc:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} fails its CRC32 check")
+    verify_files(ckpt, files, files if only is None else only, checksums)
     return manifest
 
 
@@ -200,10 +337,14 @@ def latest_valid_checkpoint(
     return None
 
 
-def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, dict[str, Any]]:
+def resolve_checkpoint(
+    ckpt: str | Path, checksums: bool = True, only: Collection[str] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """A step directory, or a root (then its latest checkpoint), verified: returns
-    (step_dir, manifest). Raises CheckpointError if there is none or it is damaged; it
-    never falls back to an older checkpoint or to a fresh start on its own."""
+    (step_dir, manifest). `only`: the files to verify (None: all; `load_checkpoint`
+    passes none and has each rank verify what it reads). Raises CheckpointError if there
+    is none or it is damaged; it never falls back to an older checkpoint or to a fresh
+    start on its own."""
     ckpt = Path(ckpt)
     if (ckpt / MANIFEST).is_file() or ckpt.name.startswith(("step_", ".tmp-")):
         step_dir = ckpt
@@ -212,7 +353,136 @@ def resolve_checkpoint(ckpt: str | Path, checksums: bool = True) -> tuple[Path, 
         if found is None:
             raise CheckpointError(f"no checkpoint under {ckpt}")
         step_dir = found
-    return step_dir, verify_checkpoint(step_dir, checksums=checksums)
+    return step_dir, verify_checkpoint(step_dir, checksums=checksums, only=only)
+
+
+# ------------------------------------------------------------------ per-rank integrity
+#: Files every rank reads on load (when the manifest lists them): the caller's extra
+#: state, and megatron's common state, its format metadata and the torch_dist metadata.
+SHARED_READS = ("extra_state.pt", "dist/common.pt", "dist/metadata.json", "dist/.metadata")
+
+
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Collective: every rank's `obj` on rank 0 (in rank order), None elsewhere."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _fail_together(error: str | None) -> None:
+    """Collective: if any rank found a problem, raise CheckpointError on every rank (its
+    own message, or the first failing rank's)."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    if error:
+        raise CheckpointError(error)
+    for r, e in enumerate(errors):
+        if e:
+            raise CheckpointError(f"rank {r}: {e}")
+
+
+def write_manifest(
+    tmp: Path,
+    step: int,
+    mine: Collection[str],
+    layout: Mapping[str, int],
+    threads: int | None = None,
+) -> dict[str, Any] | None:
+    """Collective: checksum the files this rank wrote (`mine`, relative to `tmp`) in a
+    thread pool, gather the results to rank 0, which checksums what no rank claimed (the
+    files only it writes: metadata, extra state), fsyncs them and the directories, and
+    writes the manifest. Returns the manifest on rank 0, None elsewhere."""
+    parts = _gather_to_rank0(checksum_files(tmp, mine, threads))
+    if parts is None:
+        return None
+    files: dict[str, list[int]] = {}
+    for part in parts:
+        files.update(part)
+    on_disk = set()
+    for dirpath, _, names in os.walk(tmp):
+        on_disk.update(str((Path(dirpath) / n).relative_to(tmp)) for n in names)
+    if set(files) - on_disk:
+        raise CheckpointError(
+            f"{tmp}: ranks reported files that are not there: {sorted(set(files) - on_disk)}"
+        )
+    rest = on_disk - set(files)
+    for rel in rest:
+        _fsync_file(tmp / rel)
+    for dirpath, _, _ in os.walk(tmp):
+        _fsync_dir(Path(dirpath))
+    files.update(checksum_files(tmp, rest, threads))
+    manifest = {"format_version": FORMAT_VERSION, "step": step, **layout, "files": files}
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+class LoadVerification:
+    """What one rank verified during its last `load_checkpoint` (for tests and the
+    benchmark): the files, the seconds spent, and the error it found, if any."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.seconds = 0.0
+        self.error: str | None = None
+
+    def check(
+        self, ckpt: Path, files: Mapping[str, Any], rels: Collection[str], checksums: bool
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            verify_files(ckpt, files, rels, checksums)
+        except CheckpointError as e:
+            self.error = str(e)
+            raise
+        finally:
+            self.files.extend(sorted(rels))
+            self.seconds += time.perf_counter() - t0
+
+
+last_load_verification = LoadVerification()
+
+
+@contextlib.contextmanager
+def verified_reads(
+    ckpt: Path, files: Mapping[str, Any], checksums: bool, record: LoadVerification
+) -> Iterator[None]:
+    """Within the block, every torch_dist read megatron-core (0.16.1) makes first
+    verifies the shard files in this rank's read plan against the manifest.
+
+    megatron's TorchDistLoadShardedStrategy.load gets its storage reader from
+    ``megatron.core.dist_checkpointing.strategies.torch._get_filesystem_reader``; the
+    reader's ``read_data(plan, planner)`` receives the rank's final read plan, whose
+    items name their files through ``reader.storage_data[item.storage_index]``
+    (torch.distributed.checkpoint.filesystem.FileSystemReader). The factory is wrapped
+    for the block so that ``read_data`` checks those files before reading them."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    make = mcore_torch._get_filesystem_reader
+
+    def make_verifying(checkpoint_dir: Any, cache_metadata: bool = False) -> Any:
+        reader = make(checkpoint_dir, cache_metadata)
+        read = reader.read_data
+
+        def read_data(plan: Any, planner: Any) -> Any:
+            rels = {
+                f"dist/{reader.storage_data[item.storage_index].relative_path}"
+                for item in plan.items
+            }
+            record.check(ckpt, files, rels, checksums)
+            return read(plan, planner)
+
+        reader.read_data = read_data
+        return reader
+
+    mcore_torch._get_filesystem_reader = make_verifying
+    try:
+        yield
+    finally:
+        mcore_torch._get_filesystem_reader = make
 
 
 def _reason(exc: BaseException) -> str:
@@ -327,19 +597,32 @@ def _save_strategy():
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
+    class RecordingWriter(FileSystemWriter):
+        """Remembers the files this rank's write_data wrote (relative paths)."""
+
+        written: tuple[str, ...] = ()
+
+        def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+            fut = super().write_data(plan, planner)
+            self.written = tuple(sorted({r.storage_data.relative_path for r in fut.wait()}))
+            return fut
+
     class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        written: tuple[str, ...] = ()  # this rank's shard files, relative to checkpoint_dir
+
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:  # type: ignore[override]
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica
             )
             pyt_state_dict = mcore_to_pyt_state_dict(sd, False)
-            writer = FileSystemWriter(
+            writer = RecordingWriter(
                 str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1
             )
             planner = MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
             )
             dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+            self.written = writer.written
 
     return SyncTorchDistSaveStrategy("torch_dist", 1)
 
@@ -398,30 +681,22 @@ def save_checkpoint(
         (tmp / "rng").mkdir()
     _barrier()
     state = _sharded_state(policy, is_loading=False)
+    strategy = _save_strategy()
     with cpu_compat.suspended():
-        dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=_save_strategy())
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=strategy)
+    mine = [f"dist/{f}" for f in strategy.written] + [f"rng/rank_{rank:05d}.pt"]
+    torch.save(_rng_state(), tmp / mine[-1])
     if rank == 0:
         torch.save(
             {"step": step, "policy_step": policy.step, "extra": extra_state},
             tmp / "extra_state.pt",
         )
-    _barrier()
-    _fsync_tree(tmp)  # every rank: its own writes are durable before the commit
-    _barrier()
+        mine.append("extra_state.pt")
+    for rel in mine:  # every rank: its own writes are durable before the commit
+        _fsync_file(tmp / rel)
+    # every rank checksums its own files; rank 0 adds the rest and writes the manifest
+    write_manifest(tmp, step, mine, _layout())
     if rank == 0:
-        files = {}
-        for dirpath, _, names in os.walk(tmp):
-            for n in names:
-                p = Path(dirpath) / n
-                files[str(p.relative_to(tmp))] = [p.stat().st_size, _crc32(p)]
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            **_layout(),
-            "files": files,
-        }
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _publish(tmp, final)
         _write_atomic(root / LATEST, name)
         _prune(root, keep_last, final)
@@ -437,7 +712,7 @@ def load_checkpoint(
     caller's extra state. Raises CheckpointError for a missing/partial/corrupt one."""
     from megatron.core import dist_checkpointing
 
-    step_dir, manifest = resolve_checkpoint(ckpt, checksums)
+    step_dir, manifest = resolve_checkpoint(ckpt, checksums, only=())  # the manifest only
     layout = _layout()
     for k, v in layout.items():
         if manifest.get(k) != v:
@@ -445,16 +720,35 @@ def load_checkpoint(
                 f"checkpoint {step_dir} was saved with {k}={manifest.get(k)}, this run has {k}={v}"
             )
     rank = _rank()
-    rng_file = step_dir / "rng" / f"rank_{rank:05d}.pt"
-    state = _sharded_state(policy, is_loading=True)
+    rng_rel = f"rng/rank_{rank:05d}.pt"
+    rng_file = step_dir / rng_rel
+    files = manifest["files"]
+    # Each rank verifies what it reads: the shared files and its RNG file now, its
+    # torch_dist shard files as their reads are planned; any rank's problem stops all.
+    record = LoadVerification()
+    globals()["last_load_verification"] = record
+    reads = [r for r in SHARED_READS if r in files or r == "extra_state.pt"] + [rng_rel]
+    error = None
     try:
-        with cpu_compat.suspended():
+        record.check(step_dir, files, reads, checksums)
+    except CheckpointError as e:
+        error = str(e)
+    _fail_together(error)
+    state = _sharded_state(policy, is_loading=True)
+    # torch.distributed.checkpoint raises its per-rank read failures (gathered from all
+    # ranks) as CheckpointException, a BaseException.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with cpu_compat.suspended(), verified_reads(step_dir, files, checksums, record):
             loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
         extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
         rng = torch.load(rng_file, weights_only=False)
     except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
         # (torch's CheckpointException, e.g. for a model of another shape, derives from
         # BaseException and would escape `except Exception`)
+        if record.error:  # this rank's shard verification failed
+            raise CheckpointError(record.error) from e
         raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
     with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
         policy.unwrapped().load_state_dict(loaded["model"])

@@ -21,9 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from archer_mcore.config import Config, ConfigError
+from archer_mcore.config import (
+    Config,
+    ConfigError,
+    check_context_parallel,
+    check_position_limit,
+)
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
+from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
@@ -433,8 +439,11 @@ def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Any:
 
 def build_components(cfg: Config) -> Components:
     """Everything the loop needs, in dependency order; fails early on bad config."""
+    from archer_mcore.model.fp8 import detect_environment
     from archer_mcore.train.policy import MegatronPolicy
 
+    te_version, _ = detect_environment()
+    check_context_parallel(cfg, te_version is not None, torch.cuda.is_available())
     out = Path(cfg.train.output_dir)
     cache = Path(cfg.warmstart.cache_dir)
     tokenizer = build_tokenizer(cfg, cache)
@@ -457,6 +466,15 @@ def build_components(cfg: Config) -> Components:
             "the warm start's examples, and none would be left"
         )
     hf_config = hf_config_dict(cfg, tokenizer)
+    if cfg.model.path:  # the inline model.arch was checked at load
+        shape = shape_from_hf_config(hf_config)
+        check_position_limit(
+            cfg,
+            shape.position_limit,
+            f"{shape.position_limit_key} of {cfg.model.path}/config.json",
+            "model.path",
+            scaled=shape.rope_scaling is not None,
+        )
 
     source: Any = cfg.model.path or hf_config
     if cfg.warmstart.steps > 0:
