@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import reshard_workers
 import torch.multiprocessing as mp
-from conftest import free_port, save_tiny_hf
+from conftest import free_port, save_tiny_hf, tiny_hf_config
+
+import archer_mcore.train.checkpoint as ckpt
+from archer_mcore.model.hf_config import shape_from_hf_config
 
 
 def _spawn(task: str, payload: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -76,3 +80,34 @@ def test_checkpoint_in_the_previous_format(tmp_path):
     err = out["other_layout_error"]
     assert err is not None and "older format" in err
     assert "load it with world_size=2 TP=1 PP=1" in err and "this run has world_size=2 TP=2" in err
+
+
+@pytest.mark.parametrize(
+    ("manifest", "layout", "expected"),
+    [
+        # today's format: any layout, the sharding type it names
+        ({"optimizer_sharding": "fully_reshardable", "padded_vocab": 128}, (4, 2, 2), None),
+        # the previous format at its own layout, where 128 * TP padding equals today's
+        ({}, (2, 1, 1), None),
+        # ... at another layout: names the layout to use
+        ({}, (2, 2, 1), "load it with world_size=2 TP=1 PP=1"),
+        # ... at its own layout but padded to 128 * 2 = 256 rows, today 128
+        ({"tp": 2}, (2, 2, 1), "padded to 256 rows .* pads it to 128"),
+        # today's format from a model whose padded vocabulary differs
+        ({"optimizer_sharding": "fully_reshardable", "padded_vocab": 256}, (2, 1, 1), "256 rows"),
+    ],
+)
+def test_which_checkpoints_load_where(monkeypatch, manifest, layout, expected):
+    """`_check_loadable` on manifests alone (vocab 100): the sharding type to load with,
+    or a CheckpointError saying why not."""
+
+    world, tp, pp = layout
+    monkeypatch.setattr(ckpt, "_layout", lambda: {"world_size": world, "tp": tp, "pp": pp})
+    policy = SimpleNamespace(shape=shape_from_hf_config(tiny_hf_config("qwen3")))
+    saved = {"world_size": 2, "tp": 1, "pp": 1, **manifest}
+    if expected is None:
+        want = manifest.get("optimizer_sharding", "dp_reshardable")
+        assert ckpt._check_loadable(policy, Path("step_1"), saved) == want
+    else:
+        with pytest.raises(ckpt.CheckpointError, match=expected):
+            ckpt._check_loadable(policy, Path("step_1"), saved)
