@@ -21,13 +21,16 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _policy(hf_dir: str, tp: int, pp: int):
+def _policy(hf_dir: str, tp: int, pp: int, dist_opt: bool = True):
     from archer_mcore.config import OptimizerConfig, ParallelConfig
     from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
         parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_tokens=20
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            micro_batch_tokens=20,
+            use_distributed_optimizer=dist_opt,
         ),
         optimizer=OptimizerConfig(
             lr=1e-2, lr_warmup_steps=1, lr_schedule="cosine", clip_grad=1.0, weight_decay=0.01
@@ -77,17 +80,18 @@ def reshard(payload: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger(ckpt.__name__).addHandler(capture)
     root = payload["root"]
     tp, pp = payload["save_layout"]
-    policy = _policy(payload["hf_dir"], tp, pp)
+    dist_opt = payload.get("distributed_optimizer", True)
+    policy = _policy(payload["hf_dir"], tp, pp, dist_opt)
     _train(policy, range(2))
     policy.save_checkpoint(root, {"next_batch": 2})
     saved_rng = torch.get_rng_state().clone()
     at_save = _weights(policy)
     _train(policy, range(2, 4))
     reference = _weights(policy)
-    moved = _max_diff(reference, _weights(_policy(payload["hf_dir"], tp, pp)))
+    moved = _max_diff(reference, _weights(_policy(payload["hf_dir"], tp, pp, dist_opt)))
     out: dict[str, Any] = {"moved": moved, "resumed": {}}
     for rtp, rpp in payload["resume_layouts"]:
-        policy = _policy(payload["hf_dir"], rtp, rpp)
+        policy = _policy(payload["hf_dir"], rtp, rpp, dist_opt)
         torch.manual_seed(777)  # a state the checkpoint's differs from
         capture.lines.clear()
         extra = policy.load_checkpoint(root)

@@ -71,6 +71,29 @@ def test_resume_at_another_layout_matches_the_unchanged_run(tmp_path, model_type
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_reshard_without_the_distributed_optimizer(tmp_path):
+    """parallel.use_distributed_optimizer=false: megatron's plain optimizer keeps its
+    state per parameter (model space), which reshards the same way."""
+    hf = save_tiny_hf("qwen3", tmp_path / "hf", seed=6)
+    out = _spawn(
+        "reshard",
+        {
+            "hf_dir": str(hf),
+            "root": str(tmp_path / "ckpt"),
+            "save_layout": [2, 1],
+            "resume_layouts": [[1, 1]],
+            "distributed_optimizer": False,
+        },
+        tmp_path,
+    )
+    assert out["moved"] > 1e-3
+    r = out["resumed"]["tp1pp1"]
+    assert r["dp"] == 2 and r["step"] == 4 and r["loaded_diff"] == 0.0
+    assert r["max_abs_diff"] < 1e-5, r["max_abs_diff"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_checkpoint_in_the_previous_format(tmp_path):
     hf = save_tiny_hf("qwen3", tmp_path / "hf", seed=5)
     out = _spawn("reshard_legacy", {"hf_dir": str(hf), "root": str(tmp_path / "ckpt")}, tmp_path)
