@@ -125,8 +125,12 @@ class ModelShape:
         return out
 
     def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
-        """megatron's padding: round up to a multiple of divisible_by * tp."""
-        m = divisible_by * tp
+        """Rows of the padded embedding/output layer: vocab_size rounded up to a multiple
+        of lcm(divisible_by, tp). For TP dividing `divisible_by` (1, 2, 4, ..., 128) this
+        does not depend on TP, so a checkpoint's tensors keep their shape when it is
+        resumed at another TP. (Megatron-LM's training scripts pad to a multiple of
+        divisible_by * tp instead; megatron-core itself takes whatever size it is given.)"""
+        m = math.lcm(divisible_by, tp)
         return ((self.vocab_size + m - 1) // m) * m
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 Layout under a checkpoint root:
 
     root/step_00000042/dist/            megatron dist_checkpointing (torch_dist): model,
-                                        optimizer (distributed, dp_reshardable), LR
-                                        scheduler, step
+                                        optimizer (fully_reshardable), LR scheduler, step
     root/step_00000042/rng/rank_*.pt    per-rank RNG states (CPU, CUDA, megatron tracker,
                                         python)
     root/step_00000042/extra_state.pt   the caller's opaque dict (e.g. data position)
@@ -29,12 +28,27 @@ writes the manifest. On load each rank verifies only what it reads: the shared s
 files, its own RNG file, and the shard files in its torch_dist read plan (checked as
 the storage reader is handed the plan); a problem on any rank fails the load on all. The frozen
 reference model is not saved: it is rebuilt from the same HF weights at start-up.
+
+Resharding: a checkpoint loads at any TP/PP/DP layout the model allows. The model
+weights are megatron ShardedTensors in model space (each names its slice of the full
+tensor, so torch_dist reassembles them for the loading layout); the distributed
+optimizer's state is saved in megatron's ``fully_reshardable`` format (Adam moments and
+fp32 main weights laid out like the model parameters, not like this run's flat DP
+buffers; megatron-core 0.16.1, ``DistributedOptimizer.sharded_param_state_fully_reshardable``);
+the vocabulary is padded to a multiple of 128 that does not depend on TP
+(`ModelShape.padded_vocab_size`). The per-rank RNG states are restored only when the
+layout (world size, TP, PP) is the one saved; otherwise the run keeps its freshly
+seeded generators and logs that it did so. Checkpoints written before resharding (no
+``optimizer_sharding`` in the manifest: dp_reshardable optimizer state, vocabulary padded
+to 128 * TP) load only at their own layout, and only when that padding agrees with
+today's; anything else is a CheckpointError saying which layout to use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -42,6 +56,7 @@ import time
 import zlib
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +72,12 @@ if TYPE_CHECKING:
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
-OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Checkpoints without "optimizer_sharding" in their manifest were written with this one.
+LEGACY_OPTIM_SHARDING = "dp_reshardable"
+LEGACY_VOCAB_MULTIPLE = 128  # legacy checkpoints padded the vocabulary to 128 * TP
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -564,7 +584,86 @@ def _restore_adam_steps(optimizer: Any, loaded_optimizer_state: Any) -> None:
                 state["step"] = torch.tensor(value, dtype=state["step"].dtype)
 
 
-def _sharded_state(policy: MegatronPolicy, is_loading: bool) -> dict[str, Any]:
+@contextmanager
+def _keep_adam_step_on_reshardable_load(optimizer: Any) -> Iterator[None]:
+    """While loading ``fully_reshardable`` optimizer state with plain torch Adam (no
+    Apex/TE): megatron-core 0.16.1's
+    ``DistributedOptimizer.load_parameter_state_from_fully_reshardable`` leaves the
+    per-parameter "step" out of the tensors it hands to
+    ``_set_main_param_and_optimizer_states``, which copies every key of the torch Adam
+    state (which has "step") and so fails with KeyError 'step'. Here the parameter's
+    current step (set from the saved param groups by ``load_state_dict``) is passed
+    along unchanged; `_restore_adam_steps` then sets the saved count."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or not hasattr(opt, "model_param_group_index_map"):
+            continue
+
+        def with_step(model_param: Any, tensors: dict[str, Any], _opt=opt, _set=setter) -> Any:
+            group, order = _opt.model_param_group_index_map[model_param]
+            main = _opt.optimizer.param_groups[group]["params"][order]
+            step = _opt.optimizer.state.get(main, {}).get("step")
+            if "step" not in tensors and isinstance(step, torch.Tensor):
+                tensors = {**tensors, "step": step.clone()}
+            return _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _reshard_fields(policy: MegatronPolicy) -> dict[str, Any]:
+    """The manifest fields that say how this checkpoint's state is laid out: the
+    optimizer's sharding type and the padded vocabulary (rows of the full embedding)."""
+    return {
+        "optimizer_sharding": OPTIM_SHARDING["distrib_optim_sharding_type"],
+        "padded_vocab": policy.shape.padded_vocab_size(_layout()["tp"]),
+    }
+
+
+def _check_loadable(policy: MegatronPolicy, step_dir: Path, manifest: dict[str, Any]) -> str:
+    """The optimizer sharding type to load `step_dir` with; CheckpointError when this
+    run's layout cannot read it (a legacy checkpoint at another layout, or one whose
+    padded vocabulary differs from this model's)."""
+    layout = _layout()
+    saved = {k: manifest.get(k) for k in layout}
+    padded = policy.shape.padded_vocab_size(layout["tp"])
+    sharding = manifest.get("optimizer_sharding")
+    if sharding is None:  # written before checkpoints resharded
+        if saved != layout:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was written in the older format that cannot change "
+                f"layout (dp_reshardable optimizer state, vocabulary padded to 128 * TP): load it "
+                f"with world_size={saved['world_size']} TP={saved['tp']} PP={saved['pp']} "
+                f"(this run has world_size={layout['world_size']} TP={layout['tp']} "
+                f"PP={layout['pp']}); a checkpoint saved from there reshards"
+            )
+        m = LEGACY_VOCAB_MULTIPLE * int(saved["tp"])
+        legacy_padded = -(-policy.shape.vocab_size // m) * m
+        if legacy_padded != padded:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was written in the older format, with the vocabulary "
+                f"padded to {legacy_padded} rows (a multiple of 128 * TP={saved['tp']}); this "
+                f"version pads it to {padded} (a multiple of 128), so it cannot be loaded"
+            )
+        return LEGACY_OPTIM_SHARDING
+    if manifest.get("padded_vocab") not in (None, padded):
+        raise CheckpointError(
+            f"checkpoint {step_dir} has a vocabulary padded to {manifest['padded_vocab']} rows; "
+            f"this model pads vocab_size={policy.shape.vocab_size} to {padded}"
+        )
+    return str(sharding)
+
+
+def _sharded_state(
+    policy: MegatronPolicy, is_loading: bool, sharding: str | None = None
+) -> dict[str, Any]:
+    metadata = OPTIM_SHARDING if sharding is None else {"distrib_optim_sharding_type": sharding}
     # Saving needs it too: before the first optimizer step (a run stopped, or whose
     # first steps had nothing to train on) megatron's state dict asserts on the missing
     # Adam step count. Zero state is what torch Adam would create lazily anyway.
@@ -574,7 +673,7 @@ def _sharded_state(policy: MegatronPolicy, is_loading: bool) -> dict[str, Any]:
     return {
         "model": model_sd,
         "optimizer": policy.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIM_SHARDING
+            model_sd, is_loading=is_loading, metadata=metadata
         ),
         "scheduler": policy.scheduler.state_dict(),
         "step": policy.step,
@@ -682,6 +781,7 @@ def save_checkpoint(
     _barrier()
     state = _sharded_state(policy, is_loading=False)
     strategy = _save_strategy()
+    reshard_fields = _reshard_fields(policy)
     with cpu_compat.suspended():
         dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=strategy)
     mine = [f"dist/{f}" for f in strategy.written] + [f"rng/rank_{rank:05d}.pt"]
@@ -695,7 +795,7 @@ def save_checkpoint(
     for rel in mine:  # every rank: its own writes are durable before the commit
         _fsync_file(tmp / rel)
     # every rank checksums its own files; rank 0 adds the rest and writes the manifest
-    write_manifest(tmp, step, mine, _layout())
+    write_manifest(tmp, step, mine, {**_layout(), **reshard_fields})
     if rank == 0:
         _publish(tmp, final)
         _write_atomic(root / LATEST, name)
@@ -709,16 +809,17 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Collective: restore model, optimizer, scheduler, step and RNG from a step
     directory, or from the latest checkpoint when `ckpt` is a root. Returns the
-    caller's extra state. Raises CheckpointError for a missing/partial/corrupt one."""
+    caller's extra state. Raises CheckpointError for a missing/partial/corrupt one.
+
+    The checkpoint may have been saved at another TP/PP/DP layout (see the module
+    docstring); the per-rank RNG states are then left as this run seeded them, and
+    rank 0 logs that they were."""
     from megatron.core import dist_checkpointing
 
     step_dir, manifest = resolve_checkpoint(ckpt, checksums, only=())  # the manifest only
+    sharding = _check_loadable(policy, step_dir, manifest)
     layout = _layout()
-    for k, v in layout.items():
-        if manifest.get(k) != v:
-            raise CheckpointError(
-                f"checkpoint {step_dir} was saved with {k}={manifest.get(k)}, this run has {k}={v}"
-            )
+    same_layout = all(manifest.get(k) == v for k, v in layout.items())
     rank = _rank()
     rng_rel = f"rng/rank_{rank:05d}.pt"
     rng_file = step_dir / rng_rel
@@ -727,14 +828,16 @@ def load_checkpoint(
     # torch_dist shard files as their reads are planned; any rank's problem stops all.
     record = LoadVerification()
     globals()["last_load_verification"] = record
-    reads = [r for r in SHARED_READS if r in files or r == "extra_state.pt"] + [rng_rel]
+    reads = [r for r in SHARED_READS if r in files or r == "extra_state.pt"] + (
+        [rng_rel] if same_layout else []
+    )
     error = None
     try:
         record.check(step_dir, files, reads, checksums)
     except CheckpointError as e:
         error = str(e)
     _fail_together(error)
-    state = _sharded_state(policy, is_loading=True)
+    state = _sharded_state(policy, is_loading=True, sharding=sharding)
     # torch.distributed.checkpoint raises its per-rank read failures (gathered from all
     # ranks) as CheckpointException, a BaseException.
     from torch.distributed.checkpoint.api import CheckpointException
@@ -743,7 +846,7 @@ def load_checkpoint(
         with cpu_compat.suspended(), verified_reads(step_dir, files, checksums, record):
             loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
         extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, weights_only=False) if same_layout else None
     except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
         # (torch's CheckpointException, e.g. for a model of another shape, derives from
         # BaseException and would escape `except Exception`)
@@ -752,7 +855,8 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
     with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
         policy.unwrapped().load_state_dict(loaded["model"])
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        with _keep_adam_step_on_reshardable_load(policy.optimizer):
+            policy.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(policy.optimizer, loaded["optimizer"])
     policy.scheduler.load_state_dict(loaded["scheduler"])
     policy.step = int(loaded["step"])
@@ -762,6 +866,20 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {step_dir}: step mismatch between manifest, state and extra state"
         )
-    _set_rng_state(rng)
+    if rng is not None:
+        _set_rng_state(rng)
+    elif rank == 0:
+        log.warning(
+            "checkpoint %s was saved at world_size=%s TP=%s PP=%s and is resumed at "
+            "world_size=%s TP=%s PP=%s: model and optimizer state resharded; the per-rank "
+            "RNG states are not restored (this run's seeded generators are kept)",
+            step_dir,
+            manifest.get("world_size"),
+            manifest.get("tp"),
+            manifest.get("pp"),
+            layout["world_size"],
+            layout["tp"],
+            layout["pp"],
+        )
     _barrier()
     return extra["extra"]

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 def tiny_hf_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     """2 layers (divisible by pp=2), 2 KV groups (divisible by tp=2), vocab 100 (padded
-    to 128 * tp by megatron, so vocab padding is exercised). Qwen2 is tied, Qwen3
+    to 128 at every TP, so vocab padding is exercised). Qwen2 is tied, Qwen3
     untied with head_dim 16 != hidden/heads, non-default RoPE theta and eps."""
     cfg: dict[str, Any] = dict(
         model_type=model_type,

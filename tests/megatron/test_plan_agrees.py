@@ -54,4 +54,4 @@ def test_planner_and_builder_agree_on_every_choice(tmp_path):
     assert fp8["built"]["kernel_path"] == "torch"  # auto without CUDA
     assert fp8["planned"]["logits_path"] == "chunked" and not fp8["planned"]["fp8"]
     assert res["tp2_triton"]["planned"]["logits_path"] == "fused"
-    assert res["tp2_triton"]["built"]["logits_width"] == 128  # V_pad / tp logits
+    assert res["tp2_triton"]["built"]["logits_width"] == 64  # V_pad / tp logits (128 / 2)

@@ -3,6 +3,8 @@ scope, rank discovery, config parsing, micro-batch planning and bucketing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_hf_config
@@ -139,7 +141,12 @@ def test_shape_from_configs_and_clear_errors():
         50000.0,
         1e-5,
     )
-    assert q2.padded_vocab_size(1) == 128 and q2.padded_vocab_size(2) == 256
+    # Padded to a multiple of 128 whatever the TP (so checkpoints reshard across TP);
+    # a TP that does not divide 128 pads to a multiple of lcm(128, tp).
+    assert [q2.padded_vocab_size(tp) for tp in (1, 2, 4, 8)] == [128] * 4
+    assert q2.padded_vocab_size(3) == 384 and q2.padded_vocab_size(1, 64) == 128
+    big = replace(q2, vocab_size=151_665)
+    assert [big.padded_vocab_size(tp) for tp in (1, 2, 8)] == [151_680] * 3
     with pytest.raises(ValueError, match="model_type 'llama'"):
         shape_from_hf_config({**tiny_hf_config("qwen2"), "model_type": "llama"})
     with pytest.raises(ValueError, match="type 'linear' is not supported"):
