@@ -121,6 +121,7 @@ class WeightSyncConfig:
     device: where the trainer puts tensors before broadcasting ("cuda" for nccl).
     disk_dir: where the disk path writes checkpoints (one per version; older removed).
     base_model_dir: HF model directory whose config/tokenizer files go with them.
+    timeout_s: both sides of the group rendezvous and each update request.
     """
 
     mode: Literal["distributed", "disk", "tensor"] = "distributed"
@@ -132,6 +133,9 @@ class WeightSyncConfig:
     disk_dir: str | None = None
     base_model_dir: str | None = None
     timeout_s: float = 600.0
+    # FP8 rollout: servers started from a block-wise FP8 checkpoint; every linear weight
+    # is sent as e4m3 plus its fp32 `<name>_scale_inv` [ceil(out/128), ceil(in/128)]
+    fp8: bool = False
 
 
 @dataclass
@@ -237,12 +241,18 @@ class SGLangEngine:
         health_deadline_s: float = 600.0,
         health_probe_timeout_s: float = 120.0,
         check_servers: bool = True,
+        expect_server: dict[str, tuple[str, Any]] | None = None,
+        memory_saver: bool = False,
     ) -> None:
         """check_servers: at start, read each server's GET /server_info: refuse versions
         outside SUPPORTED_SGLANG and servers with dp_size > 1, and take each server's TP
         size (its ranks in the weight-update group) from it. health_probe_timeout_s is long
         on purpose: SGLang's health endpoints generate a token and wait for the model lock
-        (held during weight updates and by busy batches)."""
+        (held during weight updates and by busy batches). expect_server: /server_info
+        field -> (config key, required value), checked at start. memory_saver: colocated
+        servers started with --enable-memory-saver: pause() releases their GPU memory
+        (weights and KV cache), a sync brings the weights back first, resume() the KV
+        cache."""
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         self.servers = [s if isinstance(s, ServerHandle) else ServerHandle(s) for s in servers]
@@ -251,6 +261,9 @@ class SGLangEngine:
         self.client_cfg = client or ClientConfig()
         self.sync_cfg = weight_sync or WeightSyncConfig()
         self.restart_dead_servers = restart_dead_servers
+        self.expect_server = dict(expect_server or {})
+        self.memory_saver = memory_saver
+        self._released: set[str] = set()  # memory tags released (colocated)
         self.health_deadline_s = health_deadline_s
         self.health_probe_timeout_s = health_probe_timeout_s
         self._version = 0
@@ -306,6 +319,15 @@ class SGLangEngine:
                     f"SGLang server {s.url}: configured with TP {s.num_gpus} but reports tp_size {tp}"
                 )
             s.num_gpus = tp
+            for fld, (key, want) in self.expect_server.items():
+                got = info.get(fld)
+                same = (abs(float(got) - float(want)) < 1e-9 if isinstance(want, float)
+                        and got is not None else got == want)  # fmt: skip
+                if not same:
+                    raise RolloutError(
+                        f"SGLang server {s.url} runs {fld} = {got!r} but {key} = {want!r}; "
+                        "start the servers with the configured value"
+                    )
             self.server_info[s.url] = info
 
     # -- construction from launch args ------------------------------------------------
@@ -578,6 +600,20 @@ class SGLangEngine:
     async def _pause(self) -> None:
         await self._fanout("POST", "/pause_generation", {"mode": "abort"}, quiet=True)
         await self._abort_all(quiet=True)
+        if self.memory_saver:
+            # SGLang releases only an idle engine: paused and aborted above
+            await self._memory("/release_memory_occupation", ["weights", "kv_cache"])
+
+    async def _memory(self, path: str, tags: list[str]) -> None:
+        """Release or resume GPU memory of every live server (colocated mode,
+        --enable-memory-saver; on CPU SGLang 0.5.23 answers 200 and does nothing)."""
+        self.session_log.append(f"{path.strip('/')}:{'+'.join(tags)}")
+        await self._fanout("POST", path, {"tags": tags}, quiet=False,
+                           timeout_s=self.sync_cfg.timeout_s)  # fmt: skip
+        if path == "/release_memory_occupation":
+            self._released |= set(tags)
+        else:
+            self._released -= set(tags)
 
     async def _abort_all(self, quiet: bool) -> None:
         await self._fanout("POST", "/abort_request", {"abort_all": True}, quiet=quiet)
@@ -587,6 +623,8 @@ class SGLangEngine:
         self._run(self._abort_all(quiet=True))
 
     def resume(self) -> None:
+        if self._released:
+            self._run(self._memory("/resume_memory_occupation", sorted(self._released)))
         self._run(self._fanout("POST", "/continue_generation", {}, quiet=True))
         self._paused.clear()
 
@@ -669,8 +707,14 @@ class SGLangEngine:
         mode = self.sync_cfg.mode
         if mode not in ("distributed", "disk", "tensor"):
             raise ValueError(f"unknown weight sync mode {mode!r}")
+        if self.sync_cfg.fp8:
+            from archer_mcore.rollout.fp8_export import quantize_buckets
+
+            buckets = quantize_buckets(buckets, scheme="block")
         self._syncing = True
         try:
+            if "weights" in self._released:  # colocated: weights back before loading
+                self._run(self._memory("/resume_memory_occupation", ["weights"]))
             if mode == "disk":
                 self._run(self._update_disk(buckets, new_version))
             else:

@@ -7,8 +7,9 @@ Its "model" emits deterministic pseudo-random tokens per request id.
 
 Where it mimics SGLang's behaviour beyond the request format, it follows SGLang 0.5.23
 (the version setup.py pins; the real server itself is tested in tests/sglang_real/):
-* GET /server_info answers version "0.5.23", tp_size and dp_size
-  (`sglang/srt/entrypoints/http_server.py` server_info).
+* GET /server_info answers version "0.5.23" and the launch flags tp_size, dp_size, dtype,
+  mem_fraction_static (`sglang/srt/entrypoints/http_server.py` server_info: the resolved
+  server args plus "version").
 * /update_weights_from_distributed outside a begin/end session answers 400
   {"success": false} ("must run between begin_weight_update() and end_weight_update()");
   /begin_weight_update while a session is open and /end_weight_update without one answer
@@ -194,7 +195,10 @@ class FakeSGLangServer:
                  fail_first: int = 0, fail_status: int = 503,
                  model_path: str = "fake-model", argv: list[str] | None = None,
                  version: str = "0.5.23", tp_size: int = 1, dp_size: int = 1,
-                 load_format: str = "auto") -> None:  # fmt: skip
+                 load_format: str = "auto", dtype: str = "bfloat16",
+                 mem_fraction_static: float = 0.8) -> None:  # fmt: skip
+        self.dtype = dtype
+        self.mem_fraction_static = mem_fraction_static
         self.version = version
         self.tp_size = tp_size
         self.dp_size = dp_size
@@ -336,6 +340,8 @@ class FakeSGLangServer:
                     return self._reply(200, {"model_path": server.model_path,
                                              "tp_size": server.tp_size,
                                              "dp_size": server.dp_size,
+                                             "dtype": server.dtype,
+                                             "mem_fraction_static": server.mem_fraction_static,
                                              "version": server.version})  # fmt: skip
                 if path in ("/health", "/health_generate"):
                     server.updating.wait_clear(60)
@@ -549,13 +555,16 @@ def main() -> None:
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.8)
     args, _unknown = ap.parse_known_args()  # the other sglang flags are recorded in argv
     import sys
 
     srv = FakeSGLangServer(args.host, args.port, die_after=args.fake_die_after,
                            token_delay_s=args.fake_token_delay, exit_process_on_die=True,
                            model_path=args.model_path, argv=sys.argv[1:], tp_size=args.tp_size,
-                           dp_size=args.dp_size, load_format=args.load_format)  # fmt: skip
+                           dp_size=args.dp_size, load_format=args.load_format, dtype=args.dtype,
+                           mem_fraction_static=args.mem_fraction_static)  # fmt: skip
     srv.httpd.serve_forever()
 
 
