@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import logging
 import re
 import shutil
 import threading
@@ -82,6 +83,7 @@ from archer_mcore.rollout.weight_sync import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("archer.rollout")
 
 
 #: SGLang versions whose weight-update protocol this engine speaks (begin/end sessions
@@ -519,6 +521,9 @@ class SGLangEngine:
             return
         server.dead = True
         server.last_error = error
+        live = sum(not s.dead for s in self.servers)
+        log.warning("SGLang server %s is down (%s); %d live server(s) left", server.url,
+                    error[:300], live)  # fmt: skip
         await self._router_remove(server)
         running = self._restarts.get(server.url)
         if (

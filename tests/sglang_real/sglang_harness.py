@@ -42,6 +42,12 @@ CPU_FLAGS = (
     "--max-running-requests", "8",
 )  # fmt: skip
 
+# On CPU SGLang sizes its pools against the machine's RAM: the static fraction must
+# exceed 1 - available/total, and on a shared 24 GiB machine little may be available
+# (0.8 was refused once at "minimum viable 0.862"). The KV pool is capped by
+# --max-total-tokens anyway.
+CPU_MEM_FRACTION = 0.98
+
 _install_error: str | None = None
 _installed = False
 
@@ -92,6 +98,7 @@ def server_args(
         ("ARCHER_SGL_KERNEL_CALLS", str(calls_log)),
         ("OMP_NUM_THREADS", "1"),
     )
+    kw.setdefault("mem_fraction_static", CPU_MEM_FRACTION)
     return SGLangServerArgs(model_path=str(model_path), port=free_port(), dtype=dtype,
                             tp_size=tp_size, extra_args=(*CPU_FLAGS, *extra), env=env,
                             **kw)  # type: ignore[arg-type]  # fmt: skip
