@@ -519,6 +519,9 @@ class SGLangEngine:
             return  # a probe would wait on the update lock; judged after the sync
         if await self._probe(server):
             return
+        await self._mark_dead(server, error)
+
+    async def _mark_dead(self, server: ServerHandle, error: str) -> None:
         server.dead = True
         server.last_error = error
         live = sum(not s.dead for s in self.servers)
@@ -716,6 +719,7 @@ class SGLangEngine:
             from archer_mcore.rollout.fp8_export import quantize_buckets
 
             buckets = quantize_buckets(buckets, scheme="block")
+        self._run(self._check_alive())
         self._syncing = True
         try:
             if "weights" in self._released:  # colocated: weights back before loading
@@ -731,6 +735,25 @@ class SGLangEngine:
         for s in refreshed:
             s.stale = False
         self._run(self._readmit(refreshed))
+
+    async def _check_alive(self) -> None:
+        """Before a sync: a server that does not answer GET /model_info at all (its process
+        gone, connection refused or no answer within the probe timeout) is marked down and
+        left out of the sync; the router may have hidden its death from generation.
+        /model_info is answered by the tokenizer manager without the model lock, unlike
+        /health, so a busy server is not misjudged."""
+        await self._check_processes()
+        live = [s for s in self.servers if not s.dead]
+        out = await asyncio.gather(
+            *(self._client.request_once("GET", s.url + "/model_info",
+                                        timeout_s=self.health_probe_timeout_s) for s in live),
+            return_exceptions=True,
+        )  # fmt: skip
+        for s, r in zip(live, out):
+            if isinstance(r, RequestFailed) and r.transport:
+                await self._mark_dead(s, f"not answering before the weight sync: {r}")
+        if not any(not s.dead for s in self.servers):
+            raise RolloutError(f"no live SGLang server left for the weight sync{self._dead_summary()}")
 
     async def _readmit(self, servers: Sequence[ServerHandle]) -> None:
         for s in servers:
