@@ -7,7 +7,10 @@ each server's TP size from rollout.sglang.server_tp_sizes or its /server_info.
 
 Colocated (rollout.mode = colocated): the trainer's rank 0 launches num_servers servers
 on its own host (server_command, tp_size GPUs each, --enable-memory-saver, random
-weights until the first sync) and a router in front of them (router_policy).
+weights until the first sync) and a router in front of them (router_policy). The
+engine releases the servers' memory while the policy trains and resumes it for the
+sync and the rollout (--enable-memory-saver on GPUs; on CPU the flag cannot start, as
+torch-memory-saver preloads a CUDA hook library, and the calls have no effect).
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
         SGLangServerArgs(model_path=str(model_dir), port=p, host=s.host, tp_size=s.tp_size,
                          mem_fraction_static=s.mem_fraction_static, dtype=s.dtype,
                          random_seed=cfg.train.seed, load_format="dummy",
-                         enable_memory_saver=True,
+                         # torch-memory-saver preloads a CUDA hook (needs libcuda): GPU
+                         # only; on CPU release/resume answer 200 and change nothing
+                         enable_memory_saver=device != "cpu",
                          cuda_visible_devices=None if device == "cpu" else ",".join(
                              str(k * s.tp_size + g) for g in range(s.tp_size)),
                          extra_args=tuple(s.extra_server_args))

@@ -631,10 +631,16 @@ class SGLangEngine:
         self._run(self._abort_all(quiet=True))
 
     def resume(self) -> None:
+        """Continue generation; colocated: resume what pause() released and is not back
+        yet (normally the KV cache: the sync brought the weights back). Logs the memory
+        and weight-update calls since the last resume, in order."""
         if self._released:
             self._run(self._memory("/resume_memory_occupation", sorted(self._released)))
         self._run(self._fanout("POST", "/continue_generation", {}, quiet=True))
         self._paused.clear()
+        if self.session_log:
+            log.info("sglang calls: %s", " ".join(self.session_log))
+            self.session_log.clear()
 
     async def _fanout(self, method: str, path: str, body: dict[str, Any] | None,
                       quiet: bool, servers: Sequence[ServerHandle] | None = None,

@@ -238,7 +238,8 @@ def test_colocated_launch_applies_server_and_router_settings(tmp_path):
     flags = dict(itertools.pairwise(argv))
     assert flags["--dtype"] == "float16" and flags["--mem-fraction-static"] == "0.55"
     assert flags["--load-format"] == "dummy" and flags["--random-seed"] == "5"
-    assert "--enable-memory-saver" in argv and argv[-2:] == ["--fake-token-delay", "0"]
+    # device cpu: no --enable-memory-saver (torch-memory-saver needs libcuda)
+    assert "--enable-memory-saver" not in argv and argv[-2:] == ["--fake-token-delay", "0"]
     assert dict(itertools.pairwise(router_argv))["--policy"] == "round_robin"
     assert [s.url for s in eng.servers] == [
         f"http://127.0.0.1:{raw['rollout']['sglang']['base_port'] + k}" for k in range(2)

@@ -13,17 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from sglang_harness import assert_no_kernel_calls, router_launch, server_args, server_launch
+from sglang_harness import RealServers, assert_no_kernel_calls
 
-from archer_mcore.rollout.sglang_launcher import (
-    ManagedProcess,
-    RouterArgs,
-    build_router_command,
-    build_server_command,
-    free_port,
-    server_env,
-    wait_healthy,
-)
 from archer_mcore.rollout.weight_sync import write_hf_checkpoint
 
 #: The tiny Qwen3 every real-server test uses (the SGLang CPU recipe's size).
@@ -95,46 +86,6 @@ def export_policy(policy: Any, out: Path) -> Path:
     (base / "config.json").write_text(json.dumps(TINY_QWEN3, indent=1))
     write_hf_checkpoint(policy.export_hf_buckets(1 << 20), out, base)
     return out
-
-
-class RealServers:
-    """Real SGLang servers (and optionally the router) as child processes."""
-
-    def __init__(self, log_dir: Path, kernel_calls: Path) -> None:
-        self.log_dir = log_dir
-        self.kernel_calls = kernel_calls
-        self.procs: list[ManagedProcess] = []
-        self.urls: list[str] = []
-        self.args: list[Any] = []
-        self.router_url: str | None = None
-
-    def start(self, model_dir: Path, count: int, deadline_s: float = 300.0, **kw: Any) -> None:
-        started = []
-        for _ in range(count):
-            a = server_args(model_dir, self.kernel_calls, **kw)
-            p = ManagedProcess(build_server_command(a, server_launch()), server_env(a),
-                               self.log_dir / f"server_{a.port}.log")  # fmt: skip
-            p.start()
-            self.procs.append(p)
-            self.args.append(a)
-            started.append((a, p))
-        for a, p in started:
-            wait_healthy(a.url, deadline_s, p)
-            self.urls.append(a.url)
-
-    def start_router(self, policy: str = "round_robin", deadline_s: float = 120.0) -> str:
-        ra = RouterArgs(tuple(self.urls), port=free_port(), policy=policy)
-        p = ManagedProcess(build_router_command(ra, router_launch()), None,
-                           self.log_dir / f"router_{ra.port}.log")  # fmt: skip
-        p.start()
-        self.procs.append(p)
-        wait_healthy(ra.url, deadline_s, p)
-        self.router_url = ra.url
-        return ra.url
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
 
 
 @pytest.fixture(scope="module")

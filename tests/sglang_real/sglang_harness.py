@@ -16,10 +16,20 @@ import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from archer_mcore.rollout.sglang_launcher import SGLangServerArgs, free_port
+from archer_mcore.rollout.sglang_launcher import (
+    ManagedProcess,
+    RouterArgs,
+    SGLangServerArgs,
+    build_router_command,
+    build_server_command,
+    free_port,
+    server_env,
+    wait_healthy,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "shims"
@@ -108,3 +118,43 @@ def assert_no_kernel_calls(calls_log: Path) -> None:
     """The sgl_kernel placeholder is import-only: any recorded call fails the test."""
     if calls_log.exists() and calls_log.read_text().strip():
         pytest.fail(f"SGLang called the sgl_kernel placeholder on CPU:\n{calls_log.read_text()}")
+
+
+class RealServers:
+    """Real SGLang servers (and optionally the router) as child processes."""
+
+    def __init__(self, log_dir: Path, kernel_calls: Path) -> None:
+        self.log_dir = log_dir
+        self.kernel_calls = kernel_calls
+        self.procs: list[ManagedProcess] = []
+        self.urls: list[str] = []
+        self.args: list[Any] = []
+        self.router_url: str | None = None
+
+    def start(self, model_dir: Path, count: int, deadline_s: float = 300.0, **kw: Any) -> None:
+        started = []
+        for _ in range(count):
+            a = server_args(model_dir, self.kernel_calls, **kw)
+            p = ManagedProcess(build_server_command(a, server_launch()), server_env(a),
+                               self.log_dir / f"server_{a.port}.log")  # fmt: skip
+            p.start()
+            self.procs.append(p)
+            self.args.append(a)
+            started.append((a, p))
+        for a, p in started:
+            wait_healthy(a.url, deadline_s, p)
+            self.urls.append(a.url)
+
+    def start_router(self, policy: str = "round_robin", deadline_s: float = 120.0) -> str:
+        ra = RouterArgs(tuple(self.urls), port=free_port(), policy=policy)
+        p = ManagedProcess(build_router_command(ra, router_launch()), None,
+                           self.log_dir / f"router_{ra.port}.log")  # fmt: skip
+        p.start()
+        self.procs.append(p)
+        wait_healthy(ra.url, deadline_s, p)
+        self.router_url = ra.url
+        return ra.url
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()

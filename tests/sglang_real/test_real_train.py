@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RealServers
-from sglang_harness import CPU_MEM_FRACTION
+from sglang_harness import CPU_MEM_FRACTION, RealServers
 
 from archer_mcore.config import load_config
 
@@ -59,9 +58,13 @@ def _server_model(tmp: Path) -> Path:
 
 
 def _train(tmp: Path, overrides: list[str], log: Path, kill: tuple[int, str] | None = None,
-           rs: RealServers | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+           rs: RealServers | None = None,
+           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     cmd = [*ARCHER, "train", str(DEMO)] + [a for o in overrides for a in ("-o", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from archer_mcore.rollout.sglang_launcher import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), **(env_extra or {})}  # fmt: skip
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         if kill is not None:  # SIGKILL server `index` once the trainer prints `marker`
@@ -120,3 +123,50 @@ def test_sigkill_of_one_server_mid_run(tmp_path, kernel_calls):
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
     assert all(r["rollout/logprob_abs_diff"] < 1e-4 for r in rows)
+
+
+def test_archer_train_colocated_launches_servers_and_syncs_by_tensor(tmp_path, kernel_calls):
+    """Colocated mode: the trainer launches two real servers itself (server_command =
+    the SGLang venv, random weights until the first sync) and the router; each step
+    releases the servers' memory while the policy trains, resumes the weights for the
+    /update_weights_from_tensor sync (inside begin/end) and the KV cache for the next
+    rollout. (On CPU the servers run without --enable-memory-saver, which needs
+    libcuda: the release/resume calls are answered 200 and change nothing.)"""
+    from sglang_harness import CPU_FLAGS, SHIMS, server_launch
+
+    from archer_mcore.rollout.sglang_launcher import free_port
+
+    extra = "[" + ",".join(f'"{a}"' for a in CPU_FLAGS) + "]"
+    command = "[" + ",".join(f'"{a}"' for a in server_launch()) + "]"
+    ov = [*SHORT, f"train.output_dir={tmp_path / 'out'}",
+          "rollout.engine=sglang", "rollout.mode=colocated", "rollout.weight_sync=tensor",
+          "rollout.sglang.num_servers=2", "rollout.sglang.dtype=float32",
+          f"rollout.sglang.mem_fraction_static={CPU_MEM_FRACTION}",
+          f"rollout.sglang.base_port={free_port()}", f"rollout.sglang.router_port={free_port()}",
+          "rollout.sglang.router_policy=round_robin", "rollout.sglang.health_timeout_s=400",
+          f"rollout.sglang.server_command={command}",
+          f"rollout.sglang.extra_server_args={extra}"]  # fmt: skip
+    env_extra = {"PYTHONPATH": str(SHIMS), "SGLANG_USE_CPU_ENGINE": "1",
+                 "ARCHER_SGL_KERNEL_CALLS": str(kernel_calls)}  # fmt: skip
+    run = _train(tmp_path, ov, tmp_path / "train.log", env_extra=env_extra)
+    assert run.returncode == 0, run.stdout[-4000:]
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
+    for r in rows:
+        assert r["rollout/logprob_abs_diff"] < 1e-5, r
+    # the call order the engine logged, per step: release while training, weights back,
+    # the tensor update session, KV cache back for the rollout
+    calls = [line.split("sglang calls: ", 1)[1] for line in run.stdout.splitlines()
+             if "sglang calls: " in line]  # fmt: skip
+    assert calls, run.stdout[-3000:]
+    # (one bucket: one update per server, both inside the same begin/end session)
+    step_order = ("release_memory_occupation:weights+kv_cache resume_memory_occupation:weights "
+                  "begin update_weights_from_tensor update_weights_from_tensor end "
+                  "resume_memory_occupation:kv_cache")  # fmt: skip
+    assert calls[-1].endswith(step_order), calls[-1]
+    server_logs = sorted((tmp_path / "out" / "sglang" / "logs").glob("sglang_server_*.log"))
+    assert len(server_logs) == 2
+    for log in server_logs:
+        text = log.read_text()
+        assert "POST /release_memory_occupation HTTP/1.1\" 200" in text
+        assert "POST /update_weights_from_tensor HTTP/1.1\" 200" in text
