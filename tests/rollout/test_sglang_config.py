@@ -244,3 +244,41 @@ def test_colocated_launch_applies_server_and_router_settings(tmp_path):
     assert [s.url for s in eng.servers] == [
         f"http://127.0.0.1:{raw['rollout']['sglang']['base_port'] + k}" for k in range(2)
     ]
+
+
+@pytest.mark.timeout(30)
+def test_fp8_sync_sends_e4m3_weights_and_block_scale_inv(fakes, tmp_path):
+    """rollout.fp8: each linear weight goes out as float8_e4m3fn plus its fp32
+    `_scale_inv` [ceil(out/128), ceil(in/128)] (the names, dtypes and shapes SGLang
+    0.5.23's Fp8LinearMethod.create_weights registers for block-wise checkpoints,
+    `sglang/srt/layers/quantization/fp8.py`); norms and embeddings go as bf16."""
+    import torch
+
+    a = fakes()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "qwen3"}')
+    cfg = _cfg(tmp_path, [a.url], rollout={"fp8": True, "weight_sync": "disk"})
+    eng = build_sglang_engine(cfg, HF, tmp_path / "work", device="cpu")
+    eng.sync_cfg = type(eng.sync_cfg)(**{**eng.sync_cfg.__dict__, "base_model_dir": str(base)})
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(200, 130, generator=g)
+    sent = [("model.layers.0.self_attn.q_proj.weight", q),
+            ("model.layers.0.input_layernorm.weight", torch.ones(130)),
+            ("model.embed_tokens.weight", torch.randn(64, 130, generator=g))]  # fmt: skip
+    try:
+        eng.update_weights([sent], version=1)
+    finally:
+        eng.shutdown()
+    got = {k: v for k, v in a.received.items()}
+    w = got["model.layers.0.self_attn.q_proj.weight"]
+    s = got["model.layers.0.self_attn.q_proj.weight_scale_inv"]
+    assert w.dtype == torch.float8_e4m3fn and list(w.shape) == [200, 130]
+    assert s.dtype == torch.float32 and list(s.shape) == [2, 2]  # ceil(200/128), ceil(130/128)
+    # dequantised (each 128x128 block times its scale) it is the weight to e4m3 precision
+    deq = w.float() * s.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :130]
+    assert torch.allclose(deq, q, rtol=0.07, atol=1e-3)
+    assert got["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    emb = got["model.embed_tokens.weight"]
+    assert emb.dtype == torch.bfloat16 and torch.equal(emb, sent[2][1].to(torch.bfloat16))
+    assert "model.layers.0.self_attn.q_proj.weight_scale" not in got  # no per-tensor scales
