@@ -27,6 +27,10 @@ Where it mimics SGLang's behaviour beyond the request format, it follows SGLang 
 * GET /health and /health_generate wait while a weight update runs (they generate a
   token through the scheduler, which holds the model-update lock).
 * /abort_request exists on workers only (sglang-router 0.3.2 answers 404).
+* With --tp-size T > 1 (process mode) TP worker k joins the weight-update group at rank
+  `rank_offset + k` (`model_runner_components/weight_updater.py`
+  init_weights_update_group: `rank = rank_offset + self.tp_rank`) and every worker
+  receives every broadcast; workers 1..T-1 are child processes (`--fake-tp-worker`).
 
 Runs in a thread (`FakeSGLangServer(...).start()`) or as a process that takes
 `sglang.launch_server`'s flags (`python fake_sglang.py --model-path ... --port N ...`)
@@ -205,6 +209,8 @@ class FakeSGLangServer:
         self.load_format = load_format  # the server's --load-format
         self.session_open = False
         self.updating = _Flag()
+        self.tp_workers: list[_TPWorker] = []
+        self.tp_sums: dict[str, list[float]] = {}  # name -> float64 sum seen by workers 1..
         self.vocab = vocab
         self.token_delay_s = token_delay_s
         self.die_after = die_after
@@ -280,6 +286,7 @@ class FakeSGLangServer:
                 "started": list(self.started),
                 "flushes": self.flushes,
                 "weight_version": self.weight_version,
+                "tp_sums": dict(self.tp_sums),
                 "received": {k: {"dtype": str(v.dtype).removeprefix("torch."),
                                  "shape": list(v.shape),
                                  "values": v.double().flatten().tolist()}
@@ -501,6 +508,9 @@ class FakeSGLangServer:
             return 200, {"success": False, "message": "Failed to initialize custom process "
                          "group: group exists."}  # fmt: skip
         timeout = timedelta(seconds=60)
+        self.tp_workers = [_TPWorker() for _ in range(1, self.tp_size)]
+        for k, w in enumerate(self.tp_workers, start=1):  # SGLang: rank_offset + tp_rank
+            w.send({**body, "op": "init", "rank": body["rank_offset"] + k})
         url = f"tcp://{body['master_address']}:{body['master_port']}"
         store, rank, world = next(rendezvous(url, body["rank_offset"], body["world_size"],
                                              timeout=timeout))  # fmt: skip
@@ -510,6 +520,8 @@ class FakeSGLangServer:
                                           group_name=body["group_name"], timeout=timeout)  # fmt: skip
         _world.pg_group_ranks[pg] = {i: i for i in range(world)}
         self.pg = pg
+        for w in self.tp_workers:
+            w.reply()
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _post_update_weights_from_distributed(self, body: dict[str, Any], h: Any):
@@ -522,12 +534,17 @@ class FakeSGLangServer:
         if self.pg is None:
             return 400, {"success": False, "message": "weight update group not initialized"}
         self.updating.set()
+        for w in self.tp_workers:
+            w.send({**body, "op": "recv"})
         try:
             for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
                 t = torch.empty(shape, dtype=getattr(torch, dtype))
                 dist.broadcast(t, src=0, group=self.pg)
                 with self.lock:
                     self.received[name] = t
+            for w in self.tp_workers:  # every TP worker got the same tensors
+                for name, total in w.reply()["sums"].items():
+                    self.tp_sums.setdefault(name, []).append(total)
         finally:
             self.updating.clear()
         with self.lock:
@@ -542,10 +559,80 @@ class FakeSGLangServer:
             return 200, {"success": False, "message": "The group to be destroyed does not exist."}
         dist.destroy_process_group(self.pg)
         self.pg = None
+        for w in self.tp_workers:
+            assert w.proc.stdin is not None
+            w.proc.stdin.close()
+            w.proc.wait(10)
+        self.tp_workers = []
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
+class _TPWorker:
+    """A TP worker k >= 1 of a stand-in server: a child process that joins the
+    weight-update group and receives broadcasts (JSON lines on stdin/stdout)."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--fake-tp-worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def send(self, msg: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        return json.loads(self.proc.stdout.readline())
+
+
+def tp_worker_main() -> None:
+    """The child side of _TPWorker."""
+    import sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    pg = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["op"] == "init":
+            timeout = timedelta(seconds=60)
+            url = f"tcp://{msg['master_address']}:{msg['master_port']}"
+            store, rank, world = next(rendezvous(url, msg["rank"], msg["world_size"],
+                                                 timeout=timeout))  # fmt: skip
+            store.set_timeout(timeout)
+            store = PrefixStore(msg["group_name"], store)
+            pg, _ = _new_process_group_helper(world, rank, [], Backend(msg["backend"]), store,
+                                              group_name=msg["group_name"], timeout=timeout)  # fmt: skip
+            _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+            out: dict[str, Any] = {"ok": True, "rank": rank}
+        else:
+            sums = {}
+            for name, dtype, shape in zip(msg["names"], msg["dtypes"], msg["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, src=0, group=pg)
+                sums[name] = float(t.double().sum())
+            out = {"ok": True, "sums": sums}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
+    import sys
+
+    if "--fake-tp-worker" in sys.argv:
+        return tp_worker_main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="127.0.0.1")
