@@ -53,7 +53,8 @@ def kernel_calls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def policy() -> Iterator[Any]:
     """The project's Megatron policy (fp32, TP=PP=1) over the tiny Qwen3, random init,
-    in this process (torch.distributed world of one, destroyed at the end)."""
+    in this process (torch.distributed world of one and the CPU compatibility layer,
+    both undone at the end)."""
     from archer_mcore.parallel.distributed import destroy_distributed
     from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
 
@@ -70,7 +71,10 @@ def policy() -> Iterator[Any]:
     try:
         yield pol
     finally:
+        from archer_mcore.parallel import cpu_compat
+
         destroy_distributed()
+        cpu_compat.deactivate()  # from_hf activated it for the process: not for later tests
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
