@@ -22,7 +22,7 @@ services:
 	-bash scripts/install_services.sh
 
 # The real SGLang 0.5.23 server (+ sglang-router 0.3.2) in a venv of its own under
-# ~/.cache/archer-mcore (CPU build, cached; about 3 min and 1.8 GB the first time) for
+# ~/.cache/archer-mcore (CPU build, cached; 330 s and 1.9 GB the first time) for
 # tests/sglang_real. Without it those tests skip locally and fail under CI=true.
 sglang:
 	-bash scripts/install_sglang.sh

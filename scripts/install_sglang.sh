@@ -7,7 +7,8 @@
 # The venv is cached between runs on one machine: a finished install leaves a stamp
 # naming the pinned versions and later runs return at once.
 #   ARCHER_SGLANG_VENV  where the venv goes (default ~/.cache/archer-mcore/sglang-0.5.23)
-# Exit status: 0 when the venv is ready, non-zero otherwise (the tests read the stamp).
+# Exit status: 0 when the venv is ready, non-zero otherwise (tests/sglang_real runs this
+# script: they skip on failure, or fail under CI=true).
 set -euo pipefail
 
 SGLANG_VERSION=0.5.23

@@ -34,10 +34,20 @@ def policy_logprobs(policy: Any, prompts: Sequence[Sequence[int]],
     return [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]
 
 
+def flush_cache(url: str) -> None:
+    """Empty the server's prefix (radix) cache: SGLang returns input log-probs only for
+    the positions it computes, so a sequence it has cached (e.g. one it just sampled)
+    would come back with fewer entries than input tokens."""
+    r = httpx2.post(url + "/flush_cache", timeout=60, trust_env=False)
+    r.raise_for_status()
+
+
 def server_logprobs(url: str, prompt: Sequence[int], response: Sequence[int]) -> list[float]:
     """The server's log p(response token | prefix): prompt+response as the input, with
     input log-probs from position 0 (SGLang returns None for position 0, then the
-    log-prob of each input token given the tokens before it)."""
+    log-prob of each input token given the tokens before it). The cache is flushed
+    first (see flush_cache)."""
+    flush_cache(url)
     ids = [*prompt, *response]
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True, "logprob_start_len": 0}  # fmt: skip
