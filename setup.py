@@ -52,7 +52,10 @@ setup(
             "matplotlib>=3.8",  # benchmarks/algorithms.py's smoke test draws its PNG
         ],
         # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
-        "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router", "nvidia-modelopt"],
+        # SGLang pinned: the rollout engine speaks 0.5.23's weight-update protocol
+        # (archer_mcore/rollout/sglang_engine.py SUPPORTED_SGLANG).
+        "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2",
+                "nvidia-modelopt"],
     },
     entry_points={"console_scripts": ["archer=archer_mcore.cli:main"]},
 )

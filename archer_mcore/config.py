@@ -77,11 +77,18 @@ class ParallelConfig:
 
 @dataclass
 class SGLangConfig:
-    num_servers: int = _f(1, ge=1)
-    tp_size: int = _f(1, ge=1)
-    mem_fraction_static: float = _f(0.8, gt=0.0, le=1.0)
-    dtype: Literal["bfloat16", "float16", "auto"] = "bfloat16"
-    host: str = "127.0.0.1"
+    """The SGLang rollout engine (rollout.engine = sglang); docs/sglang.md.
+
+    Disaggregated mode: the servers run elsewhere (the Slurm script starts them and sets
+    server_urls, router_url and master_address). Colocated mode: the trainer launches
+    num_servers servers (tp_size GPUs each) on its own node with server_command.
+    """
+
+    num_servers: int = _f(1, ge=1)  # colocated: servers the trainer launches
+    tp_size: int = _f(1, ge=1)  # colocated: TP size of each launched server
+    mem_fraction_static: float = _f(0.8, gt=0.0, lt=1.0)  # --mem-fraction-static
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"  # --dtype
+    host: str = "127.0.0.1"  # colocated: where launched servers listen
     base_port: int = _f(30000, gt=0, lt=65536)
     router_port: int = _f(30100, gt=0, lt=65536)
     router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
@@ -90,6 +97,22 @@ class SGLangConfig:
     max_concurrency: int = _f(512, ge=1)
     max_retries: int = _f(3, ge=0)
     server_urls: list[str] = _f(factory=list)  # disaggregated: servers already running
+    # disaggregated: the sglang-router in front of server_urls ("": no router, the
+    # engine spreads requests over server_urls itself)
+    router_url: str = ""
+    # TP size of each server in server_urls (its ranks in the weight-update group);
+    # empty: read from each server's /server_info
+    server_tp_sizes: list[int] = _f(factory=list)
+    # the address the servers reach the trainer's rank 0 at for the weight-update group;
+    # "": $MASTER_ADDR (the Slurm scripts set it to the first training node's address),
+    # else this host's name resolved; never a loopback address when servers are remote
+    master_address: str = ""
+    sync_backend: Literal["nccl", "gloo"] = "nccl"  # weight-update group backend
+    sync_timeout_s: float = _f(600.0, gt=0)  # group init / one bucket, both sides
+    # colocated: the server and router programs (default: this python's -m modules)
+    server_command: list[str] = _f(factory=list)
+    router_command: list[str] = _f(factory=list)
+    extra_server_args: list[str] = _f(factory=list)  # appended to every launched server
 
 
 @dataclass
@@ -102,9 +125,14 @@ class RolloutConfig:
     top_k: int = _f(-1, ge=-1)  # -1: off
     max_new_tokens: int = _f(1024, gt=0)
     stop_token_ids: list[int] = _f(factory=list)
-    weight_sync: Literal["nccl", "disk"] = "nccl"
+    # distributed: broadcast over a process group with every server TP worker ("nccl" is
+    # the same, the older spelling); tensor: colocated servers, same host, shared memory;
+    # disk: an HF checkpoint in <output_dir>/weight_sync + /update_weights_from_disk
+    weight_sync: Literal["distributed", "nccl", "tensor", "disk"] = "distributed"
     sync_bucket_bytes: int = _f(512 * 1024 * 1024, gt=0)
-    fp8: bool = False  # FP8 rollout weights (ModelOpt)
+    # FP8 rollout: servers start from a block-wise FP8 export and every sync sends e4m3
+    # weights plus fp32 `_scale_inv` blocks (rollout/fp8_export.py)
+    fp8: bool = False
     tis_cap: float | None = _f(None, gt=0)  # truncated importance sampling cap; None: off
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
@@ -459,8 +487,45 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_rollout(cfg: Config, source: str) -> None:
+    """Cross-field checks of the rollout / rollout.sglang sections."""
+    r, s = cfg.rollout, cfg.rollout.sglang
+    args = list(s.extra_server_args)
+    for flag in ("--dp-size", "--dp", "--data-parallel-size"):
+        if flag in args and args.index(flag) + 1 < len(args) and args[args.index(flag) + 1] != "1":
+            raise ConfigError(
+                f"{source}: rollout.sglang.extra_server_args asks for {flag} "
+                f"{args[args.index(flag) + 1]}: SGLang refuses distributed and tensor weight "
+                "updates to a server with dp_size > 1 (assert dp_size == 1); raise "
+                "rollout.sglang.num_servers instead"
+            )
+    if s.server_tp_sizes and len(s.server_tp_sizes) != len(s.server_urls):
+        raise ConfigError(
+            f"{source}: rollout.sglang.server_tp_sizes has {len(s.server_tp_sizes)} entries "
+            f"for {len(s.server_urls)} server_urls"
+        )
+    if any(tp < 1 for tp in s.server_tp_sizes):
+        raise ConfigError(f"{source}: rollout.sglang.server_tp_sizes must be >= 1")
+    if r.engine == "sglang" and r.weight_sync == "tensor" and r.mode != "colocated":
+        raise ConfigError(
+            f"{source}: rollout.weight_sync = tensor passes shared-memory handles, so it needs "
+            "rollout.mode = colocated (servers on the trainer's host)"
+        )
+    if r.engine == "sglang" and r.mode == "colocated" and (s.server_urls or s.router_url):
+        raise ConfigError(
+            f"{source}: rollout.mode = colocated launches its own servers and router; "
+            "rollout.sglang.server_urls / router_url are for rollout.mode = disaggregated"
+        )
+    if s.router_url and not s.server_urls:
+        raise ConfigError(
+            f"{source}: rollout.sglang.router_url needs rollout.sglang.server_urls (weights "
+            "are sent to each server, not through the router)"
+        )
+
+
 def _validate(cfg: Config, source: str) -> None:
     """Checks that involve more than one field."""
+    _validate_rollout(cfg, source)
     t, a = cfg.train, cfg.algorithm
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(

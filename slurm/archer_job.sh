@@ -29,6 +29,10 @@
 #   ARCHER_SGLANG_GPUS_PER_NODE  GPUs per rollout node          [$ARCHER_NPROC_PER_NODE]
 #   ARCHER_SGLANG_PORT    first server port on each node        [30000]
 #   ARCHER_ROUTER_PORT    sglang-router port (first rollout node) [30100]
+#   ARCHER_ROUTER_POLICY  sglang-router --policy                 [cache_aware]
+#   ARCHER_SGLANG_DTYPE   server --dtype (= rollout.sglang.dtype) [bfloat16]
+#   ARCHER_SGLANG_MEM_FRACTION  server --mem-fraction-static
+#                         (= rollout.sglang.mem_fraction_static)  [0.8]
 #   ARCHER_SGLANG_SERVER_CMD  [$ARCHER_PYTHON -m sglang.launch_server]
 #   ARCHER_SGLANG_ROUTER_CMD  [$ARCHER_PYTHON -m sglang_router.launch_router]
 #   ARCHER_SGLANG_ARGS    extra server flags
@@ -173,6 +177,9 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     ARCHER_SGLANG_GPUS_PER_NODE=${ARCHER_SGLANG_GPUS_PER_NODE:-$ARCHER_NPROC_PER_NODE}
     ARCHER_SGLANG_PORT=${ARCHER_SGLANG_PORT:-30000}
     ARCHER_ROUTER_PORT=${ARCHER_ROUTER_PORT:-30100}
+    ARCHER_ROUTER_POLICY=${ARCHER_ROUTER_POLICY:-cache_aware}
+    ARCHER_SGLANG_DTYPE=${ARCHER_SGLANG_DTYPE:-bfloat16}
+    ARCHER_SGLANG_MEM_FRACTION=${ARCHER_SGLANG_MEM_FRACTION:-0.8}
     ARCHER_SGLANG_SERVER_CMD=${ARCHER_SGLANG_SERVER_CMD:-$ARCHER_PYTHON -m sglang.launch_server}
     ARCHER_SGLANG_ROUTER_CMD=${ARCHER_SGLANG_ROUTER_CMD:-$ARCHER_PYTHON -m sglang_router.launch_router}
     ARCHER_SGLANG_ARGS=${ARCHER_SGLANG_ARGS:-}
@@ -193,6 +200,7 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
                 "${ARCHER_SRUN_COMMON[@]}" --output="$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log" \
                 $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" --host 0.0.0.0 \
                 --port "$port" --tp-size "$ARCHER_SGLANG_TP" --skip-tokenizer-init \
+                --dtype "$ARCHER_SGLANG_DTYPE" --mem-fraction-static "$ARCHER_SGLANG_MEM_FRACTION" \
                 $ARCHER_SGLANG_ARGS &
             ARCHER_BG_PIDS+=($!)
         done
@@ -204,7 +212,7 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
         --output="$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log" \
         $ARCHER_SGLANG_ROUTER_CMD --worker-urls "${ARCHER_SERVER_URLS[@]}" \
-        --policy cache_aware --host 0.0.0.0 --port "$ARCHER_ROUTER_PORT" &
+        --policy "$ARCHER_ROUTER_POLICY" --host 0.0.0.0 --port "$ARCHER_ROUTER_PORT" &
     ARCHER_BG_PIDS+=($!)
     archer_log "waiting for ${#ARCHER_SERVER_URLS[@]} SGLang server(s) and router $ARCHER_SGLANG_ROUTER_URL"
     deadline=$((SECONDS + ARCHER_ROLLOUT_HEALTH_TIMEOUT))
@@ -216,8 +224,16 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
         done
     done
     urls_yaml=$(printf '"%s",' "${ARCHER_SERVER_URLS[@]}")
+    tps_yaml=$(printf "$ARCHER_SGLANG_TP,%.0s" "${ARCHER_SERVER_URLS[@]}")
+    # the trainer's rank 0 runs on the first training node: its NodeAddr is where the
+    # servers join the weight-update group (never 127.0.0.1: they are on other nodes)
     ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=disaggregated"
-        -o "rollout.sglang.server_urls=[${urls_yaml%,}]")
+        -o "rollout.sglang.server_urls=[${urls_yaml%,}]"
+        -o "rollout.sglang.server_tp_sizes=[${tps_yaml%,}]"
+        -o "rollout.sglang.router_url=$ARCHER_SGLANG_ROUTER_URL"
+        -o "rollout.sglang.master_address=$MASTER_ADDR"
+        -o "rollout.sglang.dtype=$ARCHER_SGLANG_DTYPE"
+        -o "rollout.sglang.mem_fraction_static=$ARCHER_SGLANG_MEM_FRACTION")
 fi
 
 if [ "$ARCHER_MODE" = colocated ]; then

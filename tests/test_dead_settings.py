@@ -19,8 +19,7 @@ a class field annotated `Config` seen as `self.<field>`), so an unrelated object
 
 Reads inside a function that no scanned file calls or names do not count (dead code).
 Fields read only at load time or by the planner, on purpose, are in `LOAD_OR_PLAN_ONLY`
-with the reason. `PENDING_OTHER_BRANCHES` holds fields that are dead on this branch only
-because another branch wires them; the integrator empties it when the branches merge.
+with the reason.
 """
 
 from __future__ import annotations
@@ -48,23 +47,6 @@ LOAD_OR_PLAN_ONLY: dict[str, str] = {
     "slurm.gpu_type": "the planner's GPU model (memory, peak FLOP/s); the job runs on the GPUs "
     "Slurm grants, so the trainer has nothing to do with the name",
 }
-
-#: Dead on this branch only because another branch wires them; the integrator empties
-#: this set at merge (every entry must be dead here, see the second test).
-PENDING_OTHER_BRANCHES: set[str] = {
-    # issue 13: every SGLang setting takes effect, weight sync modes, FP8 rollouts.
-    "rollout.weight_sync",
-    "rollout.fp8",
-    "rollout.sglang.num_servers",
-    "rollout.sglang.host",
-    "rollout.sglang.mem_fraction_static",
-    "rollout.sglang.dtype",
-    "rollout.sglang.router_policy",
-    "rollout.sglang.request_timeout_s",
-    "rollout.sglang.max_concurrency",
-    "rollout.sglang.max_retries",
-}
-
 
 # ------------------------------------------------------------------ the config tree
 def _leaves() -> dict[str, tuple[str, str]]:
@@ -301,7 +283,7 @@ def dead_settings() -> list[str]:
 # ------------------------------------------------------------------ the tests
 def test_every_setting_has_a_reader() -> None:
     dead = set(dead_settings())
-    allowed = set(LOAD_OR_PLAN_ONLY) | PENDING_OTHER_BRANCHES
+    allowed = set(LOAD_OR_PLAN_ONLY)
     offenders = sorted(dead - allowed)
     assert not offenders, (
         "config fields that nothing outside config.py / planner.py reads (wire them, or "
@@ -312,7 +294,7 @@ def test_every_setting_has_a_reader() -> None:
 def test_the_allowlists_hold_only_dead_fields() -> None:
     # An allowlisted field that gained a reader must leave the list; unknown keys too.
     dead = set(dead_settings())
-    for key in [*LOAD_OR_PLAN_ONLY, *PENDING_OTHER_BRANCHES]:
+    for key in LOAD_OR_PLAN_ONLY:
         assert key in LEAVES, f"{key} is not a config field"
         assert key in dead, f"{key} now has a reader: remove it from the allowlist"
     assert len(LOAD_OR_PLAN_ONLY) <= 4

@@ -8,15 +8,23 @@ on a live server; its late answer, if any, is never read. When a slot runs out o
 retries, or no server is left, the step fails with a RolloutError naming the sample,
 server and last error, and no partial batch is returned.
 
-Failure handling: a server that fails a request is probed (GET /health); if the probe
-fails it is marked dead and gets no more requests. With `restart_dead_servers` and a
+Failure handling: a server that fails a request is probed (GET /health_generate, with
+a long timeout: SGLang's health endpoints generate a token and wait while a weight
+update holds the model lock); if the probe fails it is marked dead and gets no more
+requests. No probe is sent while a weight sync runs. Aborts go to each worker's own URL
+(sglang-router 0.3.2 has no /abort_request). With `restart_dead_servers` and a
 launcher-managed process, a dead server is restarted in the background and rejoins
 once healthy, after its weights are brought up to date: re-loaded from the last disk
 checkpoint, or (broadcast path) it waits for the next update_weights, which rebuilds
 the weight-update group.
 
-Weight sync: "distributed" (NCCL broadcast, backend configurable) or "disk"
-(safetensors checkpoint + /update_weights_from_disk), see weight_sync.py.
+Weight sync (protocol of SGLang 0.5.21 ... 0.5.23; `check_servers` refuses other versions):
+"distributed": the trainer broadcasts each bucket over a process group it forms with
+every server TP worker; "tensor": colocated servers receive the tensors through
+/update_weights_from_tensor (same host); both wrapped in POST /begin_weight_update ...
+POST /end_weight_update (0.5.23 `managers/scheduler_components/weight_updater.py`
+answers 400 otherwise). "disk": safetensors checkpoint + /update_weights_from_disk with
+load_format "auto". See weight_sync.py.
 
 The engine runs its own asyncio loop in a daemon thread; its public methods are
 synchronous and thread-safe (pause() may be called while generate() runs).
@@ -25,8 +33,11 @@ synchronous and thread-safe (pause() may be called while generate() runs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
+import logging
+import re
 import shutil
 import threading
 import uuid
@@ -72,19 +83,50 @@ from archer_mcore.rollout.weight_sync import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("archer.rollout")
+
+
+#: SGLang versions whose weight-update protocol this engine speaks (begin/end sessions
+#: appeared in 0.5.21; setup.py's gpu extra pins 0.5.23).
+SUPPORTED_SGLANG = ((0, 5, 21), (0, 5, 23))
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """"0.5.23" -> (0, 5, 23); suffixes such as "rc1" or "+cu12" are ignored."""
+    out = []
+    for part in str(text).split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        out.append(int(digits.group()))
+    return tuple(out)
+
+
+def check_server_version(url: str, version: str) -> None:
+    """Raise RolloutError unless `version` is in SUPPORTED_SGLANG."""
+    lo, hi = SUPPORTED_SGLANG
+    v = parse_version(version)
+    if not lo <= v[:3] <= hi:
+        raise RolloutError(
+            f"SGLang server {url} runs version {version!r}; this trainer speaks the weight-update "
+            f"protocol of {'.'.join(map(str, lo))} to {'.'.join(map(str, hi))} (pin sglang==0.5.23)"
+        )
 
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
-    """mode: "distributed" (broadcast from the trainer) or "disk".
+    """mode: "distributed" (broadcast from the trainer), "tensor" (colocated servers,
+    /update_weights_from_tensor) or "disk" (checkpoint + /update_weights_from_disk).
     backend: process-group backend of the broadcast ("nccl"; "gloo" on CPU).
-    master_address: an address of this (trainer rank 0) host the servers can reach.
+    master_address: an address of this (trainer rank 0) host the servers can reach
+    (`default_master_address()`; 127.0.0.1 only when every server is local).
     device: where the trainer puts tensors before broadcasting ("cuda" for nccl).
     disk_dir: where the disk path writes checkpoints (one per version; older removed).
     base_model_dir: HF model directory whose config/tokenizer files go with them.
+    timeout_s: both sides of the group rendezvous and each update request.
     """
 
-    mode: Literal["distributed", "disk"] = "distributed"
+    mode: Literal["distributed", "disk", "tensor"] = "distributed"
     backend: str = "nccl"
     master_address: str = "127.0.0.1"
     master_port: int | None = None
@@ -93,6 +135,9 @@ class WeightSyncConfig:
     disk_dir: str | None = None
     base_model_dir: str | None = None
     timeout_s: float = 600.0
+    # FP8 rollout: servers started from a block-wise FP8 checkpoint; every linear weight
+    # is sent as e4m3 plus its fp32 `<name>_scale_inv` [ceil(out/128), ceil(in/128)]
+    fp8: bool = False
 
 
 @dataclass
@@ -101,8 +146,9 @@ class ServerHandle:
     launched it, and its state. `stale`: alive but weights older than the engine's."""
 
     url: str
-    num_gpus: int = 1
+    num_gpus: int = 1  # TP workers = ranks in the weight-update group
     process: ManagedProcess | None = None
+    num_gpus_from_config: bool = False  # else taken from the server's /server_info
     health_path: str = "/health"
     # after a failed request: /health_generate makes the server generate a token, so a
     # server that still accepts connections but no longer generates counts as down
@@ -195,8 +241,20 @@ class SGLangEngine:
         weight_sync: WeightSyncConfig | None = None,
         restart_dead_servers: bool = False,
         health_deadline_s: float = 600.0,
-        health_probe_timeout_s: float = 5.0,
+        health_probe_timeout_s: float = 120.0,
+        check_servers: bool = True,
+        expect_server: dict[str, tuple[str, Any]] | None = None,
+        memory_saver: bool = False,
     ) -> None:
+        """check_servers: at start, read each server's GET /server_info: refuse versions
+        outside SUPPORTED_SGLANG and servers with dp_size > 1, and take each server's TP
+        size (its ranks in the weight-update group) from it. health_probe_timeout_s is long
+        on purpose: SGLang's health endpoints generate a token and wait for the model lock
+        (held during weight updates and by busy batches). expect_server: /server_info
+        field -> (config key, required value), checked at start. memory_saver: colocated
+        servers started with --enable-memory-saver: pause() releases their GPU memory
+        (weights and KV cache), a sync brings the weights back first, resume() the KV
+        cache."""
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         self.servers = [s if isinstance(s, ServerHandle) else ServerHandle(s) for s in servers]
@@ -205,6 +263,9 @@ class SGLangEngine:
         self.client_cfg = client or ClientConfig()
         self.sync_cfg = weight_sync or WeightSyncConfig()
         self.restart_dead_servers = restart_dead_servers
+        self.expect_server = dict(expect_server or {})
+        self.memory_saver = memory_saver
+        self._released: set[str] = set()  # memory tags released (colocated)
         self.health_deadline_s = health_deadline_s
         self.health_probe_timeout_s = health_probe_timeout_s
         self._version = 0
@@ -215,12 +276,61 @@ class SGLangEngine:
         self._group_members: list[ServerHandle] = []
         self._last_checkpoint: Path | None = None
         self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._syncing = False
+        self.server_info: dict[str, dict[str, Any]] = {}
+        # the last weight-update calls, in order (tests read it)
+        self.session_log: collections.deque[str] = collections.deque(maxlen=256)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine",
                                         daemon=True)  # fmt: skip
         self._thread.start()
         self._client: AsyncJsonClient = self._run(self._make_client())
         self._closed = False
+        if check_servers:
+            try:
+                self._run(self._check_servers())
+            except BaseException:
+                self.shutdown()
+                raise
+
+    async def _check_servers(self) -> None:
+        """Version, DP size and TP size of every server (GET /server_info; SGLang 0.5.23
+        `entrypoints/http_server.py` also serves it as the deprecated /get_server_info)."""
+        for s in self.servers:
+            try:
+                info = await self._client.request("GET", s.url + "/server_info",
+                                                  timeout_s=self.health_probe_timeout_s)  # fmt: skip
+            except RequestFailed as e:
+                if e.status != 404:
+                    raise RolloutError(f"SGLang server {s.url}: GET /server_info failed: {e}") from e
+                info = await self._client.request("GET", s.url + "/get_server_info",
+                                                  timeout_s=self.health_probe_timeout_s)  # fmt: skip
+            if not isinstance(info, dict):
+                raise RolloutError(f"SGLang server {s.url}: malformed /server_info {str(info)[:200]}")
+            check_server_version(s.url, str(info.get("version", "")))
+            dp = int(info.get("dp_size", 1) or 1)
+            if dp != 1 and self.sync_cfg.mode != "disk":
+                raise RolloutError(
+                    f"SGLang server {s.url} runs --dp-size {dp}: SGLang refuses {self.sync_cfg.mode} "
+                    "weight updates for dp_size > 1 (tokenizer manager: assert dp_size == 1); "
+                    "run one server per data-parallel replica instead"
+                )
+            tp = int(info.get("tp_size", 1) or 1)
+            if s.num_gpus_from_config and s.num_gpus != tp:
+                raise RolloutError(
+                    f"SGLang server {s.url}: configured with TP {s.num_gpus} but reports tp_size {tp}"
+                )
+            s.num_gpus = tp
+            for fld, (key, want) in self.expect_server.items():
+                got = info.get(fld)
+                same = (abs(float(got) - float(want)) < 1e-9 if isinstance(want, float)
+                        and got is not None else got == want)  # fmt: skip
+                if not same:
+                    raise RolloutError(
+                        f"SGLang server {s.url} runs {fld} = {got!r} but {key} = {want!r}; "
+                        "start the servers with the configured value"
+                    )
+            self.server_info[s.url] = info
 
     # -- construction from launch args ------------------------------------------------
     @classmethod
@@ -241,11 +351,18 @@ class SGLangEngine:
         router_proc: ManagedProcess | None = None
         log_dir = Path(log_dir)
         try:
+            for a in server_args:
+                if a.dp_size != 1:
+                    raise RolloutError(
+                        f"server on port {a.port}: dp_size {a.dp_size} > 1 is refused: SGLang's "
+                        "distributed and tensor weight updates assert dp_size == 1; launch one "
+                        "server per replica instead"
+                    )
             for k, a in enumerate(server_args):
                 p = ManagedProcess(build_server_command(a, server_launch), server_env(a),
                                    log_dir / f"sglang_server_{k}_{a.port}.log")  # fmt: skip
                 p.start()
-                handles.append(ServerHandle(a.url, a.num_gpus, p))
+                handles.append(ServerHandle(a.url, a.tp_size, p, num_gpus_from_config=True))
             for h in handles:
                 wait_healthy(h.url, health_deadline_s, h.process)
             router_url = None
@@ -345,9 +462,12 @@ class SGLangEngine:
                 if not e.retryable:
                     raise RolloutError(f"sample ({i}, {j}): {e}") from e
                 if e.timed_out:  # the server may still be generating it: abort that rid
-                    await self._abort_rid(base, rid)
+                    await self._abort_rid(server, rid)
                 if server is not None:
                     await self._on_server_failure(server, last_error)
+                else:  # through the router: find out which worker is gone
+                    await self._check_workers(last_error)
+                    last_error += self._dead_summary()
                 await asyncio.sleep(backoff_delay(attempt + 1, self.client_cfg))
                 continue
             sample = parse_generate_reply(reply, i, j, prompt, self._version)
@@ -361,10 +481,26 @@ class SGLangEngine:
             f"attempts; last error: {last_error}"
         )
 
-    async def _abort_rid(self, base: str, rid: str) -> None:
-        with contextlib.suppress(RequestFailed):
-            await self._client.request_once("POST", base + "/abort_request", json={"rid": rid},
-                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+    async def _abort_rid(self, server: ServerHandle | None, rid: str) -> None:
+        """Abort one request on the worker that has it; through a router (which has no
+        /abort_request in sglang-router 0.3.2) the worker is unknown, so every live worker
+        gets the abort (an unknown rid is a no-op there). Best effort, short timeout."""
+        targets = [server] if server is not None else [s for s in self.servers if not s.dead]
+        for s in targets:
+            with contextlib.suppress(RequestFailed):
+                await self._client.request_once("POST", s.url + "/abort_request",
+                                                json={"rid": rid}, timeout_s=10.0)  # fmt: skip
+
+    async def _check_workers(self, error: str) -> None:
+        """After a failed routed request: probe every live worker (concurrently) and mark
+        those that do not answer dead (and out of the router)."""
+        live = [s for s in self.servers if not s.dead]
+        await asyncio.gather(*(self._on_server_failure(s, f"routed request failed: {error}")
+                               for s in live))  # fmt: skip
+
+    def _dead_summary(self) -> str:
+        dead = [f"{s.url} ({s.last_error[:200]})" for s in self.servers if s.dead]
+        return f"; SGLang servers down: {', '.join(dead)}" if dead else ""
 
     async def _probe(self, server: ServerHandle) -> bool:
         if server.process is not None and not server.process.alive:
@@ -377,10 +513,20 @@ class SGLangEngine:
             return False
 
     async def _on_server_failure(self, server: ServerHandle, error: str) -> None:
-        if server.dead or await self._probe(server):
+        if server.dead:
             return
+        if self._syncing and (server.process is None or server.process.alive):
+            return  # a probe would wait on the update lock; judged after the sync
+        if await self._probe(server):
+            return
+        await self._mark_dead(server, error)
+
+    async def _mark_dead(self, server: ServerHandle, error: str) -> None:
         server.dead = True
         server.last_error = error
+        live = sum(not s.dead for s in self.servers)
+        log.warning("SGLang server %s is down (%s); %d live server(s) left", server.url,
+                    error[:300], live)  # fmt: skip
         await self._router_remove(server)
         running = self._restarts.get(server.url)
         if (
@@ -462,6 +608,20 @@ class SGLangEngine:
     async def _pause(self) -> None:
         await self._fanout("POST", "/pause_generation", {"mode": "abort"}, quiet=True)
         await self._abort_all(quiet=True)
+        if self.memory_saver:
+            # SGLang releases only an idle engine: paused and aborted above
+            await self._memory("/release_memory_occupation", ["weights", "kv_cache"])
+
+    async def _memory(self, path: str, tags: list[str]) -> None:
+        """Release or resume GPU memory of every live server (colocated mode,
+        --enable-memory-saver; on CPU SGLang 0.5.23 answers 200 and does nothing)."""
+        self.session_log.append(f"{path.strip('/')}:{'+'.join(tags)}")
+        await self._fanout("POST", path, {"tags": tags}, quiet=False,
+                           timeout_s=self.sync_cfg.timeout_s)  # fmt: skip
+        if path == "/release_memory_occupation":
+            self._released |= set(tags)
+        else:
+            self._released -= set(tags)
 
     async def _abort_all(self, quiet: bool) -> None:
         await self._fanout("POST", "/abort_request", {"abort_all": True}, quiet=quiet)
@@ -471,8 +631,16 @@ class SGLangEngine:
         self._run(self._abort_all(quiet=True))
 
     def resume(self) -> None:
+        """Continue generation; colocated: resume what pause() released and is not back
+        yet (normally the KV cache: the sync brought the weights back). Logs the memory
+        and weight-update calls since the last resume, in order."""
+        if self._released:
+            self._run(self._memory("/resume_memory_occupation", sorted(self._released)))
         self._run(self._fanout("POST", "/continue_generation", {}, quiet=True))
         self._paused.clear()
+        if self.session_log:
+            log.info("sglang calls: %s", " ".join(self.session_log))
+            self.session_log.clear()
 
     async def _fanout(self, method: str, path: str, body: dict[str, Any] | None,
                       quiet: bool, servers: Sequence[ServerHandle] | None = None,
@@ -494,6 +662,8 @@ class SGLangEngine:
     async def _health(self) -> EngineHealth:
         lines = []
         ok = True
+        if self._syncing:  # probes would wait on the update lock and misjudge servers
+            return EngineHealth(True, ("weight sync in progress: not probed",))
         for s in self.servers:
             alive = await self._probe(s)
             if not alive and not s.dead:
@@ -548,34 +718,84 @@ class SGLangEngine:
         self, buckets: Iterable[NamedTensorBucket], version: int | None = None
     ) -> None:
         new_version = self._version + 1 if version is None else int(version)
-        if self.sync_cfg.mode == "distributed":
-            self._run(self._update_distributed(buckets, new_version))
-        elif self.sync_cfg.mode == "disk":
-            self._run(self._update_disk(buckets, new_version))
-        else:
-            raise ValueError(f"unknown weight sync mode {self.sync_cfg.mode!r}")
+        mode = self.sync_cfg.mode
+        if mode not in ("distributed", "disk", "tensor"):
+            raise ValueError(f"unknown weight sync mode {mode!r}")
+        if self.sync_cfg.fp8:
+            from archer_mcore.rollout.fp8_export import quantize_buckets
+
+            buckets = quantize_buckets(buckets, scheme="block")
+        self._run(self._check_alive())
+        self._syncing = True
+        try:
+            if "weights" in self._released:  # colocated: weights back before loading
+                self._run(self._memory("/resume_memory_occupation", ["weights"]))
+            if mode == "disk":
+                self._run(self._update_disk(buckets, new_version))
+            else:
+                self._run(self._update_in_session(buckets, new_version))
+        finally:
+            self._syncing = False
         self._version = new_version
         refreshed = [s for s in self.servers if s.stale and not s.dead]
         for s in refreshed:
             s.stale = False
         self._run(self._readmit(refreshed))
 
+    async def _check_alive(self) -> None:
+        """Before a sync: a server that does not answer GET /model_info at all (its process
+        gone, connection refused or no answer within the probe timeout) is marked down and
+        left out of the sync; the router may have hidden its death from generation.
+        /model_info is answered by the tokenizer manager without the model lock, unlike
+        /health, so a busy server is not misjudged."""
+        await self._check_processes()
+        live = [s for s in self.servers if not s.dead]
+        out = await asyncio.gather(
+            *(self._client.request_once("GET", s.url + "/model_info",
+                                        timeout_s=self.health_probe_timeout_s) for s in live),
+            return_exceptions=True,
+        )  # fmt: skip
+        for s, r in zip(live, out):
+            if isinstance(r, RequestFailed) and r.transport:
+                await self._mark_dead(s, f"not answering before the weight sync: {r}")
+        if not any(not s.dead for s in self.servers):
+            raise RolloutError(f"no live SGLang server left for the weight sync{self._dead_summary()}")
+
     async def _readmit(self, servers: Sequence[ServerHandle]) -> None:
         for s in servers:
             await self._router_add(s)
 
+    async def _post_all(self, servers: Sequence[ServerHandle], path: str, body: dict[str, Any],
+                        what: str) -> None:  # fmt: skip
+        """POST to every server at once; RolloutError naming each one that failed (HTTP
+        error or {"success": false})."""
+        out = await asyncio.gather(
+            *(self._client.request("POST", s.url + path, json=body,
+                                   timeout_s=self.sync_cfg.timeout_s, retries=0)
+              for s in servers),
+            return_exceptions=True,
+        )  # fmt: skip
+        errors = [f"{s.url}: {r}" for s, r in zip(servers, out) if _failed(r)]
+        if errors:
+            raise RolloutError(f"{what} failed: {errors}")
+
     async def _init_group(self) -> None:
+        """(Re)build the weight-update group. Every member first destroys a group of that
+        name (SGLang refuses to re-create one that exists, and the trainer would then
+        block in rendezvous); both sides time out after sync_cfg.timeout_s."""
         cfg = self.sync_cfg
         members = [s for s in self.servers if not s.dead]
-        if self._pg is not None:  # rebuild: a member restarted since the group was made
-            await self._fanout("POST", "/destroy_weights_update_group",
-                               {"group_name": cfg.group_name}, quiet=True,
-                               servers=[m for m in self._group_members if not m.stale])  # fmt: skip
+        if self._pg is not None:
             destroy_weight_update_group(self._pg)
             self._pg = None
-        port = cfg.master_port or free_port(cfg.master_address)
-        world = 1 + sum(s.num_gpus for s in members)
-        offsets = list(itertools.accumulate([1] + [s.num_gpus for s in members[:-1]]))
+        # "does not exist" answers are expected here: only the state after matters
+        await self._fanout("POST", "/destroy_weights_update_group",
+                           {"group_name": cfg.group_name}, quiet=True, servers=members,
+                           timeout_s=cfg.timeout_s)  # fmt: skip
+        port = cfg.master_port or free_port(
+            "0.0.0.0" if cfg.master_address not in ("127.0.0.1", "localhost") else "127.0.0.1"
+        )
+        world, offsets = rank_layout([s.num_gpus for s in members])
         requests = [
             self._client.request("POST", s.url + "/init_weights_update_group", json={
                 "master_address": cfg.master_address, "master_port": port,
@@ -599,19 +819,39 @@ class SGLangEngine:
         self._group_members = members
         self._pg_invalid = False
 
-    async def _update_distributed(self, buckets: Iterable[NamedTensorBucket], version: int) -> None:
+    async def _update_in_session(self, buckets: Iterable[NamedTensorBucket], version: int) -> None:
+        """Distributed or tensor update inside one begin/end weight-update session on
+        every live server. end_weight_update is sent even after a failure (a session left
+        open makes the next begin fail)."""
+        if self.sync_cfg.mode == "distributed" and (
+            self._pg is None or self._pg_invalid or any(s.dead for s in self._group_members)
+        ):
+            await self._init_group()
+        members = (self._group_members if self.sync_cfg.mode == "distributed"
+                   else [s for s in self.servers if not s.dead])  # fmt: skip
+        self.session_log.append("begin")
+        await self._post_all(members, "/begin_weight_update", {}, "begin_weight_update")
+        try:
+            if self.sync_cfg.mode == "distributed":
+                await self._send_distributed(members, buckets, version)
+            else:
+                await self._send_tensors(members, buckets, version)
+        finally:
+            self.session_log.append("end")
+            await self._post_all(members, "/end_weight_update", {}, "end_weight_update")
+
+    async def _send_distributed(self, members: Sequence[ServerHandle],
+                                buckets: Iterable[NamedTensorBucket], version: int) -> None:  # fmt: skip
         import torch
 
         cfg = self.sync_cfg
-        if self._pg is None or self._pg_invalid or any(s.dead for s in self._group_members):
-            await self._init_group()
         device = torch.device(cfg.device)
-        members = self._group_members
         for bucket, last in with_last_flag(buckets):
             names, dtypes, shapes = bucket_metadata(bucket)
             body = {"names": names, "dtypes": dtypes, "shapes": shapes,
                     "group_name": cfg.group_name, "flush_cache": last,
                     "weight_version": str(version)}  # fmt: skip
+            self.session_log.append("update_weights_from_distributed")
             requests = [
                 self._client.request("POST", s.url + "/update_weights_from_distributed", json=body,
                                      timeout_s=cfg.timeout_s, retries=0)
@@ -627,6 +867,23 @@ class SGLangEngine:
                     f"broadcast: {out[0] if isinstance(out[0], BaseException) else 'ok'}; "
                     f"servers: {errors}"
                 )
+
+    async def _send_tensors(self, members: Sequence[ServerHandle],
+                            buckets: Iterable[NamedTensorBucket], version: int) -> None:  # fmt: skip
+        """Colocated: one /update_weights_from_tensor per bucket and server, the tensors
+        passed by shared memory (same host only)."""
+        for bucket, last in with_last_flag(buckets):
+            for s in members:
+                payload = serialize_named_tensors(bucket)
+                body = {"serialized_named_tensors": [payload] * s.num_gpus,
+                        "flush_cache": last, "weight_version": str(version)}  # fmt: skip
+                self.session_log.append("update_weights_from_tensor")
+                reply = await self._client.request(
+                    "POST", s.url + "/update_weights_from_tensor", json=body,
+                    timeout_s=self.sync_cfg.timeout_s, retries=0,
+                )  # fmt: skip
+                if _failed(reply):
+                    raise RolloutError(f"{s.url} refused update_weights_from_tensor: {reply}")
 
     async def _update_disk(self, buckets: Iterable[NamedTensorBucket], version: int) -> None:
         cfg = self.sync_cfg
@@ -647,13 +904,44 @@ class SGLangEngine:
             shutil.rmtree(previous, ignore_errors=True)
 
     async def _load_from_disk(self, server: ServerHandle, path: Path, version: int) -> None:
+        # load_format "auto": the request's default is the server's own, and a server
+        # started with --load-format dummy would then "load" random weights again
         reply = await self._client.request(
             "POST", server.url + "/update_weights_from_disk",
-            json={"model_path": str(path), "weight_version": str(version)},
+            json={"model_path": str(path), "load_format": "auto", "weight_version": str(version)},
             timeout_s=self.sync_cfg.timeout_s, retries=0,
         )  # fmt: skip
         if _failed(reply):
             raise RolloutError(f"{server.url} refused weights from {path}: {reply}")
+
+
+def rank_layout(tp_sizes: Sequence[int]) -> tuple[int, list[int]]:
+    """(world_size, rank_offset of each server) of the weight-update group: the trainer
+    is rank 0 and SGLang places TP worker k of a server at rank_offset + k (0.5.23
+    `model_executor/model_runner_components/weight_updater.py`: rank = rank_offset +
+    tp_rank), so each server's offset counts the TP workers of the servers before it."""
+    if any(int(tp) < 1 for tp in tp_sizes):
+        raise ValueError(f"TP sizes must be >= 1, got {list(tp_sizes)}")
+    offsets = list(itertools.accumulate([1, *map(int, tp_sizes)]))
+    return offsets[-1], offsets[:-1]
+
+
+def serialize_named_tensors(bucket: NamedTensorBucket) -> str:
+    """One TP rank's payload of /update_weights_from_tensor: the list of (name, tensor)
+    pickled with torch's ForkingPickler (tensors travel as shared-memory handles) and
+    base64-encoded, the encoding SGLang 0.5.23 `utils/common.py`
+    MultiprocessingSerializer.deserialize reads. Uses the "file_system" sharing
+    strategy (the default file-descriptor one failed to unpickle in the server)."""
+    import base64
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as tmp
+
+    tmp.set_sharing_strategy("file_system")
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump([(name, t.detach().contiguous()) for name, t in bucket])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _failed(reply: Any) -> bool:

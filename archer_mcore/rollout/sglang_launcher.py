@@ -43,6 +43,7 @@ class SGLangServerArgs:
     load_format: "dummy" starts with random weights (the first sync overwrites them).
     cuda_visible_devices: the GPUs of this server, e.g. "0,1" (None: inherit).
     extra_args: appended verbatim (flags this dataclass does not name).
+    env: extra environment variables of the server process, as (name, value) pairs.
     """
 
     model_path: str
@@ -60,6 +61,7 @@ class SGLangServerArgs:
     deterministic_inference: bool = False
     cuda_visible_devices: str | None = None
     extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:
@@ -117,6 +119,7 @@ def server_env(args: SGLangServerArgs, base: Mapping[str, str] | None = None) ->
     env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "false"
     if args.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = args.cuda_visible_devices
+    env.update(dict(args.env))
     return env
 
 
@@ -161,10 +164,14 @@ def build_router_command(
 class ManagedProcess:
     """A child process in its own session, output appended to `log_path`."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: Path) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: Path,
+                 cwd: str | Path | None = None) -> None:  # fmt: skip
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.log_path = Path(log_path)
+        # `python -m` puts the working directory first on sys.path: run servers outside
+        # a source tree whose top-level folders (e.g. kernels/) would shadow packages
+        self.cwd = Path(cwd) if cwd is not None else self.log_path.parent
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -173,7 +180,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
             )  # fmt: skip
         self.starts += 1
 

@@ -422,19 +422,21 @@ def _policy_config(cfg: Config) -> Any:
 
 
 def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Any:
+    """The rollout engine: the in-process LocalEngine, or SGLang (disaggregated: the
+    servers in rollout.sglang.server_urls / router_url; colocated: servers this rank
+    launches), with every rollout / rollout.sglang setting applied
+    (archer_mcore/rollout/sglang_config.py)."""
     if cfg.rollout.engine == "local":
         from archer_mcore.rollout.local_engine import LocalEngine
 
         return LocalEngine(dict(hf_config), seed=cfg.train.seed, pad_token_id=pad_id, num_threads=1)
-    from archer_mcore.rollout.sglang_engine import SGLangEngine
+    from archer_mcore.rollout.sglang_config import SGLangConfigError, build_sglang_engine
 
-    s = cfg.rollout.sglang
-    if not s.server_urls:
-        raise ConfigError(
-            "rollout.engine = sglang: list running servers in rollout.sglang.server_urls "
-            "(the Slurm scripts start them); launching from the trainer needs GPUs"
-        )
-    return SGLangEngine(list(s.server_urls), health_deadline_s=s.health_timeout_s)
+    try:
+        return build_sglang_engine(cfg, hf_config, Path(cfg.train.output_dir) / "sglang",
+                                   device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    except SGLangConfigError as e:
+        raise ConfigError(str(e)) from e
 
 
 def build_components(cfg: Config) -> Components:

@@ -5,6 +5,33 @@ names and types; see /work/shared/SGLANG_API.md) and answers in SGLang's respons
 format. Violations are recorded, never silently accepted; tests assert there are none.
 Its "model" emits deterministic pseudo-random tokens per request id.
 
+Where it mimics SGLang's behaviour beyond the request format, it follows SGLang 0.5.23
+(the version setup.py pins; the real server itself is tested in tests/sglang_real/):
+* GET /server_info answers version "0.5.23" and the launch flags tp_size, dp_size, dtype,
+  mem_fraction_static (`sglang/srt/entrypoints/http_server.py` server_info: the resolved
+  server args plus "version").
+* /update_weights_from_distributed outside a begin/end session answers 400
+  {"success": false} ("must run between begin_weight_update() and end_weight_update()");
+  /begin_weight_update while a session is open and /end_weight_update without one answer
+  400 (`sglang/srt/managers/scheduler_components/weight_updater.py`; status codes from
+  `http_server.py`).
+* /init_weights_update_group for a group name that exists fails, and
+  /destroy_weights_update_group of a group that does not exist answers
+  {"success": false, "message": "The group to be destroyed does not exist."}
+  (`sglang/srt/model_executor/model_runner_components/weight_updater.py`; SGLang's
+  handler would re-create the process group and fail in its rendezvous).
+* /update_weights_from_disk uses the request's load_format, and with none the server's
+  own (`--load-format`): a server started with "dummy" then reloads random weights,
+  modelled here as a failure (`managers/io_struct.py` UpdateWeightFromDiskReqInput,
+  `model_runner_components/weight_updater.py` update_weights_from_disk).
+* GET /health and /health_generate wait while a weight update runs (they generate a
+  token through the scheduler, which holds the model-update lock).
+* /abort_request exists on workers only (sglang-router 0.3.2 answers 404).
+* With --tp-size T > 1 (process mode) TP worker k joins the weight-update group at rank
+  `rank_offset + k` (`model_runner_components/weight_updater.py`
+  init_weights_update_group: `rank = rank_offset + self.tp_rank`) and every worker
+  receives every broadcast; workers 1..T-1 are child processes (`--fake-tp-worker`).
+
 Runs in a thread (`FakeSGLangServer(...).start()`) or as a process that takes
 `sglang.launch_server`'s flags (`python fake_sglang.py --model-path ... --port N ...`)
 plus test-only flags (--fake-die-after K: exit the process instead of sending its
@@ -45,6 +72,8 @@ SCHEMA: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                           "abort_all_requests": bool, "weight_version": str,
                                           "load_format": (str, type(None))}),
     "/destroy_weights_update_group": ("POST", {"group_name": str}, {}),
+    "/begin_weight_update": ("POST", {}, {"selector": str}),
+    "/end_weight_update": ("POST", {}, {}),
     "/update_weights_from_disk": ("POST", {"model_path": str},
                                   {"load_format": (str, type(None)), "abort_all_requests": bool,
                                    "weight_version": str}),
@@ -142,12 +171,46 @@ def fake_generation(rid: str, prompt: list[int], sp: dict[str, Any], vocab: int)
     return tokens, logprobs, {"type": "length", "length": len(tokens)}
 
 
+class _Flag:
+    """A flag whose clearing can be waited for (threading.Event waits for setting)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._set = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._set = True
+
+    def clear(self) -> None:
+        with self._cond:
+            self._set = False
+            self._cond.notify_all()
+
+    def wait_clear(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._set, timeout)
+
+
 class FakeSGLangServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, vocab: int = 64,
                  token_delay_s: float = 0.0, die_after: int | None = None,
                  hang_after: int | None = None, exit_process_on_die: bool = False,
                  fail_first: int = 0, fail_status: int = 503,
-                 model_path: str = "fake-model", argv: list[str] | None = None) -> None:  # fmt: skip
+                 model_path: str = "fake-model", argv: list[str] | None = None,
+                 version: str = "0.5.23", tp_size: int = 1, dp_size: int = 1,
+                 load_format: str = "auto", dtype: str = "bfloat16",
+                 mem_fraction_static: float = 0.8) -> None:  # fmt: skip
+        self.dtype = dtype
+        self.mem_fraction_static = mem_fraction_static
+        self.version = version
+        self.tp_size = tp_size
+        self.dp_size = dp_size
+        self.load_format = load_format  # the server's --load-format
+        self.session_open = False
+        self.updating = _Flag()
+        self.tp_workers: list[_TPWorker] = []
+        self.tp_sums: dict[str, list[float]] = {}  # name -> float64 sum seen by workers 1..
         self.vocab = vocab
         self.token_delay_s = token_delay_s
         self.die_after = die_after
@@ -223,6 +286,7 @@ class FakeSGLangServer:
                 "started": list(self.started),
                 "flushes": self.flushes,
                 "weight_version": self.weight_version,
+                "tp_sums": dict(self.tp_sums),
                 "received": {k: {"dtype": str(v.dtype).removeprefix("torch."),
                                  "shape": list(v.shape),
                                  "values": v.double().flatten().tolist()}
@@ -280,8 +344,14 @@ class FakeSGLangServer:
                                              "tokenizer_path": None, "is_generation": True,
                                              "weight_version": server.weight_version})  # fmt: skip
                 if path in ("/server_info", "/get_server_info"):
-                    return self._reply(200, {"model_path": server.model_path, "tp_size": 1,
-                                             "version": "0.5.0-fake"})  # fmt: skip
+                    return self._reply(200, {"model_path": server.model_path,
+                                             "tp_size": server.tp_size,
+                                             "dp_size": server.dp_size,
+                                             "dtype": server.dtype,
+                                             "mem_fraction_static": server.mem_fraction_static,
+                                             "version": server.version})  # fmt: skip
+                if path in ("/health", "/health_generate"):
+                    server.updating.wait_clear(60)
                 return self._reply(200, {})
 
             def do_POST(self) -> None:
@@ -380,8 +450,28 @@ class FakeSGLangServer:
             self.paused = False
         return 200, {"message": "Generation continued successfully."}
 
+    def _post_begin_weight_update(self, body: dict[str, Any], h: Any):
+        with self.lock:
+            if self.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already "
+                             "open; call end_weight_update() first"}  # fmt: skip
+            self.session_open = True
+        return 200, {"success": True, "message": "Success"}
+
+    def _post_end_weight_update(self, body: dict[str, Any], h: Any):
+        with self.lock:
+            if not self.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open; "
+                             "call begin_weight_update() first"}  # fmt: skip
+            self.session_open = False
+        return 200, {"success": True, "message": "Success"}
+
     def _post_update_weights_from_disk(self, body: dict[str, Any], h: Any):
         from safetensors.torch import load_file
+
+        if (body.get("load_format") or self.load_format) == "dummy":
+            return 200, {"success": False, "message": "load_format dummy: random weights "
+                         "instead of the checkpoint", "num_paused_requests": 0}  # fmt: skip
 
         path = Path(body["model_path"])
         index = path / "model.safetensors.index.json"
@@ -414,7 +504,13 @@ class FakeSGLangServer:
             rendezvous,
         )
 
+        if self.pg is not None:
+            return 200, {"success": False, "message": "Failed to initialize custom process "
+                         "group: group exists."}  # fmt: skip
         timeout = timedelta(seconds=60)
+        self.tp_workers = [_TPWorker() for _ in range(1, self.tp_size)]
+        for k, w in enumerate(self.tp_workers, start=1):  # SGLang: rank_offset + tp_rank
+            w.send({**body, "op": "init", "rank": body["rank_offset"] + k})
         url = f"tcp://{body['master_address']}:{body['master_port']}"
         store, rank, world = next(rendezvous(url, body["rank_offset"], body["world_size"],
                                              timeout=timeout))  # fmt: skip
@@ -424,19 +520,33 @@ class FakeSGLangServer:
                                           group_name=body["group_name"], timeout=timeout)  # fmt: skip
         _world.pg_group_ranks[pg] = {i: i for i in range(world)}
         self.pg = pg
+        for w in self.tp_workers:
+            w.reply()
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _post_update_weights_from_distributed(self, body: dict[str, Any], h: Any):
         import torch
         import torch.distributed as dist
 
+        if not self.session_open:
+            return 400, {"success": False, "message": "update_weights_from_distributed must run "
+                         "between begin_weight_update() and end_weight_update()"}  # fmt: skip
         if self.pg is None:
-            return 200, {"success": False, "message": "weight update group not initialized"}
-        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
-            t = torch.empty(shape, dtype=getattr(torch, dtype))
-            dist.broadcast(t, src=0, group=self.pg)
-            with self.lock:
-                self.received[name] = t
+            return 400, {"success": False, "message": "weight update group not initialized"}
+        self.updating.set()
+        for w in self.tp_workers:
+            w.send({**body, "op": "recv"})
+        try:
+            for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, src=0, group=self.pg)
+                with self.lock:
+                    self.received[name] = t
+            for w in self.tp_workers:  # every TP worker got the same tensors
+                for name, total in w.reply()["sums"].items():
+                    self.tp_sums.setdefault(name, []).append(total)
+        finally:
+            self.updating.clear()
         with self.lock:
             self.flushes += int(body.get("flush_cache", True))
             self.weight_version = body.get("weight_version", self.weight_version)
@@ -445,25 +555,103 @@ class FakeSGLangServer:
     def _post_destroy_weights_update_group(self, body: dict[str, Any], h: Any):
         import torch.distributed as dist
 
-        if self.pg is not None:
-            dist.destroy_process_group(self.pg)
-            self.pg = None
+        if self.pg is None:
+            return 200, {"success": False, "message": "The group to be destroyed does not exist."}
+        dist.destroy_process_group(self.pg)
+        self.pg = None
+        for w in self.tp_workers:
+            assert w.proc.stdin is not None
+            w.proc.stdin.close()
+            w.proc.wait(10)
+        self.tp_workers = []
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
+class _TPWorker:
+    """A TP worker k >= 1 of a stand-in server: a child process that joins the
+    weight-update group and receives broadcasts (JSON lines on stdin/stdout)."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--fake-tp-worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def send(self, msg: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        return json.loads(self.proc.stdout.readline())
+
+
+def tp_worker_main() -> None:
+    """The child side of _TPWorker."""
+    import sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    pg = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["op"] == "init":
+            timeout = timedelta(seconds=60)
+            url = f"tcp://{msg['master_address']}:{msg['master_port']}"
+            store, rank, world = next(rendezvous(url, msg["rank"], msg["world_size"],
+                                                 timeout=timeout))  # fmt: skip
+            store.set_timeout(timeout)
+            store = PrefixStore(msg["group_name"], store)
+            pg, _ = _new_process_group_helper(world, rank, [], Backend(msg["backend"]), store,
+                                              group_name=msg["group_name"], timeout=timeout)  # fmt: skip
+            _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+            out: dict[str, Any] = {"ok": True, "rank": rank}
+        else:
+            sums = {}
+            for name, dtype, shape in zip(msg["names"], msg["dtypes"], msg["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, src=0, group=pg)
+                sums[name] = float(t.double().sum())
+            out = {"ok": True, "sums": sums}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
+    import sys
+
+    if "--fake-tp-worker" in sys.argv:
+        return tp_worker_main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--fake-die-after", type=int, default=None)
     ap.add_argument("--fake-token-delay", type=float, default=0.0)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--dp-size", type=int, default=1)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.8)
     args, _unknown = ap.parse_known_args()  # the other sglang flags are recorded in argv
     import sys
 
     srv = FakeSGLangServer(args.host, args.port, die_after=args.fake_die_after,
                            token_delay_s=args.fake_token_delay, exit_process_on_die=True,
-                           model_path=args.model_path, argv=sys.argv[1:])  # fmt: skip
+                           model_path=args.model_path, argv=sys.argv[1:], tp_size=args.tp_size,
+                           dp_size=args.dp_size, load_format=args.load_format, dtype=args.dtype,
+                           mem_fraction_static=args.mem_fraction_static)  # fmt: skip
     srv.httpd.serve_forever()
 
 

@@ -190,7 +190,9 @@ def test_disk_weight_sync_writes_hf_checkpoint_and_requests_reload(servers, tmp_
     (base / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 64}))
     (base / "tokenizer.json").write_text("{}")
     (base / "model.safetensors").write_bytes(b"old weights: must not be copied")
-    a, b = servers(), servers()
+    # b was started with --load-format dummy: without load_format "auto" in the request it
+    # would reload random weights (SGLang 0.5.23 uses the server's own format by default)
+    a, b = servers(), servers(load_format="dummy")
     sync = WeightSyncConfig(mode="disk", disk_dir=str(tmp_path / "sync"), base_model_dir=str(base))
     engine = _engine([a.url, b.url], weight_sync=sync)
     g = torch.Generator().manual_seed(0)
@@ -211,7 +213,7 @@ def test_disk_weight_sync_writes_hf_checkpoint_and_requests_reload(servers, tmp_
         for f in (a, b):
             assert f.violations == []
             [req] = [r["body"] for r in f.requests if r["path"] == "/update_weights_from_disk"]
-            assert req == {"model_path": str(ckpt), "weight_version": "1"}
+            assert req == {"model_path": str(ckpt), "load_format": "auto", "weight_version": "1"}
             assert set(f.received) == set(sent)
             for k, v in sent.items():
                 assert f.received[k].dtype == v.dtype and torch.equal(f.received[k], v)

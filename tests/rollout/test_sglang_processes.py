@@ -127,7 +127,8 @@ def test_killed_server_is_restarted_and_reloads_disk_weights(tmp_path):
     assert len(first_life) == 2
     # restarted server 0: fresh process, weights v1 reloaded from disk
     reload = [r["body"] for r in st0["requests"] if r["path"] == "/update_weights_from_disk"]
-    assert reload == [{"model_path": str(tmp_path / "sync" / "weights_v1"), "weight_version": "1"}]
+    assert reload == [{"model_path": str(tmp_path / "sync" / "weights_v1"), "load_format": "auto",
+                       "weight_version": "1"}]  # fmt: skip
     assert torch.equal(_tensor(st0["received"]["model.norm.weight"]), torch.arange(32.0).double())
     assert health.healthy, health.detail
     assert not any(p.alive for p in [proc0, engine.servers[1].process])
@@ -213,16 +214,43 @@ def test_restart_under_broadcast_sync_marks_stale_then_rebuilds_group(tmp_path):
         assert engine.health().healthy and not engine.servers[0].stale
     finally:
         engine.shutdown()
-    paths1 = [
-        r["path"] for r in st1["requests"] if r["method"] == "POST" and "weights" in r["path"]
-    ]
-    assert paths1 == ["/init_weights_update_group", "/update_weights_from_distributed",
-                      "/destroy_weights_update_group", "/init_weights_update_group",
-                      "/update_weights_from_distributed"]  # fmt: skip
-    paths0 = [
-        r["path"] for r in st0["requests"] if r["method"] == "POST" and "weights" in r["path"]
-    ]
-    assert paths0 == ["/init_weights_update_group", "/update_weights_from_distributed"]
+    # every (re)initialisation destroys the group name first (SGLang 0.5.23 fails to
+    # re-create a group that exists); updates sit inside begin/end sessions
+    sync_calls = ["/destroy_weights_update_group", "/init_weights_update_group",
+                  "/begin_weight_update", "/update_weights_from_distributed",
+                  "/end_weight_update"]  # fmt: skip
+    paths1 = [r["path"] for r in st1["requests"] if r["method"] == "POST" and "weight" in r["path"]]
+    assert paths1 == sync_calls * 2
+    paths0 = [r["path"] for r in st0["requests"] if r["method"] == "POST" and "weight" in r["path"]]
+    assert paths0 == sync_calls
     for st in (st0, st1):
         assert st["violations"] == [] and st["weight_version"] == "2"
         assert _tensor(st["received"]["model.norm.weight"]).tolist() == [2.0] * 4
+
+
+@pytest.mark.timeout(120)
+def test_tp_servers_get_rank_offsets_counting_earlier_tp_workers(tmp_path):
+    """Servers with TP 2 and TP 1 (stand-ins whose TP workers join at rank_offset +
+    tp_rank, as SGLang 0.5.23 does): TP sizes come from /server_info, the group has
+    world 1 + 2 + 1 and the offsets 1 and 3; every TP worker receives every tensor.
+    Counting each server as one rank (offsets 1, 2; world 3) would make ranks collide
+    and the group never form."""
+    args = [SGLangServerArgs(model_path="fake", port=free_port(), tp_size=2),
+            SGLangServerArgs(model_path="fake", port=free_port(), tp_size=1)]  # fmt: skip
+    sync = WeightSyncConfig(mode="distributed", backend="gloo", device="cpu", timeout_s=60)
+    engine = SGLangEngine.launch(args, tmp_path, router=None, server_launch=FAKE,
+                                 weight_sync=sync, client=FAST, health_deadline_s=60)  # fmt: skip
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    try:
+        assert [s.num_gpus for s in engine.servers] == [2, 1]
+        engine.update_weights([[("model.norm.weight", t)]])
+        states = [_state(a.url) for a in args]
+    finally:
+        engine.shutdown()
+    inits = [next(r["body"] for r in st["requests"] if r["path"] == "/init_weights_update_group")
+             for st in states]  # fmt: skip
+    assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 4), (3, 4)]
+    assert torch.equal(_tensor(states[0]["received"]["model.norm.weight"]), t.double())
+    assert states[0]["tp_sums"] == {"model.norm.weight": [66.0]}  # TP worker 1 of server 0
+    assert states[1]["tp_sums"] == {}
+    assert all(st["violations"] == [] for st in states)

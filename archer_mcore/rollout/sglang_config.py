@@ -1,0 +1,170 @@
+"""From the config's rollout / rollout.sglang sections to a running SGLangEngine.
+
+Disaggregated (rollout.mode = disaggregated): the servers are already running
+(rollout.sglang.server_urls, optionally behind rollout.sglang.router_url); the engine
+checks their version, DP size, dtype and memory fraction against the config and takes
+each server's TP size from rollout.sglang.server_tp_sizes or its /server_info.
+
+Colocated (rollout.mode = colocated): the trainer's rank 0 launches num_servers servers
+on its own host (server_command, tp_size GPUs each, --enable-memory-saver, random
+weights until the first sync) and a router in front of them (router_policy). The
+engine releases the servers' memory while the policy trains and resumes it for the
+sync and the rollout (--enable-memory-saver on GPUs; on CPU the flag cannot start, as
+torch-memory-saver preloads a CUDA hook library, and the calls have no effect).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from archer_mcore.rollout.http_client import ClientConfig
+from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+from archer_mcore.rollout.sglang_launcher import (
+    RouterArgs,
+    SGLangServerArgs,
+)
+
+
+class SGLangConfigError(ValueError):
+    """A rollout.sglang setting that cannot work (names the key)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_master_address(configured: str, server_urls: Sequence[str],
+                           env: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """The address the servers join the weight-update group at (the trainer's rank 0).
+
+    configured ("" = automatic): $MASTER_ADDR (the Slurm scripts set it to the first
+    training node's NodeAddr, where rank 0 runs), else this host's name resolved.
+    A loopback address while any server is on another host is refused: those servers
+    would try to reach themselves."""
+    env = os.environ if env is None else env
+    addr = configured or env.get("MASTER_ADDR", "")
+    if not addr:
+        try:
+            addr = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            addr = "127.0.0.1"
+    remote = [u for u in server_urls if not is_loopback(urlparse(u).hostname or "")]
+    if is_loopback(addr) and remote:
+        raise SGLangConfigError(
+            f"rollout.sglang.master_address resolves to {addr!r} (loopback) but server "
+            f"{remote[0]} is on another host and could not reach it; set "
+            "rollout.sglang.master_address to this node's routable address"
+        )
+    return addr
+
+
+def client_config(s: Any) -> ClientConfig:
+    """rollout.sglang.{max_concurrency, request_timeout_s, max_retries}. The health probe
+    after a failed request gets request_timeout_s too: SGLang's /health_generate makes
+    a token and waits behind running batches and weight updates, so a short probe
+    would mark a busy server dead."""
+    return ClientConfig(max_concurrency=s.max_concurrency, request_timeout_s=s.request_timeout_s,
+                        max_retries=s.max_retries)  # fmt: skip
+
+
+def sync_config(rollout: Any, output_dir: str | Path, base_model_dir: str | Path | None,
+                master_address: str, device: str) -> WeightSyncConfig:  # fmt: skip
+    """rollout.weight_sync and rollout.sglang.{sync_backend, sync_timeout_s}."""
+    s = rollout.sglang
+    mode = "distributed" if rollout.weight_sync in ("distributed", "nccl") else rollout.weight_sync
+    return WeightSyncConfig(
+        mode=mode, backend=s.sync_backend, master_address=master_address,
+        device="cpu" if s.sync_backend == "gloo" else device, disk_dir=str(Path(output_dir) / "weight_sync"),
+        base_model_dir=None if base_model_dir is None else str(base_model_dir),
+        timeout_s=s.sync_timeout_s, fp8=bool(rollout.fp8),
+    )  # fmt: skip
+
+
+def expected_server_fields(s: Any) -> dict[str, tuple[str, Any]]:
+    """/server_info fields every server must report: field -> (config key, value)."""
+    out: dict[str, tuple[str, Any]] = {
+        "mem_fraction_static": ("rollout.sglang.mem_fraction_static", s.mem_fraction_static),
+    }
+    if s.dtype != "auto":
+        out["dtype"] = ("rollout.sglang.dtype", s.dtype)
+    return out
+
+
+def write_server_model_dir(hf_config: Mapping[str, Any], out: Path, fp8: bool) -> Path:
+    """A model directory launched servers start from: config.json only; they load
+    random weights (--load-format dummy) until the loop's first sync. With fp8 the
+    config carries the block-wise FP8 quantization_config, so the server builds FP8
+    linear layers whose weights and scales each sync replaces."""
+    from archer_mcore.rollout.fp8_export import quantization_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(hf_config)
+    if fp8:
+        cfg["quantization_config"] = quantization_config("block")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | Path,
+                        device: str = "cuda") -> SGLangEngine:  # fmt: skip
+    """The engine of rollout.engine = sglang (see the module docstring)."""
+    r, s = cfg.rollout, cfg.rollout.sglang
+    work = Path(work_dir)
+    client = client_config(s)
+    expect = expected_server_fields(s)
+    if r.mode == "disaggregated":
+        if not s.server_urls:
+            raise SGLangConfigError(
+                "rollout.mode = disaggregated: list the running servers in "
+                "rollout.sglang.server_urls (the Slurm script sets them and router_url)"
+            )
+        from archer_mcore.rollout.sglang_engine import ServerHandle
+
+        tps = list(s.server_tp_sizes) or [None] * len(s.server_urls)
+        servers = [ServerHandle(u, tp or 1, num_gpus_from_config=tp is not None)
+                   for u, tp in zip(s.server_urls, tps)]  # fmt: skip
+        master = resolve_master_address(s.master_address, s.server_urls)
+        sync = sync_config(r, cfg.train.output_dir, cfg.model.path or None, master, device)
+        return SGLangEngine(servers, router_url=s.router_url or None, client=client,
+                            weight_sync=sync, health_deadline_s=s.health_timeout_s,
+                            health_probe_timeout_s=s.request_timeout_s,
+                            expect_server=expect)  # fmt: skip
+    # colocated: launch on this host
+    model_dir = write_server_model_dir(hf_config, work / "sglang_model", bool(r.fp8))
+    launch = tuple(s.server_command) or (sys.executable, "-m", "sglang.launch_server")
+    router_launch = tuple(s.router_command) or (sys.executable, "-m", "sglang_router.launch_router")
+    ports = [s.base_port + k for k in range(s.num_servers)]
+    args = [
+        SGLangServerArgs(model_path=str(model_dir), port=p, host=s.host, tp_size=s.tp_size,
+                         mem_fraction_static=s.mem_fraction_static, dtype=s.dtype,
+                         random_seed=cfg.train.seed, load_format="dummy",
+                         # torch-memory-saver preloads a CUDA hook (needs libcuda): GPU
+                         # only; on CPU release/resume answer 200 and change nothing
+                         enable_memory_saver=device != "cpu",
+                         cuda_visible_devices=None if device == "cpu" else ",".join(
+                             str(k * s.tp_size + g) for g in range(s.tp_size)),
+                         extra_args=tuple(s.extra_server_args))
+        for k, p in enumerate(ports)
+    ]  # fmt: skip
+    router = RouterArgs(tuple(a.url for a in args), port=s.router_port, host=s.host,
+                        policy=s.router_policy)  # fmt: skip
+    master = resolve_master_address(s.master_address or "127.0.0.1", [a.url for a in args])
+    sync = sync_config(r, cfg.train.output_dir, model_dir, master, device)
+    return SGLangEngine.launch(args, work / "logs", router=router, server_launch=launch,
+                               router_launch=router_launch, health_deadline_s=s.health_timeout_s,
+                               client=client, weight_sync=sync, memory_saver=True,
+                               health_probe_timeout_s=s.request_timeout_s,
+                               expect_server=expect)  # fmt: skip
