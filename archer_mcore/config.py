@@ -70,6 +70,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     micro_batch_tokens: int = _f(8192, gt=0)  # token budget of one micro-batch
+    # pack sequences into micro-batches (THD / block-diagonal mask) instead of padding rows
+    pack_sequences: bool = True
 
 
 @dataclass

@@ -16,6 +16,7 @@ capability, CUDA or not), so that `archer plan` sizes exactly what gets built:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,57 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, 1, total, total] bool, True where attention is *not* allowed (megatron's
+    convention): key j is visible from query i only if j <= i and both lie in the same
+    segment [cu_seqlens[k], cu_seqlens[k + 1]) — block-diagonal causal."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    seg = torch.searchsorted(cu_seqlens[1:].to(torch.long), idx, right=True)
+    allowed = (seg.unsqueeze(0) == seg.unsqueeze(1)) & (idx.unsqueeze(0) <= idx.unsqueeze(1))
+    return (~allowed).view(1, 1, total, total)
+
+
+@functools.cache
+def _packed_local_attention() -> type:
+    """megatron's local `DotProductAttention` taking packed (THD) input.
+
+    megatron-core 0.16.1's DotProductAttention (megatron/core/transformer/
+    dot_product_attention.py) asserts `packed_seq_params is None`; only TE's attention
+    reads `cu_seqlens`. Everything before the core attention (RoPE restarting at each
+    `cu_seqlens` boundary in `rope_utils._apply_rotary_pos_emb_thd`, the [t, heads, d]
+    squeeze in `Attention.forward`) is shared by both specs. This subclass turns
+    `cu_seqlens` into the equivalent block-diagonal causal mask and runs the ordinary
+    [s, b=1] attention, so CPU tests run the same packed micro-batches as TE's THD
+    kernel on GPU. Without packed input it is megatron's class unchanged."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedDotProductAttention(DotProductAttention):
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+        ):
+            if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                return super().forward(
+                    query, key, value, attention_mask, attn_mask_type, attention_bias,
+                    packed_seq_params,
+                )  # fmt: skip
+            t = query.shape[0]  # THD: [t, heads, d]
+            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, t)
+            out = super().forward(
+                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
+                attn_mask_type, attention_bias, None,
+            )  # fmt: skip
+            return out  # [t, 1, heads * d]; megatron reshapes it as for THD
+
+    return PackedDotProductAttention
+
+
 def _replace_module(spec: Any, old: type, new: type) -> Any:
     """A copy of a megatron ModuleSpec / submodules dataclass tree with `old` -> `new`."""
     import dataclasses
@@ -186,11 +238,17 @@ def _replace_module(spec: Any, old: type, new: type) -> Any:
 
 
 def layer_spec_for(choices: BuildChoices, shape: ModelShape, config: Any) -> Any:
-    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec under
-    sequence parallelism, a whole-block spec whose torch RMSNorms (layers, q/k norms,
+    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec, core
+    attention that takes packed sequences (`_packed_local_attention`), and under
+    sequence parallelism a whole-block spec whose torch RMSNorms (layers, q/k norms,
     the final norm) are `SequenceParallelRMSNorm`."""
     spec = choices.precision.build_layer_spec(shape.qk_norm)
-    if choices.precision.spec != "local" or not choices.sequence_parallel:
+    if choices.precision.spec != "local":
+        return spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    spec = _replace_module(spec, DotProductAttention, _packed_local_attention())
+    if not choices.sequence_parallel:
         return spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import (

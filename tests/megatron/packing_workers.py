@@ -1,0 +1,91 @@
+"""Code that runs inside the spawned gloo processes of tests/megatron/test_packing.py.
+
+`entry` registers the `packing` task with `mcore_workers` and runs it there (same
+process setup as the other megatron tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mcore_workers
+import torch.distributed as dist
+
+
+def entry(
+    rank: int, world: int, port: int, task: str, payload: dict[str, Any], result_path: str
+) -> None:
+    mcore_workers.TASKS["packing"] = packing
+    mcore_workers.entry(rank, world, port, task, payload, result_path)
+
+
+def _policy_cfg(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool):
+    from archer_mcore.config import KernelsConfig, OptimizerConfig, ParallelConfig
+    from archer_mcore.train.policy import PolicyConfig
+
+    return PolicyConfig(
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=payload["tp"],
+            pipeline_model_parallel_size=payload["pp"],
+            sequence_parallel=sp,
+            micro_batch_tokens=budget,
+            pack_sequences=pack,
+        ),
+        optimizer=OptimizerConfig(**payload["optim"]),
+        kernels=KernelsConfig(mode="torch", fused_lm_head=fused),
+        temperature=payload["temperature"],
+        with_reference=False,
+    )
+
+
+def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool):
+    """Build a policy, score the batch, take one optimizer step. Returns its results
+    (log-probs, entropies, metrics; on this rank: gradients and updated weights by
+    megatron parameter name) and the shapes of its micro-batches."""
+    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.train.policy import MegatronPolicy
+
+    policy = MegatronPolicy.from_hf(
+        payload["hf_dir"], _policy_cfg(payload, budget, pack, sp, fused)
+    )
+    batch = mcore_workers._policy_batch(payload["batch"])
+    mbs = policy._microbatches(batch)
+    logp, ent = policy.compute_logprobs(batch)
+    metrics = policy.train_step(batch, LossConfig(**payload["loss"]))
+    grads, weights = {}, {}
+    for name, p in policy.model.module.named_parameters():
+        grads[name] = p.main_grad.detach().clone().float()
+        weights[name] = p.detach().clone().float()
+    shapes = [[*mb.shape, len(mb.extras["rows"])] for mb in mbs]
+    return logp, ent, metrics, grads, weights, shapes
+
+
+def packing(payload: dict[str, Any]) -> dict[str, Any]:
+    """The sequences one by one (padded rows, a budget of 1 token: one row per
+    micro-batch) against packed micro-batches at each budget in payload["budgets"]
+    (and the variants in payload["variants"]): max differences over all ranks."""
+    ref = _run(payload, 1, False, False, False)
+    ref_logp, ref_ent, ref_metrics, ref_grads, ref_weights, ref_shapes = ref
+    out: dict[str, Any] = {"reference_shapes": ref_shapes, "runs": {}}
+    for budget, sp, fused in payload["runs"]:
+        logp, ent, metrics, grads, weights, shapes = _run(payload, budget, True, sp, fused)
+        grad_scale = max(g.abs().max().item() for g in ref_grads.values())
+        res = {
+            "shapes": shapes,
+            "logprob": (logp - ref_logp).abs().max().item(),
+            "entropy": (ent - ref_ent).abs().max().item(),
+            "loss": abs(metrics["loss"] - ref_metrics["loss"]),
+            "grad_norm": abs(metrics["grad_norm"] - ref_metrics["grad_norm"]),
+            "grad": mcore_workers._max_over_world(
+                max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
+            ),
+            "grad_scale": mcore_workers._max_over_world(grad_scale),
+            "weights": mcore_workers._max_over_world(
+                max((weights[n] - ref_weights[n]).abs().max().item() for n in weights)
+            ),
+        }
+        out["runs"][f"{budget}-sp{int(sp)}-fused{int(fused)}"] = res
+    out["ref_grad_norm"] = ref_metrics["grad_norm"]
+    out["ref_logp_nonzero"] = int((ref_logp != 0).sum())
+    out["world"] = dist.get_world_size()
+    return out
