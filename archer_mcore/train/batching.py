@@ -176,11 +176,13 @@ def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBa
     position ids restarting at 0 for each sequence, and `cu_seqlens` [segments + 1]
     int32 / `max_seqlen` marking the sequences (and the trailing padding as a segment
     of its own) for megatron's THD attention; no position sees another sequence."""
-    if plan.packed:
-        return [
-            _packed_microbatch(batch, rows, total) for rows, total in zip(plan.rows, plan.lengths)
-        ]
     lengths = batch.response_lengths()
+    if plan.packed:
+        seq = batch.prompt_lengths + lengths
+        return [
+            _packed_microbatch(batch, rows, total, seq[rows], lengths[rows])
+            for rows, total in zip(plan.rows, plan.lengths)
+        ]
     out = []
     for rows, seq_len in zip(plan.rows, plan.lengths):
         ids = batch.input_ids[rows, :seq_len]
@@ -204,10 +206,11 @@ def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBa
     return out
 
 
-def _packed_microbatch(batch: PolicyBatch, rows: Tensor, total: int) -> MicroBatch:
-    """One packed micro-batch of `rows` ([1, total] tokens); see `build_microbatches`."""
-    seq = batch.seq_lengths()[rows]
-    lengths = batch.response_lengths()[rows]
+def _packed_microbatch(
+    batch: PolicyBatch, rows: Tensor, total: int, seq: Tensor, lengths: Tensor
+) -> MicroBatch:
+    """One packed micro-batch of `rows` ([1, total] tokens; `seq` / `lengths` [b]: the
+    rows' sequence and response lengths); see `build_microbatches`."""
     starts = torch.cumsum(seq, 0) - seq  # [b] offset of each sequence in the row
     used = int(seq.sum())
     if used > total:
