@@ -6,6 +6,7 @@ process setup as the other megatron tests).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import mcore_workers
@@ -57,7 +58,11 @@ def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool
         grads[name] = p.main_grad.detach().clone().float()
         weights[name] = p.detach().clone().float()
     shapes = [[*mb.shape, len(mb.extras["rows"])] for mb in mbs]
-    return logp, ent, metrics, grads, weights, shapes
+    # the same policy with parallel.pack_sequences flipped: its micro-batches
+    par = policy.cfg.parallel
+    policy.cfg = replace(policy.cfg, parallel=replace(par, pack_sequences=not par.pack_sequences))
+    flipped = [[*mb.shape, len(mb.extras["rows"])] for mb in policy._microbatches(batch)]
+    return logp, ent, metrics, grads, weights, {"shapes": shapes, "flipped": flipped}
 
 
 def packing(payload: dict[str, Any]) -> dict[str, Any]:
@@ -66,12 +71,13 @@ def packing(payload: dict[str, Any]) -> dict[str, Any]:
     (and the variants in payload["variants"]): max differences over all ranks."""
     ref = _run(payload, 1, False, False, False)
     ref_logp, ref_ent, ref_metrics, ref_grads, ref_weights, ref_shapes = ref
-    out: dict[str, Any] = {"reference_shapes": ref_shapes, "runs": {}}
+    out: dict[str, Any] = {"reference_shapes": ref_shapes["shapes"], "runs": {}}
     for budget, sp, fused in payload["runs"]:
         logp, ent, metrics, grads, weights, shapes = _run(payload, budget, True, sp, fused)
         grad_scale = max(g.abs().max().item() for g in ref_grads.values())
         res = {
-            "shapes": shapes,
+            "shapes": shapes["shapes"],
+            "unpacked_shapes": shapes["flipped"],
             "logprob": (logp - ref_logp).abs().max().item(),
             "entropy": (ent - ref_ent).abs().max().item(),
             "loss": abs(metrics["loss"] - ref_metrics["loss"]),

@@ -54,6 +54,7 @@ def _check(res: dict, expect_packs: dict[str, list[int]]) -> None:
         seqs = sorted(n for *_, n in r["shapes"])
         assert seqs == sorted(expect_packs[key.split("-")[0]]), (key, r["shapes"])
         assert all(b == 1 for b, *_ in r["shapes"]), key  # one packed row per micro-batch
+        assert sum(s for _, s, _ in r["shapes"]) < sum(b * s for b, s, _ in r["unpacked_shapes"])
         for what in ("logprob", "entropy", "loss", "grad_norm", "weights"):
             assert r[what] < 1e-5, (key, what, r[what])
         assert r["grad"] < 1e-5 * max(1.0, r["grad_scale"]), (key, r["grad"])
@@ -82,7 +83,13 @@ def _payload(hf_dir, tp: int, pp: int, runs: list) -> dict:
 def test_packed_equals_one_by_one_tp1(tmp_path):
     hf = save_tiny_hf("qwen3", tmp_path / "hf", seed=5)
     runs = [[12, False, False], [20, False, False], [64, False, False], [20, False, True]]
-    _check(_spawn(_payload(hf, 1, 1, runs), 1, tmp_path), PACKS)
+    res = _spawn(_payload(hf, 1, 1, runs), 1, tmp_path)
+    _check(res, PACKS)
+    # parallel.pack_sequences: false on the same policy: padded rows [b, longest] with
+    # b x longest <= 20, longest first: [12] [12] [9 7] [5 3] (66 tokens run, not 48)
+    unpacked = res["runs"]["20-sp0-fused0"]["unpacked_shapes"]
+    assert unpacked == [[1, 12, 1], [1, 12, 1], [2, 9, 2], [2, 5, 2]]
+    assert res["runs"]["20-sp0-fused0"]["shapes"] == [[1, 19, 2], [1, 20, 3], [1, 9, 1]]
 
 
 @pytest.mark.slow
