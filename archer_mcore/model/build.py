@@ -17,6 +17,7 @@ capability, CUDA or not), so that `archer plan` sizes exactly what gets built:
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,16 +172,6 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, 1, total, total] bool, True where attention is *not* allowed (megatron's
-    convention): key j is visible from query i only if j <= i and both lie in the same
-    segment [cu_seqlens[k], cu_seqlens[k + 1]) — block-diagonal causal."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    seg = torch.searchsorted(cu_seqlens[1:].to(torch.long), idx, right=True)
-    allowed = (seg.unsqueeze(0) == seg.unsqueeze(1)) & (idx.unsqueeze(0) <= idx.unsqueeze(1))
-    return (~allowed).view(1, 1, total, total)
-
-
 @functools.cache
 def _packed_local_attention() -> type:
     """megatron's local `DotProductAttention` taking packed (THD) input.
@@ -189,10 +180,13 @@ def _packed_local_attention() -> type:
     dot_product_attention.py) asserts `packed_seq_params is None`; only TE's attention
     reads `cu_seqlens`. Everything before the core attention (RoPE restarting at each
     `cu_seqlens` boundary in `rope_utils._apply_rotary_pos_emb_thd`, the [t, heads, d]
-    squeeze in `Attention.forward`) is shared by both specs. This subclass turns
-    `cu_seqlens` into the equivalent block-diagonal causal mask and runs the ordinary
-    [s, b=1] attention, so CPU tests run the same packed micro-batches as TE's THD
-    kernel on GPU. Without packed input it is megatron's class unchanged."""
+    squeeze in `Attention.forward`) is shared by both specs. This subclass computes the
+    block-diagonal causal attention of the packed row: each segment
+    [cu_seqlens[k], cu_seqlens[k + 1]) runs megatron's own causal [s, b=1] attention on
+    its own, which is the full-row attention under a block-diagonal causal mask with the
+    masked blocks skipped (their softmax weights are exactly zero), so it costs
+    sum(len_k^2) like TE's THD kernel, not len(row)^2. CPU tests thus run the same
+    packed micro-batches as the GPU. Without packed input it is megatron's class."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     class PackedDotProductAttention(DotProductAttention):
@@ -211,13 +205,13 @@ def _packed_local_attention() -> type:
                     query, key, value, attention_mask, attn_mask_type, attention_bias,
                     packed_seq_params,
                 )  # fmt: skip
-            t = query.shape[0]  # THD: [t, heads, d]
-            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, t)
-            out = super().forward(
-                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
-                attn_mask_type, attention_bias, None,
-            )  # fmt: skip
-            return out  # [t, 1, heads * d]; megatron reshapes it as for THD
+            # THD: [t, heads, d]; each segment as a [len, 1, heads, d] causal batch
+            outs = []
+            for start, end in itertools.pairwise(packed_seq_params.cu_seqlens_q.tolist()):
+                if end > start:
+                    q, k, v = (x[start:end].unsqueeze(1) for x in (query, key, value))
+                    outs.append(super().forward(q, k, v, None, attn_mask_type, attention_bias))
+            return torch.cat(outs, dim=0)  # [t, 1, heads * d]; megatron reshapes it
 
     return PackedDotProductAttention
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import mcore_workers
+import torch
 import torch.distributed as dist
 
 
@@ -58,11 +59,53 @@ def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool
         grads[name] = p.main_grad.detach().clone().float()
         weights[name] = p.detach().clone().float()
     shapes = [[*mb.shape, len(mb.extras["rows"])] for mb in mbs]
+    core = _core_attention_check(policy)
     # the same policy with parallel.pack_sequences flipped: its micro-batches
     par = policy.cfg.parallel
     policy.cfg = replace(policy.cfg, parallel=replace(par, pack_sequences=not par.pack_sequences))
     flipped = [[*mb.shape, len(mb.extras["rows"])] for mb in policy._microbatches(batch)]
-    return logp, ent, metrics, grads, weights, {"shapes": shapes, "flipped": flipped}
+    return logp, ent, metrics, grads, weights, {"shapes": shapes, "flipped": flipped, "core": core}
+
+
+def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, 1, total, total] bool, True where attention is not allowed (megatron's
+    convention): key j is visible from query i iff j <= i in the same segment."""
+    idx = torch.arange(total)
+    seg = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    allowed = (seg.unsqueeze(0) == seg.unsqueeze(1)) & (idx.unsqueeze(0) <= idx.unsqueeze(1))
+    return (~allowed).view(1, 1, total, total)
+
+
+def _core_attention_check(policy) -> dict[str, float]:
+    """The local spec's packed core attention (per segment) against megatron's own
+    DotProductAttention over the whole packed row with the explicit block-diagonal
+    causal mask; and how far plain causal attention over the row is from it."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = policy.unwrapped().decoder.layers[0].self_attention.core_attention
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)  # lengths 5, 1, 7, 3
+    t, hn = 16, attn.hidden_size_per_attention_head
+    q = torch.randn(t, attn.num_attention_heads_per_partition, hn, generator=g)
+    k = torch.randn(t, attn.num_query_groups_per_partition, hn, generator=g)
+    v = torch.randn(t, attn.num_query_groups_per_partition, hn, generator=g)
+    psp = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7
+    )
+    with torch.no_grad():
+        seg = attn(q, k, v, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=psp)
+        row = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        ref = DotProductAttention.forward(
+            attn, *row, block_diagonal_causal_mask(cu, t), AttnMaskType.causal
+        )
+        causal = DotProductAttention.forward(attn, *row, None, AttnMaskType.causal)
+    return {
+        "type": type(attn).__name__,
+        "vs_mask": (seg - ref).abs().max().item(),
+        "causal_vs_mask": (causal - ref).abs().max().item(),
+    }
 
 
 def packing(payload: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +134,7 @@ def packing(payload: dict[str, Any]) -> dict[str, Any]:
             ),
         }
         out["runs"][f"{budget}-sp{int(sp)}-fused{int(fused)}"] = res
+    out["core_attention"] = ref_shapes["core"]
     out["ref_grad_norm"] = ref_metrics["grad_norm"]
     out["ref_logp_nonzero"] = int((ref_logp != 0).sum())
     out["world"] = dist.get_world_size()

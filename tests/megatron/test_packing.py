@@ -3,7 +3,8 @@ one: per-token log-probs, entropies, the loss, the gradients and the weights aft
 optimizer step (fp32, 1e-5), at TP=1 (also with the fused LM head's torch path),
 TP=2 (also with sequence parallelism: packs padded to a multiple of TP) and PP=2, on
 gloo. The budgets include one that a sequence fills exactly and ones that force the
-sequences into several packs."""
+sequences into several packs. The local spec's per-segment core attention equals
+megatron's own attention under an explicit block-diagonal causal mask."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def _check(res: dict, expect_packs: dict[str, list[int]]) -> None:
     # the reference really ran one sequence per micro-batch
     assert all(n == 1 for *_, n in res["reference_shapes"]) and len(res["reference_shapes"]) == 6
     assert res["ref_grad_norm"] > 0 and res["ref_logp_nonzero"] == sum(RESPONSES)
+    # the local spec's packed core attention equals megatron's attention over the whole
+    # row under the block-diagonal causal mask (and the block structure matters)
+    core = res["core_attention"]
+    assert core["type"] == "PackedDotProductAttention"
+    assert core["vs_mask"] < 1e-6 and core["causal_vs_mask"] > 1e-2, core
     for key, r in res["runs"].items():
         seqs = sorted(n for *_, n in r["shapes"])
         assert seqs == sorted(expect_packs[key.split("-")[0]]), (key, r["shapes"])

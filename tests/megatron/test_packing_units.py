@@ -1,12 +1,13 @@
 """Packed micro-batches by hand: the first-fit-decreasing plan (exact budget, splits,
 over-budget sequences, the SP/FP8 length multiple), the packed row with its positions,
-cu_seqlens and loss positions, and the block-diagonal causal mask of the local spec."""
+cu_seqlens and loss positions, and the block-diagonal causal mask the tests use as the
+reference of the local spec's packed attention."""
 
 from __future__ import annotations
 
 import torch
+from packing_workers import block_diagonal_causal_mask
 
-from archer_mcore.model.build import packed_causal_mask
 from archer_mcore.train.batching import PolicyBatch, build_microbatches, plan_microbatches
 
 
@@ -74,7 +75,7 @@ def test_padded_rows_flat_positions_index_the_flattened_output():
 
 
 def test_block_diagonal_causal_mask_by_hand():
-    m = packed_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)[0, 0]
+    m = block_diagonal_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)[0, 0]
     allowed = ~m
     expect = torch.tensor(
         [
