@@ -14,9 +14,9 @@ it reports, side by side in one run, the fraction of padded tokens of the micro-
 the trainer's batching code forms (`archer_mcore.train.batching`) with
 parallel.pack_sequences on and off, and the forward time of `MegatronPolicy.
 compute_logprobs` (the policy's own scoring pass, forward only) over the batch with
-each, on one process (gloo, TP=1, megatron's local spec: packed rows attend through
-a block-diagonal mask there, which still computes the whole pack's score matrix;
-TE's THD kernel on GPU computes only the per-sequence blocks). The model is tiny (the
+each, on one process (gloo, TP=1, megatron's local spec: a packed row's attention runs
+one causal attention call per sequence and layer, the block-diagonal mask with the
+masked blocks skipped, as TE's THD kernel does on GPU). The model is tiny (the
 demo's shape, random weights, fp32), so the times are for comparing the two batchings
 on this machine, not a GPU figure. The two runs' log-probs are compared too.
 
@@ -207,8 +207,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"{res['sequences']} sequences per batch. Forward = `MegatronPolicy.compute_logprobs`"
         " (median of "
         f"{res['repeats']}) on the demo's model shape (tiny, random weights, fp32, local spec:"
-        " packed rows use a block-diagonal mask over the whole pack). Times compare the two"
-        " batchings on this CPU; they are not GPU figures.",
+        " a packed row's attention runs per sequence). Times compare the two batchings on"
+        " this CPU; they are not GPU figures.",
         "",
         "| mix | budget | batching | micro-batches | padded tokens | causal score entries"
         " (THD / padded kernel) | CPU forward s |",
@@ -249,9 +249,10 @@ def markdown(res: dict[str, Any], command: str) -> str:
     lines.append("")
     lines.append(
         "Causal score entries: sum of len(len+1)/2 over the sequences for packed rows (what"
-        " TE's THD attention computes on GPU), b x s(s+1)/2 per padded micro-batch. The CPU"
-        " forward runs megatron's local attention, which for a packed row computes the full"
-        " pack x pack score matrix and masks it, so its CPU time does not show the THD saving."
+        " TE's THD attention computes on GPU, and the local spec's per-sequence attention"
+        " here), b x s(s+1)/2 per padded micro-batch. The local spec pays one attention call"
+        " per sequence and layer, a fixed cost that dominates for many short sequences (the"
+        " demo mix) on this tiny model."
     )
     lines.append("")
     lines.append(
