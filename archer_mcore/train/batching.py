@@ -232,7 +232,9 @@ def _packed_microbatch(
     start = starts.unsqueeze(1)
     # the target stays inside its own sequence; positions past its end are masked
     target_pos = start + torch.minimum(p + j, seq.unsqueeze(1) - 1)
-    resp_pos = target_pos - 1  # >= start: every sequence has a prompt token
+    # the logits one position earlier, kept inside the sequence (an empty response of a
+    # 1-token sequence has none; its positions are masked)
+    resp_pos = torch.maximum(target_pos - 1, start)
     extras = {
         "rows": rows,
         "resp_pos": resp_pos,

@@ -65,6 +65,17 @@ def test_packed_microbatch_by_hand():
     assert mb.position_ids[0, 12:].tolist() == [0, 1, 2, 3]
 
 
+def test_empty_response_stays_inside_its_own_sequence():
+    # row 0: a 1-token prompt and no response; row 1: prompt [4], response [3]
+    ids = torch.tensor([[7, 0], [4, 3]])
+    mask = torch.tensor([[False], [True]])
+    batch = PolicyBatch(ids, torch.tensor([1, 1]), mask)
+    (mb,) = build_microbatches(batch, plan_microbatches(batch.seq_lengths(), 8, pack=True))
+    assert mb.extras["rows"].tolist() == [1, 0] and mb.input_ids.tolist() == [[4, 3, 7]]
+    assert mb.extras["resp_pos"].tolist() == [[0], [2]]  # row 0 points at its own token
+    assert mb.extras["mask"].tolist() == [[True], [False]]
+
+
 def test_padded_rows_flat_positions_index_the_flattened_output():
     ids = torch.tensor([[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]])
     mask = torch.tensor([[True, True, True], [True, False, False]])
