@@ -73,6 +73,8 @@ class ParallelConfig:
     # CP: each micro-batch's tokens split over this many GPUs (ring attention). Needs
     # Transformer Engine on GPUs; `archer plan` models it, the trainer refuses CP > 1.
     context_parallel_size: int = _f(1, ge=1)
+    # pack sequences into micro-batches (THD / block-diagonal mask) instead of padding rows
+    pack_sequences: bool = True
 
 
 @dataclass

@@ -19,7 +19,14 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
 * Activations follow Korthikanti et al. (arXiv 2205.05198, table 2) tensor by tensor,
   generalised to SwiGLU, grouped-query attention, Qwen3's q/k norms and flash
   attention (no s x s score tensors; a fp32 log-sum-exp per head and token instead).
-  Micro-batches are packed to `parallel.micro_batch_tokens` tokens (s x b = tokens).
+  A micro-batch holds at most `parallel.micro_batch_tokens` tokens, padding included.
+  How many micro-batches a rank runs, and what share of their tokens is padding, come
+  from the trainer's own batching code (`archer_mcore.train.batching`, packed
+  sequences or padded rows as `parallel.pack_sequences` says) applied to an assumed
+  length mix: prompts of `mean_prompt_tokens`, responses lognormal with mean
+  `mean_response_fraction` x `rollout.max_new_tokens` and log-sd
+  `response_length_sigma`, capped at `rollout.max_new_tokens` (deterministic
+  quantiles, no sampling). Padding costs compute (training FLOPs scale with it).
   The first pipeline stage holds min(PP, micro-batches) micro-batches in flight (1F1B).
 * The last stage also holds the logits of one micro-batch (vocab-parallel, V / TP
   columns per rank) and what the entropy / log-prob computation keeps for backward.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -89,6 +97,7 @@ class Assumptions:
     bandwidth_efficiency: float = 0.6  # achieved / peak HBM bandwidth when decoding
     mean_prompt_tokens: int = 256
     mean_response_fraction: float = 0.5  # mean response length / max_new_tokens
+    response_length_sigma: float = 0.8  # log-sd of the (lognormal) response lengths
     torch_chunk_rows: int = 4096  # rows per chunk of the torch entropy reference (the policy's)
     te_version: str | None = "2.8.0"  # Transformer Engine on the cluster (None: not installed)
     lm_head_chunk_rows: int = 4096  # rows per chunk of the fused linear-head kernel
@@ -177,6 +186,7 @@ class TrainLayout:
     logits_path: LogitsPath = "fused"
     fp8: bool = False
     cp: int = 1  # context parallel: a micro-batch's tokens split over cp GPUs
+    pack_sequences: bool = True
 
     @property
     def dp(self) -> int:
@@ -187,6 +197,15 @@ class TrainLayout:
         """GPUs one model replica spans: TP x PP x CP."""
         return self.tp * self.pp * self.cp
 
+    @property
+    def seq_multiple(self) -> int:
+        """What micro-batch lengths are rounded up to, as `model.build` decides it:
+        TP under sequence parallelism, x16 under FP8."""
+        from archer_mcore.model.build import FP8_TOKEN_MULTIPLE
+
+        sp = self.tp if self.sequence_parallel and self.tp > 1 else 1
+        return sp * (FP8_TOKEN_MULTIPLE if self.fp8 else 1)
+
     def describe(self) -> str:
         cp = f" CP{self.cp}" if self.cp > 1 else ""
         return (
@@ -194,7 +213,9 @@ class TrainLayout:
             f"SP {'on' if self.sequence_parallel else 'off'}, "
             f"recompute {self.recompute}, distributed optimizer "
             f"{'on' if self.distributed_optimizer else 'off'}, micro-batch "
-            f"{self.micro_batch_tokens} tokens, logits path {self.logits_path}"
+            f"{self.micro_batch_tokens} tokens "
+            f"({'packed sequences' if self.pack_sequences else 'padded rows'}), "
+            f"logits path {self.logits_path}"
         )
 
 
@@ -342,6 +363,7 @@ class TrainingMemory:
     logits_by_path: dict[str, float]  # last stage, every logits path
     microbatches: int  # per mini-batch and data-parallel rank
     in_flight: int
+    batching: MicroBatchEstimate | None = None
 
     @property
     def peak(self) -> StageMemory:
@@ -385,13 +407,70 @@ def cp_ring_buffer_bytes(m: ModelShape, layout: TrainLayout) -> float:
     return 2 * cp_tokens_per_gpu(layout) * cp_kv_bytes_per_token(m, layout.tp)
 
 
-def microbatches_per_rank(layout: TrainLayout, work: Workload, assume: Assumptions) -> int:
-    """Packed micro-batches one data-parallel rank runs per mini-batch."""
-    mean_seq = min(assume.mean_prompt_tokens, work.max_prompt_tokens) + (
-        assume.mean_response_fraction * work.max_new_tokens
+@dataclass(frozen=True)
+class MicroBatchEstimate:
+    """One data-parallel rank's micro-batches for one mini-batch of the assumed length
+    mix, as the trainer's batching code forms them."""
+
+    packed: bool
+    count: int
+    sequences: int
+    tokens: int  # the sequences' own tokens
+    tokens_run: int  # what the micro-batches run through the model, padding included
+
+    @property
+    def padded_fraction(self) -> float:
+        return 1.0 - self.tokens / max(self.tokens_run, 1)
+
+
+def assumed_sequence_lengths(n: int, work: Workload, assume: Assumptions) -> list[int]:
+    """`n` sequence lengths of the assumed mix: prompt min(mean_prompt_tokens,
+    max_prompt_tokens) plus a response at the (i + 1/2)/n quantiles of a lognormal
+    with mean mean_response_fraction x max_new_tokens and log-sd
+    response_length_sigma, capped at max_new_tokens and at least 1."""
+    from statistics import NormalDist
+
+    prompt = max(1, min(assume.mean_prompt_tokens, work.max_prompt_tokens))
+    mean = max(assume.mean_response_fraction * work.max_new_tokens, 1.0)
+    sigma = assume.response_length_sigma
+    mu = math.log(mean) - sigma * sigma / 2
+    z = NormalDist()
+    out = []
+    for i in range(n):
+        r = math.exp(mu + sigma * z.inv_cdf((i + 0.5) / n)) if sigma > 0 else mean
+        out.append(prompt + max(1, min(work.max_new_tokens, round(r))))
+    return out
+
+
+def microbatch_estimate(
+    layout: TrainLayout, work: Workload, assume: Assumptions
+) -> MicroBatchEstimate:
+    """`plan_microbatches` (the trainer's) over one rank's share of a mini-batch of
+    `assumed_sequence_lengths`, with the layout's budget, packing and length multiple."""
+    n = max(1, math.ceil(work.mini_batch_prompts * work.samples_per_prompt / max(layout.dp, 1)))
+    return _estimate(
+        tuple(assumed_sequence_lengths(n, work, assume)),
+        layout.micro_batch_tokens,
+        layout.seq_multiple,
+        layout.pack_sequences,
     )
-    tokens = work.mini_batch_prompts * work.samples_per_prompt * mean_seq / layout.dp
-    return max(1, math.ceil(tokens / layout.micro_batch_tokens))
+
+
+@functools.lru_cache(maxsize=4096)
+def _estimate(
+    lengths: tuple[int, ...], budget: int, multiple: int, pack: bool
+) -> MicroBatchEstimate:
+    import torch
+
+    from archer_mcore.train.batching import plan_microbatches
+
+    plan = plan_microbatches(torch.tensor(lengths), budget, seq_multiple=multiple, pack=pack)
+    return MicroBatchEstimate(pack, len(plan.rows), len(lengths), sum(lengths), sum(plan.tokens()))
+
+
+def microbatches_per_rank(layout: TrainLayout, work: Workload, assume: Assumptions) -> int:
+    """Micro-batches one data-parallel rank runs per mini-batch (`microbatch_estimate`)."""
+    return microbatch_estimate(layout, work, assume).count
 
 
 def training_memory(
@@ -449,6 +528,7 @@ def training_memory(
         },
         microbatches=nmb,
         in_flight=in_flight,
+        batching=microbatch_estimate(layout, work, assume),
     )
 
 
@@ -592,7 +672,9 @@ def step_time(
     rollout_s = steps * decode_step + prefill
     # Training: old log-probs (+ reference) forwards, then epochs of fwd + 2x bwd
     # (+ one more forward under full recompute).
-    tokens = work.sequences * seq
+    # padding runs through the model too: scale by the micro-batches' tokens / real tokens
+    est = microbatch_estimate(train, work, assume)
+    tokens = work.sequences * seq * est.tokens_run / max(est.tokens, 1)
     fwd = tokens * forward_flops_per_token(m, seq)
     passes = 1 + (1 if work.needs_reference else 0)
     passes += work.ppo_epochs * (3 + (1 if train.recompute == "full" else 0))
@@ -748,6 +830,7 @@ def layouts_from_config(
         logits_path=logits_path_of(choices),
         fp8=choices.build.precision.fp8_enabled,
         cp=p.context_parallel_size,
+        pack_sequences=p.pack_sequences,
     )
     s = cfg.rollout.sglang
     roll = RolloutLayout(
@@ -1020,6 +1103,25 @@ def _gib(x: float) -> str:
     return f"{x / GIB:7.2f} GiB"
 
 
+def _batching_lines(
+    est: MicroBatchEstimate | None, train: TrainLayout, assume: Assumptions
+) -> list[str]:
+    if est is None:
+        return []
+    how = (
+        "packed sequences (parallel.pack_sequences: true)"
+        if est.packed
+        else "padded rows (parallel.pack_sequences: false)"
+    )
+    return [
+        f"  batching: {how}, lengths rounded to x{train.seq_multiple}; padding "
+        f"{est.padded_fraction:.1%} of the {est.tokens_run} tokens run for {est.sequences} "
+        f"sequences per DP rank (assumed mix: prompts {assume.mean_prompt_tokens}, responses "
+        f"lognormal mean {assume.mean_response_fraction:g} x max_new_tokens, log-sd "
+        f"{assume.response_length_sigma:g}, capped)"
+    ]
+
+
 def format_plan(plan: Plan, assume: Assumptions = Assumptions()) -> str:
     m, c, g = plan.model, plan.cluster, plan.cluster.spec
     tm = plan.training
@@ -1036,6 +1138,7 @@ def format_plan(plan: Plan, assume: Assumptions = Assumptions()) -> str:
         "",
         f"training: {plan.train.gpus} GPUs, {plan.train.describe()}",
         f"  micro-batches per mini-batch and DP rank: {tm.microbatches}, in flight: {tm.in_flight}",
+        *_batching_lines(tm.batching, plan.train, assume),
     ]
     if plan.train.cp > 1:
         lines.append(
@@ -1102,6 +1205,12 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "activations_by_recompute": tm.activations_by_recompute,
             "logits_by_path": tm.logits_by_path,
             "microbatches": tm.microbatches,
+            "batching": None
+            if tm.batching is None
+            else {
+                **dataclasses.asdict(tm.batching),
+                "padded_fraction": tm.batching.padded_fraction,
+            },
         },
         "rollout": dataclasses.asdict(plan.rollout_mem),
         "time_s": {

@@ -16,6 +16,8 @@ capability, CUDA or not), so that `archer plan` sizes exactly what gets built:
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +172,50 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
+@functools.cache
+def _packed_local_attention() -> type:
+    """megatron's local `DotProductAttention` taking packed (THD) input.
+
+    megatron-core 0.16.1's DotProductAttention (megatron/core/transformer/
+    dot_product_attention.py) asserts `packed_seq_params is None`; only TE's attention
+    reads `cu_seqlens`. Everything before the core attention (RoPE restarting at each
+    `cu_seqlens` boundary in `rope_utils._apply_rotary_pos_emb_thd`, the [t, heads, d]
+    squeeze in `Attention.forward`) is shared by both specs. This subclass computes the
+    block-diagonal causal attention of the packed row: each segment
+    [cu_seqlens[k], cu_seqlens[k + 1]) runs megatron's own causal [s, b=1] attention on
+    its own, which is the full-row attention under a block-diagonal causal mask with the
+    masked blocks skipped (their softmax weights are exactly zero), so it costs
+    sum(len_k^2) like TE's THD kernel, not len(row)^2. CPU tests thus run the same
+    packed micro-batches as the GPU. Without packed input it is megatron's class."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedDotProductAttention(DotProductAttention):
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+        ):
+            if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                return super().forward(
+                    query, key, value, attention_mask, attn_mask_type, attention_bias,
+                    packed_seq_params,
+                )  # fmt: skip
+            # THD: [t, heads, d]; each segment as a [len, 1, heads, d] causal batch
+            outs = []
+            for start, end in itertools.pairwise(packed_seq_params.cu_seqlens_q.tolist()):
+                if end > start:
+                    q, k, v = (x[start:end].unsqueeze(1) for x in (query, key, value))
+                    outs.append(super().forward(q, k, v, None, attn_mask_type, attention_bias))
+            return torch.cat(outs, dim=0)  # [t, 1, heads * d]; megatron reshapes it
+
+    return PackedDotProductAttention
+
+
 def _replace_module(spec: Any, old: type, new: type) -> Any:
     """A copy of a megatron ModuleSpec / submodules dataclass tree with `old` -> `new`."""
     import dataclasses
@@ -186,11 +232,17 @@ def _replace_module(spec: Any, old: type, new: type) -> Any:
 
 
 def layer_spec_for(choices: BuildChoices, shape: ModelShape, config: Any) -> Any:
-    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec under
-    sequence parallelism, a whole-block spec whose torch RMSNorms (layers, q/k norms,
+    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec, core
+    attention that takes packed sequences (`_packed_local_attention`), and under
+    sequence parallelism a whole-block spec whose torch RMSNorms (layers, q/k norms,
     the final norm) are `SequenceParallelRMSNorm`."""
     spec = choices.precision.build_layer_spec(shape.qk_norm)
-    if choices.precision.spec != "local" or not choices.sequence_parallel:
+    if choices.precision.spec != "local":
+        return spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    spec = _replace_module(spec, DotProductAttention, _packed_local_attention())
+    if not choices.sequence_parallel:
         return spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import (

@@ -3,7 +3,8 @@ same code serves PP=1 and the 1F1B pipeline schedule).
 
 A micro-batch is right-padded: ``input_ids`` [b, s] and ``position_ids`` [b, s]
 (0..s-1), plus whatever tensors the last stage's `loss_fn` needs. Attention is causal,
-so right padding never changes the outputs at valid positions.
+so right padding never changes the outputs at valid positions. A packed micro-batch
+is one row of several sequences with `cu_seqlens` (see `MicroBatch`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ LossFn = Callable[[Tensor, "MicroBatch"], tuple[Tensor, dict[str, Any]]]
 
 @dataclass
 class MicroBatch:
-    """input_ids/position_ids [b, s] long; `extras` are loss inputs (any shapes)."""
+    """input_ids/position_ids [b, s] long; `extras` are loss inputs (any shapes).
+
+    A packed micro-batch (b = 1, several sequences back to back) also has
+    `cu_seqlens` [segments + 1] int32 (segment boundaries, the last = s) and
+    `max_seqlen` (the longest segment); the model then gets megatron's
+    `PackedSeqParams(qkv_format="thd")`, which confines attention to each segment and
+    restarts RoPE positions at each boundary."""
 
     input_ids: Tensor
     position_ids: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    cu_seqlens: Tensor | None = None
+    max_seqlen: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -35,6 +44,20 @@ class MicroBatch:
 def causal_positions(input_ids: Tensor) -> Tensor:
     b, s = input_ids.shape
     return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s).contiguous()
+
+
+def packed_params(mb: MicroBatch, device: torch.device) -> Any:
+    """megatron-core's PackedSeqParams (THD) for a packed micro-batch."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=mb.max_seqlen,
+        max_seqlen_kv=mb.max_seqlen,
+    )
 
 
 def run_microbatches(
@@ -63,7 +86,10 @@ def run_microbatches(
         mb = next(data_iterator)
         ids = mb.input_ids.to(device)
         pos = mb.position_ids.to(device)
-        out = chunk(ids, pos, None)
+        if mb.cu_seqlens is None:
+            out = chunk(ids, pos, None)
+        else:
+            out = chunk(ids, pos, None, packed_seq_params=packed_params(mb, device))
         return out, partial(loss_wrapper, mb)
 
     fb = get_forward_backward_func()

@@ -66,8 +66,9 @@ class PolicyConfig:
     of their fields), plus what comes from elsewhere in the config.
 
     model, parallel, optimizer, kernels: the `Config` sections of those names
-        (parallel.micro_batch_tokens: the token budget of one micro-batch, rows x
-        padded length; optimizer.lr_schedule decays over `lr_decay_steps`).
+        (parallel.micro_batch_tokens: the token budget of one micro-batch, padding
+        included; parallel.pack_sequences: packed sequences instead of padded rows;
+        optimizer.lr_schedule decays over `lr_decay_steps`).
     seed: initialisation seed. temperature: the rollout temperature the log-probs and
     entropies are computed at. with_reference: keep a frozen reference copy (KL).
     lr_decay_steps: optimizer steps of the LR decay (None: no decay within the run).
@@ -259,10 +260,10 @@ class MegatronPolicy:
         (X = H), which go with the output weight [V_pad / tp, H] of `model` through the
         fused LM head. `self.kernel_path.mode` picks the Triton kernel or the torch
         reference."""
-        pos, targets = mb.extras["resp_pos"], mb.extras["targets"]
+        pos, targets = mb.extras["flat_pos"], mb.extras["targets"]
         b, lm = pos.shape
-        rows = out.gather(1, pos.to(out.device).unsqueeze(-1).expand(b, lm, out.shape[-1]))
-        rows = rows.reshape(b * lm, -1)
+        # flat_pos indexes the output's rows x positions (one row when packed)
+        rows = out.reshape(-1, out.shape[-1]).index_select(0, pos.reshape(-1).to(out.device))
         targets = targets.reshape(-1).to(out.device)
         group = _ps().get_tensor_model_parallel_group()
         path = self.kernel_path
@@ -291,9 +292,13 @@ class MegatronPolicy:
         return ent.reshape(b, lm), lp.reshape(b, lm)
 
     def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
-        multiple = self.choices.build.seq_multiple
+        """Token-budget micro-batches: packed sequences (`parallel.pack_sequences`) or
+        padded rows, lengths rounded to the builder's multiple (SP: TP, FP8: x16)."""
         plan = plan_microbatches(
-            batch.seq_lengths(), self.cfg.parallel.micro_batch_tokens, seq_multiple=multiple
+            batch.seq_lengths(),
+            self.cfg.parallel.micro_batch_tokens,
+            seq_multiple=self.choices.build.seq_multiple,
+            pack=self.cfg.parallel.pack_sequences,
         )
         return build_microbatches(batch, plan)
 
@@ -321,7 +326,7 @@ class MegatronPolicy:
             outs = run_microbatches(model, mbs, collect, forward_only=True)
         finally:
             model.train(was_training)
-        self.scored_rows += sum(mb.shape[0] for mb in mbs)
+        self.scored_rows += sum(len(mb.extras["rows"]) for mb in mbs)
         shape = batch.response_mask.shape
         dev = _comm_device()
         logp = torch.zeros(shape, dtype=torch.float32, device=dev)

@@ -202,4 +202,5 @@ def test_archer_plan_reports_cp(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "TP8 PP1 CP2 DP4" in out
-    assert "context parallel CP2: 12288 tokens of each micro-batch per GPU" in out
+    # the preset's parallel.micro_batch_tokens (49152) split over CP = 2
+    assert "context parallel CP2: 24576 tokens of each micro-batch per GPU" in out

@@ -360,7 +360,8 @@ TASKS["full_then_crash"] = full_then_crash
 def dp_scoring(payload: dict[str, Any]) -> dict[str, Any]:
     """compute_logprobs / compute_ref_logprobs of the whole batch at TP=PP=1 on every
     process of the world (so DP = world size): the gathered results and, per rank, how
-    many rows its model forwards saw (counted by a hook on the GPTModel itself)."""
+    many rows (sequences) its model forwards saw (counted by a hook on the GPTModel
+    itself)."""
     from archer_mcore.train.policy import MegatronPolicy
 
     policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, 1, 1))
@@ -369,7 +370,9 @@ def dp_scoring(payload: dict[str, Any]) -> dict[str, Any]:
     def counter(key: str):
         def hook(_module, args, kwargs):
             ids = args[0] if args else kwargs["input_ids"]
-            seen[key] += int(ids.shape[0])
+            packed = kwargs.get("packed_seq_params")
+            # a packed row holds len(cu_seqlens) - 1 sequences (TP=1, no SP: no padding)
+            seen[key] += int(ids.shape[0]) if packed is None else len(packed.cu_seqlens_q) - 1
 
         return hook
 
