@@ -1,4 +1,4 @@
-"""The spawned side of tests/megatron/test_checkpoint_integrity.py (gloo, DP=2): which
+"""The spawned side of tests/megatron/test_checkpoint_integrity.py (gloo, TP=2): which
 files each rank checksums on save and verifies on load, and how corrupt files fail."""
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ def integrity(payload: dict[str, Any]) -> dict[str, Any]:
     from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     rank = dist.get_rank()
+    # TP=2: each rank writes its own weight shards (at DP=2 the DP-replicated weights and
+    # the fully reshardable optimizer state are all written by rank 0)
     cfg = PolicyConfig(
-        parallel=ParallelConfig(micro_batch_tokens=20), optimizer=OptimizerConfig(lr=1e-2)
+        parallel=ParallelConfig(tensor_model_parallel_size=2, micro_batch_tokens=20),
+        optimizer=OptimizerConfig(lr=1e-2),
     )
     policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
     batch = mcore_workers._step_batch(0, 100)
