@@ -76,7 +76,7 @@ ALGORITHMS = ("grpo", "dapo", "archer", "forking")
 #: pass@k reported (those <= eval.n_samples)
 PASS_KS = (1, 4, 16)
 #: the collapse-prone regime's default overrides (--regime replaces them)
-REGIME = ("train.ppo_epochs=4", "optimizer.lr=3e-4")
+REGIME = ("train.ppo_epochs=2", "optimizer.lr=6e-4")
 #: token groups (other than `all`) each token rule reports (`entropy/<group>`, `clip/*/<group>`)
 RULE_GROUPS = {"none": (), "archer": ("knowledge", "reasoning"), "forking": ("forking", "other")}
 
