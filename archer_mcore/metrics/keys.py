@@ -307,7 +307,7 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         "gauge",
         "archer_eval_pass_ratio",
         "ratio 0-1",
-        "pass@k of the last periodic evaluation",
+        "unbiased pass@k of the last periodic evaluation (k = 1, 4, 16 up to n, and n)",
         labels=("k",),
     ),
 )
