@@ -798,6 +798,7 @@ def report_section(
     wall_s: float,
     repro: str,
     base: Any,
+    heading: str,
 ) -> str:
     """Write `<section>.png`, `table_<section>.md`, `summary_<section>.json` and the
     section in `results_md`; return the markdown table."""
@@ -852,7 +853,7 @@ def report_section(
     e = cfg.eval
     section = "\n".join(
         [
-            HEADINGS[name],
+            heading,
             "",
             f"**Current** (issue 18). Command: `{command}` (this section's runs: "
             f"{wall_s / 60:.1f} min of wall time).  ",
@@ -899,7 +900,7 @@ def report_section(
     )
     results_md.parent.mkdir(parents=True, exist_ok=True)
     old = results_md.read_text() if results_md.exists() else ""
-    results_md.write_text(replace_section(old, section, HEADINGS[name]))
+    results_md.write_text(replace_section(old, section, heading))
     return table + ("\n" + diffs if diffs else "")
 
 
@@ -963,6 +964,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repro-check",
         action="store_true",
         help="rerun the first variant's first seed and compare its metrics and evals",
+    )
+    p.add_argument(
+        "--heading-suffix",
+        default="",
+        help="appended to each section heading in --results-md (a second budget's sections)",
     )
     p.add_argument(
         "--reuse",
@@ -1110,6 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wall,
             repro,
             base,
+            HEADINGS[name] + args.heading_suffix,
         )
         print(text, flush=True)
         print(f"wrote {out / (name + '.png')} and the section in {results_md}", flush=True)
