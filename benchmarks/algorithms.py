@@ -799,6 +799,7 @@ def report_section(
     repro: str,
     base: Any,
     heading: str,
+    code: str,
 ) -> str:
     """Write `<section>.png`, `table_<section>.md`, `summary_<section>.json` and the
     section in `results_md`; return the markdown table."""
@@ -858,7 +859,7 @@ def report_section(
             f"**Current** (issue 18). Command: `{command}` (this section's runs: "
             f"{wall_s / 60:.1f} min of wall time).  ",
             f"Machine: {machine_line()}.  ",
-            f"Code: {code_line()}.  ",
+            f"Code: {code}.  ",
             f"Config: `{config_name}` (frozen copy `{out_link}/config.yaml`), {t.steps} RL steps x "
             f"{t.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples per "
             f"step, {t.ppo_epochs} PPO epoch(s), lr {cfg.optimizer.lr:g} (before each variant's "
@@ -1043,6 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         (out / "overrides.json").write_text(json.dumps(run_overrides, indent=1) + "\n")
 
+    code = code_line()  # at the start: later commits must not relabel the runs
     done: dict[tuple[str, int], RunResult] = {}
     all_ok = True
     first = next(iter(sections.values()))[0]
@@ -1117,6 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repro,
             base,
             HEADINGS[name] + args.heading_suffix,
+            code,
         )
         print(text, flush=True)
         print(f"wrote {out / (name + '.png')} and the section in {results_md}", flush=True)
