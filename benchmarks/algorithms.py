@@ -573,6 +573,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], n_eval: int) -> str:
     head += [f"pass@{k}" for k in ks]
     head += [
         "gain vs step 0",
+        "train acc (last 5 steps)",
         "entropy all: first 3 → last 5 updates",
         "entropy by group (last 5)",
         "clip fraction by group (last 5)",
@@ -592,6 +593,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], n_eval: int) -> str:
         cells += [fmt(iv.get(f"pass@{k}", none)) for k in ks]
         cells += [
             fmt(iv.get("gain", none), signed=True),
+            fmt(iv.get("train_acc_end", none)),
             f"{fmt(iv.get('entropy_start/all', none))} → {fmt(iv.get('entropy_end/all', none))}",
             ", ".join(f"{g} {fmt(iv[f'entropy_end/{g}'])}" for g in sub) or "–",
             ", ".join(
@@ -607,8 +609,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], n_eval: int) -> str:
 def difference_table(rows: Sequence[dict[str, Any]], n_eval: int) -> str:
     """Paired (by seed) differences of each variant with a reference to that reference."""
     ks = [k for k in PASS_KS if k <= n_eval and k != 1]
-    keys = [f"avg@{n_eval}", *(f"pass@{k}" for k in ks), "entropy_end/all"]
-    head = ["variant − reference", "seeds", *(f"Δ {k.replace('_end/', ' ')}" for k in keys)]
+    keys = [f"avg@{n_eval}", *(f"pass@{k}" for k in ks), "train_acc_end", "entropy_end/all"]
+    names = {"train_acc_end": "train acc (last 5)", "entropy_end/all": "entropy all (last 5)"}
+    head = ["variant − reference", "seeds", *(f"Δ {names.get(k, k)}" for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         diff = row.get("vs_reference")
@@ -892,6 +895,8 @@ def report_section(
             "avg@k for every k ≤ n and equals pass@1; pass@k is the unbiased estimator "
             "1 − C(n−c,k)/C(n,k) per problem. Entropies are the mean per-token entropy of "
             "the trained responses (`entropy/<group>`), the first 3 and the last 5 updates; "
+            "train acc is `reward/accuracy` (all generated training responses, fresh prompts) "
+            "over the last 5 steps; "
             "the clip fraction is `clip/low/<group>` + `clip/high/<group>` over the last 5 "
             "updates; 'generated samples' counts every training response, refill batches "
             "included.",
