@@ -17,7 +17,8 @@ Design (what is shared, what varies):
   as its runs finish):
   * `algorithms`: grpo, dapo, archer, forking (their presets);
   * `ablations`: one factor at a time from the archer preset (aggregation token-mean;
-    KL 0; knowledge clip = reasoning clip) and from grpo (seq-mean-token-mean);
+    KL 0; knowledge clip = reasoning clip; reasoning clip = knowledge clip) and from
+    grpo (seq-mean-token-mean);
   * `collapse`: grpo, dapo, forking, archer under `--regime` overrides (default: more
     PPO epochs per batch and a higher learning rate), a setting prone to entropy collapse.
   Runs shared by sections (the archer and grpo references) are trained once.
@@ -156,6 +157,12 @@ def build_sections(regime: Sequence[str]) -> dict[str, list[Variant]]:
             "archer-kclip",
             (*archer, "algorithm.clip_low=0.5", "algorithm.clip_high=0.5"),
             "archer, knowledge clip = reasoning clip (0.5)",
+            "archer",
+        ),
+        Variant(
+            "archer-rclip",
+            (*archer, "algorithm.reasoning_clip_low=0.2", "algorithm.reasoning_clip_high=0.2"),
+            "archer, reasoning clip = knowledge clip (0.2): no dual-token clip",
             "archer",
         ),
         by["grpo"],
@@ -806,6 +813,8 @@ def report_section(
 ) -> str:
     """Write `<section>.png`, `table_<section>.md`, `summary_<section>.json` and the
     section in `results_md`; return the markdown table."""
+    ran = {r.variant for r in runs}
+    variants = [v for v in variants if v.name in ran]  # variants added since the runs: none
     cfg = base  # the shared settings; each variant's overrides are listed
     n_eval = cfg.eval.n_samples
     rows = summarise(runs, variants, cfg_for)

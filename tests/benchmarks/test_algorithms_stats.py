@@ -80,6 +80,10 @@ def test_variants_are_one_factor_overrides(algorithms_bench):
     }
     assert changed("archer-kl0", "archer") == {"kl_coef": (0.0, 0.001)}
     assert changed("archer-kclip", "archer") == {"clip_low": (0.5, 0.2), "clip_high": (0.5, 0.2)}
+    assert changed("archer-rclip", "archer") == {
+        "reasoning_clip_low": (0.2, 0.5),
+        "reasoning_clip_high": (0.2, 0.5),
+    }
     assert changed("grpo-seqmean", "grpo") == {"agg_mode": ("seq-mean-token-mean", "token-mean")}
     refs = {v.name: v.reference for v in sections["ablations"]}
     assert refs["archer-kl0"] == "archer" and refs["grpo-seqmean"] == "grpo"
