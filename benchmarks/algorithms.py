@@ -17,8 +17,8 @@ Design (what is shared, what varies):
   as its runs finish):
   * `algorithms`: grpo, dapo, archer, forking (their presets);
   * `ablations`: one factor at a time from the archer preset (aggregation token-mean;
-    KL 0; knowledge clip = reasoning clip; reasoning clip = knowledge clip) and from
-    grpo (seq-mean-token-mean);
+    KL 0; knowledge clip = reasoning clip; reasoning clip = knowledge clip; no group
+    filter) and from grpo (seq-mean-token-mean);
   * `collapse`: grpo, dapo, forking, archer under `--regime` overrides (default: more
     PPO epochs per batch and a higher learning rate), a setting prone to entropy collapse.
   Runs shared by sections (the archer and grpo references) are trained once.
@@ -163,6 +163,12 @@ def build_sections(regime: Sequence[str]) -> dict[str, list[Variant]]:
             "archer-rclip",
             (*archer, "algorithm.reasoning_clip_low=0.2", "algorithm.reasoning_clip_high=0.2"),
             "archer, reasoning clip = knowledge clip (0.2): no dual-token clip",
+            "archer",
+        ),
+        Variant(
+            "archer-nofilter",
+            (*archer, "algorithm.group_filter=none"),
+            "archer, no group filter (all-correct / all-wrong groups kept, as grpo)",
             "archer",
         ),
         by["grpo"],

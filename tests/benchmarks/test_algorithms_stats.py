@@ -84,6 +84,7 @@ def test_variants_are_one_factor_overrides(algorithms_bench):
         "reasoning_clip_low": (0.2, 0.5),
         "reasoning_clip_high": (0.2, 0.5),
     }
+    assert changed("archer-nofilter", "archer") == {"group_filter": ("none", "drop")}
     assert changed("grpo-seqmean", "grpo") == {"agg_mode": ("seq-mean-token-mean", "token-mean")}
     refs = {v.name: v.reference for v in sections["ablations"]}
     assert refs["archer-kl0"] == "archer" and refs["grpo-seqmean"] == "grpo"
