@@ -525,12 +525,14 @@ def summarise(
     runs: Sequence[RunResult],
     variants: Sequence[Variant],
     cfg_for: Any,
+    references: Sequence[Variant] = (),
 ) -> list[dict[str, Any]]:
     """Per variant: each measure's per-seed values and t-interval, and for variants with
-    a reference the paired difference to it."""
+    a reference the paired difference to it; `references` are measured for those
+    differences only (no row of their own)."""
     measures: dict[str, dict[str, dict[int, float]]] = {}
     rows = []
-    for v in variants:
+    for v in [*variants, *references]:
         cfg = cfg_for(v)
         rs = [r for r in runs if r.variant == v.name and r.ok]
         per_run = {
@@ -548,6 +550,8 @@ def summarise(
             k: {s: m[k] for s, m in per_run.items() if k in m and math.isfinite(m[k])} for k in keys
         }
         measures[v.name] = by_key
+        if v in references and v not in variants:
+            continue
         rows.append(
             {
                 "variant": v.name,
@@ -816,6 +820,8 @@ def report_section(
     base: Any,
     heading: str,
     code: str,
+    references: Sequence[Variant] = (),
+    machine: str = "",
 ) -> str:
     """Write `<section>.png`, `table_<section>.md`, `summary_<section>.json` and the
     section in `results_md`; return the markdown table."""
@@ -823,7 +829,7 @@ def report_section(
     variants = [v for v in variants if v.name in ran]  # variants added since the runs: none
     cfg = base  # the shared settings; each variant's overrides are listed
     n_eval = cfg.eval.n_samples
-    rows = summarise(runs, variants, cfg_for)
+    rows = summarise(runs, variants, cfg_for, references)
     png = out / f"{name}.png"
     t = cfg.train
     title = (
@@ -838,6 +844,8 @@ def report_section(
         json.dumps(
             {
                 "section": name,
+                "machine": machine or machine_line(),
+                "code": code,
                 "seeds": list(seeds),
                 "wall_s": wall_s,
                 "variants": rows,
@@ -876,7 +884,7 @@ def report_section(
             "",
             f"**Current** (issue 18). Command: `{command}` (this section's runs: "
             f"{wall_s / 60:.1f} min of wall time).  ",
-            f"Machine: {machine_line()}.  ",
+            f"Machine: {machine or machine_line()}.  ",
             f"Code: {code}.  ",
             f"Config: `{config_name}` (frozen copy `{out_link}/config.yaml`), {t.steps} RL steps x "
             f"{t.prompts_per_step} prompts x {cfg.rollout.n_samples_per_prompt} samples per "
@@ -1030,11 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not sections:
         p.error(f"unknown variants {unknown}; known: {sorted(known)}" if unknown else "no variants")
     # Fail early on a bad key: every variant's config loads before any training.
-    configs = {
-        v.name: load_config(source, [*overrides, *v.overrides])
-        for vs in sections.values()
-        for v in vs
-    }
+    every = {v.name: v for vs in build_sections(regime).values() for v in vs}
+    configs = {v.name: load_config(source, [*overrides, *v.overrides]) for v in every.values()}
 
     def cfg_for(v: Variant) -> Any:
         return configs[v.name]
@@ -1098,10 +1103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ):
                     done[(r.variant, r.seed)] = r
         wall = time.perf_counter() - t0
+        machine = machine_line()
         if args.report_only:
             prev = out / f"summary_{name}.json"
             if prev.exists():
-                wall = float(json.loads(prev.read_text()).get("wall_s", wall))
+                info = json.loads(prev.read_text())
+                wall = float(info.get("wall_s", wall))
+                machine = info.get("machine", machine)
+                code = info.get("code", code)
         if args.repro_check and not args.report_only and name == next(iter(sections)):
             a = out / "runs" / f"{first.name}_s{seeds[0]}"
             b = out / "repro" / f"{first.name}_s{seeds[0]}"
@@ -1124,7 +1133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else f"`{info['run']}` rerun differs on {len(d)} values, e.g. {d[:3]}."
             )
         runs = [done[(v.name, s)] for v in variants for s in seeds if (v.name, s) in done]
-        all_ok &= all(r.ok for r in runs) and len(runs) == len(variants) * len(seeds)
+        expected = [
+            v for v in variants if not args.report_only or any(r.variant == v.name for r in runs)
+        ]
+        all_ok &= all(r.ok for r in runs) and len(runs) == len(expected) * len(seeds)
+        # references of this section's variants run in another section (or an earlier
+        # invocation with the same out-dir and settings): their runs on disk
+        names = {v.name for v in variants}
+        refs = [every[v.reference] for v in variants if v.reference and v.reference not in names]
+        refs = list(dict.fromkeys(refs))
+        for v in refs:
+            for s in seeds:
+                d = out / "runs" / f"{v.name}_s{s}"
+                r = done.get((v.name, s)) or (
+                    finished_run(v.name, s, d)
+                    if args.report_only
+                    else reusable_run(config, v, s, run_overrides, d)
+                )
+                if r is not None:
+                    runs.append(r)
         text = report_section(
             name,
             variants,
@@ -1140,6 +1167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             base,
             HEADINGS[name] + args.heading_suffix,
             code,
+            refs,
+            machine,
         )
         print(text, flush=True)
         print(f"wrote {out / (name + '.png')} and the section in {results_md}", flush=True)

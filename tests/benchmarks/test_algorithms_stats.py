@@ -166,3 +166,7 @@ def test_summary_tables_from_runs_on_disk(algorithms_bench, tmp_path: Path):
     assert "| `grpo` | 2 | 0.600 ± " in table and "pass@16" in table
     diffs = b.difference_table(rows, 16)
     assert "`grpo-seqmean` − `grpo` | 2 | -0.150 ± " in diffs
+    # a reference from another section: measured for the difference, no row of its own
+    (only,) = b.summarise(runs, [by["grpo-seqmean"]], lambda v: cfg, references=[by["grpo"]])
+    assert only["variant"] == "grpo-seqmean"
+    assert only["vs_reference"]["avg@16"][0] == pytest.approx(-0.15)
