@@ -29,7 +29,7 @@ def run_eval(args: argparse.Namespace) -> int:
         rank,
         score_groups,
     )
-    from archer_mcore.train.evaluation import format_table, summarize
+    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
     from archer_mcore.train.policy import MegatronPolicy
 
     cfg = load_config(args.config, args.override)
@@ -79,7 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with RewardScorer.from_config(cfg.rewards) as scorer:
         groups = score_groups(scorer, tokenizer, prompts, batch)
     records = [(g.data_source, [c > 0 for c in g.correct]) for g in groups]
-    summary = summarize(records)
+    summary = summarize(records, extra_ks=EVAL_PASS_KS)  # as the loop's periodic eval
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(step_dir), "results": summary}, indent=2) + "\n")
