@@ -4,14 +4,14 @@ The trainer reports one `dict[str, float]` per step (`MetricsExporter.record_ste
 This module is the single catalogue of the accepted keys; docs/metrics.md shows the
 same table. Patterns expand over:
 
-- `<group>`: token groups `knowledge`, `reasoning` (Archer / forking split) and `all`;
+- `<group>`: token groups `knowledge`, `reasoning` (Archer's split), `forking`, `other`
+  (the forking rule's top-rho / remaining tokens) and `all`;
 - `<bound>`: clip bounds `low`, `high` (the PPO clip range) and `dual` (dual clip, A < 0);
 - `<phase>`: step phases `rollout`, `reward`, `logprobs`, `update`, `sync`, `eval`,
   `checkpoint`, `step` (`step` = the whole step, wall clock);
 - `<term>`: loss terms `pg`, `kl`, `entropy`;
 - `<k>`: any positive integer (pass@k).
 
-`share/<group>` and `tokens/<group>` also take the group `forking` (80/20 selection).
 The key `step` is ignored (the step number is record_step's argument).
 
 Kinds: `gauge` sets the value (NaN and inf pass through, so alerts can see them);
@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "all")
+TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "forking", "other", "all")
 CLIP_BOUNDS: tuple[str, ...] = ("low", "high", "dual")
 PHASES: tuple[str, ...] = (
     "rollout",
@@ -38,7 +38,7 @@ PHASES: tuple[str, ...] = (
     "checkpoint",
     "step",
 )
-SHARE_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "forking", "all")
+SHARE_GROUPS: tuple[str, ...] = TOKEN_GROUPS
 LOSS_TERMS: tuple[str, ...] = ("pg", "kl", "entropy")
 IGNORED_KEYS: frozenset[str] = frozenset({"step"})
 
@@ -307,7 +307,7 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         "gauge",
         "archer_eval_pass_ratio",
         "ratio 0-1",
-        "pass@k of the last periodic evaluation",
+        "unbiased pass@k of the last periodic evaluation (k = 1, 4, 16 up to n, and n)",
         labels=("k",),
     ),
     KeySpec(

@@ -33,7 +33,7 @@ from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
-from archer_mcore.train.evaluation import summarize
+from archer_mcore.train.evaluation import EVAL_PASS_KS, summarize
 from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
 
 log = logging.getLogger("archer.train")
@@ -362,12 +362,13 @@ class Components:
             prompts = list(self.eval_data)
             batch = self.engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
             groups = self._score(prompts, batch)
-            summary = summarize([(g.data_source, [c > 0 for c in g.correct]) for g in groups])
+            summary = summarize(
+                [(g.data_source, [c > 0 for c in g.correct]) for g in groups],
+                extra_ks=EVAL_PASS_KS,
+            )
             allrow = summary["all"]
-            result = {
-                "eval/accuracy": allrow[f"avg@{e.n_samples}"],
-                f"eval/pass@{e.n_samples}": allrow[f"pass@{e.n_samples}"],
-            }
+            result = {"eval/accuracy": allrow[f"avg@{e.n_samples}"]}
+            result.update({f"eval/{k}": v for k, v in allrow.items() if k.startswith("pass@")})
             path = Path(self.cfg.train.output_dir) / "eval" / f"step_{step:06d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

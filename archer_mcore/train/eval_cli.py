@@ -35,7 +35,7 @@ def run_eval(args: argparse.Namespace) -> int:
         route_rewards,
         score_groups,
     )
-    from archer_mcore.train.evaluation import format_table, summarize
+    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
     from archer_mcore.train.policy import MegatronPolicy
 
     cfg = load_config(args.config, args.override)
@@ -95,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
         recorder = _RecordingScorer(scorer)
         groups = score_groups(recorder, tokenizer, prompts, batch)
     records = [(g.data_source, [c > 0 for c in g.correct]) for g in groups]
-    summary = summarize(records)
+    summary = summarize(records, extra_ks=EVAL_PASS_KS)  # as the loop's periodic eval
     failures = _failures_by_source(groups, recorder.results)
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)

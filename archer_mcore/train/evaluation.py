@@ -24,16 +24,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
+#: the pass@k values the trainer's periodic evaluation reports besides pass@n (those <= n)
+EVAL_PASS_KS: tuple[int, ...] = (1, 4, 16)
+
+
 def summarize(
-    records: Iterable[tuple[str, Sequence[bool]]], k: int | None = None
+    records: Iterable[tuple[str, Sequence[bool]]],
+    k: int | None = None,
+    extra_ks: Sequence[int] = (),
 ) -> dict[str, dict[str, float]]:
     """Per data source (and ``all``): avg@k (mean accuracy over samples) and pass@k.
 
     Args:
         records: (data_source, correctness of each of the n samples of one prompt).
         k: for pass@k; default n.
+        extra_ks: further k values whose pass@k is reported too (those <= n).
     Returns:
-        {source: {"prompts", "samples_per_prompt", "avg@n", "pass@k"}}.
+        {source: {"prompts", "samples_per_prompt", "avg@n", "pass@k", "pass@<extra k>"}}.
     """
     by_source: dict[str, list[Sequence[bool]]] = defaultdict(list)
     for source, correct in records:
@@ -47,8 +54,9 @@ def summarize(
             "prompts": float(len(rows)),
             "samples_per_prompt": float(n),
             f"avg@{n}": sum(sum(r[:n]) / n for r in rows) / len(rows),
-            f"pass@{kk}": sum(pass_at_k(n, sum(r[:n]), kk) for r in rows) / len(rows),
         }
+        for j in sorted({kk, *(x for x in extra_ks if 1 <= x <= n)}):
+            out[source][f"pass@{j}"] = sum(pass_at_k(n, sum(r[:n]), j) for r in rows) / len(rows)
     return out
 
 
