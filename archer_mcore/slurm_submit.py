@@ -71,6 +71,9 @@ class SubmitRequest:
     sglang_tp: int = 1
     sglang_port: int = 30000
     router_port: int = 30100
+    router_policy: str = "cache_aware"  # rollout.sglang.router_policy
+    sglang_dtype: str = "bfloat16"  # rollout.sglang.dtype
+    sglang_mem_fraction: float = 0.8  # rollout.sglang.mem_fraction_static
     overrides: list[str] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -204,6 +207,9 @@ def request_from_args(args: argparse.Namespace) -> SubmitRequest:
         sglang_tp=cfg.rollout.sglang.tp_size,
         sglang_port=cfg.rollout.sglang.base_port,
         router_port=cfg.rollout.sglang.router_port,
+        router_policy=cfg.rollout.sglang.router_policy,
+        sglang_dtype=cfg.rollout.sglang.dtype,
+        sglang_mem_fraction=cfg.rollout.sglang.mem_fraction_static,
         overrides=list(args.override),
         extra_sbatch=[*cfg.slurm.extra_sbatch, *args.sbatch],
         env=env,
@@ -380,6 +386,9 @@ def script_env(req: SubmitRequest) -> dict[str, str]:
             "ARCHER_SGLANG_TP": str(req.sglang_tp),
             "ARCHER_SGLANG_PORT": str(req.sglang_port),
             "ARCHER_ROUTER_PORT": str(req.router_port),
+            "ARCHER_ROUTER_POLICY": req.router_policy,
+            "ARCHER_SGLANG_DTYPE": req.sglang_dtype,
+            "ARCHER_SGLANG_MEM_FRACTION": str(req.sglang_mem_fraction),
         }
     return env | req.env
 

@@ -247,3 +247,35 @@ def test_missing_sbatch_is_a_clear_error(
 def test_slurm_time_seconds(text: str, seconds: int | None) -> None:
     # hand-computed: d-h:m:s = d*86400 + h*3600 + m*60 + s; a bare number is minutes
     assert slurm_time_seconds(text) == seconds
+
+
+def test_sglang_server_settings_reach_the_job(tmp_path: Path) -> None:
+    # rollout.sglang.{router_policy, dtype, mem_fraction_static} become the variables
+    # slurm/archer_job.sh passes to sglang-router and the servers (defaults otherwise).
+    cfg = config(
+        tmp_path,
+        "model:\n  path: /m\nrollout:\n  engine: sglang\n  mode: disaggregated\n"
+        "  sglang:\n    router_policy: round_robin\n    dtype: float16\n"
+        "    mem_fraction_static: 0.65\n",
+    )
+    req = request_from_args(
+        parse(str(cfg), "--nodes", "2", "--mode", "disaggregated", "--rollout-nodes", "1")
+    )
+    env = exported(render_script(req))
+    assert env["ARCHER_ROUTER_POLICY"] == "round_robin"
+    assert env["ARCHER_SGLANG_DTYPE"] == "float16"
+    assert env["ARCHER_SGLANG_MEM_FRACTION"] == "0.65"
+    default = request_from_args(
+        parse(
+            str(config(tmp_path, "model:\n  path: /m\n")),
+            "--nodes",
+            "2",
+            "--mode",
+            "disaggregated",
+            "--rollout-nodes",
+            "1",
+        )
+    )
+    env = exported(render_script(default))
+    assert (env["ARCHER_ROUTER_POLICY"], env["ARCHER_SGLANG_DTYPE"]) == ("cache_aware", "bfloat16")
+    assert env["ARCHER_SGLANG_MEM_FRACTION"] == "0.8"
