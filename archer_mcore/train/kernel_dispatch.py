@@ -14,7 +14,7 @@ here, with their caller. `MegatronPolicy` resolves `kernels.mode` once
 
 Both paths take and return the same things, so callers never branch on the mode. The
 torch references: `archer_mcore.algo.entropy.entropy_and_logprob`,
-`archer_mcore.parallel.vocab_parallel.vocab_parallel_entropy_and_logprob` and
+`archer_mcore.algo.entropy.vocab_parallel_entropy_and_logprob` and
 `archer_mcore.algo.losses.token_terms`; the LM-head reference materialises the logits.
 Kernel modules are imported lazily, so the torch paths work without triton.
 """

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sglang_harness import RealServers, assert_no_kernel_calls
 
 from archer_mcore.rollout.weight_sync import write_hf_checkpoint
@@ -55,18 +54,21 @@ def policy() -> Iterator[Any]:
     """The project's Megatron policy (fp32, TP=PP=1) over the tiny Qwen3, random init,
     in this process (torch.distributed world of one and the CPU compatibility layer,
     both undone at the end)."""
+    from archer_mcore.config import ModelConfig, OptimizerConfig
     from archer_mcore.parallel.distributed import destroy_distributed
-    from archer_mcore.train.policy import MegatronPolicy, OptimConfig, PolicyConfig
+    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from archer_mcore.model.build import ModelOptions
-
-    cfg = PolicyConfig(seed=3, with_reference=False, optim=OptimConfig(lr=1e-3),
-                       model=ModelOptions(params_dtype=torch.float32))  # fmt: skip
+    cfg = PolicyConfig(
+        seed=3,
+        with_reference=False,
+        optimizer=OptimizerConfig(lr=1e-3),
+        model=ModelConfig(params_dtype="float32"),
+    )
     pol = MegatronPolicy.from_hf(dict(TINY_QWEN3), cfg)
     try:
         yield pol

@@ -3,6 +3,7 @@ responses against the Megatron policy's own, and greedy output."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,14 +47,21 @@ def server_logprobs(url: str, prompt: Sequence[int], response: Sequence[int]) ->
     """The server's log p(response token | prefix): prompt+response as the input, with
     input log-probs from position 0 (SGLang returns None for position 0, then the
     log-prob of each input token given the tokens before it). The cache is flushed
-    first (see flush_cache)."""
-    flush_cache(url)
+    first (see flush_cache). SGLang 0.5.23 answers /flush_cache with 200 even when it
+    skipped the flush because requests were still pending
+    (`Scheduler.flush_cache` in sglang/srt/managers/scheduler.py logs "Cache not
+    flushed"), so a reply that still comes back short is retried for a few seconds."""
     ids = [*prompt, *response]
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True, "logprob_start_len": 0}  # fmt: skip
-    r = httpx2.post(url + "/generate", json=body, timeout=120, trust_env=False)
-    r.raise_for_status()
-    triples = r.json()["meta_info"]["input_token_logprobs"]
+    for _ in range(40):
+        flush_cache(url)
+        r = httpx2.post(url + "/generate", json=body, timeout=120, trust_env=False)
+        r.raise_for_status()
+        triples = r.json()["meta_info"]["input_token_logprobs"]
+        if [int(x[1]) for x in triples] == ids:
+            break
+        time.sleep(0.25)
     assert [int(x[1]) for x in triples] == ids, "input log-probs are not aligned to the input"
     return [float(x[0]) for x in triples[len(prompt) :]]
 

@@ -26,6 +26,7 @@ DEMO = REPO / "configs" / "demo_cpu.yaml"
 SMALL = (
     "train.torch_threads=1",
     "warmstart.steps=20",
+    "warmstart.examples=256",  # fewer than the training prompts (a config rule)
     "data.synthetic_train_size=512",
     "data.synthetic_eval_size=16",
     "train.prompts_per_step=8",
