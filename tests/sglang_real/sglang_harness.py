@@ -50,6 +50,9 @@ CPU_FLAGS = (
     "--cuda-graph-backend-prefill", "disabled",
     "--max-total-tokens", "4096",
     "--max-running-requests", "8",
+    # no prefix (radix) cache: SGLang returns input log-probs only for positions it
+    # computes, and the sync checks score sequences the server has just sampled
+    "--disable-radix-cache",
 )  # fmt: skip
 
 # On CPU SGLang sizes its pools against the machine's RAM: the static fraction must
