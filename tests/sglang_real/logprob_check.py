@@ -3,7 +3,6 @@ responses against the Megatron policy's own, and greedy output."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,34 +34,32 @@ def policy_logprobs(policy: Any, prompts: Sequence[Sequence[int]],
     return [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]
 
 
-def flush_cache(url: str) -> None:
-    """Empty the server's prefix (radix) cache: SGLang returns input log-probs only for
-    the positions it computes, so a sequence it has cached (e.g. one it just sampled)
-    would come back with fewer entries than input tokens."""
-    r = httpx2.post(url + "/flush_cache", timeout=60, trust_env=False)
-    r.raise_for_status()
+def reported_input_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """The token ids SGLang 0.5.23 reports beside input log-probs: it replaces every id
+    >= vocab_size - 1 with 0 (meant for multimodal hash ids; the log-prob itself is the
+    real token's), in `LogprobResultProcessor` of
+    sglang/srt/managers/scheduler_components/logprob_result_processor.py."""
+    return [i if i < vocab_size - 1 else 0 for i in ids]
 
 
-def server_logprobs(url: str, prompt: Sequence[int], response: Sequence[int]) -> list[float]:
+def server_logprobs(url: str, prompt: Sequence[int], response: Sequence[int],
+                    vocab_size: int = 256) -> list[float]:  # fmt: skip
     """The server's log p(response token | prefix): prompt+response as the input, with
     input log-probs from position 0 (SGLang returns None for position 0, then the
-    log-prob of each input token given the tokens before it). The cache is flushed
-    first (see flush_cache). SGLang 0.5.23 answers /flush_cache with 200 even when it
-    skipped the flush because requests were still pending
-    (`Scheduler.flush_cache` in sglang/srt/managers/scheduler.py logs "Cache not
-    flushed"), so a reply that still comes back short is retried for a few seconds."""
+    log-prob of each input token given the tokens before it). The test servers run with
+    --disable-radix-cache (sglang_harness.CPU_FLAGS), so every input position is computed
+    and comes back; the ids beside them follow `reported_input_ids`."""
     ids = [*prompt, *response]
+    want_ids = reported_input_ids(ids, vocab_size)
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True, "logprob_start_len": 0}  # fmt: skip
-    for _ in range(40):
-        flush_cache(url)
-        r = httpx2.post(url + "/generate", json=body, timeout=120, trust_env=False)
-        r.raise_for_status()
-        triples = r.json()["meta_info"]["input_token_logprobs"]
-        if [int(x[1]) for x in triples] == ids:
-            break
-        time.sleep(0.25)
-    assert [int(x[1]) for x in triples] == ids, "input log-probs are not aligned to the input"
+    r = httpx2.post(url + "/generate", json=body, timeout=120, trust_env=False)
+    r.raise_for_status()
+    triples = r.json()["meta_info"]["input_token_logprobs"]
+    got_ids = [int(x[1]) for x in triples]
+    assert got_ids == want_ids, (
+        f"input log-probs are not aligned to the input: sent {ids}, got ids {got_ids}"
+    )
     return [float(x[0]) for x in triples[len(prompt) :]]
 
 
