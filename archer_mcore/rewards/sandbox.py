@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from archer_mcore.rewards import sandbox_launcher
 
@@ -309,33 +310,10 @@ class Sandbox:
                     os.chown(work / name, uid, gid)
             if self.can_setuid:
                 os.chown(work, uid, gid)
-            mem = limits.memory_mb * 1024 * 1024
             inner = INNER_WORKDIR if self.isolation.mount else str(work)
             (scratch / "root").mkdir(mode=0o700)
-            spec = {
-                "parent_pid": os.getpid(),
-                "scratch": str(scratch),
-                "etc_files": list(ETC_FILES),
-                "workdir": str(work),
-                "inner_workdir": inner,
-                "new_root": str(scratch / "root"),
-                "root_binds": self.root_binds,
-                "argv": argv,
-                "env": scrubbed_env(inner),
-                "uid": uid,
-                "gid": gid,
-                "tmpfs_mb": limits.tmpfs_mb,
-                "isolate_net": self.isolation.net,
-                "isolate_mount": self.isolation.mount,
-                "isolate_pid": self.isolation.pid,
-                "limits": {
-                    "cpu_s": max(1, int(limits.cpu_s + 0.999)),
-                    "as_bytes": mem,
-                    "fsize_bytes": limits.file_size_mb * 1024 * 1024,
-                    "nproc": limits.max_processes,
-                    "nofile": limits.max_open_files,
-                },
-            }
+            spec = _launch_spec(scratch, work, inner, self.root_binds, argv,
+                                scrubbed_env(inner), uid, gid, limits, self.isolation)  # fmt: skip
             return _launch(spec, stdin, limits, scratch)
         finally:
             if not self.isolation.pid and self.can_setuid:
@@ -355,6 +333,41 @@ class Sandbox:
 
     def describe(self) -> str:
         return f"Sandbox(isolation={asdict(self.isolation)}, limits={asdict(self.limits)})"
+
+
+#: The isolation probe's trivial run (`env true`): generous process and file limits.
+PROBE_LIMITS = SandboxLimits(wall_s=30, cpu_s=5, memory_mb=256, file_size_mb=1, tmpfs_mb=1,
+                             max_processes=10_000, max_open_files=64)  # fmt: skip
+
+
+def _launch_spec(scratch: Path, work: Path, inner: str, root_binds: list[str],
+                 argv: list[str], env: dict[str, str], uid: int, gid: int,
+                 limits: SandboxLimits, isolation: Isolation) -> dict[str, Any]:  # fmt: skip
+    """The JSON spec sandbox_launcher reads: paths, identity, namespaces, rlimits."""
+    return {
+        "parent_pid": os.getpid(),
+        "scratch": str(scratch),
+        "etc_files": list(ETC_FILES),
+        "workdir": str(work),
+        "inner_workdir": inner,
+        "new_root": str(scratch / "root"),
+        "root_binds": root_binds,
+        "argv": argv,
+        "env": env,
+        "uid": uid,
+        "gid": gid,
+        "tmpfs_mb": limits.tmpfs_mb,
+        "isolate_net": isolation.net,
+        "isolate_mount": isolation.mount,
+        "isolate_pid": isolation.pid,
+        "limits": {
+            "cpu_s": max(1, int(limits.cpu_s + 0.999)),
+            "as_bytes": limits.memory_mb * 1024 * 1024,
+            "fsize_bytes": limits.file_size_mb * 1024 * 1024,
+            "nproc": limits.max_processes,
+            "nofile": limits.max_open_files,
+        },
+    }
 
 
 def scrubbed_env(workdir: str) -> dict[str, str]:
@@ -386,31 +399,10 @@ def probe_isolation() -> Isolation:
             work = scratch / "work"
             work.mkdir()
             (scratch / "root").mkdir(mode=0o700)
-            spec = {
-                "parent_pid": os.getpid(),
-                "scratch": str(scratch),
-                "etc_files": list(ETC_FILES),
-                "workdir": str(work),
-                "inner_workdir": INNER_WORKDIR,
-                "new_root": str(scratch / "root"),
-                "root_binds": list(SYSTEM_DIRS),
-                "argv": ["/usr/bin/env", "true"],
-                "env": {},
-                "uid": 0,
-                "gid": 0,
-                "tmpfs_mb": 1,
-                "isolate_net": name == "net",
-                "isolate_mount": name == "mount",
-                "isolate_pid": name == "pid",
-                "limits": {
-                    "cpu_s": 5,
-                    "as_bytes": 256 * 1024 * 1024,
-                    "fsize_bytes": 1024 * 1024,
-                    "nproc": 10_000,
-                    "nofile": 64,
-                },
-            }
-            run = _launch(spec, b"", SandboxLimits(wall_s=30), scratch)
+            probe = Isolation(net=name == "net", mount=name == "mount", pid=name == "pid")
+            spec = _launch_spec(scratch, work, INNER_WORKDIR, list(SYSTEM_DIRS),
+                                ["/usr/bin/env", "true"], {}, 0, 0, PROBE_LIMITS, probe)  # fmt: skip
+            run = _launch(spec, b"", PROBE_LIMITS, scratch)
             results[name] = run.exit_code == 0
             if not results[name]:
                 notes.append(f"{name}: {run.stderr.decode(errors='replace').strip()[:200]}")
