@@ -199,18 +199,24 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def read_hf_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``config.json``, given the file or the model directory holding
+    it. Raises FileNotFoundError naming the path when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"HF config not found: {p}")
+    return json.loads(p.read_text())
+
+
 def shape_from_hf_config(cfg: Mapping[str, Any] | str | Path) -> ModelShape:
     """Read a config dict, a config.json path or a model directory.
 
     Raises ValueError naming the key for unsupported architectures/options.
     """
     if not isinstance(cfg, Mapping):
-        p = Path(cfg)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"HF config not found: {p}")
-        cfg = json.loads(p.read_text())
+        cfg = read_hf_config_file(cfg)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -271,7 +277,7 @@ def model_hf_config(
         candidates = [Path(model.path), *(Path(d) / model.path for d in search_dirs)]
         for cand in candidates:
             if (cand / "config.json").is_file():
-                return json.loads((cand / "config.json").read_text())
+                return read_hf_config_file(cand)
         if len(candidates) == 1:
             raise ConfigError(f"model.path: {candidates[0] / 'config.json'} does not exist")
         raise ConfigError(f"model.path = {model.path!r}: no config.json found there")
