@@ -144,7 +144,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
     from archer_mcore.model.convert_cli import add_convert_args
-    from archer_mcore.planner import add_plan_args
+    from archer_mcore.plan.command import add_args as add_plan_args
     from archer_mcore.slurm_submit import add_submit_args
 
     for name, help_text, add, module, runner in (
@@ -159,8 +159,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
             "plan",
             "per-GPU memory and step time of a layout",
             add_plan_args,
-            "archer_mcore.planner",
-            "run_plan",
+            "archer_mcore.plan.command",
+            "run",
         ),
         (
             "submit",

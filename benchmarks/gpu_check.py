@@ -60,7 +60,7 @@ TINY = dict(
     max_position_embeddings=256,
 )
 PATHS = [("torch", False), ("triton", False), ("torch", True), ("triton", True)]
-# Dense BF16 tensor-core peaks (datasheets; the same table as archer_mcore.planner).
+# Dense BF16 tensor-core peaks (datasheets; the same table as archer_mcore.plan.specs).
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12}
 
 

@@ -1,17 +1,21 @@
 """The shape of a Qwen2/Qwen3 model read from a Hugging Face ``config.json``.
 
 `ModelShape` is the one description every other module (model builder, weight
-converter, policy) works from; it is plain data, independent of megatron.
+converter, policy, planner) works from; it is plain data, independent of megatron.
+`model_hf_config` is the one reader of a config's `model` section into that
+``config.json`` form (model.path's file, or the inline `model.arch`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from archer_mcore.config import ConfigError, ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -195,18 +199,24 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def read_hf_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``config.json``, given the file or the model directory holding
+    it. Raises FileNotFoundError naming the path when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"HF config not found: {p}")
+    return json.loads(p.read_text())
+
+
 def shape_from_hf_config(cfg: Mapping[str, Any] | str | Path) -> ModelShape:
     """Read a config dict, a config.json path or a model directory.
 
     Raises ValueError naming the key for unsupported architectures/options.
     """
     if not isinstance(cfg, Mapping):
-        p = Path(cfg)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"HF config not found: {p}")
-        cfg = json.loads(p.read_text())
+        cfg = read_hf_config_file(cfg)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -246,3 +256,39 @@ def shape_from_hf_config(cfg: Mapping[str, Any] | str | Path) -> ModelShape:
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         rope_scaling=scaling,
     )
+
+
+def model_hf_config(
+    model: ModelConfig,
+    search_dirs: Sequence[str | Path] = (),
+    token_ids: Mapping[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """The HF ``config.json`` mapping of a config's `model` section.
+
+    With `model.path`: the ``config.json`` in that directory, tried as given, then
+    under each of `search_dirs` in turn (the first found wins). Without: the inline
+    `model.arch` written out as the builder's HF config (every `arch` field under its
+    HF name, ``model_type`` = family, SwiGLU, q/k/v biases for Qwen2), with
+    `token_ids` (pad/eos/bos token ids from the tokenizer) added before
+    ``torch_dtype``; `token_ids` is not used with `model.path`.
+    Raises ConfigError naming `model.path` when no ``config.json`` is found.
+    """
+    if model.path:
+        candidates = [Path(model.path), *(Path(d) / model.path for d in search_dirs)]
+        for cand in candidates:
+            if (cand / "config.json").is_file():
+                return read_hf_config_file(cand)
+        if len(candidates) == 1:
+            raise ConfigError(f"model.path: {candidates[0] / 'config.json'} does not exist")
+        raise ConfigError(f"model.path = {model.path!r}: no config.json found there")
+    a = model.arch
+    d = {k: v for k, v in asdict(a).items() if k != "family"}
+    d.update(
+        model_type=a.family,
+        architectures=["Qwen3ForCausalLM" if a.family == "qwen3" else "Qwen2ForCausalLM"],
+        hidden_act="silu",
+        attention_bias=a.family == "qwen2",
+        **(token_ids or {}),
+        torch_dtype="float32",
+    )
+    return d

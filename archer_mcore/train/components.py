@@ -29,7 +29,7 @@ from archer_mcore.config import (
 )
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
-from archer_mcore.model.hf_config import shape_from_hf_config
+from archer_mcore.model.hf_config import model_hf_config, shape_from_hf_config
 from archer_mcore.rewards.types import RewardRequest
 from archer_mcore.rollout.types import RolloutBatch, SamplingParams
 from archer_mcore.train.batch import ScoredGroup
@@ -154,29 +154,20 @@ class PromptStream:
 # ----------------------------------------------------------------------------- model
 def hf_config_dict(cfg: Config, tokenizer: Any) -> dict[str, Any]:
     """The policy's HF config: model.path's config.json, or the inline `model.arch`."""
-    if cfg.model.path:
-        path = Path(cfg.model.path) / "config.json"
-        if not path.exists():
-            raise ConfigError(f"model.path: {path} does not exist")
-        return json.loads(path.read_text())
     a = cfg.model.arch
-    if len(tokenizer) > a.vocab_size:
+    if not cfg.model.path and len(tokenizer) > a.vocab_size:
         raise ConfigError(
             f"model.arch.vocab_size = {a.vocab_size} is smaller than the tokenizer's "
             f"{len(tokenizer)} tokens"
         )
-    d = {k: v for k, v in asdict(a).items() if k != "family"}
-    d.update(
-        model_type=a.family,
-        architectures=["Qwen3ForCausalLM" if a.family == "qwen3" else "Qwen2ForCausalLM"],
-        hidden_act="silu",
-        attention_bias=a.family == "qwen2",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        torch_dtype="float32",
+    return model_hf_config(
+        cfg.model,
+        token_ids={
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
     )
-    return d
 
 
 def warmstart_examples(

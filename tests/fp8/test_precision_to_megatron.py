@@ -14,7 +14,7 @@ import pytest
 from archer_mcore.config import ModelConfig, load_config
 from archer_mcore.model.build import ddp_config, resolve_build_choices, transformer_config
 from archer_mcore.model.fp8 import choose_precision
-from archer_mcore.planner import shape_from_config
+from archer_mcore.plan import shape_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -11,13 +11,12 @@ import pytest
 
 from archer_mcore.config import ConfigError, check_context_parallel, config_from_dict, load_config
 from archer_mcore.model.hf_config import shape_from_hf_config
-from archer_mcore.planner import (
+from archer_mcore.plan import (
     GPU_SPECS,
     Cluster,
     RolloutLayout,
     TrainLayout,
     Workload,
-    _layout_diff,
     cp_comm_bytes,
     make_plan,
     nearest_fitting,
@@ -25,6 +24,7 @@ from archer_mcore.planner import (
     step_time,
     training_memory,
 )
+from archer_mcore.plan.report import _layout_diff
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -190,7 +190,7 @@ def test_trainer_refuses_cp_before_any_work(tmp_path, monkeypatch):
 
 
 def test_archer_plan_reports_cp(capsys):
-    from archer_mcore.planner import main
+    from archer_mcore.plan.command import main
 
     rc = main(
         [

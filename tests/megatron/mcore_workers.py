@@ -495,7 +495,7 @@ def plan_agrees(payload: dict[str, Any]) -> dict[str, Any]:
     machine; report both sides' choices."""
     import dataclasses
 
-    from archer_mcore import planner
+    from archer_mcore import plan as planner
     from archer_mcore.config import load_config
     from archer_mcore.model.fp8 import detect_environment
     from archer_mcore.train.components import _policy_config

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from archer_mcore.model.hf_config import shape_from_hf_config
-from archer_mcore.planner import (
+from archer_mcore.plan import (
     GPU_SPECS,
     Assumptions,
     RolloutLayout,
@@ -183,7 +183,7 @@ def test_kl_term_adds_a_reference_copy_by_hand():
 
 
 def test_colocated_rollout_pool_is_what_the_trainer_leaves_by_hand():
-    from archer_mcore.planner import Cluster, make_plan
+    from archer_mcore.plan import Cluster, make_plan
 
     m = shape_from_hf_config(TINY)
     work = Workload(

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from archer_mcore.model.hf_config import ModelShape
-from archer_mcore.planner import Assumptions, TrainLayout, Workload, training_memory
+from archer_mcore.plan import Assumptions, TrainLayout, Workload, training_memory
 
 
 def _shape(**kw) -> ModelShape:

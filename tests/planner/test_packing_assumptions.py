@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from archer_mcore.config import load_config
-from archer_mcore.planner import (
+from archer_mcore.plan import (
     Assumptions,
     TrainLayout,
     Workload,

@@ -1,0 +1,345 @@
+"""The config tree: one dataclass per section, every field with a default.
+
+Range checks (gt, ge, lt, le) ride on each field's metadata (`_f`); `config.load`
+enforces them. `ALGORITHM_PRESETS` are the papers' recipes that `algorithm.name`
+selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, **checks: Any) -> Any:
+    """A dataclass field with range checks: gt, ge, lt, le (numbers), nonempty (str)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ArchConfig:
+    """Architecture of an inline model (used when `model.path` is empty), HF names."""
+
+    family: Literal["qwen2", "qwen3"] = "qwen3"
+    vocab_size: int = _f(64, gt=0)
+    hidden_size: int = _f(64, gt=0)
+    intermediate_size: int = _f(192, gt=0)
+    num_hidden_layers: int = _f(2, gt=0)
+    num_attention_heads: int = _f(4, gt=0)
+    num_key_value_heads: int = _f(2, gt=0)
+    head_dim: int = _f(16, gt=0)
+    rope_theta: float = _f(10000.0, gt=0)
+    rms_norm_eps: float = _f(1e-6, gt=0)
+    max_position_embeddings: int = _f(2048, gt=0)  # >= data.max_prompt_length + max_new_tokens
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model dir (config.json [+ safetensors]); empty: `arch`, random init
+    tokenizer: str = ""  # tokenizer dir; empty: `path`, or the synthetic task's tokenizer
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: Literal["none", "delayed", "tensorwise", "blockwise"] = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _f(1, ge=1)
+    pipeline_model_parallel_size: int = _f(1, ge=1)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    micro_batch_tokens: int = _f(8192, gt=0)  # token budget of one micro-batch
+    # CP: each micro-batch's tokens split over this many GPUs (ring attention). Needs
+    # Transformer Engine on GPUs; `archer plan` models it, the trainer refuses CP > 1.
+    context_parallel_size: int = _f(1, ge=1)
+    # pack sequences into micro-batches (THD / block-diagonal mask) instead of padding rows
+    pack_sequences: bool = True
+
+
+@dataclass
+class SGLangConfig:
+    """The SGLang rollout engine (rollout.engine = sglang); docs/sglang.md.
+
+    Disaggregated mode: the servers run elsewhere (the Slurm script starts them and sets
+    server_urls, router_url and master_address). Colocated mode: the trainer launches
+    num_servers servers (tp_size GPUs each) on its own node with server_command.
+    """
+
+    num_servers: int = _f(1, ge=1)  # colocated: servers the trainer launches
+    tp_size: int = _f(1, ge=1)  # colocated: TP size of each launched server
+    mem_fraction_static: float = _f(0.8, gt=0.0, lt=1.0)  # --mem-fraction-static
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"  # --dtype
+    host: str = "127.0.0.1"  # colocated: where launched servers listen
+    base_port: int = _f(30000, gt=0, lt=65536)
+    router_port: int = _f(30100, gt=0, lt=65536)
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    request_timeout_s: float = _f(1800.0, gt=0)
+    health_timeout_s: float = _f(900.0, gt=0)
+    max_concurrency: int = _f(512, ge=1)
+    max_retries: int = _f(3, ge=0)
+    server_urls: list[str] = _f(factory=list)  # disaggregated: servers already running
+    # disaggregated: the sglang-router in front of server_urls ("": no router, the
+    # engine spreads requests over server_urls itself)
+    router_url: str = ""
+    # TP size of each server in server_urls (its ranks in the weight-update group);
+    # empty: read from each server's /server_info
+    server_tp_sizes: list[int] = _f(factory=list)
+    # the address the servers reach the trainer's rank 0 at for the weight-update group;
+    # "": $MASTER_ADDR (the Slurm scripts set it to the first training node's address),
+    # else this host's name resolved; never a loopback address when servers are remote
+    master_address: str = ""
+    sync_backend: Literal["nccl", "gloo"] = "nccl"  # weight-update group backend
+    sync_timeout_s: float = _f(600.0, gt=0)  # group init / one bucket, both sides
+    # colocated: the server and router programs (default: this python's -m modules)
+    server_command: list[str] = _f(factory=list)
+    router_command: list[str] = _f(factory=list)
+    extra_server_args: list[str] = _f(factory=list)  # appended to every launched server
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["local", "sglang"] = "local"
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    n_samples_per_prompt: int = _f(16, ge=1)
+    temperature: float = _f(1.0, gt=0)
+    top_p: float = _f(1.0, gt=0, le=1.0)
+    top_k: int = _f(-1, ge=-1)  # -1: off
+    max_new_tokens: int = _f(1024, gt=0)
+    stop_token_ids: list[int] = _f(factory=list)
+    # distributed: broadcast over a process group with every server TP worker ("nccl" is
+    # the same, the older spelling); tensor: colocated servers, same host, shared memory;
+    # disk: an HF checkpoint in <output_dir>/weight_sync + /update_weights_from_disk
+    weight_sync: Literal["distributed", "nccl", "tensor", "disk"] = "distributed"
+    sync_bucket_bytes: int = _f(512 * 1024 * 1024, gt=0)
+    # FP8 rollout: servers start from a block-wise FP8 export and every sync sends e4m3
+    # weights plus fp32 `_scale_inv` blocks (rollout/fp8_export.py)
+    fp8: bool = False
+    tis_cap: float | None = _f(None, gt=0)  # truncated importance sampling cap; None: off
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL objective. Clip/KL fields without a `reasoning_` prefix apply to all tokens,
+    or to knowledge tokens when `token_rule` is archer."""
+
+    name: Literal["grpo", "dapo", "archer", "archer_code", "archer_math", "forking"] = "grpo"
+    norm_adv_by_std: bool = True
+    token_rule: Literal["none", "archer", "forking"] = "none"
+    clip_low: float = _f(0.2, ge=0.0, lt=1.0)
+    clip_high: float = _f(0.2, ge=0.0)
+    reasoning_clip_low: float = _f(0.2, ge=0.0, lt=1.0)
+    reasoning_clip_high: float = _f(0.2, ge=0.0)
+    clip_ratio_c: float | None = _f(3.0, gt=1.0)
+    kl_coef: float = _f(0.0, ge=0.0)
+    reasoning_kl_coef: float = _f(0.0, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = _f(0.0, ge=0.0)
+    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    archer_quantile: float = _f(0.8, gt=0.0, lt=1.0)
+    forking_rho: float = _f(0.2, gt=0.0, le=1.0)
+    forking_scope: Literal["micro_batch", "mini_batch"] = "micro_batch"
+    forking_normalizer: Literal["selected", "all"] = "selected"
+    reward_correct: float = 1.0
+    reward_incorrect: float = 0.0
+    overlong_shaping: bool = False
+    overlong_max_length: int = _f(20480, gt=0)
+    overlong_cache_length: int = _f(4096, gt=0)
+    group_filter: Literal["none", "drop", "refill"] = "none"
+    max_generation_batches: int = _f(10, ge=1)
+
+
+_DAPO: dict[str, Any] = {
+    "clip_low": 0.2,
+    "clip_high": 0.28,
+    "clip_ratio_c": 10.0,
+    "kl_coef": 0.0,
+    "agg_mode": "token-mean",
+    "reward_correct": 1.0,
+    "reward_incorrect": -1.0,
+    "overlong_shaping": True,
+    "overlong_max_length": 20480,
+    "overlong_cache_length": 4096,
+    "group_filter": "refill",
+    "max_generation_batches": 10,
+}
+_ARCHER_CODE: dict[str, Any] = {
+    "token_rule": "archer",
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "reasoning_clip_low": 0.5,
+    "reasoning_clip_high": 0.5,
+    "clip_ratio_c": 10.0,
+    "kl_coef": 0.001,
+    "reasoning_kl_coef": 0.0,
+    "kl_estimator": "k3",
+    "agg_mode": "seq-mean-token-mean",
+    "archer_quantile": 0.8,
+    "group_filter": "drop",
+}
+#: The papers' recipes (DESIGN.md); a YAML's `algorithm:` keys override them.
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    "dapo": _DAPO,
+    "archer_code": _ARCHER_CODE,
+    "archer": _ARCHER_CODE,  # the code recipe; `archer_math` widens the reasoning clip
+    "archer_math": {**_ARCHER_CODE, "reasoning_clip_low": 0.4, "reasoning_clip_high": 0.4},
+    "forking": {
+        **_DAPO,
+        "token_rule": "forking",
+        "forking_rho": 0.2,
+        "forking_scope": "micro_batch",
+        "forking_normalizer": "selected",
+    },
+}
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _f(1e-6, gt=0)
+    min_lr: float = _f(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = _f(0, ge=0)
+    weight_decay: float = _f(0.01, ge=0)
+    adam_beta1: float = _f(0.9, ge=0, lt=1)
+    adam_beta2: float = _f(0.999, ge=0, lt=1)
+    adam_eps: float = _f(1e-8, gt=0)
+    clip_grad: float = _f(1.0, ge=0)  # 0: off
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The synthetic arithmetic task used when `data.train_files` is empty."""
+
+    min_operands: int = _f(2, ge=2)
+    max_operands: int = _f(3, ge=2)
+    min_value: int = _f(0, ge=0)
+    max_value: int = _f(9, ge=0)
+    operators: str = "+-*"
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f(factory=list)  # JSONL/Parquet; empty: the synthetic task
+    eval_files: list[str] = _f(factory=list)
+    max_prompt_length: int = _f(1024, gt=0)
+    shuffle: bool = True
+    synthetic_train_size: int = _f(4096, gt=0)
+    synthetic_eval_size: int = _f(256, gt=0)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    # The reward kind ("math", "code") of rows whose data_source maps to none and that
+    # name none (reward_model.style / ability); empty: such rows are a config error.
+    default_reward_kind: str = ""
+
+
+@dataclass
+class RewardsConfig:
+    math_timeout_s: float = _f(5.0, gt=0)
+    code_timeout_s: float = _f(10.0, gt=0)
+    code_memory_mb: int = _f(1024, gt=0)
+    num_workers: int = _f(4, ge=1)
+    allow_unsandboxed_code: bool = False
+    # numeric references: the answer must be a simplified number, not "0 - 9 - 0"
+    math_strict_answer_form: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "archer"
+    output_dir: str = "runs/archer"
+    seed: int = 1234
+    steps: int = _f(100, ge=0)
+    prompts_per_step: int = _f(64, ge=1)
+    mini_batch_prompts: int = _f(32, ge=1)
+    ppo_epochs: int = _f(1, ge=1)
+    max_nonfinite_in_a_row: int = _f(3, ge=1)
+    torch_threads: int = _f(0, ge=0)  # intra-op CPU threads per process; 0: torch's default
+    log_every: int = _f(1, ge=1)
+
+
+@dataclass
+class WarmstartConfig:
+    """A short supervised phase before RL (the CPU demo), cached after the first run.
+
+    Demonstrations are the synthetic task's worked solutions; a share `noise` of them
+    stops after the worked steps without the final \\boxed{} answer the verifier reads, so
+    the warm-started policy can solve the task but often fails to state its answer: the
+    regime where RL with verifiable rewards helps. RL then samples only the prompts
+    after the first `examples`, which the warm start never saw.
+    """
+
+    steps: int = _f(0, ge=0)  # 0: off (start from model.path or random weights)
+    batch_size: int = _f(64, ge=1)
+    lr: float = _f(3e-3, gt=0)
+    noise: float = _f(0.0, ge=0.0, le=1.0)
+    examples: int = _f(4096, ge=1)
+    cache_dir: str = ".cache/archer/warmstart"
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, ge=0)  # 0: off
+    n_samples: int = _f(16, ge=1)  # k of avg@k / pass@k
+    temperature: float = _f(0.6, ge=0)
+    top_p: float = _f(0.95, gt=0, le=1)
+    max_new_tokens: int = _f(1024, gt=0)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <train.output_dir>/checkpoints
+    save_every: int = _f(50, ge=0)  # 0: only at the end and on signals
+    keep_last: int = _f(3, ge=1)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = _f(9400, ge=0, lt=65536)  # 0: any free port
+    pushgateway: str = ""  # e.g. http://127.0.0.1:9091; empty: no push
+    job: str = "archer"
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    nodes: int = _f(1, ge=1)
+    gpus_per_node: int = _f(8, ge=0)
+    gpu_type: Literal["h800", "h100", "h200", "cpu"] = "h800"
+    rollout_nodes: int = _f(0, ge=0)  # disaggregated: nodes that run SGLang servers
+    time: str = "24:00:00"
+    container_image: str = ""
+    extra_sbatch: list[str] = _f(factory=list)
+
+
+@dataclass
+class KernelsConfig:
+    mode: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch elsewhere
+    fused_lm_head: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)

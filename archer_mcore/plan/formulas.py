@@ -1,0 +1,171 @@
+"""Per-GPU memory formulas, each one short function of the model shape and layout:
+parameter counts, activation bytes per token (Korthikanti et al., arXiv 2205.05198,
+table 2, generalised), logits/entropy buffers by kernel path, the parameters of a
+pipeline stage, context-parallel ring buffers and the KV cache. Sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from archer_mcore.model.hf_config import ModelShape
+from archer_mcore.plan.specs import Assumptions, LogitsPath, RecomputeMode, TrainLayout
+
+
+def attention_params(m: ModelShape) -> int:
+    """q, k, v, o projections (+ q/k/v biases for Qwen2, + q/k norms for Qwen3)."""
+    a, g, d, h = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size
+    n = h * d * (a + 2 * g) + a * d * h
+    if m.qkv_bias:
+        n += d * (a + 2 * g)
+    if m.qk_norm:
+        n += 2 * d
+    return n
+
+
+def mlp_params(m: ModelShape, gated: bool = True) -> int:
+    return (3 if gated else 2) * m.hidden_size * m.ffn_hidden_size
+
+
+def layer_params(m: ModelShape, gated: bool = True) -> int:
+    """One decoder layer: attention, MLP and its two RMSNorm weights."""
+    return attention_params(m) + mlp_params(m, gated) + 2 * m.hidden_size
+
+
+def total_params(m: ModelShape, vocab: int | None = None, gated: bool = True) -> int:
+    v = m.vocab_size if vocab is None else vocab
+    embed = v * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return m.num_layers * layer_params(m, gated) + embed + m.hidden_size
+
+
+def matmul_params_per_token(m: ModelShape) -> int:
+    """Weights one token multiplies through: all layer matmuls and the LM head."""
+    a, g, d, h = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size
+    per_layer = h * d * (a + 2 * g) + a * d * h + 3 * h * m.ffn_hidden_size
+    return m.num_layers * per_layer + m.vocab_size * h
+
+
+def layer_activation_bytes_per_token(
+    m: ModelShape,
+    tp: int,
+    sequence_parallel: bool,
+    recompute: RecomputeMode,
+    seq_len: int,
+    assume: Assumptions,
+) -> float:
+    """Bytes one token leaves saved for backward in one decoder layer, per TP rank.
+
+    Korthikanti et al.'s inventory, 16-bit activations, 1-byte dropout masks:
+    replicated over TP unless sequence parallel (norm inputs, the inputs of the QKV
+    and first MLP matmuls: 2h each; dropout masks: h each), and split over TP (q, k,
+    v; q/k-norm inputs; attention output = o_proj input; the MLP's gate/up output and
+    down-proj input). Without flash attention the softmax output (2 a s, and with
+    dropout its mask and output: 5 a s) is kept unless selective recompute drops it;
+    flash attention keeps a fp32 log-sum-exp per head instead. Full recompute keeps
+    only each layer's input (2h).
+    """
+    a, g, d, h, f = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size, m.ffn_hidden_size
+    sp_div = tp if sequence_parallel else 1
+    if recompute == "full":
+        return 2 * h / sp_div
+    replicated = 8 * h + (2 * h if assume.dropout else 0)
+    split = 2 * (a + 2 * g) * d + 2 * a * d  # q, k, v and the attention output
+    if m.qk_norm:
+        split += 2 * (a + g) * d
+    split += 2 * f * (2 if assume.gated_mlp else 1) + 2 * f  # fc1 output, fc2 input
+    if assume.flash_attention:
+        split += 0 if recompute == "selective" else 4 * a
+    elif recompute != "selective":
+        split += a * seq_len * (5 if assume.dropout else 2)
+    return replicated / sp_div + split / tp
+
+
+def embedding_activation_bytes_per_token(
+    m: ModelShape, tp: int, sequence_parallel: bool, assume: Assumptions
+) -> float:
+    """Token ids (int64, replicated) and the embedding dropout mask (1 B x h)."""
+    mask = m.hidden_size / (tp if sequence_parallel else 1) if assume.dropout else 0.0
+    return 8 + mask
+
+
+def logits_bytes(
+    m: ModelShape, tokens: int, tp: int, path: LogitsPath, assume: Assumptions
+) -> float:
+    """What the log-prob/entropy computation of one micro-batch holds at its peak.
+
+    V_p = padded vocab / TP columns per rank, n = tokens:
+    * unfused (plain torch ops): bf16 logits 2, their fp32 copy 4, the saved
+      log-softmax 4 and probabilities 4, the fp32 gradient 4: 18 n V_p.
+    * chunked (this repo's torch reference): bf16 logits and their bf16 gradient,
+      4 n V_p, plus four fp32 [chunk_rows, V_p] temporaries.
+    * fused (Triton, vocab-parallel): 4 n V_p, per-token statistics only.
+    * fused_lm_head (matmul + entropy in chunks): no logits tensor; a bf16 and a fp32
+      [lm_head_chunk_rows, V_p] chunk.
+    """
+    vp = m.padded_vocab_size(tp) / tp
+    if path == "unfused":
+        return 18 * tokens * vp
+    if path == "chunked":
+        return 4 * tokens * vp + 16 * min(tokens, assume.torch_chunk_rows) * vp
+    if path == "fused":
+        return 4 * tokens * vp
+    if path == "fused_lm_head":
+        return 6 * min(tokens, assume.lm_head_chunk_rows) * vp
+    raise ValueError(f"unknown logits path {path!r}")
+
+
+def stage_params(m: ModelShape, tp: int, pp: int, stage: Literal["first", "last"]) -> int:
+    """Parameters one TP rank of a pipeline stage holds (first: + embedding;
+    last: + final norm and output layer; PP=1: all). Vocab padded as megatron does."""
+    vocab = m.padded_vocab_size(tp)
+    embed = vocab * m.hidden_size
+    layers = (m.num_layers // pp) * layer_params(m)
+    if pp == 1:
+        n = layers + embed + (0 if m.tie_embeddings else embed) + m.hidden_size
+    elif stage == "first":
+        n = layers + embed
+    else:  # the last stage holds an output layer even when tied (a copy kept in sync)
+        n = layers + embed + m.hidden_size
+    return math.ceil(n / tp)
+
+
+def cp_tokens_per_gpu(layout: TrainLayout) -> int:
+    """Tokens of one micro-batch on one GPU: CP splits each micro-batch's sequence
+    dimension over `cp` ranks (megatron cuts it into 2 x cp chunks, rank r taking
+    chunks r and 2cp - 1 - r so that causal attention work is balanced)."""
+    return math.ceil(layout.micro_batch_tokens / layout.cp)
+
+
+def cp_kv_bytes_per_token(m: ModelShape, tp: int) -> float:
+    """bf16 K and V of one token in one layer on one TP rank: 2 x 2 B x (g / TP) x d."""
+    return 4 * m.num_kv_heads * m.head_dim / tp
+
+
+def cp_ring_buffer_bytes(m: ModelShape, layout: TrainLayout) -> float:
+    """What ring attention holds beyond the layer inventory (CP > 1): one K/V chunk
+    of another rank arriving while the local one is used (forward), and in backward
+    that chunk plus the dK/dV chunk travelling the other way: two chunks of t / CP
+    tokens of one layer's K and V. 0 at CP 1."""
+    if layout.cp <= 1:
+        return 0.0
+    return 2 * cp_tokens_per_gpu(layout) * cp_kv_bytes_per_token(m, layout.tp)
+
+
+def kv_bytes_per_token(m: ModelShape, tp: int, kv_dtype_bytes: int = 2) -> float:
+    """K and V of every layer for one token on one TP rank. KV heads split over TP
+    (replicated when TP exceeds the number of KV heads, as SGLang does)."""
+    heads = math.ceil(m.num_kv_heads / tp)
+    return 2 * m.num_layers * heads * m.head_dim * kv_dtype_bytes
+
+
+def rollout_weight_bytes(m: ModelShape, tp: int, fp8: bool) -> float:
+    """Weights on one rollout GPU: layer matmuls 2 B (1 B + scales with FP8),
+    embedding / LM head / norms in bf16."""
+    matmuls = m.num_layers * (
+        m.hidden_size * m.head_dim * (m.num_heads + 2 * m.num_kv_heads)
+        + m.num_heads * m.head_dim * m.hidden_size
+        + 3 * m.hidden_size * m.ffn_hidden_size
+    )
+    rest = total_params(m) - matmuls
+    return (matmuls * (1 if fp8 else 2) + rest * 2) / tp
