@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from archer_mcore.cli.options import add_overrides
 from archer_mcore.config import dump_yaml, load_config
 
 
@@ -13,14 +14,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     inner = parser.add_subparsers(dest="config_command", required=True)
     show = inner.add_parser("show", help="print the fully resolved config as YAML")
     show.add_argument("config", help="YAML config file")
-    show.add_argument(
-        "--override",
-        "-o",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key, e.g. algorithm.clip_high=0.28 (repeatable)",
-    )
+    add_overrides(show, "override a dotted key, e.g. algorithm.clip_high=0.28 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from archer_mcore.cli.options import add_overrides
 from archer_mcore.config import ConfigError, load_config
 from archer_mcore.launch import slurm
 
@@ -63,14 +64,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sglang-model", default=None, help="disaggregated: server --model-path [model.path]"
     )
-    p.add_argument(
-        "--override",
-        "-o",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override passed to the trainer (repeatable)",
-    )
+    add_overrides(p, "config override passed to the trainer (repeatable)")
     p.add_argument(
         "--sbatch",
         action="append",
