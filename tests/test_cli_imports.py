@@ -69,3 +69,18 @@ def test_the_probe_sees_torch_when_a_verb_loads_it(tmp_path: Path) -> None:
         ["convert", "--to-hf", "--src", str(tmp_path / "none"), "--dst", str(tmp_path / "o")]
     )
     assert got["code"] == 2 and {"torch", "safetensors"} <= set(got["heavy"]), got
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    # slurm/archer_job.sh runs `python -m archer_mcore.cli train ...` on the nodes.
+    from archer_mcore import __version__
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "archer_mcore.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"archer-mcore {__version__}"
