@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -64,6 +65,20 @@ def read_dist_env(env: dict[str, str] | None = None, default_port: int = 29500) 
     return DistEnv(
         0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port))
     )
+
+
+def single_process_rendezvous() -> None:
+    """Outside torchrun/srun, rendezvous on a free local port (not a fixed 29500).
+
+    Sets MASTER_PORT (and MASTER_ADDR, when unset, to 127.0.0.1) in os.environ unless
+    the process was launched by torchrun (RANK) or Slurm (SLURM_PROCID) or MASTER_PORT
+    is already set: two single-process runs on one machine then never collide."""
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if not launched and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def default_backend() -> str:

@@ -38,7 +38,7 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
 Modules, each importing only those before it: `specs` (GPUs, assumptions, layouts,
 workload), `formulas` (per-GPU byte counts), `memory` (training and rollout memory),
 `steptime`, `search` (layouts from a config, checks, the nearest fitting layout) and
-`report` (text and JSON). `command` is the `archer plan` command line.
+`report` (text and JSON). The `archer plan` command line is archer_mcore/cli/plan.py.
 """
 
 from __future__ import annotations

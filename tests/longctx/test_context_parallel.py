@@ -190,7 +190,7 @@ def test_trainer_refuses_cp_before_any_work(tmp_path, monkeypatch):
 
 
 def test_archer_plan_reports_cp(capsys):
-    from archer_mcore.plan.command import main
+    from archer_mcore.cli.plan import main
 
     rc = main(
         [

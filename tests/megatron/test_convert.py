@@ -10,8 +10,10 @@ import torch
 from conftest import save_tiny_hf, tiny_hf_config
 from safetensors.torch import load_file
 
+from archer_mcore.cli.convert import add_args as add_convert_args
+from archer_mcore.cli.convert import run as run_convert
 from archer_mcore.model.convert import fuse_qkv, split_qkv, to_tp_shards
-from archer_mcore.model.convert_cli import add_convert_args, run_convert, shard_dir
+from archer_mcore.model.convert_dirs import shard_dir
 from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.model.hf_io import HFCheckpointReader
 

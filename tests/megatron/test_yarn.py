@@ -163,7 +163,7 @@ def test_convert_dirs_keep_yarn(tmp_path):
     """archer convert --to-mcore / --to-hf keeps the rope settings and the weights."""
     from safetensors.torch import load_file
 
-    from archer_mcore.model.convert_cli import META_FILE, hf_to_mcore_dir, mcore_dir_to_hf
+    from archer_mcore.model.convert_dirs import META_FILE, hf_to_mcore_dir, mcore_dir_to_hf
 
     src = save_tiny_hf(
         "qwen3",

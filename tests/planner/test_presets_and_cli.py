@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from archer_mcore.cli.plan import add_args as add_plan_args
+from archer_mcore.cli.plan import run as run_plan
 from archer_mcore.config import load_config
 from archer_mcore.plan import GIB, plan_config, shape_from_config, total_params
-from archer_mcore.plan.command import add_args as add_plan_args
-from archer_mcore.plan.command import run as run_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = sorted((ROOT / "configs").glob("qwen3_*.yaml"))

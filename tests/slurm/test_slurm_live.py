@@ -29,7 +29,8 @@ from services import (
     wait_until,
 )
 
-from archer_mcore.slurm_submit import add_submit_args, run_submit
+from archer_mcore.cli.submit import add_args as add_submit_args
+from archer_mcore.cli.submit import run as run_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

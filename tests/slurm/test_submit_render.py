@@ -9,14 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from archer_mcore.slurm_submit import (
-    SubmitError,
-    add_submit_args,
-    render_script,
-    request_from_args,
-    run_submit,
-    slurm_time_seconds,
-)
+from archer_mcore.cli.submit import add_args as add_submit_args
+from archer_mcore.cli.submit import request_from_args
+from archer_mcore.cli.submit import run as run_submit
+from archer_mcore.launch.slurm import SubmitError, render_script, slurm_time_seconds
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -1,6 +1,7 @@
-"""`archer convert --to-mcore / --to-hf`: offline HF <-> megatron checkpoint conversion.
+"""Offline HF <-> megatron conversion of whole checkpoint directories (`archer convert`).
 
-The megatron side is a directory of per-rank safetensors files, one per model shard:
+`model/convert.py` maps the tensors; this module reads and writes the files. The megatron
+side is a directory of per-rank safetensors files, one per model shard:
 
     <dir>/archer_mcore.json                   {"shape": ModelShape, "tp", "pp",
                                                "padded_vocab", "te_names", "hf_config"}
@@ -11,10 +12,8 @@ The megatron side is a directory of per-rank safetensors files, one per model sh
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -35,6 +34,7 @@ HF_SIDE_FILES = (
 
 
 def shard_dir(root: Path, tp_rank: int, pp_rank: int) -> Path:
+    """The directory of the (tp_rank, pp_rank) shard under a megatron checkpoint root."""
     return root / f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
@@ -100,49 +100,3 @@ def mcore_dir_to_hf(
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     return out
-
-
-def add_convert_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `archer convert`."""
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument(
-        "--to-mcore", action="store_true", help="HF safetensors -> megatron shards"
-    )
-    direction.add_argument("--to-hf", action="store_true", help="megatron shards -> HF safetensors")
-    parser.add_argument("--src", required=True, help="source checkpoint directory")
-    parser.add_argument("--dst", required=True, help="output directory")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--to-mcore)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (--to-mcore)")
-    parser.add_argument(
-        "--te-names",
-        action="store_true",
-        help="use Transformer Engine parameter names (--to-mcore)",
-    )
-    parser.add_argument("--vocab-divisible-by", type=int, default=128)
-    parser.add_argument("--shard-gb", type=float, default=5.0, help="HF shard size in GB (--to-hf)")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Entry point for `archer convert`. Returns the process exit code."""
-    try:
-        if args.to_mcore:
-            hf_to_mcore_dir(
-                args.src, args.dst, args.tp, args.pp, args.te_names, args.vocab_divisible_by
-            )
-        else:
-            mcore_dir_to_hf(args.src, args.dst, int(args.shard_gb * 1024**3))
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"archer convert: error: {e}", file=sys.stderr)
-        return 2
-    print(f"archer convert: wrote {args.dst}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="archer convert")
-    add_convert_args(parser)
-    return run_convert(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

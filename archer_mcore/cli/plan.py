@@ -12,6 +12,7 @@ import json
 import math
 import sys
 
+from archer_mcore.cli.options import add_overrides
 from archer_mcore.config import ConfigError, load_config
 from archer_mcore.plan.report import _layout_diff, format_plan, plan_to_dict
 from archer_mcore.plan.search import nearest_fitting, plan_config
@@ -54,14 +55,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu", choices=sorted(GPU_SPECS), default=None, help="GPU type (default: slurm.gpu_type)"
     )
-    parser.add_argument(
-        "--override",
-        "-o",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted config key (repeatable)",
-    )
+    add_overrides(parser, "override a dotted config key (repeatable)")
     parser.add_argument(
         "--mfu",
         type=_unit_fraction,

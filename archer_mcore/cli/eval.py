@@ -14,63 +14,82 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from archer_mcore.config import ConfigError, load_config
+from archer_mcore.cli.options import add_overrides
+from archer_mcore.config import Config, ConfigError, load_config
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from archer_mcore.cli import _single_process_rendezvous
-    from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.checkpoint import (
-        CheckpointError,
-        find_latest_checkpoint,
-        verify_checkpoint,
-    )
-    from archer_mcore.train.components import (
-        _policy_config,
-        build_engine,
-        build_tokenizer,
-        eval_sampling_params,
-        hf_config_dict,
-        rank,
-        route_rewards,
-        score_groups,
-    )
-    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
-    from archer_mcore.train.policy import MegatronPolicy
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `archer eval`."""
+    parser.add_argument("config", help="YAML config file (model, sampling defaults)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or root)")
+    parser.add_argument("--data", required=True, action="append", help="JSONL/Parquet file(s)")
+    parser.add_argument("--samples", "-k", type=int, default=None, help="samples per prompt")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    add_overrides(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the checkpoint; 0 when done (ranks > 0: once the weights are exported)."""
+    from archer_mcore.parallel.distributed import single_process_rendezvous
+
+    cfg, step_dir = _checked_inputs(args)  # before the tokenizer and the model load
+    single_process_rendezvous()
+    prompts, tokenizer, engine = _policy_in_engine(cfg, step_dir, args.data)
+    if engine is None:
+        return 0
+    _evaluate(cfg, args, step_dir, prompts, tokenizer, engine)
+    engine.shutdown()
+    return 0
+
+
+def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config (with --samples) and the verified step directory to evaluate; a
+    ConfigError naming the flag for a bad config, model path, data file or checkpoint."""
+    from archer_mcore.train.checkpoint import CheckpointError, resolve_checkpoint
+    from archer_mcore.train.preflight import check_data_files, check_model_path
 
     cfg = load_config(args.config, args.override)
     if args.samples is not None:
         if args.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {args.samples}")
         cfg.eval.n_samples = args.samples
-    from archer_mcore.train.preflight import check_data_files, check_model_path
-
-    check_model_path(cfg)  # before the tokenizer and the model load
+    check_model_path(cfg)
     check_data_files(args.data, "--data")
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f"--checkpoint: {ckpt} does not exist")
-    if (ckpt / "MANIFEST.json").exists() or ckpt.name.startswith("step_"):
-        step_dir = ckpt
-    else:
-        found = find_latest_checkpoint(ckpt)
-        if found is None:
-            raise ConfigError(f"--checkpoint: no finished checkpoint under {ckpt}")
-        step_dir = found
-    try:
-        verify_checkpoint(step_dir)
+    try:  # a step directory, or a root: its latest checkpoint
+        step_dir, _ = resolve_checkpoint(ckpt)
     except CheckpointError as exc:
         raise ConfigError(f"--checkpoint: {exc}") from None
+    return cfg, step_dir
 
-    _single_process_rendezvous()
+
+def _policy_in_engine(
+    cfg: Config, step_dir: Path, data_files: list[str]
+) -> tuple[list[Any], Any, Any]:
+    """(prompts, tokenizer, engine): the prompts of `data_files` with their rewards
+    routed, and on rank 0 a rollout engine holding the checkpoint's weights (None on
+    the other ranks, which only take part in the weight export)."""
+    from archer_mcore.data.prompt_dataset import PromptDataset
+    from archer_mcore.train.checkpoint import CheckpointError
+    from archer_mcore.train.components import (
+        _policy_config,
+        build_engine,
+        build_tokenizer,
+        hf_config_dict,
+        rank,
+        route_rewards,
+    )
+    from archer_mcore.train.policy import MegatronPolicy
+
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
-    data = PromptDataset.from_files(args.data, tokenizer, cfg.data.max_prompt_length)
+    data = PromptDataset.from_files(data_files, tokenizer, cfg.data.max_prompt_length)
     if len(data) == 0:
-        raise ConfigError(f"--data: no usable prompt in {args.data}: {data.report.summary()}")
+        raise ConfigError(f"--data: no usable prompt in {data_files}: {data.report.summary()}")
     data = route_rewards(cfg, data, "--data")
     hf_config = hf_config_dict(cfg, tokenizer)
-    pcfg = _policy_config(cfg)
-    policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, pcfg)
+    policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, _policy_config(cfg))
     try:
         policy.load_checkpoint(step_dir)
     except CheckpointError as exc:  # e.g. a checkpoint of a model of another shape
@@ -81,14 +100,27 @@ def run_eval(args: argparse.Namespace) -> int:
     if engine is None:
         for _ in buckets:
             pass
-        return 0
-    engine.update_weights(buckets)
+    else:
+        engine.update_weights(buckets)
+    return list(data), tokenizer, engine
 
+
+def _evaluate(
+    cfg: Config,
+    args: argparse.Namespace,
+    step_dir: Path,
+    prompts: list[Any],
+    tokenizer: Any,
+    engine: Any,
+) -> None:
+    """Sample and score `eval.n_samples` responses per prompt; write the JSON (--out, else
+    <output_dir>/eval/eval.json) and print the table with each source's reward faults."""
     from archer_mcore.rewards.scorer import RewardScorer
+    from archer_mcore.train.components import eval_sampling_params, score_groups
+    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
 
     e = cfg.eval
     params = eval_sampling_params(cfg)
-    prompts = list(data)
     print(f"eval: {len(prompts)} prompts x {e.n_samples} samples from {step_dir}", file=sys.stderr)
     batch = engine.generate([p.prompt_ids for p in prompts], e.n_samples, params)
     with RewardScorer.from_config(cfg.rewards) as scorer:
@@ -112,8 +144,6 @@ def run_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"written: {out}", file=sys.stderr)
-    engine.shutdown()
-    return 0
 
 
 class _RecordingScorer:

@@ -1,0 +1,1 @@
+"""Launching runs on a cluster: the Slurm job scripts (`slurm.py`)."""
