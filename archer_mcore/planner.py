@@ -21,7 +21,7 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
   attention (no s x s score tensors; a fp32 log-sum-exp per head and token instead).
   A micro-batch holds at most `parallel.micro_batch_tokens` tokens, padding included.
   How many micro-batches a rank runs, and what share of their tokens is padding, come
-  from the trainer's own batching code (`archer_mcore.train.batching`, packed
+  from the trainer's own batching code (`archer_mcore.actor.policy_batch`, packed
   sequences or padded rows as `parallel.pack_sequences` says) applied to an assumed
   length mix: prompts of `mean_prompt_tokens`, responses lognormal with mean
   `mean_response_fraction` x `rollout.max_new_tokens` and log-sd
@@ -462,7 +462,7 @@ def _estimate(
 ) -> MicroBatchEstimate:
     import torch
 
-    from archer_mcore.train.batching import plan_microbatches
+    from archer_mcore.actor.policy_batch import plan_microbatches
 
     plan = plan_microbatches(torch.tensor(lengths), budget, seq_multiple=multiple, pack=pack)
     return MicroBatchEstimate(pack, len(plan.rows), len(lengths), sum(lengths), sum(plan.tokens()))
@@ -754,7 +754,7 @@ def resolved_choices(
     `resolve_policy_choices`, so what the plan sizes is what the trainer builds.
     Returns a `PolicyChoices`; raises ValueError for contradictory settings (e.g. FP8
     with the local layers, sequence parallelism at TP=1)."""
-    from archer_mcore.train.policy import PolicyConfig, resolve_policy_choices
+    from archer_mcore.actor.policy import PolicyConfig, resolve_policy_choices
 
     pcfg = PolicyConfig(
         model=cfg.model, parallel=cfg.parallel, optimizer=cfg.optimizer, kernels=cfg.kernels

@@ -7,7 +7,7 @@ fp32 master weights and Adam moments of a real checkpoint, 6x more bytes, would 
 this 24 GiB machine at 1.5B) and each world size (gloo processes), every rank holds its
 1/world slice (split along dim 0, as tensor parallelism would) of every parameter and
 saves it with megatron-core's dist_checkpointing in the trainer's torch_dist format
-(`archer_mcore.train.checkpoint._save_strategy`). Then, timed between barriers:
+(`archer_mcore.actor.checkpoint._save_strategy`). Then, timed between barriers:
 
 * manifest, old: rank 0 walks the directory, CRC32s every file one after another and
   writes the manifest (what `save_checkpoint` did before);
@@ -102,7 +102,7 @@ def param_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _serial_manifest(root: Path) -> dict[str, list[int]]:
-    from archer_mcore.train.checkpoint import _crc32
+    from archer_mcore.actor.checkpoint import _crc32
 
     files = {}
     for dirpath, _, names in os.walk(root):
@@ -113,7 +113,7 @@ def _serial_manifest(root: Path) -> dict[str, list[int]]:
 
 
 def _serial_verify(root: Path, files: dict[str, list[int]]) -> None:
-    from archer_mcore.train.checkpoint import _crc32
+    from archer_mcore.actor.checkpoint import _crc32
 
     for rel, (size, crc) in files.items():
         p = root / rel
@@ -145,7 +145,7 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
     from archer_mcore.parallel import cpu_compat
 
     dist.init_process_group("gloo", rank=rank, world_size=world)

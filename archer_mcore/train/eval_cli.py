@@ -18,13 +18,14 @@ from archer_mcore.config import ConfigError, load_config
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from archer_mcore.cli import _single_process_rendezvous
-    from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.checkpoint import (
+    from archer_mcore.actor.checkpoint import (
         CheckpointError,
         find_latest_checkpoint,
         verify_checkpoint,
     )
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.cli import _single_process_rendezvous
+    from archer_mcore.data.prompt_dataset import PromptDataset
     from archer_mcore.train.components import (
         _policy_config,
         build_engine,
@@ -36,7 +37,6 @@ def run_eval(args: argparse.Namespace) -> int:
         score_groups,
     )
     from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
-    from archer_mcore.train.policy import MegatronPolicy
 
     cfg = load_config(args.config, args.override)
     if args.samples is not None:

@@ -18,10 +18,10 @@ def _all(obj: Any) -> list[Any]:
 
 
 def integrity(payload: dict[str, Any]) -> dict[str, Any]:
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
+    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     rank = dist.get_rank()
     # TP=2: each rank writes its own weight shards (at DP=2 the DP-replicated weights and

@@ -54,9 +54,9 @@ def policy() -> Iterator[Any]:
     """The project's Megatron policy (fp32, TP=PP=1) over the tiny Qwen3, random init,
     in this process (torch.distributed world of one and the CPU compatibility layer,
     both undone at the end)."""
+    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
     from archer_mcore.config import ModelConfig, OptimizerConfig
     from archer_mcore.parallel.distributed import destroy_distributed
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

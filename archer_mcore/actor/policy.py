@@ -34,6 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from archer_mcore.actor import kernel_dispatch
+from archer_mcore.actor.policy_batch import (
+    PolicyBatch,
+    build_microbatches,
+    plan_microbatches,
+    scatter_rows,
+)
 from archer_mcore.algo.losses import LossConfig, policy_loss
 from archer_mcore.algo.token_groups import forking_k
 from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
@@ -51,13 +58,6 @@ from archer_mcore.model.hf_io import HFCheckpointReader
 from archer_mcore.model.pipeline import MicroBatch, run_microbatches
 from archer_mcore.model.weights import NamedTensors, iter_hf_buckets, load_hf_weights, unwrap
 from archer_mcore.parallel.distributed import init_distributed
-from archer_mcore.train import kernel_dispatch
-from archer_mcore.train.batching import (
-    PolicyBatch,
-    build_microbatches,
-    plan_microbatches,
-    scatter_rows,
-)
 
 
 @dataclass(frozen=True)
@@ -527,11 +527,11 @@ class MegatronPolicy:
         step: int | None = None,
     ) -> Path:
         """Save as `ckpt_dir/step_<step>` (default: this policy's optimizer-step count)."""
-        from archer_mcore.train.checkpoint import save_checkpoint
+        from archer_mcore.actor.checkpoint import save_checkpoint
 
         return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last, step)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
-        from archer_mcore.train.checkpoint import load_checkpoint
+        from archer_mcore.actor.checkpoint import load_checkpoint
 
         return load_checkpoint(self, ckpt_dir)

@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from archer_mcore.parallel import cpu_compat
 
 if TYPE_CHECKING:
-    from archer_mcore.train.policy import MegatronPolicy
+    from archer_mcore.actor.policy import MegatronPolicy
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
