@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from archer_mcore.actor.checkpoint import CheckpointError
+    from archer_mcore.actor.checkpoint_store import CheckpointError
     from archer_mcore.train.loop import NonFiniteLossError, train
     from archer_mcore.train.preflight import check_metrics_endpoint, preflight
     from archer_mcore.train.run_dir import (

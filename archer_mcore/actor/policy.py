@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from archer_mcore.actor import kernel_dispatch
+from archer_mcore.actor.checkpoint import load_checkpoint, save_checkpoint
 from archer_mcore.actor.policy_batch import (
     PolicyBatch,
     build_microbatches,
@@ -527,11 +528,9 @@ class MegatronPolicy:
         step: int | None = None,
     ) -> Path:
         """Save as `ckpt_dir/step_<step>` (default: this policy's optimizer-step count)."""
-        from archer_mcore.actor.checkpoint import save_checkpoint
-
         return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last, step)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
-        from archer_mcore.actor.checkpoint import load_checkpoint
-
+        """Restore from a step directory, or a root's latest checkpoint; returns the
+        extra state saved with it."""
         return load_checkpoint(self, ckpt_dir)

@@ -18,11 +18,7 @@ from archer_mcore.config import ConfigError, load_config
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from archer_mcore.actor.checkpoint import (
-        CheckpointError,
-        find_latest_checkpoint,
-        verify_checkpoint,
-    )
+    from archer_mcore.actor.checkpoint_store import CheckpointError, resolve_checkpoint
     from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.cli import _single_process_rendezvous
     from archer_mcore.data.prompt_dataset import PromptDataset
@@ -50,15 +46,8 @@ def run_eval(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f"--checkpoint: {ckpt} does not exist")
-    if (ckpt / "MANIFEST.json").exists() or ckpt.name.startswith("step_"):
-        step_dir = ckpt
-    else:
-        found = find_latest_checkpoint(ckpt)
-        if found is None:
-            raise ConfigError(f"--checkpoint: no finished checkpoint under {ckpt}")
-        step_dir = found
     try:
-        verify_checkpoint(step_dir)
+        step_dir, _ = resolve_checkpoint(ckpt)  # a step directory, or a root's latest
     except CheckpointError as exc:
         raise ConfigError(f"--checkpoint: {exc}") from None
 

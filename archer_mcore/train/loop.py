@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from archer_mcore.actor.checkpoint import latest_valid_checkpoint
+from archer_mcore.actor.checkpoint_store import latest_valid_checkpoint
 from archer_mcore.actor.policy_batch import with_fields
 from archer_mcore.algo.rollout_correction import mismatch_metrics, truncated_is_weights
 from archer_mcore.algo.token_groups import forking_mask_of_rows

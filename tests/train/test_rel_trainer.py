@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from archer_mcore.actor.checkpoint import verify_checkpoint
+from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
 # Runs the CLI with one test hook: after the optimizer step of the RL steps listed in
 # $POISON_STEPS, one weight is set to NaN (as a diverging update would leave it).

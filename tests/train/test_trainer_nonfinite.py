@@ -179,7 +179,7 @@ def test_loop_counts_skipped_updates_and_stops_after_n_in_a_row(archer, helpers,
         "step_00000004",
     ]
     assert (root / "latest").read_text().strip() == "step_00000004"
-    from archer_mcore.actor.checkpoint import verify_checkpoint
+    from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
     for s in (1, 2, 3, 4):
         verify_checkpoint(root / f"step_{s:08d}")  # manifest, sizes, CRC32
