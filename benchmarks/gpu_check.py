@@ -106,7 +106,8 @@ def _sync() -> None:
 
 
 def run_path(mode: str, fused: bool, args: argparse.Namespace, hf: dict, batch, peak: float | None):
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
     from archer_mcore.parallel.distributed import init_model_parallel

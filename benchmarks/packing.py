@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MASTER_PORT", "29513")
     torch.set_num_threads(1)
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ParallelConfig
 
     n = args.sequences

@@ -327,7 +327,7 @@ def resolve_checkpoint(
     else:
         found = find_latest_checkpoint(ckpt)
         if found is None:
-            raise CheckpointError(f"no finished checkpoint under {ckpt}")
+            raise CheckpointError(f"no checkpoint under {ckpt}")
         step_dir = found
     return step_dir, verify_checkpoint(step_dir, checksums=checksums, only=only)
 

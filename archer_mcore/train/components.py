@@ -405,7 +405,7 @@ class Components:
 def _policy_config(cfg: Config) -> Any:
     """The policy's settings: its config sections whole, plus what it needs from the
     rest (seed, rollout temperature, whether the loss needs a reference, LR decay span)."""
-    from archer_mcore.actor.policy import PolicyConfig
+    from archer_mcore.actor.policy_config import PolicyConfig
 
     a = cfg.algorithm
     t = cfg.train

@@ -20,7 +20,8 @@ def _all(obj: Any) -> list[Any]:
 def integrity(payload: dict[str, Any]) -> dict[str, Any]:
     import archer_mcore.actor.checkpoint as ckpt
     import archer_mcore.actor.checkpoint_store as store
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
 

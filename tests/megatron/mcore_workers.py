@@ -177,7 +177,7 @@ def _policy_batch(d: dict[str, Any]):
 def _policy_cfg(
     payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None, sp: bool = False
 ):
-    from archer_mcore.actor.policy import PolicyConfig
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ModelConfig, OptimizerConfig, ParallelConfig
 
     return PolicyConfig(
@@ -272,7 +272,8 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     import archer_mcore.actor.checkpoint as ckpt
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
     from archer_mcore.model.weights import iter_hf_tensors

@@ -22,7 +22,7 @@ def entry(
 
 
 def _policy_cfg(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool):
-    from archer_mcore.actor.policy import PolicyConfig
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import KernelsConfig, OptimizerConfig, ParallelConfig
 
     return PolicyConfig(

@@ -22,7 +22,8 @@ class _Capture(logging.Handler):
 
 
 def _policy(hf_dir: str, tp: int, pp: int, dist_opt: bool = True):
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
 
     cfg = PolicyConfig(

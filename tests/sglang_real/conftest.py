@@ -54,7 +54,8 @@ def policy() -> Iterator[Any]:
     """The project's Megatron policy (fp32, TP=PP=1) over the tiny Qwen3, random init,
     in this process (torch.distributed world of one and the CPU compatibility layer,
     both undone at the end)."""
-    from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ModelConfig, OptimizerConfig
     from archer_mcore.parallel.distributed import destroy_distributed
 

@@ -34,7 +34,8 @@ from archer_mcore.algo.losses import LossConfig
 from archer_mcore.actor.policy_batch import with_fields
 from archer_mcore.actor.policy_batch import PolicyBatch
 from archer_mcore.config import OptimizerConfig
-from archer_mcore.actor.policy import MegatronPolicy, PolicyConfig
+from archer_mcore.actor.policy import MegatronPolicy
+from archer_mcore.actor.policy_config import PolicyConfig
 
 out_dir = sys.argv[1]
 hf = AutoConfig.for_model("qwen3", vocab_size=50, hidden_size=32, intermediate_size=48,
