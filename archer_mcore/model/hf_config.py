@@ -195,18 +195,25 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def read_hf_config(cfg: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """An HF config as a dict (a copy): from a dict, a config.json path or a model
+    directory. FileNotFoundError when there is no such config.json."""
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    p = Path(cfg)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"HF config not found: {p}")
+    return json.loads(p.read_text())
+
+
 def shape_from_hf_config(cfg: Mapping[str, Any] | str | Path) -> ModelShape:
     """Read a config dict, a config.json path or a model directory.
 
     Raises ValueError naming the key for unsupported architectures/options.
     """
-    if not isinstance(cfg, Mapping):
-        p = Path(cfg)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"HF config not found: {p}")
-        cfg = json.loads(p.read_text())
+    cfg = read_hf_config(cfg)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sglang_harness import RealServers, assert_no_kernel_calls
 
-from archer_mcore.rollout.weight_sync import write_hf_checkpoint
+from archer_mcore.model.hf_io import write_hf_checkpoint
 
 #: The tiny Qwen3 every real-server test uses (the SGLang CPU recipe's size).
 TINY_QWEN3: dict[str, Any] = dict(
