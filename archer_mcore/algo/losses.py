@@ -176,7 +176,8 @@ def policy_loss(
         normalizer: for gradient accumulation. The loss is a mean over *units* (tokens
             for token-mean, responses otherwise); with `normalizer` given it is
             rescaled to local_mean * local_units / normalizer, so that micro-batch losses
-            sum to the mini-batch loss when `normalizer` is the mini-batch's unit count.
+            sum to the mini-batch loss when `normalizer` is the mini-batch's unit count
+            (`normalizer_units`, `accumulation_normalizer`).
         selection: precomputed forking mask (mini-batch scope), see `token_group_masks`.
         token_weights: [B, L] per-token weights of the policy-gradient term (detached),
             e.g. truncated importance-sampling weights (`algo.rollout_correction`).
@@ -212,16 +213,7 @@ def policy_loss(
         pg_terms = pg_terms * token_weights.detach().to(pg_terms.dtype)
     pg = aggregate(pg_terms, pg_mask, cfg.agg_mode, denom)
 
-    kl_total = logp.new_zeros(())
-    if ref_logp is not None:
-        if cfg.token_rule == "archer":
-            coefs = {"knowledge": cfg.kl_coef, "reasoning": cfg.reasoning_kl_coef}
-        else:
-            coefs = {"all": cfg.kl_coef}
-        for name, coef in coefs.items():
-            if coef != 0.0:
-                kl_total = kl_total + coef * aggregate(terms.kl, groups[name], cfg.agg_mode)
-
+    kl_total = logp.new_zeros(()) if ref_logp is None else kl_term(terms.kl, groups, cfg)
     ent_total = logp.new_zeros(())
     if cfg.entropy_coef != 0.0:
         ent_total = -cfg.entropy_coef * aggregate(entropy, mask, cfg.agg_mode)
@@ -237,6 +229,21 @@ def policy_loss(
     }
     metrics.update(group_metrics(groups, mask, entropy, terms))
     return loss, metrics
+
+
+def kl_term(kl: Tensor, groups: dict[str, Tensor], cfg: LossConfig) -> Tensor:
+    """The KL penalty: sum over groups of coef * the group's aggregated per-token KL
+    [B, L] (Archer: knowledge and reasoning groups with their own coefficients; else
+    kl_coef over all tokens); a coefficient of 0 adds nothing."""
+    if cfg.token_rule == "archer":
+        coefs = {"knowledge": cfg.kl_coef, "reasoning": cfg.reasoning_kl_coef}
+    else:
+        coefs = {"all": cfg.kl_coef}
+    total = kl.new_zeros(())
+    for name, coef in coefs.items():
+        if coef != 0.0:
+            total = total + coef * aggregate(kl, groups[name], cfg.agg_mode)
+    return total
 
 
 def group_metrics(
