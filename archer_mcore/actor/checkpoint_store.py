@@ -267,13 +267,18 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name:
-            return root / name
+    named = _latest_pointer(root)
+    if named is not None:
+        return named
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
     return steps[-1] if steps else None
+
+
+def _latest_pointer(root: Path) -> Path | None:
+    """The step directory ``root/latest`` names; None without one (or an empty one)."""
+    pointer = root / LATEST
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    return root / name if name else None
 
 
 def latest_valid_checkpoint(
@@ -289,10 +294,8 @@ def latest_valid_checkpoint(
     root = Path(root)
     if not root.is_dir():
         return None
-    candidates: list[Path] = []
-    pointer = root / LATEST
-    if pointer.is_file() and pointer.read_text().strip():
-        candidates.append(root / pointer.read_text().strip())
+    named = _latest_pointer(root)
+    candidates: list[Path] = [] if named is None else [named]
     for p in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
         if p not in candidates:
             candidates.append(p)
