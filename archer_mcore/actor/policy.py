@@ -7,6 +7,10 @@
     for bucket in policy.export_hf_buckets(bucket_bytes): ...   # rollout weight sync
     policy.save_checkpoint(dir, extra_state) / policy.load_checkpoint(dir) -> extra_state
 
+These are the methods of `actor.protocol.Policy`, through which the RL loop calls it;
+`PolicyConfig` lives in `actor.policy_config`, checkpoints in `actor.checkpoint` (which
+takes the policy as an argument and never imports this module).
+
 SPMD: every rank calls every method. The scoring passes (`compute_logprobs`,
 `compute_ref_logprobs`) take the whole batch, the same on every rank, and shard it
 over data parallelism themselves (each DP rank runs the forward over 1/dp of the rows;

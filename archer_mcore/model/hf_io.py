@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,25 +79,6 @@ class HFWriteError(ValueError):
 NamedTensorList = Sequence[tuple[str, Tensor]]
 
 
-def shard_by_bytes(
-    tensors: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor], shard_bytes: int
-) -> Iterator[list[tuple[str, Tensor]]]:
-    """(name, tensor) pairs grouped, in order, into shards of at most `shard_bytes` bytes
-    (a larger tensor is a shard of its own). Streams: one shard is held at a time."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    cur: list[tuple[str, Tensor]] = []
-    cur_bytes = 0
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        if cur and cur_bytes + nbytes > shard_bytes:
-            yield cur
-            cur, cur_bytes = [], 0
-        cur.append((name, t))
-        cur_bytes += nbytes
-    if cur:
-        yield cur
-
-
 def _copy_base_files(base: Path, tmp: Path) -> None:
     """The base model directory's non-weight files (config.json, tokenizer, ...)."""
     if not (base / "config.json").is_file():
@@ -156,7 +137,7 @@ def write_hf_checkpoint(
     replace: bool = False,
 ) -> list[str]:
     """Write an HF checkpoint directory: each non-empty shard of `shards` (lists of
-    (name, tensor); `shard_by_bytes` makes them from flat tensors) becomes one
+    (name, tensor); `model.weights.bucketize` makes them from flat tensors) becomes one
     ``model-0000k-of-0000n.safetensors`` file, plus the index; with `single_file` a
     lone shard is ``model.safetensors`` without an index. `base_model_dir`: copy its
     non-weight files (config.json, tokenizer, ...); `config`: write it as config.json.

@@ -60,26 +60,22 @@ def test_bucket_bookkeeping():
 
 
 def test_one_writer_for_convert_and_sync(tmp_path):
-    """The convert path of the same writer: flat tensors grouped by bytes, a lone shard
+    """The convert path of the same writer: flat tensors in byte-budget shards, a lone shard
     as model.safetensors without index, config.json written; an existing directory is
     added to (convert) or replaced (`replace=True`, the sync path)."""
     from safetensors.torch import load_file
 
-    from archer_mcore.model.hf_io import INDEX_FILE, HFCheckpointReader, shard_by_bytes
+    from archer_mcore.model.hf_io import INDEX_FILE, HFCheckpointReader
+    from archer_mcore.model.weights import bucketize
 
     ts = {f"w{i}": torch.full((4,), float(i)) for i in range(5)}  # 16 bytes each
-    assert [[n for n, _ in s] for s in shard_by_bytes(ts, 40)] == [
-        ["w0", "w1"],
-        ["w2", "w3"],
-        ["w4"],
-    ]
     one = tmp_path / "one"
     one.mkdir()
     (one / "keep.txt").write_text("x")
-    write_hf_checkpoint(shard_by_bytes(ts, 1 << 20), one, config={"a": 1}, single_file=True)
+    write_hf_checkpoint(bucketize(ts.items(), 1 << 20), one, config={"a": 1}, single_file=True)
     assert sorted(p.name for p in one.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
     assert torch.equal(load_file(str(one / "model.safetensors"))["w3"], ts["w3"])
-    names = write_hf_checkpoint(shard_by_bytes(ts, 40), one, replace=True)
+    names = write_hf_checkpoint(bucketize(ts.items(), 40), one, replace=True)
     assert names == list(ts) and not (one / "keep.txt").exists()
     assert len(list(one.glob("model-*-of-00003.safetensors"))) == 3 and (one / INDEX_FILE).is_file()
     reader = HFCheckpointReader(one)
