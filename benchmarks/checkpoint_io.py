@@ -7,7 +7,7 @@ fp32 master weights and Adam moments of a real checkpoint, 6x more bytes, would 
 this 24 GiB machine at 1.5B) and each world size (gloo processes), every rank holds its
 1/world slice (split along dim 0, as tensor parallelism would) of every parameter and
 saves it with megatron-core's dist_checkpointing in the trainer's torch_dist format
-(`archer_mcore.train.checkpoint._save_strategy`). Then, timed between barriers:
+(`archer_mcore.actor.checkpoint_mcore.save_strategy`). Then, timed between barriers:
 
 * manifest, old: rank 0 walks the directory, CRC32s every file one after another and
   writes the manifest (what `save_checkpoint` did before);
@@ -102,7 +102,7 @@ def param_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _serial_manifest(root: Path) -> dict[str, list[int]]:
-    from archer_mcore.train.checkpoint import _crc32
+    from archer_mcore.actor.checkpoint_store import _crc32
 
     files = {}
     for dirpath, _, names in os.walk(root):
@@ -113,7 +113,7 @@ def _serial_manifest(root: Path) -> dict[str, list[int]]:
 
 
 def _serial_verify(root: Path, files: dict[str, list[int]]) -> None:
-    from archer_mcore.train.checkpoint import _crc32
+    from archer_mcore.actor.checkpoint_store import _crc32
 
     for rel, (size, crc) in files.items():
         p = root / rel
@@ -145,7 +145,9 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint_mcore as mcore_ckpt
+    import archer_mcore.actor.checkpoint_store as store
     from archer_mcore.parallel import cpu_compat
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -169,7 +171,7 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
 
     box = [sharded(True)]
     nbytes = sum(v.data.numel() * 2 for v in box[0].values())
-    strategy = ckpt._save_strategy()
+    strategy = mcore_ckpt.save_strategy()
     with cpu_compat.suspended():
         t_write = _timed(lambda: dist_checkpointing.save(box[0], str(root / "dist"), strategy))
     box.clear()  # free the tensors before the reads
@@ -183,12 +185,12 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
         if rank == 0:
             man_old.update(_serial_manifest(root))
             body = {"format_version": 1, "step": 1, **layout, "files": man_old}
-            ckpt._write_atomic(root / ckpt.MANIFEST, json.dumps(body, indent=1, sort_keys=True))
+            store._write_atomic(root / store.MANIFEST, json.dumps(body, indent=1, sort_keys=True))
 
     holder: dict[str, Any] = {}
 
     def new_manifest() -> None:
-        holder["m"] = ckpt.write_manifest(root, 1, mine, layout, threads)
+        holder["m"] = store.write_manifest(root, 1, mine, layout, threads)
 
     reps = args["repeats"]
     # old and new alternate, `reps` times each; the best of each is reported
@@ -196,7 +198,7 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
 
     def clear() -> None:  # the previous repeat's manifest is not part of the checkpoint
         if rank == 0:
-            (root / ckpt.MANIFEST).unlink(missing_ok=True)
+            (root / store.MANIFEST).unlink(missing_ok=True)
 
     for _ in range(reps):
         clear()
@@ -213,12 +215,12 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
     old_t, new_t, load_t, plain_t = [], [], [], []
     for _ in range(reps):
         old_t.append(_timed(lambda: _serial_verify(root, files_map)))
-        record = ckpt.LoadVerification()
+        record = store.LoadVerification()
 
-        def new_verify_and_load(record: ckpt.LoadVerification = record) -> None:
+        def new_verify_and_load(record: store.LoadVerification = record) -> None:
             reads = [r for r in ckpt.SHARED_READS if r in files_map]
             record.check(root, files_map, reads, True)
-            with cpu_compat.suspended(), ckpt.verified_reads(root, files_map, True, record):
+            with cpu_compat.suspended(), mcore_ckpt.verified_reads(root, files_map, True, record):
                 dist_checkpointing.load(target, str(root / "dist"))
 
         load_t.append(_timed(new_verify_and_load))

@@ -87,7 +87,7 @@ def flops_per_token(cfg: dict, seq: int) -> float:
 
 
 def make_batch(rows: int, seq: int, prompt: int, vocab: int, seed: int = 0):
-    from archer_mcore.train.batching import PolicyBatch
+    from archer_mcore.actor.policy_batch import PolicyBatch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, seq), generator=g)
@@ -106,10 +106,11 @@ def _sync() -> None:
 
 
 def run_path(mode: str, fused: bool, args: argparse.Namespace, hf: dict, batch, peak: float | None):
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
     from archer_mcore.parallel.distributed import init_model_parallel
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
         model=ModelConfig(params_dtype="bfloat16" if not args.smoke else "float32"),

@@ -30,7 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # Fail here, with the reason, if something the check needs is missing.
-"$PY" -c "import torch, triton, megatron.core, archer_mcore.kernels, archer_mcore.train.policy" \
+"$PY" -c "import torch, triton, megatron.core, archer_mcore.kernels, archer_mcore.actor.policy" \
   || { echo "gpu_check: a package is missing (see benchmarks/RESULTS.md for the wheels)" >&2; exit 3; }
 
 {

@@ -11,7 +11,7 @@ For two length mixes:
   draw and budget scaled down by --scale (default 32) so that it runs on a CPU.
 
 it reports, side by side in one run, the fraction of padded tokens of the micro-batches
-the trainer's batching code forms (`archer_mcore.train.batching`) with
+the trainer's batching code forms (`archer_mcore.actor.policy_batch`) with
 parallel.pack_sequences on and off, and the forward time of `MegatronPolicy.
 compute_logprobs` (the policy's own scoring pass, forward only) over the batch with
 each, on one process (gloo, TP=1, megatron's local spec: a packed row's attention runs
@@ -86,7 +86,7 @@ def lognormal_lengths(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def padding(seq: list[int], budget: int, multiple: int, pack: bool) -> dict[str, float]:
-    from archer_mcore.train.batching import plan_microbatches
+    from archer_mcore.actor.policy_batch import plan_microbatches
 
     plan = plan_microbatches(torch.tensor(seq), budget, seq_multiple=multiple, pack=pack)
     run = sum(plan.tokens())
@@ -94,7 +94,7 @@ def padding(seq: list[int], budget: int, multiple: int, pack: bool) -> dict[str,
 
 
 def make_batch(prompts: list[int], responses: list[int], vocab: int, seed: int) -> Any:
-    from archer_mcore.train.batching import PolicyBatch
+    from archer_mcore.actor.policy_batch import PolicyBatch
 
     g = torch.Generator().manual_seed(seed)
     n, width, lr = len(prompts), max(p + r for p, r in zip(prompts, responses)), max(responses)
@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MASTER_PORT", "29513")
     torch.set_num_threads(1)
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ParallelConfig
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     n = args.sequences
     res: dict[str, Any] = {"sequences": n, "scale": args.scale, "repeats": args.repeats}

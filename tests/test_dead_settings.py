@@ -94,7 +94,7 @@ ANNOTATIONS["LossConfig"] = "algorithm"  # archer_mcore.algo.losses: the same cl
 PARENT: dict[str, str] = {s: "" for s in SECTIONS}
 PARENT.update(sglang="rollout", arch="model", synthetic="data")
 ANNOTATIONS["Config"] = ""
-# train/policy.py's PolicyConfig embeds the model, parallel, optimizer and kernels sections
+# actor/policy_config.py's PolicyConfig embeds the model, parallel, optimizer and kernels sections
 # whole, under their own names: for the scan it is a root that holds those sections.
 ANNOTATIONS["PolicyConfig"] = ""
 ROOT_FACTORIES = ("load_config", "config_from_dict")

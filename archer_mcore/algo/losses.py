@@ -15,6 +15,7 @@ Log-probs are natural-log, per token, fp32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from archer_mcore.algo.kl import kl_estimate
-from archer_mcore.algo.token_groups import archer_reasoning_mask, forking_mask
+from archer_mcore.algo.token_groups import archer_reasoning_mask, forking_k, forking_mask
 from archer_mcore.config import AlgorithmConfig
 
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -175,7 +176,8 @@ def policy_loss(
         normalizer: for gradient accumulation. The loss is a mean over *units* (tokens
             for token-mean, responses otherwise); with `normalizer` given it is
             rescaled to local_mean * local_units / normalizer, so that micro-batch losses
-            sum to the mini-batch loss when `normalizer` is the mini-batch's unit count.
+            sum to the mini-batch loss when `normalizer` is the mini-batch's unit count
+            (`normalizer_units`, `accumulation_normalizer`).
         selection: precomputed forking mask (mini-batch scope), see `token_group_masks`.
         token_weights: [B, L] per-token weights of the policy-gradient term (detached),
             e.g. truncated importance-sampling weights (`algo.rollout_correction`).
@@ -211,30 +213,46 @@ def policy_loss(
         pg_terms = pg_terms * token_weights.detach().to(pg_terms.dtype)
     pg = aggregate(pg_terms, pg_mask, cfg.agg_mode, denom)
 
-    kl_total = logp.new_zeros(())
-    if ref_logp is not None:
-        if cfg.token_rule == "archer":
-            coefs = {"knowledge": cfg.kl_coef, "reasoning": cfg.reasoning_kl_coef}
-        else:
-            coefs = {"all": cfg.kl_coef}
-        for name, coef in coefs.items():
-            if coef != 0.0:
-                kl_total = kl_total + coef * aggregate(terms.kl, groups[name], cfg.agg_mode)
-
+    kl_total = logp.new_zeros(()) if ref_logp is None else kl_term(terms.kl, groups, cfg)
     ent_total = logp.new_zeros(())
     if cfg.entropy_coef != 0.0:
         ent_total = -cfg.entropy_coef * aggregate(entropy, mask, cfg.agg_mode)
 
     loss = pg + kl_total + ent_total
     if normalizer is not None:
-        units = denom.sum() if cfg.agg_mode == "token-mean" else mask.any(-1).sum()
-        loss = loss * units.to(loss.dtype) / normalizer
+        loss = loss * unit_count(mask, denom, cfg.agg_mode).to(loss.dtype) / normalizer
 
     metrics = {
         "loss/pg": pg.detach(),
         "loss/kl": kl_total.detach(),
         "loss/entropy": ent_total.detach(),
     }
+    metrics.update(group_metrics(groups, mask, entropy, terms))
+    return loss, metrics
+
+
+def kl_term(kl: Tensor, groups: dict[str, Tensor], cfg: LossConfig) -> Tensor:
+    """The KL penalty: sum over groups of coef * the group's aggregated per-token KL
+    [B, L] (Archer: knowledge and reasoning groups with their own coefficients; else
+    kl_coef over all tokens); a coefficient of 0 adds nothing."""
+    if cfg.token_rule == "archer":
+        coefs = {"knowledge": cfg.kl_coef, "reasoning": cfg.reasoning_kl_coef}
+    else:
+        coefs = {"all": cfg.kl_coef}
+    total = kl.new_zeros(())
+    for name, coef in coefs.items():
+        if coef != 0.0:
+            total = total + coef * aggregate(kl, groups[name], cfg.agg_mode)
+    return total
+
+
+def group_metrics(
+    groups: dict[str, Tensor], mask: Tensor, entropy: Tensor, terms: TokenTerms
+) -> dict[str, Tensor]:
+    """Per token group g (masks [B, L]): tokens/g (count), share/g (of the valid tokens),
+    and the means over g's tokens of entropy/g, kl/g and the clip indicators clip/low/g,
+    clip/high/g, clip/dual/g; detached 0-dim tensors."""
+    metrics: dict[str, Tensor] = {}
     n_valid = mask.sum().clamp(min=1)
     ent = entropy.detach().float()
     for name, g in groups.items():
@@ -247,4 +265,49 @@ def policy_loss(
         metrics[f"clip/low/{name}"] = (terms.clipped_low & g).sum() / denom_g
         metrics[f"clip/high/{name}"] = (terms.clipped_high & g).sum() / denom_g
         metrics[f"clip/dual/{name}"] = (terms.clipped_dual & g).sum() / denom_g
-    return loss, metrics
+    return metrics
+
+
+# ------------------------------------------------------------ gradient accumulation
+# A mini-batch is split into micro-batches (and over data-parallel ranks); each
+# micro-batch loss is its own mean rescaled to sum-of-terms / N, N = the mini-batch's
+# units over all ranks, so the accumulated gradient is that of the mini-batch loss
+# whatever the split. The units are counted here; the caller only sums them over ranks.
+
+
+def unit_count(mask: Tensor, denom: Tensor, agg_mode: str) -> Tensor:
+    """The units a loss of `agg_mode` is a mean over: the tokens of `denom` [B, L] for
+    token-mean, else the responses (rows of `mask` [B, L] with a valid token)."""
+    return denom.sum() if agg_mode == "token-mean" else mask.any(-1).sum()
+
+
+def normalizer_units(
+    mask: Tensor,
+    cfg: LossConfig,
+    selection: Tensor | None = None,
+    microbatch_masks: Sequence[Tensor] = (),
+) -> float:
+    """The normalising units of these rows (one rank's share of a mini-batch), as
+    `policy_loss` counts them: valid tokens for token-mean (forking with
+    forking_normalizer "selected": the selected tokens, those of `selection` [B, L], or
+    without a mini-batch selection forking_k(N) per micro-batch of N valid tokens,
+    `microbatch_masks` [b, Lm] each); responses for the seq-mean modes."""
+    mask = mask.bool()
+    denom = mask
+    if (
+        cfg.agg_mode == "token-mean"
+        and cfg.token_rule == "forking"
+        and cfg.forking_normalizer == "selected"
+    ):
+        if selection is None:  # micro-batch scope: forking_k(N) tokens per micro-batch
+            return float(sum(forking_k(int(m.sum()), cfg.forking_rho) for m in microbatch_masks))
+        denom = selection.bool() & mask
+    return float(unit_count(mask, denom, cfg.agg_mode))
+
+
+def accumulation_normalizer(global_units: float, dp_size: int) -> float:
+    """The `normalizer` each micro-batch's `policy_loss` takes: N_global / dp (at least
+    1 / dp), N_global = `normalizer_units` summed over the data-parallel ranks. Megatron
+    DDP averages gradients over the dp ranks, so with this the update is the gradient
+    of the mini-batch loss sum-of-terms / N_global."""
+    return max(global_units, 1.0) / dp_size

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path]:
     """The config (with --samples) and the verified step directory to evaluate; a
     ConfigError naming the flag for a bad config, model path, data file or checkpoint."""
-    from archer_mcore.train.checkpoint import CheckpointError, resolve_checkpoint
+    from archer_mcore.actor.checkpoint_store import CheckpointError, resolve_checkpoint
     from archer_mcore.train.preflight import check_data_files, check_model_path
 
     cfg = load_config(args.config, args.override)
@@ -71,8 +71,9 @@ def _policy_in_engine(
     """(prompts, tokenizer, engine): the prompts of `data_files` with their rewards
     routed, and on rank 0 a rollout engine holding the checkpoint's weights (None on
     the other ranks, which only take part in the weight export)."""
+    from archer_mcore.actor.checkpoint_store import CheckpointError
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.checkpoint import CheckpointError
     from archer_mcore.train.components import (
         _policy_config,
         build_engine,
@@ -81,7 +82,6 @@ def _policy_in_engine(
         rank,
         route_rewards,
     )
-    from archer_mcore.train.policy import MegatronPolicy
 
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
     data = PromptDataset.from_files(data_files, tokenizer, cfg.data.max_prompt_length)

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from archer_mcore.actor.checkpoint_store import CheckpointError
     from archer_mcore.parallel.distributed import single_process_rendezvous
-    from archer_mcore.train.checkpoint import CheckpointError
     from archer_mcore.train.loop import NonFiniteLossError, train
     from archer_mcore.train.preflight import check_metrics_endpoint, preflight
     from archer_mcore.train.run_dir import (

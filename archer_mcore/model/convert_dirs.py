@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from archer_mcore.model.convert import hf_to_mcore_shard, mcore_shards_to_hf
 from archer_mcore.model.hf_config import ModelShape, shape_from_hf_config
 from archer_mcore.model.hf_io import HFCheckpointReader, write_hf_checkpoint
+from archer_mcore.model.weights import bucketize
 
 META_FILE = "archer_mcore.json"
 HF_SIDE_FILES = (
@@ -95,7 +96,8 @@ def mcore_dir_to_hf(
                 raise FileNotFoundError(f"missing megatron shard {f}")
             shards[(t, p)] = load_file(str(f))
     hf = mcore_shards_to_hf(shards, shape, tp, pp, bool(meta.get("te_names", False)))
-    write_hf_checkpoint(hf, out, shard_bytes=shard_bytes, config=meta["hf_config"])
+    shards = bucketize(hf.items(), shard_bytes)
+    write_hf_checkpoint(shards, out, config=meta["hf_config"], single_file=True)
     for name in HF_SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)

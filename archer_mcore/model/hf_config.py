@@ -199,10 +199,12 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
-def read_hf_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a ``config.json``, given the file or the model directory holding
-    it. Raises FileNotFoundError naming the path when there is none."""
-    p = Path(path)
+def read_hf_config(cfg: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """An HF config as a dict (a copy): from a dict, a config.json path or a model
+    directory. FileNotFoundError when there is no such config.json."""
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    p = Path(cfg)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
@@ -215,8 +217,7 @@ def shape_from_hf_config(cfg: Mapping[str, Any] | str | Path) -> ModelShape:
 
     Raises ValueError naming the key for unsupported architectures/options.
     """
-    if not isinstance(cfg, Mapping):
-        cfg = read_hf_config_file(cfg)
+    cfg = read_hf_config(cfg)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -277,7 +278,7 @@ def model_hf_config(
         candidates = [Path(model.path), *(Path(d) / model.path for d in search_dirs)]
         for cand in candidates:
             if (cand / "config.json").is_file():
-                return read_hf_config_file(cand)
+                return read_hf_config(cand)
         if len(candidates) == 1:
             raise ConfigError(f"model.path: {candidates[0] / 'config.json'} does not exist")
         raise ConfigError(f"model.path = {model.path!r}: no config.json found there")

@@ -22,7 +22,7 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
   attention (no s x s score tensors; a fp32 log-sum-exp per head and token instead).
   A micro-batch holds at most `parallel.micro_batch_tokens` tokens, padding included.
   How many micro-batches a rank runs, and what share of their tokens is padding, come
-  from the trainer's own batching code (`archer_mcore.train.batching`, packed
+  from the trainer's own batching code (`archer_mcore.actor.policy_batch`, packed
   sequences or padded rows as `parallel.pack_sequences` says) applied to an assumed
   length mix: prompts of `mean_prompt_tokens`, responses lognormal with mean
   `mean_response_fraction` x `rollout.max_new_tokens` and log-sd

@@ -128,7 +128,7 @@ def _estimate(
 ) -> MicroBatchEstimate:
     import torch
 
-    from archer_mcore.train.batching import plan_microbatches
+    from archer_mcore.actor.policy_batch import plan_microbatches
 
     plan = plan_microbatches(torch.tensor(lengths), budget, seq_multiple=multiple, pack=pack)
     return MicroBatchEstimate(pack, len(plan.rows), len(lengths), sum(lengths), sum(plan.tokens()))

@@ -96,7 +96,7 @@ def resolved_choices(
     `resolve_policy_choices`, so what the plan sizes is what the trainer builds.
     Returns a `PolicyChoices`; raises ValueError for contradictory settings (e.g. FP8
     with the local layers, sequence parallelism at TP=1)."""
-    from archer_mcore.train.policy import PolicyConfig, resolve_policy_choices
+    from archer_mcore.actor.policy_config import PolicyConfig, resolve_policy_choices
 
     pcfg = PolicyConfig(
         model=cfg.model, parallel=cfg.parallel, optimizer=cfg.optimizer, kernels=cfg.kernels

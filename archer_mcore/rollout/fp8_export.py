@@ -33,8 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from archer_mcore.model.hf_config import read_hf_config
+from archer_mcore.model.hf_io import write_hf_checkpoint
 from archer_mcore.rollout.types import NamedTensorBucket
-from archer_mcore.rollout.weight_sync import write_hf_checkpoint
 
 Scheme = Literal["block", "tensor"]
 Backend = Literal["torch", "modelopt"]
@@ -185,9 +186,10 @@ def export_fp8_checkpoint(
         quantize_buckets(buckets, scheme, block, backend),
         out_dir,
         Path(base_model_dir) if base_model_dir is not None else None,
+        replace=True,
     )
     if hf_config is None:
-        hf_config = json.loads((Path(base_model_dir) / "config.json").read_text())  # type: ignore[arg-type]
+        hf_config = read_hf_config(base_model_dir)  # type: ignore[arg-type]
     tmp = out_dir / "config.json.partial"
     tmp.write_text(json.dumps(fp8_config_json(hf_config, scheme, block), indent=2) + "\n")
     os.replace(tmp, out_dir / "config.json")

@@ -3,7 +3,6 @@ into it by HF parameter name (the receiving end of the bucketed weight sync)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from archer_mcore.model.hf_config import SUPPORTED_MODEL_TYPES, read_hf_config
 from archer_mcore.rollout.types import NamedTensorBucket, RolloutError
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 
 
 def load_hf_config(config: PretrainedConfig | Mapping[str, Any] | str | Path) -> PretrainedConfig:
@@ -22,18 +20,10 @@ def load_hf_config(config: PretrainedConfig | Mapping[str, Any] | str | Path) ->
     path or a model directory. Raises ValueError for a model type other than Qwen2/Qwen3."""
     if isinstance(config, PretrainedConfig):
         cfg = config
-    elif isinstance(config, Mapping):
-        d = dict(config)
+    else:
+        d = read_hf_config(config)
         if "model_type" not in d:
             raise ValueError("HF config dict needs a 'model_type' key (qwen2 or qwen3)")
-        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    else:
-        p = Path(config)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"HF config not found: {p}")
-        d = json.loads(p.read_text())
         cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(

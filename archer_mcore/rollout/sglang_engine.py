@@ -24,7 +24,7 @@ every server TP worker; "tensor": colocated servers receive the tensors through
 /update_weights_from_tensor (same host); both wrapped in POST /begin_weight_update ...
 POST /end_weight_update (0.5.23 `managers/scheduler_components/weight_updater.py`
 answers 400 otherwise). "disk": safetensors checkpoint + /update_weights_from_disk with
-load_format "auto". See weight_sync.py.
+load_format "auto". See weight_sync.py and model/hf_io.py.
 
 The engine runs its own asyncio loop in a daemon thread; its public methods are
 synchronous and thread-safe (pause() may be called while generate() runs).
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from archer_mcore.model.hf_io import write_hf_checkpoint
 from archer_mcore.rollout.http_client import (
     AsyncJsonClient,
     ClientConfig,
@@ -79,7 +80,6 @@ from archer_mcore.rollout.weight_sync import (
     destroy_weight_update_group,
     init_weight_update_group,
     with_last_flag,
-    write_hf_checkpoint,
 )
 
 T = TypeVar("T")
@@ -892,7 +892,7 @@ class SGLangEngine:
         root = Path(cfg.disk_dir)
         out = root / f"weights_v{version}"
         base = Path(cfg.base_model_dir) if cfg.base_model_dir else None
-        await asyncio.to_thread(write_hf_checkpoint, buckets, out, base)
+        await asyncio.to_thread(write_hf_checkpoint, buckets, out, base, replace=True)
         live = [s for s in self.servers if not s.dead]
         results = await asyncio.gather(*(self._load_from_disk(s, out, version) for s in live),
                                        return_exceptions=True)  # fmt: skip

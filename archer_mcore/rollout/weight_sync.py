@@ -6,28 +6,21 @@ their own, built the way SGLang's `init_custom_process_group` builds the receivi
 torch's `_new_process_group_helper`), so the store keys and the communicator match.
 The backend is a parameter: "nccl" on GPUs, "gloo" in CPU tests.
 
-Disk path: write the weights as an HF checkpoint (sharded safetensors + index + the
-base model's config/tokenizer files) that `/update_weights_from_disk` loads.
+Disk path: the weights are written as an HF checkpoint (sharded safetensors + index +
+the base model's config/tokenizer files) by `archer_mcore.model.hf_io.write_hf_checkpoint`,
+which `/update_weights_from_disk` then loads.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import shutil
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
-from torch import Tensor
 
-from archer_mcore.rollout.types import NamedTensorBucket, RolloutError
-
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-INDEX_FILE = "model.safetensors.index.json"
+from archer_mcore.rollout.types import NamedTensorBucket
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -104,54 +97,3 @@ def broadcast_bucket(
     for _, tensor in bucket:
         t = tensor.detach().to(device).contiguous()
         dist.broadcast(t, src=0, group=pg)
-
-
-def write_hf_checkpoint(
-    buckets: Iterable[NamedTensorBucket], out_dir: Path, base_model_dir: Path | None
-) -> list[str]:
-    """Write buckets as `model-00001-of-0000N.safetensors` shards plus the HF index, and
-    copy the base model directory's non-weight files (config.json, tokenizer, ...).
-    Returns the parameter names written. The directory is written to a temporary
-    sibling and renamed, so a reader never sees a half-written checkpoint."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if base_model_dir is not None:
-        base = Path(base_model_dir)
-        if not (base / "config.json").is_file():
-            raise RolloutError(f"base model directory {base} has no config.json")
-        for f in base.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILE_SUFFIXES) and f.name != INDEX_FILE:
-                shutil.copy2(f, tmp / f.name)
-    shard_names: list[tuple[str, list[str]]] = []
-    total_bytes = 0
-    for k, bucket in enumerate(b for b in buckets if b):
-        tensors: dict[str, Tensor] = {}
-        for name, t in bucket:
-            if name in tensors:
-                raise RolloutError(f"weight bucket {k} repeats parameter {name!r}")
-            tensors[name] = t.detach().to("cpu").contiguous()
-            total_bytes += t.numel() * t.element_size()
-        fname = f"shard-{k:05d}.safetensors"
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        shard_names.append((fname, list(tensors)))
-    if not shard_names:
-        shutil.rmtree(tmp)
-        raise RolloutError("weight update had no tensors")
-    n = len(shard_names)
-    weight_map: dict[str, str] = {}
-    for k, (fname, names) in enumerate(shard_names):
-        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        (tmp / fname).rename(tmp / final)
-        for name in names:
-            if name in weight_map:
-                raise RolloutError(f"weight update repeats parameter {name!r} across buckets")
-            weight_map[name] = final
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return list(weight_map)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from archer_mcore.actor.policy_batch import PolicyBatch
 from archer_mcore.algo.advantages import grpo_advantages, overlong_penalty
 from archer_mcore.rollout.types import Sample
-from archer_mcore.train.batching import PolicyBatch
 
 
 @dataclass

@@ -396,7 +396,7 @@ class Components:
 def _policy_config(cfg: Config) -> Any:
     """The policy's settings: its config sections whole, plus what it needs from the
     rest (seed, rollout temperature, whether the loss needs a reference, LR decay span)."""
-    from archer_mcore.train.policy import PolicyConfig
+    from archer_mcore.actor.policy_config import PolicyConfig
 
     a = cfg.algorithm
     t = cfg.train
@@ -433,8 +433,8 @@ def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Any:
 
 def build_components(cfg: Config) -> Components:
     """Everything the loop needs, in dependency order; fails early on bad config."""
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.model.fp8 import detect_environment
-    from archer_mcore.train.policy import MegatronPolicy
 
     te_version, _ = detect_environment()
     check_context_parallel(cfg, te_version is not None, torch.cuda.is_available())

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
+from archer_mcore.actor.checkpoint_store import latest_valid_checkpoint
+from archer_mcore.actor.policy_batch import with_fields
 from archer_mcore.algo.rollout_correction import mismatch_metrics, truncated_is_weights
 from archer_mcore.algo.token_groups import forking_mask_of_rows
 from archer_mcore.config import AlgorithmConfig, Config
 from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
-from archer_mcore.train.batching import with_fields
-from archer_mcore.train.checkpoint import latest_valid_checkpoint
 from archer_mcore.train.components import Components, any_rank, build_components
 from archer_mcore.train.dynamic_sampling import collect_groups
 from archer_mcore.train.progress import PhaseTimer

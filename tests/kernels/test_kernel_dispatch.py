@@ -8,8 +8,8 @@ import torch
 from archer_mcore.kernels import entropy_logprob as kernel1
 from kernel_reference64 import entropy_logprob64, rel_err, token_terms64
 
+from archer_mcore.actor import kernel_dispatch as dispatch
 from archer_mcore.algo.losses import TokenTerms
-from archer_mcore.train import kernel_dispatch as dispatch
 
 CPU = torch.device("cpu")
 

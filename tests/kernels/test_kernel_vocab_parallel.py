@@ -18,7 +18,7 @@ from archer_mcore.kernels.entropy_logprob import (
 from archer_mcore.kernels.fused_lm_head import fused_lm_head_entropy_logprob
 from kernel_reference64 import entropy_logprob64, rel_err
 
-from archer_mcore.train.kernel_dispatch import lm_head_entropy_and_logprob
+from archer_mcore.actor.kernel_dispatch import lm_head_entropy_and_logprob
 
 N, V, H, T = 9, 130, 16, 0.9
 V_HEAD = 600

@@ -84,7 +84,7 @@ def _build(tmp_path: Path, model_dir: Path, new_tokens: int):
 def test_model_path_checked_before_the_policy(tmp_path, monkeypatch):
     """32 + 40 > 64 positions: ConfigError naming the keys and the config.json, raised
     before MegatronPolicy.from_hf is ever called."""
-    from archer_mcore.train import policy
+    from archer_mcore.actor import policy
 
     def no_policy(*a, **k):
         raise AssertionError("the policy was built before the position check")
@@ -101,7 +101,7 @@ def test_model_path_checked_before_the_policy(tmp_path, monkeypatch):
 def test_yarn_extends_the_limit(tmp_path, monkeypatch):
     """The same run with YaRN factor 2 over 64 positions (128) passes the check (and
     reaches the policy); factor x original still bounds it."""
-    from archer_mcore.train import policy
+    from archer_mcore.actor import policy
 
     class Reached(Exception):
         pass

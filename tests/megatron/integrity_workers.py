@@ -18,10 +18,12 @@ def _all(obj: Any) -> list[Any]:
 
 
 def integrity(payload: dict[str, Any]) -> dict[str, Any]:
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint_store as store
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     rank = dist.get_rank()
     # TP=2: each rank writes its own weight shards (at DP=2 the DP-replicated weights and
@@ -40,16 +42,16 @@ def integrity(payload: dict[str, Any]) -> dict[str, Any]:
     policy.train_step(replace(batch, old_logp=old), LossConfig(agg_mode="token-mean"))
 
     hashed: list[str] = []
-    real_crc = ckpt._crc32_range
+    real_crc = store._crc32_range
     root = Path(payload["root"])
 
     def recording_crc(path: Path, start: int, length: int, chunk: int = 1 << 22) -> int:
         hashed.append(str(Path(path).relative_to(root / ".tmp-step_00000001")))
         return real_crc(path, start, length, chunk)
 
-    ckpt._crc32_range = recording_crc
+    store._crc32_range = recording_crc
     good = ckpt.save_checkpoint(policy, root, {"next": 1})
-    ckpt._crc32_range = real_crc
+    store._crc32_range = real_crc
     out: dict[str, Any] = {"hashed_on_save": _all(sorted(set(hashed)))}
 
     policy.load_checkpoint(good)

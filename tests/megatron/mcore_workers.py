@@ -163,7 +163,7 @@ TASKS["vocab_parallel"] = vocab_parallel
 
 
 def _policy_batch(d: dict[str, Any]):
-    from archer_mcore.train.batching import PolicyBatch
+    from archer_mcore.actor.policy_batch import PolicyBatch
 
     return PolicyBatch(
         input_ids=torch.tensor(d["input_ids"]),
@@ -177,8 +177,8 @@ def _policy_batch(d: dict[str, Any]):
 def _policy_cfg(
     payload: dict[str, Any], tp: int, pp: int, recompute: str | None = None, sp: bool = False
 ):
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ModelConfig, OptimizerConfig, ParallelConfig
-    from archer_mcore.train.policy import PolicyConfig
 
     return PolicyConfig(
         model=ModelConfig(recompute=recompute or "none"),
@@ -207,9 +207,9 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
 
     from safetensors.torch import load_file
 
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy
 
     expected = load_file(payload["expected"])
     loss_cfg = LossConfig(**payload["loss"])
@@ -251,7 +251,7 @@ TASKS["train_step"] = train_step
 
 def _step_batch(step: int, vocab: int):
     """A deterministic batch for training step `step` (the 'data position')."""
-    from archer_mcore.train.batching import PolicyBatch
+    from archer_mcore.actor.policy_batch import PolicyBatch
 
     g = torch.Generator().manual_seed(100 + step)
     prompt = torch.randint(1, 4, (4,), generator=g)
@@ -271,11 +271,12 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
 
     from safetensors.torch import save_file
 
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
         parallel=ParallelConfig(
@@ -362,7 +363,7 @@ def dp_scoring(payload: dict[str, Any]) -> dict[str, Any]:
     process of the world (so DP = world size): the gathered results and, per rank, how
     many rows (sequences) its model forwards saw (counted by a hook on the GPTModel
     itself)."""
-    from archer_mcore.train.policy import MegatronPolicy
+    from archer_mcore.actor.policy import MegatronPolicy
 
     policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, 1, 1))
     seen = {"policy": 0, "reference": 0}
@@ -404,10 +405,10 @@ def kernel_paths(payload: dict[str, Any]) -> dict[str, Any]:
     updated HF-named weights. Runs under TRITON_INTERPRET=1 (set by the test)."""
     from dataclasses import replace
 
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import KernelsConfig
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy
 
     loss_cfg = LossConfig(**payload["loss"])
     full = _policy_batch(payload["batch"])
@@ -448,11 +449,11 @@ def sequence_parallel(payload: dict[str, Any]) -> dict[str, Any]:
 
     from megatron.core import parallel_state as ps
 
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.algo.losses import LossConfig
     from archer_mcore.config import KernelsConfig
     from archer_mcore.model.pipeline import causal_positions
     from archer_mcore.model.weights import iter_hf_tensors
-    from archer_mcore.train.policy import MegatronPolicy
 
     tp = dist.get_world_size()
     loss_cfg = LossConfig(**payload["loss"])
@@ -496,10 +497,10 @@ def plan_agrees(payload: dict[str, Any]) -> dict[str, Any]:
     import dataclasses
 
     from archer_mcore import plan as planner
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.config import load_config
     from archer_mcore.model.fp8 import detect_environment
     from archer_mcore.train.components import _policy_config
-    from archer_mcore.train.policy import MegatronPolicy
 
     out: dict[str, Any] = {}
     for name, overrides in payload["cases"].items():

@@ -22,8 +22,8 @@ def entry(
 
 
 def _policy_cfg(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool):
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import KernelsConfig, OptimizerConfig, ParallelConfig
-    from archer_mcore.train.policy import PolicyConfig
 
     return PolicyConfig(
         parallel=ParallelConfig(
@@ -44,8 +44,8 @@ def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool
     """Build a policy, score the batch, take one optimizer step. Returns its results
     (log-probs, entropies, metrics; on this rank: gradients and updated weights by
     megatron parameter name) and the shapes of its micro-batches."""
+    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.algo.losses import LossConfig
-    from archer_mcore.train.policy import MegatronPolicy
 
     policy = MegatronPolicy.from_hf(
         payload["hf_dir"], _policy_cfg(payload, budget, pack, sp, fused)

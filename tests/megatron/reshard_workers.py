@@ -22,8 +22,9 @@ class _Capture(logging.Handler):
 
 
 def _policy(hf_dir: str, tp: int, pp: int, dist_opt: bool = True):
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import OptimizerConfig, ParallelConfig
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     cfg = PolicyConfig(
         parallel=ParallelConfig(
@@ -74,7 +75,7 @@ def reshard(payload: dict[str, Any]) -> dict[str, Any]:
     changes layout); then, for each of `resume_layouts`, load that checkpoint in a fresh
     policy and train the same 2 steps. Reports each resumed run's largest weight
     difference from the unchanged run, and whether its RNG states were restored."""
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
 
     capture = _Capture()
     logging.getLogger(ckpt.__name__).addHandler(capture)
@@ -117,7 +118,7 @@ def legacy(payload: dict[str, Any]) -> dict[str, Any]:
     state, no resharding fields in the manifest: the old save path, reproduced by
     setting those two back) saved at TP=1 DP=2: it resumes at its own layout to the same
     weights as the run that wrote it; at TP=2 the load fails with the message."""
-    import archer_mcore.train.checkpoint as ckpt
+    import archer_mcore.actor.checkpoint as ckpt
 
     root = payload["root"]
     policy = _policy(payload["hf_dir"], 1, 1)

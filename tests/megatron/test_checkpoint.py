@@ -11,7 +11,7 @@ import torch
 from conftest import save_tiny_hf, spawn
 from safetensors.torch import load_file
 
-from archer_mcore.train.checkpoint import (
+from archer_mcore.actor.checkpoint_store import (
     MANIFEST,
     CheckpointError,
     find_latest_checkpoint,

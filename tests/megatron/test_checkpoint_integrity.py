@@ -12,7 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 from conftest import free_port, save_tiny_hf
 
-from archer_mcore.train.checkpoint import (
+from archer_mcore.actor.checkpoint_store import (
     MANIFEST,
     CheckpointError,
     checksum_files,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from packing_workers import block_diagonal_causal_mask
 
-from archer_mcore.train.batching import PolicyBatch, build_microbatches, plan_microbatches
+from archer_mcore.actor.policy_batch import PolicyBatch, build_microbatches, plan_microbatches
 
 
 def test_first_fit_decreasing_plan_by_hand():

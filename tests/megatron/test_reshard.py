@@ -14,7 +14,7 @@ import reshard_workers
 import torch.multiprocessing as mp
 from conftest import free_port, save_tiny_hf, tiny_hf_config
 
-import archer_mcore.train.checkpoint as ckpt
+import archer_mcore.actor.checkpoint as ckpt
 from archer_mcore.model.hf_config import shape_from_hf_config
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import tiny_hf_config
 
+from archer_mcore.actor.policy_batch import PolicyBatch, build_microbatches, plan_microbatches
 from archer_mcore.config import ModelConfig, ParallelConfig
 from archer_mcore.model.build import resolve_build_choices
 from archer_mcore.model.hf_config import shape_from_hf_config
 from archer_mcore.model.weights import bucketize
 from archer_mcore.parallel import cpu_compat
 from archer_mcore.parallel.distributed import first_slurm_host, read_dist_env
-from archer_mcore.train.batching import PolicyBatch, build_microbatches, plan_microbatches
 
 
 # ------------------------------------------------------------ the builder's choices

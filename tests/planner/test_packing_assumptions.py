@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from archer_mcore.actor.policy_batch import PolicyBatch, build_microbatches, plan_microbatches
 from archer_mcore.config import load_config
 from archer_mcore.plan import (
     Assumptions,
@@ -23,7 +24,6 @@ from archer_mcore.plan import (
     plan_config,
     resolved_choices,
 )
-from archer_mcore.train.batching import PolicyBatch, build_microbatches, plan_microbatches
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from archer_mcore.actor.checkpoint_store import CheckpointError, _prune, latest_valid_checkpoint
 from archer_mcore.cli import main
-from archer_mcore.train.checkpoint import CheckpointError, _prune, latest_valid_checkpoint
 from archer_mcore.train.run_dir import (
     LOCK_NAME,
     RunDirError,

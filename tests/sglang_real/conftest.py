@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sglang_harness import RealServers, assert_no_kernel_calls
 
-from archer_mcore.rollout.weight_sync import write_hf_checkpoint
+from archer_mcore.model.hf_io import write_hf_checkpoint
 
 #: The tiny Qwen3 every real-server test uses (the SGLang CPU recipe's size).
 TINY_QWEN3: dict[str, Any] = dict(
@@ -54,9 +54,10 @@ def policy() -> Iterator[Any]:
     """The project's Megatron policy (fp32, TP=PP=1) over the tiny Qwen3, random init,
     in this process (torch.distributed world of one and the CPU compatibility layer,
     both undone at the end)."""
+    from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.config import ModelConfig, OptimizerConfig
     from archer_mcore.parallel.distributed import destroy_distributed
-    from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

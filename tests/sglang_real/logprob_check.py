@@ -9,7 +9,7 @@ from typing import Any
 import httpx2
 import torch
 
-from archer_mcore.train.batching import PolicyBatch
+from archer_mcore.actor.policy_batch import PolicyBatch
 
 #: fp32 on both sides (server --dtype float32, policy params fp32); what differs is the
 #: kernels (SGLang's torch-native attention vs megatron's local layers) and summation

@@ -15,9 +15,9 @@ import pytest
 import torch
 from sglang_harness import RealServers
 
+from archer_mcore.model.hf_io import write_hf_checkpoint
 from archer_mcore.rollout.fp8_export import quantization_config, quantize_buckets
 from archer_mcore.rollout.types import RolloutError
-from archer_mcore.rollout.weight_sync import write_hf_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # every linear's output and input a multiple of the 128 block (SGLang refuses others:

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from archer_mcore.train.checkpoint import verify_checkpoint
+from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
 # Runs the CLI with one test hook: after the optimizer step of the RL steps listed in
 # $POISON_STEPS, one weight is set to NaN (as a diverging update would leave it).
 POISON_DRIVER = r"""
 import os, sys
 import torch
-import archer_mcore.train.policy as policy
+import archer_mcore.actor.policy as policy
 
 steps = {int(s) for s in os.environ.get("POISON_STEPS", "").split(",") if s}
 real = policy.MegatronPolicy.train_step

@@ -98,7 +98,7 @@ def test_demo_exports_metrics_and_writes_a_checkpoint(demo_run, helpers):
     rows = helpers.read_metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, DEMO_STEPS + 1))
     step_dir = out / "checkpoints" / f"step_{DEMO_STEPS:08d}"
-    from archer_mcore.train.checkpoint import verify_checkpoint
+    from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
     assert verify_checkpoint(step_dir)["step"] == DEMO_STEPS
 

@@ -31,10 +31,11 @@ with socket.socket() as s:
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from archer_mcore.algo.losses import LossConfig
-from archer_mcore.train.batching import with_fields
-from archer_mcore.train.batching import PolicyBatch
+from archer_mcore.actor.policy_batch import with_fields
+from archer_mcore.actor.policy_batch import PolicyBatch
 from archer_mcore.config import OptimizerConfig
-from archer_mcore.train.policy import MegatronPolicy, PolicyConfig
+from archer_mcore.actor.policy import MegatronPolicy
+from archer_mcore.actor.policy_config import PolicyConfig
 
 out_dir = sys.argv[1]
 hf = AutoConfig.for_model("qwen3", vocab_size=50, hidden_size=32, intermediate_size=48,
@@ -179,7 +180,7 @@ def test_loop_counts_skipped_updates_and_stops_after_n_in_a_row(archer, helpers,
         "step_00000004",
     ]
     assert (root / "latest").read_text().strip() == "step_00000004"
-    from archer_mcore.train.checkpoint import verify_checkpoint
+    from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
     for s in (1, 2, 3, 4):
         verify_checkpoint(root / f"step_{s:08d}")  # manifest, sizes, CRC32

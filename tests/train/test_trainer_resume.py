@@ -129,7 +129,7 @@ def test_ctrl_c_to_the_process_group_checkpoints_and_exits_0(archer, helpers, tm
     assert k < 6
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == f"step_{k:08d}"
-    from archer_mcore.train.checkpoint import verify_checkpoint
+    from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
     assert verify_checkpoint(root / f"step_{k:08d}")["step"] == k
     rows = helpers.read_metrics(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from archer_mcore.train.checkpoint import verify_checkpoint
+from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from archer_mcore.train.checkpoint import verify_checkpoint
+from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
 
 @pytest.mark.slow

@@ -7,6 +7,10 @@
     for bucket in policy.export_hf_buckets(bucket_bytes): ...   # rollout weight sync
     policy.save_checkpoint(dir, extra_state) / policy.load_checkpoint(dir) -> extra_state
 
+These are the methods of `actor.protocol.Policy`, through which the RL loop calls it;
+`PolicyConfig` lives in `actor.policy_config`, checkpoints in `actor.checkpoint` (which
+takes the policy as an argument and never imports this module).
+
 SPMD: every rank calls every method. The scoring passes (`compute_logprobs`,
 `compute_ref_logprobs`) take the whole batch, the same on every rank, and shard it
 over data parallelism themselves (each DP rank runs the forward over 1/dp of the rows;
@@ -17,16 +21,16 @@ documented on `PolicyBatch`.
 
 Gradient accumulation: micro-batches are formed by a token budget; each micro-batch
 loss is sum-of-terms / N_global * dp (N_global = the mini-batch's units across all
-data-parallel ranks: tokens for token-mean, responses for the seq-mean modes), so
-after megatron DDP's data-parallel *mean* the gradient is exactly that of the
-mini-batch loss, whatever the micro-batch split.
+data-parallel ranks: tokens for token-mean, responses for the seq-mean modes; counted
+by `algo.losses.normalizer_units`, summed over ranks here), so after megatron DDP's
+data-parallel *mean* the gradient is exactly that of the mini-batch loss, whatever the
+micro-batch split.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +38,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from archer_mcore.algo.losses import LossConfig, policy_loss
-from archer_mcore.algo.token_groups import forking_k
-from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from archer_mcore.actor import kernel_dispatch
+from archer_mcore.actor.checkpoint import load_checkpoint, save_checkpoint
+from archer_mcore.actor.policy_batch import (
+    PolicyBatch,
+    build_microbatches,
+    plan_microbatches,
+    scatter_rows,
+)
+from archer_mcore.actor.policy_config import PolicyConfig, resolve_policy_choices
+from archer_mcore.algo.losses import (
+    LossConfig,
+    accumulation_normalizer,
+    normalizer_units,
+    policy_loss,
+)
 from archer_mcore.model.build import (
-    BuildChoices,
     build_gpt_model,
     ddp_config,
     output_weight,
-    resolve_build_choices,
     return_hidden_states,
 )
 from archer_mcore.model.fp8 import detect_environment
@@ -51,72 +65,6 @@ from archer_mcore.model.hf_io import HFCheckpointReader
 from archer_mcore.model.pipeline import MicroBatch, run_microbatches
 from archer_mcore.model.weights import NamedTensors, iter_hf_buckets, load_hf_weights, unwrap
 from archer_mcore.parallel.distributed import init_distributed
-from archer_mcore.train import kernel_dispatch
-from archer_mcore.train.batching import (
-    PolicyBatch,
-    build_microbatches,
-    plan_microbatches,
-    scatter_rows,
-)
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """The policy's settings: the config sections it reads, embedded whole (no copies
-    of their fields), plus what comes from elsewhere in the config.
-
-    model, parallel, optimizer, kernels: the `Config` sections of those names
-        (parallel.micro_batch_tokens: the token budget of one micro-batch, padding
-        included; parallel.pack_sequences: packed sequences instead of padded rows;
-        optimizer.lr_schedule decays over `lr_decay_steps`).
-    seed: initialisation seed. temperature: the rollout temperature the log-probs and
-    entropies are computed at. with_reference: keep a frozen reference copy (KL).
-    lr_decay_steps: optimizer steps of the LR decay (None: no decay within the run).
-    logprob_chunk_rows: rows per chunk of the torch entropy/log-prob reference.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    seed: int = 1234
-    temperature: float = 1.0
-    with_reference: bool = True
-    lr_decay_steps: int | None = None
-    logprob_chunk_rows: int = 4096
-
-    @property
-    def tp(self) -> int:
-        return self.parallel.tensor_model_parallel_size
-
-    @property
-    def pp(self) -> int:
-        return self.parallel.pipeline_model_parallel_size
-
-
-@dataclass(frozen=True)
-class PolicyChoices:
-    """Everything the policy decides from its config and the machine: the model
-    builder's choices and the kernel path. `archer plan` uses the same function."""
-
-    build: BuildChoices
-    kernel_path: kernel_dispatch.KernelPath
-
-
-def resolve_policy_choices(
-    cfg: PolicyConfig,
-    te_version: str | None,
-    device_capability: tuple[int, int] | None,
-    cuda: bool,
-    triton_compiles: bool | None = None,
-) -> PolicyChoices:
-    """Pure given its arguments (`triton_compiles` None: ask triton)."""
-    return PolicyChoices(
-        resolve_build_choices(cfg.model, cfg.parallel, te_version, device_capability, cuda),
-        kernel_dispatch.resolve_kernel_path(
-            cfg.kernels.mode, cfg.kernels.fused_lm_head, cuda, triton_compiles
-        ),
-    )
 
 
 def _ps():
@@ -383,19 +331,11 @@ class MegatronPolicy:
     def _global_units(
         self, batch: PolicyBatch, mbs: list[MicroBatch], loss_cfg: LossConfig
     ) -> float:
-        """The mini-batch's normalising units, summed over data-parallel ranks."""
-        mask = batch.response_mask.bool()
-        if loss_cfg.agg_mode != "token-mean":
-            local = float(mask.any(-1).sum())
-        elif loss_cfg.token_rule == "forking" and loss_cfg.forking_normalizer == "selected":
-            if batch.selection is not None:
-                local = float((batch.selection.bool() & mask).sum())
-            else:  # micro-batch scope: forking_k(N) tokens selected per micro-batch
-                local = 0.0
-                for mb in mbs:
-                    local += forking_k(int(mb.extras["mask"].sum()), loss_cfg.forking_rho)
-        else:
-            local = float(mask.sum())
+        """The mini-batch's normalising units (`losses.normalizer_units`), summed over
+        data-parallel ranks."""
+        local = normalizer_units(
+            batch.response_mask, loss_cfg, batch.selection, [mb.extras["mask"] for mb in mbs]
+        )
         t = torch.tensor([local], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, group=_ps().get_data_parallel_group(with_context_parallel=True))
         return float(t.item())
@@ -407,8 +347,7 @@ class MegatronPolicy:
         if batch.old_logp is None or batch.advantages is None:
             raise ValueError("train_step needs batch.old_logp and batch.advantages")
         mbs = self._microbatches(batch)
-        units = self._global_units(batch, mbs, loss_cfg)
-        normalizer = max(units, 1.0) / self.dp_size
+        normalizer = accumulation_normalizer(self._global_units(batch, mbs, loss_cfg), self.dp_size)
 
         def loss_fn(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
             ent, lp = self._token_stats(logits, mb, self.model)
@@ -527,11 +466,9 @@ class MegatronPolicy:
         step: int | None = None,
     ) -> Path:
         """Save as `ckpt_dir/step_<step>` (default: this policy's optimizer-step count)."""
-        from archer_mcore.train.checkpoint import save_checkpoint
-
         return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last, step)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
-        from archer_mcore.train.checkpoint import load_checkpoint
-
+        """Restore from a step directory, or a root's latest checkpoint; returns the
+        extra state saved with it."""
         return load_checkpoint(self, ckpt_dir)

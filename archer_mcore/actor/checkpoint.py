@@ -1,0 +1,363 @@
+"""Save and load a policy's state with megatron dist_checkpointing, atomically and
+verified: model, optimizer, LR scheduler, step, per-rank RNG states and the caller's
+extra state. Files, names, checksums and resolution live in `actor.checkpoint_store`;
+the megatron-core workarounds in `actor.checkpoint_mcore`.
+
+The policy is passed in (`CheckpointablePolicy`, which `actor.policy.CheckpointablePolicy`
+satisfies): this module never imports the policy, the policy calls into it.
+
+Saving: every rank writes its torch_dist shards and RNG file into ``root/.tmp-step_N``
+and checksums what it wrote; rank 0 writes the manifest and publishes the directory
+(see `checkpoint_store`). Loading: each rank verifies only what it reads: the shared
+small files, its own RNG file, and the shard files in its torch_dist read plan (checked
+as the storage reader is handed the plan); a problem on any rank fails the load on all.
+The frozen reference model is not saved: it is rebuilt from the same HF weights at
+start-up.
+
+Resharding: a checkpoint loads at any TP/PP/DP layout the model allows. The model
+weights are megatron ShardedTensors in model space (each names its slice of the full
+tensor, so torch_dist reassembles them for the loading layout); the distributed
+optimizer's state is saved in megatron's ``fully_reshardable`` format (Adam moments and
+fp32 main weights laid out like the model parameters, not like this run's flat DP
+buffers; megatron-core 0.16.1, ``DistributedOptimizer.sharded_param_state_fully_reshardable``);
+the vocabulary is padded to a multiple of 128 that does not depend on TP
+(`ModelShape.padded_vocab_size`). The per-rank RNG states are restored only when the
+layout (world size, TP, PP) is the one saved; otherwise the run keeps its freshly
+seeded generators and logs that it did so. Checkpoints written before resharding (no
+``optimizer_sharding`` in the manifest: dp_reshardable optimizer state, vocabulary padded
+to 128 * TP) load only at their own layout, and only when that padding agrees with
+today's; anything else is a CheckpointError saying which layout to use.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from archer_mcore.actor.checkpoint_mcore import (
+    ensure_adam_state,
+    keep_adam_step_on_reshardable_load,
+    restore_adam_steps,
+    save_strategy,
+    verified_reads,
+)
+from archer_mcore.actor.checkpoint_store import (
+    LATEST,
+    CheckpointError,
+    LoadVerification,
+    _barrier,
+    _fsync_file,
+    _prune,
+    _publish,
+    _rank,
+    _write_atomic,
+    resolve_checkpoint,
+    step_dir_name,
+    write_manifest,
+)
+from archer_mcore.model.hf_config import ModelShape
+from archer_mcore.parallel import cpu_compat
+
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Checkpoints without "optimizer_sharding" in their manifest were written with this one.
+LEGACY_OPTIM_SHARDING = "dp_reshardable"
+LEGACY_VOCAB_MULTIPLE = 128  # legacy checkpoints padded the vocabulary to 128 * TP
+#: Files every rank reads on load (when the manifest lists them): the caller's extra
+#: state, and megatron's common state, its format metadata and the torch_dist metadata.
+SHARED_READS = ("extra_state.pt", "dist/common.pt", "dist/metadata.json", "dist/.metadata")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointablePolicy(Protocol):
+    """What a checkpoint saves and restores of a policy (`CheckpointablePolicy` has it all):
+    its model shape, megatron optimizer and LR scheduler, optimizer-step count, and the
+    bare model (no DDP wrapper)."""
+
+    shape: ModelShape
+    optimizer: Any  # megatron-core MegatronOptimizer (DistributedOptimizer or chained)
+    scheduler: Any  # megatron-core OptimizerParamScheduler
+    step: int
+
+    def unwrapped(self) -> torch.nn.Module: ...
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def _fail_together(error: str | None) -> None:
+    """Collective: if any rank found a problem, raise CheckpointError on every rank (its
+    own message, or the first failing rank's)."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    if error:
+        raise CheckpointError(error)
+    for r, e in enumerate(errors):
+        if e:
+            raise CheckpointError(f"rank {r}: {e}")
+
+
+last_load_verification = LoadVerification()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception; for torch's CheckpointException (whose str holds
+    every rank's traceback) the first failing rank's exception."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items(), key=lambda kv: kv[0])))
+        exc = inner
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return f"{prefix}{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------ RNG
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {
+        "cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ------------------------------------------------------------------ layouts
+def _reshard_fields(policy: CheckpointablePolicy) -> dict[str, Any]:
+    """The manifest fields that say how this checkpoint's state is laid out: the
+    optimizer's sharding type and the padded vocabulary (rows of the full embedding)."""
+    return {
+        "optimizer_sharding": OPTIM_SHARDING["distrib_optim_sharding_type"],
+        "padded_vocab": policy.shape.padded_vocab_size(_layout()["tp"]),
+    }
+
+
+def _check_loadable(policy: CheckpointablePolicy, step_dir: Path, manifest: dict[str, Any]) -> str:
+    """The optimizer sharding type to load `step_dir` with; CheckpointError when this
+    run's layout cannot read it (a legacy checkpoint at another layout, or one whose
+    padded vocabulary differs from this model's)."""
+    layout = _layout()
+    saved = {k: manifest.get(k) for k in layout}
+    padded = policy.shape.padded_vocab_size(layout["tp"])
+    sharding = manifest.get("optimizer_sharding")
+    if sharding is None:  # written before checkpoints resharded
+        if saved != layout:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was written in the older format that cannot change "
+                f"layout (dp_reshardable optimizer state, vocabulary padded to 128 * TP): load it "
+                f"with world_size={saved['world_size']} TP={saved['tp']} PP={saved['pp']} "
+                f"(this run has world_size={layout['world_size']} TP={layout['tp']} "
+                f"PP={layout['pp']}); a checkpoint saved from there reshards"
+            )
+        m = LEGACY_VOCAB_MULTIPLE * int(saved["tp"])
+        legacy_padded = -(-policy.shape.vocab_size // m) * m
+        if legacy_padded != padded:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was written in the older format, with the vocabulary "
+                f"padded to {legacy_padded} rows (a multiple of 128 * TP={saved['tp']}); this "
+                f"version pads it to {padded} (a multiple of 128), so it cannot be loaded"
+            )
+        return LEGACY_OPTIM_SHARDING
+    if manifest.get("padded_vocab") not in (None, padded):
+        raise CheckpointError(
+            f"checkpoint {step_dir} has a vocabulary padded to {manifest['padded_vocab']} rows; "
+            f"this model pads vocab_size={policy.shape.vocab_size} to {padded}"
+        )
+    return str(sharding)
+
+
+def _sharded_state(
+    policy: CheckpointablePolicy, is_loading: bool, sharding: str | None = None
+) -> dict[str, Any]:
+    metadata = OPTIM_SHARDING if sharding is None else {"distrib_optim_sharding_type": sharding}
+    # Saving needs it too: before the first optimizer step (a run stopped, or whose
+    # first steps had nothing to train on) megatron's state dict asserts on the missing
+    # Adam step count. Zero state is what torch Adam would create lazily anyway.
+    ensure_adam_state(policy.optimizer)
+    model = policy.unwrapped()
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=metadata
+        ),
+        "scheduler": policy.scheduler.state_dict(),
+        "step": policy.step,
+    }
+
+
+# ------------------------------------------------------------------ save / load
+def save_checkpoint(
+    policy: CheckpointablePolicy,
+    root: str | Path,
+    extra_state: dict[str, Any],
+    keep_last: int | None = 3,
+    step: int | None = None,
+) -> Path:
+    """Collective: save under `root` as step `step` (default: `policy.step`, the count of
+    optimizer steps; the RL loop passes its own step), atomically; keep the newest
+    `keep_last` checkpoints (None: all). `extra_state` must be torch.load-able with
+    weights_only=True (tensors, numbers, strings, lists, dicts). Returns the step dir."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    step = policy.step if step is None else int(step)
+    name = step_dir_name(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    state = _sharded_state(policy, is_loading=False)
+    strategy = save_strategy()
+    reshard_fields = _reshard_fields(policy)
+    with cpu_compat.suspended():
+        dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=strategy)
+    mine = [f"dist/{f}" for f in strategy.written] + [f"rng/rank_{rank:05d}.pt"]
+    torch.save(_rng_state(), tmp / mine[-1])
+    if rank == 0:
+        torch.save(
+            {"step": step, "policy_step": policy.step, "extra": extra_state},
+            tmp / "extra_state.pt",
+        )
+        mine.append("extra_state.pt")
+    for rel in mine:  # every rank: its own writes are durable before the commit
+        _fsync_file(tmp / rel)
+    # every rank checksums its own files; rank 0 adds the rest and writes the manifest
+    write_manifest(tmp, step, mine, {**_layout(), **reshard_fields})
+    if rank == 0:
+        _publish(tmp, final)
+        _write_atomic(root / LATEST, name)
+        _prune(root, keep_last, final)
+    _barrier()
+    return final
+
+
+def _verify_shared_reads(
+    step_dir: Path, files: dict[str, Any], own: list[str], checksums: bool
+) -> LoadVerification:
+    """Collective: each rank verifies the shared files and `own` (its RNG file) now;
+    its torch_dist shard files are verified later, as their reads are planned
+    (`verified_reads`, same record). Any rank's problem raises on all ranks."""
+    record = LoadVerification()
+    globals()["last_load_verification"] = record
+    reads = [r for r in SHARED_READS if r in files or r == "extra_state.pt"] + own
+    error = None
+    try:
+        record.check(step_dir, files, reads, checksums)
+    except CheckpointError as e:
+        error = str(e)
+    _fail_together(error)
+    return record
+
+
+def _restore_state(policy: CheckpointablePolicy, loaded: dict[str, Any]) -> None:
+    """Put loaded model, optimizer, scheduler and step state into the policy."""
+    with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+        policy.unwrapped().load_state_dict(loaded["model"])
+        with keep_adam_step_on_reshardable_load(policy.optimizer):
+            policy.optimizer.load_state_dict(loaded["optimizer"])
+    restore_adam_steps(policy.optimizer, loaded["optimizer"])
+    policy.scheduler.load_state_dict(loaded["scheduler"])
+    policy.step = int(loaded["step"])
+
+
+def _log_resharded(step_dir: Path, manifest: dict[str, Any], layout: dict[str, int]) -> None:
+    log.warning(
+        "checkpoint %s was saved at world_size=%s TP=%s PP=%s and is resumed at "
+        "world_size=%s TP=%s PP=%s: model and optimizer state resharded; the per-rank "
+        "RNG states are not restored (this run's seeded generators are kept)",
+        step_dir,
+        manifest.get("world_size"),
+        manifest.get("tp"),
+        manifest.get("pp"),
+        layout["world_size"],
+        layout["tp"],
+        layout["pp"],
+    )
+
+
+def load_checkpoint(
+    policy: CheckpointablePolicy, ckpt: str | Path, checksums: bool = True
+) -> dict[str, Any]:
+    """Collective: restore model, optimizer, scheduler, step and RNG from a step
+    directory, or from the latest checkpoint when `ckpt` is a root. Returns the
+    caller's extra state. Raises CheckpointError for a missing/partial/corrupt one.
+
+    The checkpoint may have been saved at another TP/PP/DP layout (see the module
+    docstring); the per-rank RNG states are then left as this run seeded them, and
+    rank 0 logs that they were."""
+    from megatron.core import dist_checkpointing
+
+    step_dir, manifest = resolve_checkpoint(ckpt, checksums, only=())  # the manifest only
+    sharding = _check_loadable(policy, step_dir, manifest)
+    layout = _layout()
+    same_layout = all(manifest.get(k) == v for k, v in layout.items())
+    rng_rel = f"rng/rank_{_rank():05d}.pt"
+    files = manifest["files"]
+    # Each rank verifies what it reads: the shared files and its RNG file now, its
+    # torch_dist shard files as their reads are planned; any rank's problem stops all.
+    record = _verify_shared_reads(step_dir, files, [rng_rel] if same_layout else [], checksums)
+    state = _sharded_state(policy, is_loading=True, sharding=sharding)
+    try:
+        with cpu_compat.suspended(), verified_reads(step_dir, files, checksums, record):
+            loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
+        extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
+        rng = torch.load(step_dir / rng_rel, weights_only=False) if same_layout else None
+    except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
+        # torch.distributed.checkpoint raises its per-rank read failures (gathered from
+        # all ranks; e.g. for a model of another shape) as CheckpointException, which
+        # derives from BaseException and would escape `except Exception`.
+        if record.error:  # this rank's shard verification failed
+            raise CheckpointError(record.error) from e
+        raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
+    _restore_state(policy, loaded)
+    if int(extra["step"]) != int(manifest["step"]) or policy.step != int(
+        extra.get("policy_step", extra["step"])
+    ):
+        raise CheckpointError(
+            f"checkpoint {step_dir}: step mismatch between manifest, state and extra state"
+        )
+    if rng is not None:
+        _set_rng_state(rng)
+    elif _rank() == 0:
+        _log_resharded(step_dir, manifest, layout)
+    _barrier()
+    return extra["extra"]
