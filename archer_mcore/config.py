@@ -136,6 +136,9 @@ class RolloutConfig:
     # weights plus fp32 `_scale_inv` blocks (rollout/fp8_export.py)
     fp8: bool = False
     tis_cap: float | None = _f(None, gt=0)  # truncated importance sampling cap; None: off
+    # 0: generate each step's batch, then train on it; 1: generate step k+1's batch on a
+    # background thread while step k trains (one version stale; train/async_rollout.py)
+    async_steps: int = _f(0, ge=0, le=1)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -517,6 +520,20 @@ def _validate_rollout(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: rollout.mode = colocated launches its own servers and router; "
             "rollout.sglang.server_urls / router_url are for rollout.mode = disaggregated"
+        )
+    if r.async_steps and r.mode == "colocated":
+        raise ConfigError(
+            f"{source}: rollout.async_steps = {r.async_steps} overlaps generation with training, "
+            "but rollout.mode = colocated shares the trainer's devices: the engine is paused "
+            "while the policy trains, so there is nothing to overlap. Use rollout.mode = "
+            "disaggregated (SGLang servers on their own nodes, or the local engine generating "
+            "on a thread of its own with its own model copy), or rollout.async_steps = 0"
+        )
+    if r.async_steps and r.tis_cap is None:
+        raise ConfigError(
+            f"{source}: rollout.async_steps = {r.async_steps} trains on samples of the previous "
+            "policy; set rollout.tis_cap (e.g. 2.0) so that truncated importance sampling "
+            "corrects pi_old / pi_rollout (README, 'Async rollout')"
         )
     if s.router_url and not s.server_urls:
         raise ConfigError(
