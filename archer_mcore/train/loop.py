@@ -125,18 +125,18 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             print(f"resumed from {latest} (step {start})", flush=True)
     elif resume and c.is_main:
         print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
-    c.sync_weights(start)
+    # Where each step's groups come from: generated in the step, or (rollout.async_steps
+    # = 1) on a background thread while the previous step trains.
+    rollout = make_rollout_scheduler(cfg, c, params, start)
+    if latest is not None:
+        rollout.load_state_dict(state)
+    rollout.initial_sync()
     if cfg.eval.every and start == 0:  # the baseline the run is measured against
         ev = c.evaluate(0)
         if "eval/accuracy" in ev:
             summary.eval_history.append((0, ev["eval/accuracy"]))
             if c.is_main:
                 print(f"step 0/{t.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
-    # Where each step's groups come from: generated in the step, or (rollout.async_steps
-    # = 1) on a background thread while the previous step trains.
-    rollout = make_rollout_scheduler(cfg, c, params, start)
-    if latest is not None:
-        rollout.load_state_dict(state)
 
     def save(step: int) -> None:
         extra = {

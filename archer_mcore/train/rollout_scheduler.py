@@ -29,6 +29,7 @@ min(pi_old / pi_rollout, cap) (algo/rollout_correction.py); the README explains 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
 import time
@@ -87,19 +88,25 @@ def groups_from_state(state: Sequence[dict[str, Any]]) -> list[ScoredGroup]:
 
 
 def check_staleness(
-    groups: Sequence[ScoredGroup], policy_version: int, limit: int | None
+    groups: Sequence[ScoredGroup], synced: Sequence[int], limit: int | None
 ) -> dict[str, float]:
-    """Staleness (policy_version - the sample's weight_version, in versions = steps) of
-    every trained sample: `rollout/staleness_mean` and `_max`. With `limit` set, a
-    sample older than `limit` versions, or newer than the policy, raises StalenessError."""
-    lags = [policy_version - s.weight_version for g in groups for s in g.samples]
+    """Staleness of every trained sample: how many policy updates its generating
+    weights are behind the trained policy, i.e. how many of the versions `synced` (the
+    versions the trainer has synced, ascending; the last is the trained policy's; a step
+    without an update syncs nothing) are newer than its weight_version.
+    `rollout/staleness_mean` and `_max`. With `limit` set, a sample more than `limit`
+    updates old, or newer than the policy, raises StalenessError."""
+    policy = synced[-1]
+    lags = [sum(v > s.weight_version for v in synced) for g in groups for s in g.samples]
+    newer = [s.weight_version for g in groups for s in g.samples if s.weight_version > policy]
     if limit is not None:
-        bad = [lag for lag in lags if not 0 <= lag <= limit]
-        if bad:
+        bad = [lag for lag in lags if lag > limit]
+        if bad or newer:
             raise StalenessError(
-                f"{len(bad)} sample(s) generated up to {max(bad, key=abs)} version(s) before "
-                f"the trained policy (version {policy_version}); rollout.async_steps allows "
-                f"0..{limit}"
+                f"{len(bad) + len(newer)} sample(s) not within {limit} update(s) of the trained "
+                f"policy (version {policy}): up to {max(bad, default=0)} update(s) old, "
+                f"versions newer than the policy: {sorted(set(newer))}; rollout.async_steps "
+                f"allows 0..{limit}"
             )
     if not lags:
         return {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0}
@@ -143,7 +150,7 @@ class SyncRollout:
         self.cfg, self.c, self.params = cfg, c, params
         self.n = cfg.rollout.n_samples_per_prompt
         self.last_step = cfg.train.steps
-        self.policy_version = start  # the version the trainer's weights (and last sync) have
+        self.synced = [start]  # versions synced so far; the last is the trainer's weights
         self._versions: dict[str, float] = {}
 
     def _collect(self, generate: Callable[[int], list[ScoredGroup]]) -> Outcome:
@@ -159,13 +166,18 @@ class SyncRollout:
     def collect(self, step: int, timer: PhaseTimer) -> Outcome:
         """Step `step`'s groups (every rank gets them)."""
         outcome = self._collect(lambda k: self.c.generate_groups(k, self.n, self.params, timer))
-        self._versions = check_staleness(outcome.groups, self.policy_version, None)
+        self._versions = check_staleness(outcome.groups, self.synced, None)
         return outcome
+
+    def initial_sync(self) -> int:
+        """Before the first step: the policy's weights into the engine, as the version
+        they have (the start step, or the last step that updated before a checkpoint)."""
+        return self.c.sync_weights(self.synced[-1])
 
     def sync_weights(self, step: int) -> int:
         """The policy's weights into the engine as version `step`; bytes sent."""
         sent = self.c.sync_weights(step)
-        self.policy_version = step
+        self.synced.append(step)
         return sent
 
     @contextlib.contextmanager
@@ -225,6 +237,9 @@ class AsyncRollout(SyncRollout):
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, name="async-rollout", daemon=True)
             self._thread.start()
+            # also when the loop ends by an exception: the thread must not be generating
+            # while the interpreter shuts down (a daemon thread inside torch aborts it)
+            atexit.register(self.close)
         with self._cond:
             if self._requested < step:
                 self._requested = step
@@ -237,7 +252,7 @@ class AsyncRollout(SyncRollout):
                 self._cond.notify_all()
             for phase, seconds in self._phases.pop(step, {}).items():
                 timer.seconds[phase] = timer.seconds.get(phase, 0.0) + seconds
-        self._versions = check_staleness(outcome.groups, self.policy_version, self.async_steps)
+        self._versions = check_staleness(outcome.groups, self.synced, self.async_steps)
         return broadcast_object(outcome)
 
     def sync_weights(self, step: int) -> int:
@@ -246,7 +261,7 @@ class AsyncRollout(SyncRollout):
         with self._engine_lock:
             sent = self.c.sync_weights(step)
         with self._cond:
-            self.policy_version = step
+            self.synced.append(step)
             self._cond.notify_all()
         return sent
 
@@ -266,6 +281,7 @@ class AsyncRollout(SyncRollout):
             "sampler": snap["sampler"],
             "rollout_rng": snap["rollout_rng"],
             "async_pending": {"step": step + 1, "groups": snap["groups"]},
+            "rollout_synced": self.synced[-2:],  # the versions the staleness counts need
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -277,6 +293,8 @@ class AsyncRollout(SyncRollout):
                     f"after step {self._requested}"
                 )
             self._pending = (int(pending["step"]), groups_from_state(pending["groups"]))
+        if state.get("rollout_synced"):  # the version the checkpointed weights carry
+            self.synced = [int(v) for v in state["rollout_synced"]]
 
     def step_metrics(self, step: int, timer: PhaseTimer, start: float, end: float) -> dict[str, float]:
         with self._cond:
@@ -292,6 +310,7 @@ class AsyncRollout(SyncRollout):
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
+            atexit.unregister(self.close)
             self._thread.join(timeout=600)
 
     def _wait(self, ready: Callable[[], bool]) -> None:
@@ -334,7 +353,7 @@ class AsyncRollout(SyncRollout):
             calls += 1
             if calls > 1:
                 self._producer_wait(
-                    lambda: self.policy_version >= step - 1 or self._finished >= step - 1
+                    lambda: self.synced[-1] >= step - 1 or self._finished >= step - 1
                 )
                 return self._generate(step, k)
             if self._pending is not None and self._pending[0] == step:

@@ -56,18 +56,23 @@ def test_groups_survive_a_weights_only_checkpoint_round_trip():
     assert groups_from_state(loaded["async_pending"]["groups"]) == groups
 
 
-def test_staleness_is_counted_per_sample_and_bounded():
+def test_staleness_is_counted_in_updates_and_bounded():
     groups = [ScoredGroup([_sample(4), _sample(3)], [1.0, 0.0]), ScoredGroup([_sample(3)], [0.0])]
-    # policy version 4: lags 0, 1, 1
-    assert check_staleness(groups, 4, 1) == {
+    # synced versions 3 then 4 (the trained policy): lags 0, 1, 1
+    assert check_staleness(groups, [0, 3, 4], 1) == {
         "rollout/staleness_mean": pytest.approx(2 / 3),
         "rollout/staleness_max": 1.0,
     }
-    with pytest.raises(StalenessError, match=r"2 sample\(s\) generated up to 2 version\(s\) before .*version 5\)"):
-        check_staleness(groups, 5, 1)
-    with pytest.raises(StalenessError):  # a sample newer than the policy is a bug too
-        check_staleness(groups, 3, 1)
-    assert check_staleness(groups, 9, None)["rollout/staleness_max"] == 6.0
+    # a step without an update syncs nothing: version 1 was never synced, so samples of
+    # version 0 trained at policy version 2 are one update old
+    assert check_staleness([ScoredGroup([_sample(0)], [0.0])], [0, 2], 1)[
+        "rollout/staleness_max"
+    ] == 1.0
+    with pytest.raises(StalenessError, match=r"2 sample\(s\) not within 1 update.*up to 2 upd"):
+        check_staleness(groups, [3, 4, 5], 1)
+    with pytest.raises(StalenessError, match=r"newer than the policy: \[4\]"):
+        check_staleness(groups, [2, 3], 1)
+    assert check_staleness(groups, list(range(10)), None)["rollout/staleness_max"] == 6.0
 
 
 def test_busy_time_and_overlap_fractions():
