@@ -232,8 +232,13 @@ class AsyncRollout(SyncRollout):
 
     # -- trainer side -------------------------------------------------------------------
     def collect(self, step: int, timer: PhaseTimer) -> Outcome:
-        if not self.c.is_main:
-            return broadcast_object(None)
+        outcome = broadcast_object(self._take(step, timer) if self.c.is_main else None)
+        # every rank checks (each keeps the list of synced versions)
+        self._versions = check_staleness(outcome.groups, self.synced, self.async_steps)
+        return outcome
+
+    def _take(self, step: int, timer: PhaseTimer) -> Outcome:
+        """Rank 0: step `step`'s outcome from the producer, which then starts on the next."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, name="async-rollout", daemon=True)
             self._thread.start()
@@ -252,8 +257,7 @@ class AsyncRollout(SyncRollout):
                 self._cond.notify_all()
             for phase, seconds in self._phases.pop(step, {}).items():
                 timer.seconds[phase] = timer.seconds.get(phase, 0.0) + seconds
-        self._versions = check_staleness(outcome.groups, self.synced, self.async_steps)
-        return broadcast_object(outcome)
+        return outcome
 
     def sync_weights(self, step: int) -> int:
         if self.c.is_main and step + 1 <= self.last_step and self._requested > step:

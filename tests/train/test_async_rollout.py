@@ -121,3 +121,29 @@ def test_async_hides_generation_behind_training(archer, helpers, tmp_path):
         assert r["overlap/fraction"] > 0.15, r
     idle = {k: sum(r["overlap/trainer_idle_fraction"] for r in v) / len(v) for k, v in rows.items()}
     assert idle["async"] < idle["sync"], idle
+
+
+@pytest.mark.timeout(600)
+def test_async_with_two_ranks_under_torchrun(archer, helpers, tmp_path):
+    """TP=2 (two ranks): rank 0's producer thread generates, every rank gets the
+    groups, checks their staleness and joins each weight export."""
+    import subprocess
+    import sys
+
+    from archer_mcore.train.checkpoint import verify_checkpoint
+
+    out = tmp_path / "tp2"
+    overrides = [*helpers.FAST, *ASYNC, "algorithm.group_filter=none", "train.steps=3",
+                 "parallel.tensor_model_parallel_size=2", f"train.output_dir={out}"]  # fmt: skip
+    cmd = archer.command("train", overrides)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, *cmd[1:]], cwd=str(helpers.DEMO_CONFIG.parents[1]),
+                          env=helpers.child_env({"trace": str(out / "trace.jsonl")}),
+                          capture_output=True, text=True, timeout=500, start_new_session=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = helpers.read_metrics(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [c["versions"] for c in _trace(out / "trace.jsonl")] == [[0], [0], [1]]
+    manifest = verify_checkpoint(out / "checkpoints" / "step_00000003")
+    assert (manifest["tp"], manifest["world_size"]) == (2, 2)
