@@ -53,7 +53,7 @@ setup(
         ],
         # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
         # SGLang pinned: the rollout engine speaks 0.5.23's weight-update protocol
-        # (archer_mcore/rollout/sglang_engine.py SUPPORTED_SGLANG).
+        # (archer_mcore/rollout/sglang_protocol.py SUPPORTED_SGLANG).
         "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2",
                 "nvidia-modelopt"],
     },

@@ -37,6 +37,20 @@ def _validate_rollout(cfg: Config, source: str) -> None:
             f"{source}: rollout.mode = colocated launches its own servers and router; "
             "rollout.sglang.server_urls / router_url are for rollout.mode = disaggregated"
         )
+    if r.async_steps and r.mode == "colocated":
+        raise ConfigError(
+            f"{source}: rollout.async_steps = {r.async_steps} overlaps generation with training, "
+            "but rollout.mode = colocated shares the trainer's devices: the engine is paused "
+            "while the policy trains, so there is nothing to overlap. Use rollout.mode = "
+            "disaggregated (SGLang servers on their own nodes, or the local engine generating "
+            "on a thread of its own with its own model copy), or rollout.async_steps = 0"
+        )
+    if r.async_steps and r.tis_cap is None:
+        raise ConfigError(
+            f"{source}: rollout.async_steps = {r.async_steps} trains on samples of the previous "
+            "policy; set rollout.tis_cap (e.g. 2.0) so that truncated importance sampling "
+            "corrects pi_old / pi_rollout (README, 'Async rollout')"
+        )
     if s.router_url and not s.server_urls:
         raise ConfigError(
             f"{source}: rollout.sglang.router_url needs rollout.sglang.server_urls (weights "

@@ -122,6 +122,9 @@ class RolloutConfig:
     # weights plus fp32 `_scale_inv` blocks (rollout/fp8_export.py)
     fp8: bool = False
     tis_cap: float | None = _f(None, gt=0)  # truncated importance sampling cap; None: off
+    # 0: generate each step's batch, then train on it; 1: generate step k+1's batch on a
+    # background thread while step k trains (one version stale; train/rollout_scheduler.py)
+    async_steps: int = _f(0, ge=0, le=1)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 

@@ -27,7 +27,8 @@ from archer_mcore.rollout.types import (
 
 if TYPE_CHECKING:
     from archer_mcore.rollout.local_engine import LocalEngine
-    from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+    from archer_mcore.rollout.sglang_engine import SGLangEngine
+    from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
 
 __all__ = [
     "EngineHealth",
@@ -47,7 +48,7 @@ __all__ = [
 _LAZY = {
     "LocalEngine": "archer_mcore.rollout.local_engine",
     "SGLangEngine": "archer_mcore.rollout.sglang_engine",
-    "WeightSyncConfig": "archer_mcore.rollout.sglang_engine",
+    "WeightSyncConfig": "archer_mcore.rollout.sglang_protocol",
 }
 
 

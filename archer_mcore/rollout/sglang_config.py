@@ -26,11 +26,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from archer_mcore.rollout.http_client import ClientConfig
-from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+from archer_mcore.rollout.sglang_engine import SGLangEngine
 from archer_mcore.rollout.sglang_launcher import (
     RouterArgs,
     SGLangServerArgs,
 )
+from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
 
 
 class SGLangConfigError(ValueError):
@@ -131,7 +132,7 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
                 "rollout.mode = disaggregated: list the running servers in "
                 "rollout.sglang.server_urls (the Slurm script sets them and router_url)"
             )
-        from archer_mcore.rollout.sglang_engine import ServerHandle
+        from archer_mcore.rollout.sglang_servers import ServerHandle
 
         tps = list(s.server_tp_sizes) or [None] * len(s.server_urls)
         servers = [ServerHandle(u, tp or 1, num_gpus_from_config=tp is not None)

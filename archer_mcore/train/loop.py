@@ -23,8 +23,8 @@ from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
 from archer_mcore.train.components import Components, any_rank, build_components
-from archer_mcore.train.dynamic_sampling import collect_groups
 from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.rollout_scheduler import make_rollout_scheduler
 from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
 from archer_mcore.train.signals import StopRequest
 
@@ -125,7 +125,12 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             print(f"resumed from {latest} (step {start})", flush=True)
     elif resume and c.is_main:
         print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
-    c.sync_weights(start)
+    # Where each step's groups come from: generated in the step, or (rollout.async_steps
+    # = 1) on a background thread while the previous step trains.
+    rollout = make_rollout_scheduler(cfg, c, params, start)
+    if latest is not None:
+        rollout.load_state_dict(state)
+    rollout.initial_sync()
     if cfg.eval.every and start == 0:  # the baseline the run is measured against
         ev = c.evaluate(0)
         if "eval/accuracy" in ev:
@@ -136,8 +141,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
     def save(step: int) -> None:
         extra = {
             "step": step,
-            "sampler": c.prompts.state_dict(),
-            "rollout_rng": c.rollout_rng_state(),
+            **rollout.checkpoint_state(step),  # sampler, rollout_rng (+ the batch in flight)
             "skipped_updates": summary.skipped_updates,
         }
         path = c.policy.save_checkpoint(
@@ -154,7 +158,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
     ) -> bool:
         """Eval, checkpoint and report the step; True when a stop signal ends the run."""
         if cfg.eval.every and step % cfg.eval.every == 0:
-            with timer("eval"):
+            with timer("eval"), rollout.exclusive():
                 ev = c.evaluate(step)
             metrics.update(ev)
             if "eval/accuracy" in ev:
@@ -165,6 +169,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
         if stopping or periodic or step == t.steps:
             with timer("checkpoint"):
                 save(step)
+        metrics.update(rollout.step_metrics(step, timer, step_start, time.perf_counter()))
         metrics["time/step"] = time.perf_counter() - step_start
         c.report(step, metrics, timer)
         if stopping:
@@ -184,13 +189,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             step_start = time.perf_counter()
 
             # 1. Rollout and reward, with the group filter / dynamic sampling.
-            outcome = collect_groups(
-                lambda k, timer=timer: c.generate_groups(k, n, params, timer),
-                lambda g: g.correct,
-                t.prompts_per_step,
-                a.group_filter,
-                a.max_generation_batches,
-            )
+            outcome = rollout.collect(step, timer)
             metrics: dict[str, float] = {
                 "sampling/drop_rate": outcome.drop_rate,
                 "sampling/generation_batches": float(outcome.generation_batches),
@@ -308,7 +307,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
 
             # 5. Weight sync to the rollout engine, which then takes the devices back.
             with timer("sync"):
-                metrics["sync/bytes"] = float(c.sync_weights(step))
+                metrics["sync/bytes"] = float(rollout.sync_weights(step))
             c.hand_devices_to_rollout()
 
             # 6. Eval, checkpoint, report.
@@ -321,5 +320,6 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             f"({100 * (a1 - a0):+.1f} points)",
             flush=True,
         )
+    rollout.close()
     c.close(delete_push_group=summary.stopped_by is None)
     return summary

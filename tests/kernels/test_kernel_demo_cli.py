@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Wall-clock measurements differ between any two runs; everything else must agree.
-TIMING_PREFIXES = ("time/", "perf/", "throughput/")
+TIMING_PREFIXES = ("time/", "perf/", "throughput/", "overlap/")
 
 
 def _train(tmp: Path, mode: str) -> list[dict[str, float]]:

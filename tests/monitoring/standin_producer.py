@@ -89,6 +89,13 @@ def standin_step_metrics(
         "response/clip_ratio": 0.01,
         "rollout/logprob_abs_diff": 0.002,
         "sampling/generation_batches": 1.0 + (step % 2),
+        "rollout/staleness_mean": 0.9,  # rollout.async_steps 1: mostly one update old
+        "rollout/staleness_max": 1.0,
+        "overlap/trainer_idle_s": 0.4,
+        "overlap/rollout_idle_s": 0.2,
+        "overlap/trainer_idle_fraction": 0.1,
+        "overlap/rollout_idle_fraction": 0.05,
+        "overlap/fraction": 0.85,
         "eval/accuracy": accuracy * 0.9,
         "eval/pass@4": min(1.0, accuracy * 1.3),
         "step": float(step),

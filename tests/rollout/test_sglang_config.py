@@ -19,8 +19,8 @@ from archer_mcore.rollout.sglang_config import (
     resolve_master_address,
     sync_config,
 )
-from archer_mcore.rollout.sglang_engine import (
-    SGLangEngine,
+from archer_mcore.rollout.sglang_engine import SGLangEngine
+from archer_mcore.rollout.sglang_protocol import (
     check_server_version,
     parse_version,
     rank_layout,

@@ -13,7 +13,8 @@ import torch
 from fake_sglang import FakeSGLangServer
 
 from archer_mcore.rollout.http_client import ClientConfig
-from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+from archer_mcore.rollout.sglang_engine import SGLangEngine
+from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
 from archer_mcore.rollout.types import (
     EnginePausedError,
     RolloutEngine,
@@ -273,7 +274,7 @@ def test_5xx_is_retried_4xx_fails_at_once(servers):
 
 
 def test_reply_parsing_rejects_inconsistent_answers():
-    from archer_mcore.rollout.sglang_engine import parse_generate_reply
+    from archer_mcore.rollout.sglang_protocol import parse_generate_reply
 
     ok = {"output_ids": [4, 9], "meta_info": {"id": "r", "finish_reason": {"type": "stop", "matched": 9},
           "output_token_logprobs": [[-0.5, 4, None], [-1.5, 9, None]]}}  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from fake_sglang import FakeSGLangServer
 
 from archer_mcore.rollout.http_client import ClientConfig
-from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+from archer_mcore.rollout.sglang_engine import SGLangEngine
 from archer_mcore.rollout.sglang_launcher import (
     ManagedProcess,
     RouterArgs,
@@ -24,6 +24,7 @@ from archer_mcore.rollout.sglang_launcher import (
     free_port,
     wait_healthy,
 )
+from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
 from archer_mcore.rollout.types import SamplingParams
 
 pytestmark = pytest.mark.slow

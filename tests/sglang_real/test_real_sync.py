@@ -21,7 +21,8 @@ from logprob_check import (
 )
 
 from archer_mcore.rollout.http_client import ClientConfig
-from archer_mcore.rollout.sglang_engine import SGLangEngine, WeightSyncConfig
+from archer_mcore.rollout.sglang_engine import SGLangEngine
+from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
 from archer_mcore.rollout.types import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

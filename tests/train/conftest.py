@@ -8,8 +8,10 @@ the CLI runs (selected by the JSON in $ARCHER_TEST_HOOKS):
 - ``nan_steps``: RL steps whose training batch gets one NaN advantage (as a broken
   reward would give), which poisons that step's loss and gradients;
 - ``trace``: a JSONL file that receives, for every training rollout call of the
-  engine (eval calls use a fixed seed and are left out), the prompts it was given and
-  a digest of the tokens it sampled.
+  engine (eval calls use a fixed seed and are left out), the prompts it was given, a
+  digest of the tokens it sampled and the weight versions its samples carry;
+- ``latency``: LatencyModelEngine keyword arguments (per_token_s, per_call_s): the
+  engine's generate calls take that modelled wall time (rollout/latency_engine.py).
 """
 
 from __future__ import annotations
@@ -65,12 +67,24 @@ if hooks.get("trace"):
         if params.seed is None:
             tokens = [s.token_ids for g in out.groups for s in g]
             digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
-            rec = {"prompts": [list(map(int, p)) for p in prompts], "responses": digest}
+            rec = {"prompts": [list(map(int, p)) for p in prompts], "responses": digest,
+                   "versions": sorted({s.weight_version for g in out.groups for s in g})}
             with open(trace_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         return out
 
     LocalEngine.generate = generate
+
+if hooks.get("latency"):
+    import archer_mcore.train.components as components
+    from archer_mcore.rollout.latency_engine import LatencyModelEngine
+
+    real_build_engine = components.build_engine
+
+    def build_engine(*args, **kwargs):
+        return LatencyModelEngine(inner=real_build_engine(*args, **kwargs), **hooks["latency"])
+
+    components.build_engine = build_engine
 
 from archer_mcore.cli import main
 
