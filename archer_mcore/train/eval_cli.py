@@ -19,24 +19,19 @@ from archer_mcore.config import ConfigError, load_config
 
 def run_eval(args: argparse.Namespace) -> int:
     from archer_mcore.cli import _single_process_rendezvous
+    from archer_mcore.data.prepare import build_tokenizer, route_rewards
     from archer_mcore.data.prompt_dataset import PromptDataset
+    from archer_mcore.parallel.ranks import rank
     from archer_mcore.train.checkpoint import (
         CheckpointError,
         find_latest_checkpoint,
         verify_checkpoint,
     )
-    from archer_mcore.train.components import (
-        _policy_config,
-        build_engine,
-        build_tokenizer,
-        eval_sampling_params,
-        hf_config_dict,
-        rank,
-        route_rewards,
-        score_groups,
-    )
-    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
+    from archer_mcore.train.components import _policy_config, build_engine, hf_config_dict
+    from archer_mcore.train.eval_metrics import EVAL_PASS_KS, format_table, summarize
     from archer_mcore.train.policy import MegatronPolicy
+    from archer_mcore.train.sampling import eval_sampling_params
+    from archer_mcore.train.scoring import score_groups
 
     cfg = load_config(args.config, args.override)
     if args.samples is not None:
