@@ -13,12 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archer_mcore.config import Config
+from archer_mcore.config import AlgorithmConfig, Config
 from archer_mcore.parallel.ranks import any_rank
-from archer_mcore.train.advantage_batch import build_batch
+from archer_mcore.rollout.types import SamplingParams
+from archer_mcore.train.advantage_batch import ScoredGroup, build_batch
 from archer_mcore.train.checkpoint import latest_valid_checkpoint
 from archer_mcore.train.collect import collect_step_groups
 from archer_mcore.train.components import Components, build_components
+from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.held_out import evaluate_held_out
 from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
@@ -47,77 +49,20 @@ class TrainSummary:
 def train(cfg: Config, resume: bool = False, components: Components | None = None) -> TrainSummary:
     """Run `train.steps` RL steps (from the newest checkpoint with `resume`)."""
     c = components or build_components(cfg)
-    t, a = cfg.train, cfg.algorithm
     params = train_sampling_params(cfg)
     summary = TrainSummary(steps_done=0)
-    guard = NonFiniteGuard(t.max_nonfinite_in_a_row)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
     try:
         start = resume_run(c, resume, summary)
         c.sync_weights(start)
         if cfg.eval.every and start == 0:  # the baseline the run is measured against
             evaluate_baseline(c, summary)
         with StopRequest() as stop:
-            for step in range(start + 1, t.steps + 1):
+            for step in range(start + 1, cfg.train.steps + 1):
                 timer = PhaseTimer()
                 step_start = time.perf_counter()
-
-                # 1. Collect: rollout and reward, with the group filter / dynamic sampling.
-                outcome = collect_step_groups(c, params, timer)
-                failures = c.reward_failures()
-                if not outcome.groups:
-                    log.warning(
-                        "step %d: every group was all-correct or all-wrong; no update", step
-                    )
-                    metrics = sampling_metrics(outcome, failures)
-                    if finish_step(c, summary, step, metrics, timer, step_start, stop):
-                        break
-                    continue
-                if not outcome.full:
-                    print(
-                        f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
-                        f"generation batches; training on {len(outcome.groups)} of "
-                        f"{t.prompts_per_step} groups",
-                        flush=True,
-                    )
-
-                # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
-                overlong = (
-                    (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
-                )
-                batch = build_batch(
-                    outcome.groups,
-                    a.reward_correct,
-                    a.reward_incorrect,
-                    a.norm_adv_by_std,
-                    overlong,
-                    c.pad_id,
-                )
-
-                # 3. Old and reference log-probs, forward only (colocated: the engine yields).
-                c.hand_devices_to_training()
-                with timer("logprobs"):
-                    old = score_old_policy(c.policy, batch, cfg.rollout.tis_cap)
-
-                # 4. The update: ppo_epochs passes over mini-batches of whole groups.
-                with timer("update"):
-                    updates, skipped = update_policy(
-                        c.policy, old, len(outcome.groups), cfg.rollout.n_samples_per_prompt,
-                        a, t, step, guard, summary.last_checkpoint,
-                    )  # fmt: skip
-                summary.skipped_updates += skipped
-                ensure_finite_parameters(c, step, summary)
-
-                # 5. Weight sync to the rollout engine, which then takes the devices back.
-                with timer("sync"):
-                    sent = c.sync_weights(step)
-                c.hand_devices_to_rollout()
-
-                # 6. Metrics; eval, checkpoint, report.
-                results = StepResults(
-                    outcome, failures, batch, old.logp, cfg.rollout.tis_cap,
-                    updates, skipped, t.ppo_epochs, sent,
-                )  # fmt: skip
-                metrics = step_metrics(results, timer)
+                metrics = rl_step(c, step, params, timer, guard, summary)
+                # 6. Eval, checkpoint, report.
                 if finish_step(c, summary, step, metrics, timer, step_start, stop):
                     break
     except (NonFiniteLossError, NonFiniteParametersError):
@@ -128,7 +73,79 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
     return summary
 
 
+def rl_step(
+    c: Components,
+    step: int,
+    params: SamplingParams,
+    timer: PhaseTimer,
+    guard: NonFiniteGuard,
+    summary: TrainSummary,
+) -> dict[str, float]:
+    """One RL step up to its metrics: collect -> advantages -> log-probs -> update ->
+    sync. A step whose groups the filter all dropped stops after collecting."""
+    cfg = c.cfg
+    t, a = cfg.train, cfg.algorithm
+
+    # 1. Collect: rollout and reward, with the group filter / dynamic sampling.
+    outcome = collect_step_groups(c, params, timer)
+    failures = c.reward_failures()
+    if not outcome.groups:  # nothing to train on
+        log.warning("step %d: every group was all-correct or all-wrong; no update", step)
+        return sampling_metrics(outcome, failures)
+    say_if_partial(c, outcome, step)
+
+    # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
+    batch = build_batch(outcome.groups, *advantage_settings(a), c.pad_id)
+
+    # 3. Old and reference log-probs, forward only (colocated: the engine yields).
+    c.hand_devices_to_training()
+    with timer("logprobs"):
+        old = score_old_policy(c.policy, batch, cfg.rollout.tis_cap)
+
+    # 4. The update: ppo_epochs passes over mini-batches of whole groups.
+    with timer("update"):
+        updates, skipped = update_policy(
+            c.policy, old, len(outcome.groups), cfg.rollout.n_samples_per_prompt,
+            a, t, step, guard, summary.last_checkpoint,
+        )  # fmt: skip
+    summary.skipped_updates += skipped
+    ensure_finite_parameters(c, step, summary)
+
+    # 5. Weight sync to the rollout engine, which then takes the devices back.
+    with timer("sync"):
+        sent = c.sync_weights(step)
+    c.hand_devices_to_rollout()
+
+    results = StepResults(
+        outcome, failures, batch, old.logp, cfg.rollout.tis_cap,
+        updates, skipped, t.ppo_epochs, sent,
+    )  # fmt: skip
+    return step_metrics(results, timer)
+
+
 # ----------------------------------------------------------------------------- phases
+def advantage_settings(
+    a: AlgorithmConfig,
+) -> tuple[float, float, bool, tuple[int, int] | None]:
+    """`build_batch`'s reward and advantage settings: (reward_correct,
+    reward_incorrect, norm_adv_by_std, overlong = (max_length, cache_length) when DAPO's
+    overlong shaping is on, else None)."""
+    overlong = (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
+    return a.reward_correct, a.reward_incorrect, a.norm_adv_by_std, overlong
+
+
+def say_if_partial(c: Components, outcome: SamplingOutcome[ScoredGroup], step: int) -> None:
+    """Dynamic sampling that hit its cap trains on fewer groups than a full step: say so."""
+    if not outcome.full:
+        a, t = c.cfg.algorithm, c.cfg.train
+        print(
+            f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
+            f"generation batches; training on {len(outcome.groups)} of "
+            f"{t.prompts_per_step} groups",
+            flush=True,
+        )
+
+
 def resume_run(c: Components, resume: bool, summary: TrainSummary) -> int:
     """With `resume`: policy, optimizer, RNG and the data position from the newest
     valid checkpoint (damaged ones are skipped and named). Returns the step done."""
