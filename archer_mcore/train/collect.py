@@ -7,6 +7,7 @@ producing the step's scored groups (e.g. an asynchronous rollout) replaces this 
 
 from __future__ import annotations
 
+from archer_mcore.config import Config
 from archer_mcore.parallel.ranks import broadcast_object
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
@@ -33,13 +34,13 @@ def generate_scored_groups(
 
 
 def collect_step_groups(
-    c: Components, params: SamplingParams, timer: PhaseTimer
+    cfg: Config, c: Components, params: SamplingParams, timer: PhaseTimer
 ) -> SamplingOutcome[ScoredGroup]:
     """The step's groups to train on: `train.prompts_per_step` prompts x
     `rollout.n_samples_per_prompt` samples, filtered by `algorithm.group_filter`
     (refilled from at most `algorithm.max_generation_batches` generation batches)."""
-    t, a = c.cfg.train, c.cfg.algorithm
-    n = c.cfg.rollout.n_samples_per_prompt
+    t, a = cfg.train, cfg.algorithm
+    n = cfg.rollout.n_samples_per_prompt
     return collect_groups(
         lambda k: generate_scored_groups(c, k, n, params, timer),
         lambda g: g.correct,

@@ -56,14 +56,14 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
         start = resume_run(c, resume, summary)
         c.sync_weights(start)
         if cfg.eval.every and start == 0:  # the baseline the run is measured against
-            evaluate_baseline(c, summary)
+            evaluate_baseline(cfg, c, summary)
         with StopRequest() as stop:
             for step in range(start + 1, cfg.train.steps + 1):
                 timer = PhaseTimer()
                 step_start = time.perf_counter()
-                metrics = rl_step(c, step, params, timer, guard, summary)
+                metrics = rl_step(cfg, c, step, params, timer, guard, summary)
                 # 6. Eval, checkpoint, report.
-                if finish_step(c, summary, step, metrics, timer, step_start, stop):
+                if finish_step(cfg, c, summary, step, metrics, timer, step_start, stop):
                     break
     except (NonFiniteLossError, NonFiniteParametersError):
         c.close(delete_push_group=False)  # the last good checkpoint stays
@@ -74,6 +74,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
 
 
 def rl_step(
+    cfg: Config,
     c: Components,
     step: int,
     params: SamplingParams,
@@ -83,16 +84,15 @@ def rl_step(
 ) -> dict[str, float]:
     """One RL step up to its metrics: collect -> advantages -> log-probs -> update ->
     sync. A step whose groups the filter all dropped stops after collecting."""
-    cfg = c.cfg
     t, a = cfg.train, cfg.algorithm
 
     # 1. Collect: rollout and reward, with the group filter / dynamic sampling.
-    outcome = collect_step_groups(c, params, timer)
+    outcome = collect_step_groups(cfg, c, params, timer)
     failures = c.reward_failures()
     if not outcome.groups:  # nothing to train on
         log.warning("step %d: every group was all-correct or all-wrong; no update", step)
         return sampling_metrics(outcome, failures)
-    say_if_partial(c, outcome, step)
+    say_if_partial(cfg, outcome, step)
 
     # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
     batch = build_batch(outcome.groups, *advantage_settings(a), c.pad_id)
@@ -134,10 +134,10 @@ def advantage_settings(
     return a.reward_correct, a.reward_incorrect, a.norm_adv_by_std, overlong
 
 
-def say_if_partial(c: Components, outcome: SamplingOutcome[ScoredGroup], step: int) -> None:
+def say_if_partial(cfg: Config, outcome: SamplingOutcome[ScoredGroup], step: int) -> None:
     """Dynamic sampling that hit its cap trains on fewer groups than a full step: say so."""
     if not outcome.full:
-        a, t = c.cfg.algorithm, c.cfg.train
+        a, t = cfg.algorithm, cfg.train
         print(
             f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
             f"generation batches; training on {len(outcome.groups)} of "
@@ -172,13 +172,13 @@ def resume_run(c: Components, resume: bool, summary: TrainSummary) -> int:
     return start
 
 
-def evaluate_baseline(c: Components, summary: TrainSummary) -> None:
+def evaluate_baseline(cfg: Config, c: Components, summary: TrainSummary) -> None:
     """The held-out accuracy before any RL step (step 0)."""
-    ev = evaluate_held_out(c, 0)
+    ev = evaluate_held_out(cfg, c, 0)
     if "eval/accuracy" in ev:
         summary.eval_history.append((0, ev["eval/accuracy"]))
         if c.is_main:
-            print(f"step 0/{c.cfg.train.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
+            print(f"step 0/{cfg.train.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
 
 
 def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) -> None:
@@ -190,7 +190,7 @@ def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) ->
         )
 
 
-def save_checkpoint(c: Components, summary: TrainSummary, step: int) -> None:
+def save_checkpoint(cfg: Config, c: Components, summary: TrainSummary, step: int) -> None:
     """Policy, optimizer and RNG, plus the data position, the engine's sampling RNG and
     the skipped-update count, under checkpoint_root/step_<step>."""
     extra = {
@@ -199,11 +199,12 @@ def save_checkpoint(c: Components, summary: TrainSummary, step: int) -> None:
         "rollout_rng": c.rollout_rng_state(),
         "skipped_updates": summary.skipped_updates,
     }
-    path = c.policy.save_checkpoint(c.checkpoint_root, extra, c.cfg.checkpoint.keep_last, step=step)
+    path = c.policy.save_checkpoint(c.checkpoint_root, extra, cfg.checkpoint.keep_last, step=step)
     summary.last_checkpoint = str(path)
 
 
 def finish_step(
+    cfg: Config,
     c: Components,
     summary: TrainSummary,
     step: int,
@@ -213,10 +214,9 @@ def finish_step(
     stop: StopRequest,
 ) -> bool:
     """Eval, checkpoint and report the step; True when a stop signal ends the run."""
-    cfg = c.cfg
     if cfg.eval.every and step % cfg.eval.every == 0:
         with timer("eval"):
-            ev = evaluate_held_out(c, step)
+            ev = evaluate_held_out(cfg, c, step)
         metrics.update(ev)
         if "eval/accuracy" in ev:
             summary.eval_history.append((step, ev["eval/accuracy"]))
@@ -225,7 +225,7 @@ def finish_step(
     periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
     if stopping or periodic or step == cfg.train.steps:
         with timer("checkpoint"):
-            save_checkpoint(c, summary, step)
+            save_checkpoint(cfg, c, summary, step)
     metrics["time/step"] = time.perf_counter() - step_start
     c.report(step, metrics, timer)
     if stopping:
