@@ -1,9 +1,10 @@
 """The RL loop: one step is collect (rollout + reward) -> advantages -> log-probs ->
 update -> sync -> finish (eval, checkpoint, report).
 
-`train` reads top to bottom as that step; each phase is one named call. The parts it
-drives (policy, engine, rewards, data, metrics) are built in `components.py` and typed
-by the Protocols in `protocols.py`.
+`train` resumes, runs the steps and finishes; `rl_step` reads top to bottom as one
+step, each phase one named call (collect.py, advantage_batch.py, update.py; metrics
+assembled in step_metrics.py). The parts they drive (policy, engine, rewards, data,
+metrics) are built in `components.py` and typed by the Protocols in `protocols.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ log = logging.getLogger("archer.train")
 
 @dataclass
 class TrainSummary:
+    """What a run did: its last step, why it stopped, skipped updates, held-out
+    accuracy per evaluated step and the newest checkpoint."""
+
     steps_done: int
     stopped_by: str | None = None  # signal name, or None when the run finished
     skipped_updates: int = 0
