@@ -221,19 +221,15 @@ def prepare_shared_start(
 ) -> list[str]:
     """Make the data and the warm start once; return the overrides that reuse them.
 
-    The paths are computed with the trainer's own functions (components.py), the warm
+    The paths are computed with the trainer's own functions (data/prepare.py), the warm
     start itself is trained by a real `archer train` with zero RL steps; if the model
     directory it should have written is missing, the key computation here has drifted
     from the trainer's and this raises.
     """
     from archer_mcore.config import load_config
+    from archer_mcore.data.prepare import build_tokenizer, data_files, warmstart_examples
     from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.components import (
-        build_tokenizer,
-        data_files,
-        hf_config_dict,
-        warmstart_examples,
-    )
+    from archer_mcore.train.components import hf_config_dict
     from archer_mcore.train.warmstart import cache_key
 
     shared.mkdir(parents=True, exist_ok=True)

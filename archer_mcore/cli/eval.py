@@ -73,15 +73,10 @@ def _policy_in_engine(
     the other ranks, which only take part in the weight export)."""
     from archer_mcore.actor.checkpoint_store import CheckpointError
     from archer_mcore.actor.policy import MegatronPolicy
+    from archer_mcore.data.prepare import build_tokenizer, route_rewards
     from archer_mcore.data.prompt_dataset import PromptDataset
-    from archer_mcore.train.components import (
-        _policy_config,
-        build_engine,
-        build_tokenizer,
-        hf_config_dict,
-        rank,
-        route_rewards,
-    )
+    from archer_mcore.parallel.ranks import rank
+    from archer_mcore.train.components import _policy_config, build_engine, hf_config_dict
 
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
     data = PromptDataset.from_files(data_files, tokenizer, cfg.data.max_prompt_length)
@@ -116,8 +111,9 @@ def _evaluate(
     """Sample and score `eval.n_samples` responses per prompt; write the JSON (--out, else
     <output_dir>/eval/eval.json) and print the table with each source's reward faults."""
     from archer_mcore.rewards.scorer import RewardScorer
-    from archer_mcore.train.components import eval_sampling_params, score_groups
-    from archer_mcore.train.evaluation import EVAL_PASS_KS, format_table, summarize
+    from archer_mcore.train.eval_metrics import EVAL_PASS_KS, format_table, summarize
+    from archer_mcore.train.sampling import eval_sampling_params
+    from archer_mcore.train.scoring import score_groups
 
     e = cfg.eval
     params = eval_sampling_params(cfg)

@@ -1,38 +1,48 @@
-"""The RL loop: one step is rollout -> reward -> advantages -> log-probs -> update -> sync.
+"""The RL loop: one step is collect (rollout + reward) -> advantages -> log-probs ->
+update -> sync -> finish (eval, checkpoint, report).
 
-Read top to bottom; the components (policy, engine, rewards, data, metrics) are built
-in `components.py` and sit behind small interfaces.
+`train` resumes, runs the steps and finishes; `rl_step` reads top to bottom as one
+step, each phase one named call (collect.py, advantage_batch.py, update.py; metrics
+assembled in step_metrics.py). The parts they drive (policy, engine, rewards, data,
+metrics) are built in `components.py` and typed by the Protocols in `protocols.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from archer_mcore.actor.checkpoint_store import latest_valid_checkpoint
-from archer_mcore.actor.policy_batch import with_fields
-from archer_mcore.algo.rollout_correction import mismatch_metrics, truncated_is_weights
-from archer_mcore.algo.token_groups import forking_mask_of_rows
 from archer_mcore.config import AlgorithmConfig, Config
-from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
-from archer_mcore.rollout.types import SamplingParams
-from archer_mcore.train.batch import ScoredGroup, TrainBatch, build_batch, group_rows
-from archer_mcore.train.components import Components, any_rank, build_components
+from archer_mcore.parallel.ranks import any_rank
+from archer_mcore.train.advantage_batch import ScoredGroup, build_batch
+from archer_mcore.train.components import Components, build_components
+from archer_mcore.train.dynamic_sampling import SamplingOutcome
+from archer_mcore.train.held_out import evaluate_held_out
 from archer_mcore.train.progress import PhaseTimer
-from archer_mcore.train.rollout_scheduler import make_rollout_scheduler
+from archer_mcore.train.rollout_scheduler import SyncRollout, make_rollout_scheduler
 from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
+from archer_mcore.train.sampling import train_sampling_params
 from archer_mcore.train.signals import StopRequest
+from archer_mcore.train.step_metrics import StepResults, sampling_metrics, step_metrics
+from archer_mcore.train.update import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    score_old_policy,
+    update_policy,
+)
 
 log = logging.getLogger("archer.train")
 
 
 @dataclass
 class TrainSummary:
+    """What a run did: its last step, why it stopped, skipped updates, held-out
+    accuracy per evaluated step and the newest checkpoint."""
+
     steps_done: int
     stopped_by: str | None = None  # signal name, or None when the run finished
     skipped_updates: int = 0
@@ -40,279 +50,217 @@ class TrainSummary:
     last_checkpoint: str | None = None
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive updates with a non-finite loss; the last good checkpoint stays."""
-
-
-def rollout_params(cfg: Config) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens,
-        stop_token_ids=tuple(r.stop_token_ids),
-    )
-
-
-def rollout_metrics(
-    groups: list[ScoredGroup], generated: list[ScoredGroup], batch: TrainBatch
-) -> dict[str, float]:
-    """Metrics of the trained groups, except accuracy: over everything generated."""
-    lengths = [len(s.token_ids) for g in groups for s in g.samples]
-    count = max(1, len(lengths))
-    n_generated = max(1, sum(len(g.correct) for g in generated))
-    return {
-        "reward/mean": float(batch.rewards.mean()),
-        "reward/std": float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0,
-        "response/repetition": mean_ngram_repetition_rate(
-            [s.token_ids for g in groups for s in g.samples]
-        ),
-        "reward/accuracy": sum(sum(g.correct) for g in generated) / n_generated,
-        "reward/accuracy_trained": sum(sum(g.correct) for g in groups) / count,
-        "response/length_mean": sum(lengths) / count,
-        "response/length_max": float(max(lengths, default=0)),
-        "response/clip_ratio": sum(s.finish_reason == "length" for g in groups for s in g.samples)
-        / count,
-    }
-
-
-def minibatch_selection(
-    a: AlgorithmConfig, entropy: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor | None:
-    """The forking-token mask [B, L] for the mini-batch `rows`, or None.
-
-    `algorithm.forking_scope` = mini_batch: the top-rho tokens of the whole mini-batch
-    (the rows of every data-parallel rank together), ranked by `entropy` [B, L], the
-    entropies the old policy gave in the scoring pass (for the first mini-batch of the
-    first epoch that is the policy being updated). micro_batch (or a token rule other
-    than forking): None, and the loss selects within each micro-batch by the current
-    policy's entropies.
-    """
-    if a.token_rule != "forking" or a.forking_scope != "mini_batch":
-        return None
-    return forking_mask_of_rows(entropy, mask, rows, a.forking_rho)
-
-
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = sorted(set().union(*rows)) if rows else []
-    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
-
-
 def train(cfg: Config, resume: bool = False, components: Components | None = None) -> TrainSummary:
+    """Run `train.steps` RL steps (from the newest checkpoint with `resume`)."""
     c = components or build_components(cfg)
-    t, a = cfg.train, cfg.algorithm
-    params = rollout_params(cfg)
-    n = cfg.rollout.n_samples_per_prompt
+    params = train_sampling_params(cfg)
     summary = TrainSummary(steps_done=0)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
+    try:
+        start, state = resume_run(c, resume, summary)
+        # Where each step's groups come from: generated in the step, or (rollout.async_steps
+        # = 1) on a background thread while the previous step trains.
+        rollout = make_rollout_scheduler(cfg, c, params, start)
+        try:
+            rollout.load_state_dict(state)
+            rollout.initial_sync()
+            if cfg.eval.every and start == 0:  # the baseline the run is measured against
+                evaluate_baseline(cfg, c, summary)
+            with StopRequest() as stop:
+                for step in range(start + 1, cfg.train.steps + 1):
+                    timer = PhaseTimer()
+                    step_start = time.perf_counter()
+                    metrics = rl_step(cfg, c, rollout, step, timer, guard, summary)
+                    # 6. Eval, checkpoint, report.
+                    if finish_step(cfg, c, rollout, summary, step, metrics, timer, step_start,
+                                   stop):  # fmt: skip
+                        break
+        finally:
+            rollout.close()
+    except (NonFiniteLossError, NonFiniteParametersError):
+        c.close(delete_push_group=False)  # the last good checkpoint stays
+        raise
+    report_eval_change(c, summary)
+    c.close(delete_push_group=summary.stopped_by is None)
+    return summary
 
-    # Resume: policy, optimizer, RNG and the data position from the newest checkpoint.
-    start = 0
+
+def rl_step(
+    cfg: Config,
+    c: Components,
+    rollout: SyncRollout,
+    step: int,
+    timer: PhaseTimer,
+    guard: NonFiniteGuard,
+    summary: TrainSummary,
+) -> dict[str, float]:
+    """One RL step up to its metrics: collect -> advantages -> log-probs -> update ->
+    sync. A step whose groups the filter all dropped stops after collecting."""
+    t, a = cfg.train, cfg.algorithm
+
+    # 1. Collect: rollout and reward, with the group filter / dynamic sampling
+    #    (train/collect.py; generated ahead on a thread with rollout.async_steps = 1).
+    outcome = rollout.collect(step, timer)
+    failures = c.reward_failures()
+    if not outcome.groups:  # nothing to train on
+        log.warning("step %d: every group was all-correct or all-wrong; no update", step)
+        return sampling_metrics(outcome, failures)
+    say_if_partial(cfg, outcome, step)
+
+    # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
+    batch = build_batch(outcome.groups, *advantage_settings(a), c.pad_id)
+
+    # 3. Old and reference log-probs, forward only (colocated: the engine yields).
+    c.hand_devices_to_training()
+    with timer("logprobs"):
+        old = score_old_policy(c.policy, batch, cfg.rollout.tis_cap)
+
+    # 4. The update: ppo_epochs passes over mini-batches of whole groups.
+    with timer("update"):
+        updates, skipped = update_policy(
+            c.policy, old, len(outcome.groups), cfg.rollout.n_samples_per_prompt,
+            a, t, step, guard, summary.last_checkpoint,
+        )  # fmt: skip
+    summary.skipped_updates += skipped
+    ensure_finite_parameters(c, step, summary)
+
+    # 5. Weight sync to the rollout engine, which then takes the devices back.
+    with timer("sync"):
+        sent = rollout.sync_weights(step)
+    c.hand_devices_to_rollout()
+
+    results = StepResults(
+        outcome, failures, batch, old.logp, cfg.rollout.tis_cap,
+        updates, skipped, t.ppo_epochs, sent,
+    )  # fmt: skip
+    return step_metrics(results, timer)
+
+
+# ----------------------------------------------------------------------------- phases
+def advantage_settings(
+    a: AlgorithmConfig,
+) -> tuple[float, float, bool, tuple[int, int] | None]:
+    """`build_batch`'s reward and advantage settings: (reward_correct,
+    reward_incorrect, norm_adv_by_std, overlong = (max_length, cache_length) when DAPO's
+    overlong shaping is on, else None)."""
+    overlong = (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
+    return a.reward_correct, a.reward_incorrect, a.norm_adv_by_std, overlong
+
+
+def say_if_partial(cfg: Config, outcome: SamplingOutcome[ScoredGroup], step: int) -> None:
+    """Dynamic sampling that hit its cap trains on fewer groups than a full step: say so."""
+    if not outcome.full:
+        a, t = cfg.algorithm, cfg.train
+        print(
+            f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
+            f"generation batches; training on {len(outcome.groups)} of "
+            f"{t.prompts_per_step} groups",
+            flush=True,
+        )
+
+
+def resume_run(
+    c: Components, resume: bool, summary: TrainSummary
+) -> tuple[int, dict[str, Any]]:
+    """With `resume`: policy, optimizer, RNG and the data position from the newest
+    valid checkpoint (damaged ones are skipped and named). Returns the step done and
+    the checkpoint's extra state ({} when starting fresh)."""
+    if not resume:
+        return 0, {}
 
     def skipped(path: Path, reason: str) -> None:
         if c.is_main:
             print(f"--resume: skipping damaged checkpoint {path.name}: {reason}", flush=True)
 
-    latest = latest_valid_checkpoint(c.checkpoint_root, report=skipped) if resume else None
-    if latest is not None:
-        state = c.policy.load_checkpoint(latest)
-        start = int(state["step"])
-        c.prompts.load_state_dict(state["sampler"])
-        c.set_rollout_rng_state(state.get("rollout_rng"))
-        summary.skipped_updates = int(state.get("skipped_updates", 0))
-        summary.last_checkpoint = str(latest)
+    latest = latest_valid_checkpoint(c.checkpoint_root, report=skipped)
+    if latest is None:
         if c.is_main:
-            print(f"resumed from {latest} (step {start})", flush=True)
-    elif resume and c.is_main:
-        print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
-    # Where each step's groups come from: generated in the step, or (rollout.async_steps
-    # = 1) on a background thread while the previous step trains.
-    rollout = make_rollout_scheduler(cfg, c, params, start)
-    if latest is not None:
-        rollout.load_state_dict(state)
-    rollout.initial_sync()
-    if cfg.eval.every and start == 0:  # the baseline the run is measured against
-        ev = c.evaluate(0)
-        if "eval/accuracy" in ev:
-            summary.eval_history.append((0, ev["eval/accuracy"]))
-            if c.is_main:
-                print(f"step 0/{t.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
+            print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
+        return 0, {}
+    state = c.policy.load_checkpoint(latest)
+    start = int(state["step"])
+    c.prompts.load_state_dict(state["sampler"])
+    c.set_rollout_rng_state(state.get("rollout_rng"))
+    summary.skipped_updates = int(state.get("skipped_updates", 0))
+    summary.last_checkpoint = str(latest)
+    if c.is_main:
+        print(f"resumed from {latest} (step {start})", flush=True)
+    return start, state
 
-    def save(step: int) -> None:
-        extra = {
-            "step": step,
-            **rollout.checkpoint_state(step),  # sampler, rollout_rng (+ the batch in flight)
-            "skipped_updates": summary.skipped_updates,
-        }
-        path = c.policy.save_checkpoint(
-            c.checkpoint_root, extra, cfg.checkpoint.keep_last, step=step
+
+def evaluate_baseline(cfg: Config, c: Components, summary: TrainSummary) -> None:
+    """The held-out accuracy before any RL step (step 0)."""
+    ev = evaluate_held_out(cfg, c, 0)
+    if "eval/accuracy" in ev:
+        summary.eval_history.append((0, ev["eval/accuracy"]))
+        if c.is_main:
+            print(f"step 0/{cfg.train.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
+
+
+def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) -> None:
+    """Never sync or checkpoint NaN/inf weights: stop, the last good checkpoint stays."""
+    if not parameters_finite(c.policy.unwrapped()):
+        raise NonFiniteParametersError(
+            f"non-finite weights after the update of step {step}; stopping before "
+            f"it is saved. Last good checkpoint: {summary.last_checkpoint or 'none'}"
         )
-        summary.last_checkpoint = str(path)
 
-    def finish_step(
-        step: int,
-        metrics: dict[str, float],
-        timer: PhaseTimer,
-        step_start: float,
-        stop: StopRequest,
-    ) -> bool:
-        """Eval, checkpoint and report the step; True when a stop signal ends the run."""
-        if cfg.eval.every and step % cfg.eval.every == 0:
-            with timer("eval"), rollout.exclusive():
-                ev = c.evaluate(step)
-            metrics.update(ev)
-            if "eval/accuracy" in ev:
-                summary.eval_history.append((step, ev["eval/accuracy"]))
-        summary.steps_done = step
-        stopping = any_rank(bool(stop))  # a signal may reach the ranks at different steps
-        periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-        if stopping or periodic or step == t.steps:
-            with timer("checkpoint"):
-                save(step)
-        metrics.update(rollout.step_metrics(step, timer, step_start, time.perf_counter()))
-        metrics["time/step"] = time.perf_counter() - step_start
-        c.report(step, metrics, timer)
-        if stopping:
-            summary.stopped_by = stop.signal_name or "signal on another rank"
-            if c.is_main:
-                print(
-                    f"received {summary.stopped_by}: checkpoint written at step {step} "
-                    f"({summary.last_checkpoint}); exiting",
-                    flush=True,
-                )
-        return stopping
 
-    nonfinite_in_a_row = 0
-    with StopRequest() as stop:
-        for step in range(start + 1, t.steps + 1):
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
+def save_checkpoint(
+    cfg: Config, c: Components, rollout: SyncRollout, summary: TrainSummary, step: int
+) -> None:
+    """Policy, optimizer and RNG, plus the data position, the engine's sampling RNG (and
+    with async rollout the next step's batch in flight) and the skipped-update count,
+    under checkpoint_root/step_<step>."""
+    extra = {
+        "step": step,
+        **rollout.checkpoint_state(step),
+        "skipped_updates": summary.skipped_updates,
+    }
+    path = c.policy.save_checkpoint(c.checkpoint_root, extra, cfg.checkpoint.keep_last, step=step)
+    summary.last_checkpoint = str(path)
 
-            # 1. Rollout and reward, with the group filter / dynamic sampling.
-            outcome = rollout.collect(step, timer)
-            metrics: dict[str, float] = {
-                "sampling/drop_rate": outcome.drop_rate,
-                "sampling/generation_batches": float(outcome.generation_batches),
-                "reward/failures": float(c.reward_failures()),
-            }
-            if not outcome.groups:
-                log.warning("step %d: every group was all-correct or all-wrong; no update", step)
-                if finish_step(step, metrics, timer, step_start, stop):
-                    break
-                continue
-            if not outcome.full:
-                print(
-                    f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
-                    f"generation batches; training on {len(outcome.groups)} of "
-                    f"{t.prompts_per_step} groups",
-                    flush=True,
-                )
 
-            # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
-            overlong = (
-                (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
+def finish_step(
+    cfg: Config,
+    c: Components,
+    rollout: SyncRollout,
+    summary: TrainSummary,
+    step: int,
+    metrics: dict[str, float],
+    timer: PhaseTimer,
+    step_start: float,
+    stop: StopRequest,
+) -> bool:
+    """Eval, checkpoint and report the step; True when a stop signal ends the run."""
+    if cfg.eval.every and step % cfg.eval.every == 0:
+        with timer("eval"), rollout.exclusive():
+            ev = evaluate_held_out(cfg, c, step)
+        metrics.update(ev)
+        if "eval/accuracy" in ev:
+            summary.eval_history.append((step, ev["eval/accuracy"]))
+    summary.steps_done = step
+    stopping = any_rank(bool(stop))  # a signal may reach the ranks at different steps
+    periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+    if stopping or periodic or step == cfg.train.steps:
+        with timer("checkpoint"):
+            save_checkpoint(cfg, c, rollout, summary, step)
+    metrics.update(rollout.step_metrics(step, timer, step_start, time.perf_counter()))
+    metrics["time/step"] = time.perf_counter() - step_start
+    c.report(step, metrics, timer)
+    if stopping:
+        summary.stopped_by = stop.signal_name or "signal on another rank"
+        if c.is_main:
+            print(
+                f"received {summary.stopped_by}: checkpoint written at step {step} "
+                f"({summary.last_checkpoint}); exiting",
+                flush=True,
             )
-            batch = build_batch(
-                outcome.groups,
-                a.reward_correct,
-                a.reward_incorrect,
-                a.norm_adv_by_std,
-                overlong,
-                c.pad_id,
-            )
-            metrics.update(rollout_metrics(outcome.groups, outcome.all_groups, batch))
+    return stopping
 
-            # 3. Old and reference log-probs, forward only (colocated: the engine yields).
-            c.hand_devices_to_training()
-            with timer("logprobs"):
-                old_logp, old_entropy = c.policy.compute_logprobs(batch.policy)
-                ref_logp = (
-                    c.policy.compute_ref_logprobs(batch.policy)
-                    if c.policy.reference is not None
-                    else None
-                )
-            # Rollout/training mismatch: metrics, and truncated importance sampling
-            # (w = min(pi_old / pi_rollout, cap) on the policy gradient) when capped.
-            mask = batch.policy.response_mask
-            cap = cfg.rollout.tis_cap
-            weights = truncated_is_weights(old_logp, batch.rollout_logp, cap, mask) if cap else None
-            full = with_fields(
-                batch.policy, old_logp=old_logp, ref_logp=ref_logp, token_weights=weights
-            )
-            mism = mismatch_metrics(old_logp, batch.rollout_logp, mask, cap)
-            metrics["rollout/mismatch_kl_k3"] = mism["mismatch_kl_k3"]
-            diff = (old_logp - batch.rollout_logp)[mask]
-            metrics["rollout/logprob_abs_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
-            if cap:
-                metrics["rollout/tis_weight_mean"] = mism["tis_weight_mean"]
-                metrics["rollout/tis_clipped_fraction"] = mism["tis_clipped_fraction"]
 
-            # 4. The update: ppo_epochs passes over mini-batches of whole groups; each
-            #    data-parallel rank takes its share of every mini-batch.
-            updates: list[dict[str, float]] = []
-            skipped_before = summary.skipped_updates
-            with timer("update"):
-                groups_total = len(outcome.groups)
-                # The configured number of updates per epoch, however many groups the
-                # filter kept (fewer groups make smaller mini-batches, not more of them).
-                n_mb = min(groups_total, t.prompts_per_step // t.mini_batch_prompts)
-                per_mb = math.ceil(groups_total / n_mb)
-                for epoch in range(t.ppo_epochs):
-                    g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + epoch)
-                    order = torch.randperm(groups_total, generator=g)
-                    for lo in range(0, groups_total, per_mb):
-                        rows = group_rows(order[lo : lo + per_mb], n)
-                        share = rows[c.policy.dp_rank :: c.policy.dp_size]
-                        selection = minibatch_selection(a, old_entropy, mask, rows)
-                        mini = full if selection is None else with_fields(full, selection=selection)
-                        m = c.policy.train_step(mini.rows(share), a)
-                        updates.append(m)
-                        if m.get("update_skipped") or not math.isfinite(m.get("loss", 0.0)):
-                            nonfinite_in_a_row += 1
-                            summary.skipped_updates += 1
-                            log.warning(
-                                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                                step,
-                                nonfinite_in_a_row,
-                            )
-                            if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-                                c.close(delete_push_group=False)
-                                raise NonFiniteLossError(
-                                    f"{nonfinite_in_a_row} non-finite updates in a row at step "
-                                    f"{step}; stopping. Last good checkpoint: "
-                                    f"{summary.last_checkpoint or 'none'}"
-                                )
-                        else:
-                            nonfinite_in_a_row = 0
-            if not parameters_finite(c.policy.unwrapped()):
-                # Never sync or checkpoint NaN/inf weights: the last good checkpoint stays.
-                c.close(delete_push_group=False)
-                raise NonFiniteParametersError(
-                    f"non-finite weights after the update of step {step}; stopping before "
-                    f"it is saved. Last good checkpoint: {summary.last_checkpoint or 'none'}"
-                )
-            for k, v in _mean(updates).items():
-                metrics[k if "/" in k else f"train/{k}"] = v
-            metrics["train/skipped_steps"] = float(summary.skipped_updates - skipped_before)
-            if "share/forking" in metrics:
-                metrics["forking/share"] = metrics["share/forking"]
-            trained = batch.num_response_tokens * t.ppo_epochs
-            metrics["throughput/train_tokens"] = float(trained)
-            metrics["throughput/train_tokens_per_s"] = trained / max(1e-9, timer.seconds["update"])
-            generated = sum(len(s.token_ids) for grp in outcome.all_groups for s in grp.samples)
-            metrics["throughput/rollout_tokens"] = float(generated)
-            metrics["throughput/rollout_tokens_per_s"] = generated / max(
-                1e-9, timer.seconds.get("rollout", 0.0)
-            )
-
-            # 5. Weight sync to the rollout engine, which then takes the devices back.
-            with timer("sync"):
-                metrics["sync/bytes"] = float(rollout.sync_weights(step))
-            c.hand_devices_to_rollout()
-
-            # 6. Eval, checkpoint, report.
-            if finish_step(step, metrics, timer, step_start, stop):
-                break
+def report_eval_change(c: Components, summary: TrainSummary) -> None:
+    """The held-out accuracy's change from the first to the last evaluation."""
     if c.is_main and len(summary.eval_history) >= 2:
         (s0, a0), (s1, a1) = summary.eval_history[0], summary.eval_history[-1]
         print(
@@ -320,6 +268,3 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             f"({100 * (a1 - a0):+.1f} points)",
             flush=True,
         )
-    rollout.close()
-    c.close(delete_push_group=summary.stopped_by is None)
-    return summary

@@ -37,11 +37,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from archer_mcore.config import Config, ConfigError
+from archer_mcore.parallel.ranks import broadcast_object
 from archer_mcore.rollout.types import Sample, SamplingParams
-from archer_mcore.train.batch import ScoredGroup
-from archer_mcore.train.components import Components, broadcast_object, score_groups
-from archer_mcore.train.dynamic_sampling import SamplingOutcome, collect_groups
+from archer_mcore.train.advantage_batch import ScoredGroup
+from archer_mcore.train.collect import collect_step_groups, collect_with
+from archer_mcore.train.components import Components
+from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.scoring import score_groups
 
 Outcome = SamplingOutcome[ScoredGroup]
 
@@ -153,19 +156,9 @@ class SyncRollout:
         self.synced = [start]  # versions synced so far; the last is the trainer's weights
         self._versions: dict[str, float] = {}
 
-    def _collect(self, generate: Callable[[int], list[ScoredGroup]]) -> Outcome:
-        a = self.cfg.algorithm
-        return collect_groups(
-            generate,
-            lambda g: g.correct,
-            self.cfg.train.prompts_per_step,
-            a.group_filter,
-            a.max_generation_batches,
-        )
-
     def collect(self, step: int, timer: PhaseTimer) -> Outcome:
         """Step `step`'s groups (every rank gets them)."""
-        outcome = self._collect(lambda k: self.c.generate_groups(k, self.n, self.params, timer))
+        outcome = collect_step_groups(self.cfg, self.c, self.params, timer)
         self._versions = check_staleness(outcome.groups, self.synced, None)
         return outcome
 
@@ -336,7 +329,7 @@ class AsyncRollout(SyncRollout):
                     return
                 step = done = self._requested
             try:
-                outcome = self._collect(self._generator_for(step))
+                outcome = collect_with(self.cfg, self._generator_for(step))
             except BaseException as e:  # handed to the trainer at its next wait
                 with self._cond:
                     self._error = e

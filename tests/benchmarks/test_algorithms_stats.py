@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from archer_mcore.config import load_config
-from archer_mcore.train.evaluation import summarize
+from archer_mcore.train.eval_metrics import summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("preset", ["demo_cpu", "qwen3_8b_archer", "r1_distill_1p5b_archer"])
 def test_planner_and_builder_read_the_same_shape(tmp_path: Path, monkeypatch, preset: str):
-    from archer_mcore.train.components import build_tokenizer, hf_config_dict
+    from archer_mcore.data.prepare import build_tokenizer
+    from archer_mcore.train.components import hf_config_dict
 
     monkeypatch.chdir(ROOT)  # the presets' model.path is relative to the repository
     path = ROOT / "configs" / f"{preset}.yaml"

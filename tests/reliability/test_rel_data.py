@@ -13,9 +13,10 @@ import pytest
 from archer_mcore.cli import main
 from archer_mcore.config import load_config
 from archer_mcore.data.arithmetic_tokenizer import build_arithmetic_tokenizer
+from archer_mcore.data.prepare import route_rewards
 from archer_mcore.data.prompt_dataset import PromptDataset
 from archer_mcore.rollout.types import RolloutBatch
-from archer_mcore.train.components import route_rewards, score_groups
+from archer_mcore.train.scoring import score_groups
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo_cpu.yaml"

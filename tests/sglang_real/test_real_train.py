@@ -47,7 +47,8 @@ def _server_model(tmp: Path) -> Path:
     """config.json of the run's policy (what the trainer itself derives from the demo
     config); the servers start with random weights (--load-format dummy) and get the
     policy's at the loop's first sync."""
-    from archer_mcore.train.components import build_tokenizer, hf_config_dict
+    from archer_mcore.data.prepare import build_tokenizer
+    from archer_mcore.train.components import hf_config_dict
 
     cfg = load_config(DEMO, SHORT)
     tok = build_tokenizer(cfg, REPO / cfg.warmstart.cache_dir)

@@ -130,7 +130,7 @@ def test_async_with_two_ranks_under_torchrun(archer, helpers, tmp_path):
     import subprocess
     import sys
 
-    from archer_mcore.train.checkpoint import verify_checkpoint
+    from archer_mcore.actor.checkpoint_store import verify_checkpoint
 
     out = tmp_path / "tp2"
     overrides = [*helpers.FAST, *ASYNC, "algorithm.group_filter=none", "train.steps=3",

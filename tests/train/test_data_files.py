@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from archer_mcore.config import ConfigError, config_from_dict
-from archer_mcore.train.components import data_files
+from archer_mcore.data.prepare import data_files
 
 SMALL = {"synthetic_train_size": 32, "synthetic_eval_size": 8}
 

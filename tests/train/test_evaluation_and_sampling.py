@@ -8,7 +8,7 @@ import math
 import pytest
 
 from archer_mcore.train.dynamic_sampling import collect_groups
-from archer_mcore.train.evaluation import format_table, pass_at_k, summarize
+from archer_mcore.train.eval_metrics import format_table, pass_at_k, summarize
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(5, 2, 1), (5, 2, 3), (6, 0, 2), (6, 6, 4), (8, 3, 5)])

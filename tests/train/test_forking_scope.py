@@ -20,7 +20,7 @@ import torch
 
 from archer_mcore.algo.losses import policy_loss
 from archer_mcore.config import load_config
-from archer_mcore.train.loop import minibatch_selection
+from archer_mcore.train.update import minibatch_selection
 
 ENTROPY = torch.tensor(
     [

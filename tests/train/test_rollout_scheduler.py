@@ -11,7 +11,7 @@ import torch
 from archer_mcore.config import ConfigError, config_from_dict
 from archer_mcore.rollout.latency_engine import LatencyModelEngine
 from archer_mcore.rollout.types import Sample, SamplingParams
-from archer_mcore.train.batch import ScoredGroup
+from archer_mcore.train.advantage_batch import ScoredGroup
 from archer_mcore.train.rollout_scheduler import (
     StalenessError,
     busy_within,

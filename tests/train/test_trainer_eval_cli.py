@@ -21,7 +21,7 @@ def _eval_file(cache: Path) -> Path:
 @pytest.mark.timeout(300)
 def test_eval_cli_reproduces_the_runs_own_eval(archer, helpers, reference_run, tmp_path):
     # The loop evaluated the final policy of the reference run on its held-out file with
-    # seed train.seed + 7 (components.evaluate). `archer eval` rebuilds the policy from
+    # seed train.seed + 7 (held_out.evaluate_held_out). `archer eval` rebuilds the policy from
     # the step-5 checkpoint, syncs it into a fresh engine and samples the same prompts with
     # the same seed: if the checkpoint restores the weights exactly, every sample and so
     # every number must be equal.

@@ -1,0 +1,59 @@
+"""The collect phase of an RL step: rollout and reward for the step's prompts, with
+the group filter / DAPO's dynamic sampling (`dynamic_sampling.collect_groups`).
+
+`collect_step_groups` is the loop's single entry point for this phase: another way of
+producing the step's scored groups (e.g. an asynchronous rollout) replaces this call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from archer_mcore.config import Config
+from archer_mcore.parallel.ranks import broadcast_object
+from archer_mcore.rollout.types import SamplingParams
+from archer_mcore.train.advantage_batch import ScoredGroup
+from archer_mcore.train.components import Components
+from archer_mcore.train.dynamic_sampling import SamplingOutcome, collect_groups
+from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.scoring import score_groups
+
+
+def generate_scored_groups(
+    c: Components, n_prompts: int, n: int, params: SamplingParams, timer: PhaseTimer
+) -> list[ScoredGroup]:
+    """Rank 0 generates `n` samples for each of the next `n_prompts` prompts and scores
+    them (phases "rollout" and "reward"); every rank gets the groups."""
+    prompts = c.prompts.next_batch(n_prompts)
+    groups = None
+    if c.is_main:
+        assert c.engine is not None and c.scorer is not None
+        with timer("rollout"):
+            batch = c.engine.generate([p.prompt_ids for p in prompts], n, params)
+        with timer("reward"):
+            groups = score_groups(c.scorer, c.tokenizer, prompts, batch)
+    return broadcast_object(groups)
+
+
+def collect_step_groups(
+    cfg: Config, c: Components, params: SamplingParams, timer: PhaseTimer
+) -> SamplingOutcome[ScoredGroup]:
+    """The step's groups to train on, generated now (see `collect_with`)."""
+    n = cfg.rollout.n_samples_per_prompt
+    return collect_with(cfg, lambda k: generate_scored_groups(c, k, n, params, timer))
+
+
+def collect_with(
+    cfg: Config, generate: Callable[[int], list[ScoredGroup]]
+) -> SamplingOutcome[ScoredGroup]:
+    """`train.prompts_per_step` groups of `rollout.n_samples_per_prompt` samples from
+    `generate(k)` (k prompts' scored groups), filtered by `algorithm.group_filter`
+    (refilled from at most `algorithm.max_generation_batches` generation batches)."""
+    t, a = cfg.train, cfg.algorithm
+    return collect_groups(
+        generate,
+        lambda g: g.correct,
+        t.prompts_per_step,
+        a.group_filter,
+        a.max_generation_batches,
+    )
