@@ -187,7 +187,7 @@ _ARCHER_CODE: dict[str, Any] = {
     "archer_quantile": 0.8,
     "group_filter": "drop",
 }
-#: The papers' recipes (DESIGN.md); a YAML's `algorithm:` keys override them.
+#: The papers' recipes (docs/design.md, README); a YAML's `algorithm:` keys override them.
 ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
     "grpo": {},
     "dapo": _DAPO,

@@ -1,4 +1,4 @@
-"""Hand-derived numeric cases for the RLVR math (DESIGN.md formulas).
+"""Hand-derived numeric cases for the RLVR math (the formulas of docs/design.md).
 
 Each expected value is derived in the comment beside it.
 """
