@@ -376,13 +376,14 @@ def finished_run(variant: str, seed: int, run_dir: Path) -> RunResult | None:
 
 
 #: metrics that measure the machine, not the run (differ between identical reruns)
-TIMING_PREFIXES = ("time/", "throughput/")
+TIMING_PREFIXES = ("time/", "throughput/", "overlap/")
 TIMING_KEYS = ("throughput/train_tokens", "throughput/rollout_tokens")
 
 
 def reproducibility_diff(a: Path, b: Path) -> list[str]:
     """Keys (`step N: key a != b`) on which two runs' metrics.jsonl and eval files differ,
-    ignoring wall-clock timings (`time/*`, `throughput/*_per_s`); [] when identical."""
+    ignoring wall-clock timings (`time/*`, `throughput/*_per_s`, `overlap/*`); [] when
+    identical."""
     diffs = []
     ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     if len(ra) != len(rb):

@@ -30,11 +30,12 @@ CAP = 2.0
 DRIVER = r'''
 import os, sys, torch
 import archer_mcore.train.loop as loop
+import archer_mcore.train.update as update
 from archer_mcore.rollout.sglang_engine import SGLangEngine
 
 dump = os.environ["ARCHER_ASYNC_DUMP"]
 step = {"n": 0}
-real_update, real_build, real_tis = SGLangEngine.update_weights, loop.build_batch, loop.truncated_is_weights
+real_update, real_build, real_tis = SGLangEngine.update_weights, loop.build_batch, update.truncated_is_weights
 
 def update_weights(self, buckets, version=None):
     buckets = [[(n, t.detach().clone()) for n, t in b] for b in buckets]
@@ -53,7 +54,7 @@ def truncated_is_weights(old, rollout, cap, mask):
     return w
 
 SGLangEngine.update_weights = update_weights
-loop.build_batch, loop.truncated_is_weights = build_batch, truncated_is_weights
+loop.build_batch, update.truncated_is_weights = build_batch, truncated_is_weights
 from archer_mcore.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
