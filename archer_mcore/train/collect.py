@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from archer_mcore.config import Config
+from archer_mcore.data.prompt_dataset import PromptExample
 from archer_mcore.parallel.ranks import broadcast_object
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
@@ -19,19 +20,29 @@ from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.scoring import score_groups
 
 
+def rollout_and_score(
+    c: Components,
+    prompts: list[PromptExample],
+    n: int,
+    params: SamplingParams,
+    timer: PhaseTimer,
+) -> list[ScoredGroup]:
+    """Rank 0: `n` samples for each prompt from the engine (phase "rollout"), scored
+    (phase "reward")."""
+    assert c.engine is not None and c.scorer is not None
+    with timer("rollout"):
+        batch = c.engine.generate([p.prompt_ids for p in prompts], n, params)
+    with timer("reward"):
+        return score_groups(c.scorer, c.tokenizer, prompts, batch)
+
+
 def generate_scored_groups(
     c: Components, n_prompts: int, n: int, params: SamplingParams, timer: PhaseTimer
 ) -> list[ScoredGroup]:
     """Rank 0 generates `n` samples for each of the next `n_prompts` prompts and scores
     them (phases "rollout" and "reward"); every rank gets the groups."""
     prompts = c.prompts.next_batch(n_prompts)
-    groups = None
-    if c.is_main:
-        assert c.engine is not None and c.scorer is not None
-        with timer("rollout"):
-            batch = c.engine.generate([p.prompt_ids for p in prompts], n, params)
-        with timer("reward"):
-            groups = score_groups(c.scorer, c.tokenizer, prompts, batch)
+    groups = rollout_and_score(c, prompts, n, params, timer) if c.is_main else None
     return broadcast_object(groups)
 
 

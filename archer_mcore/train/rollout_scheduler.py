@@ -40,11 +40,10 @@ from archer_mcore.config import Config, ConfigError
 from archer_mcore.parallel.ranks import broadcast_object
 from archer_mcore.rollout.types import Sample, SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
-from archer_mcore.train.collect import collect_step_groups, collect_with
+from archer_mcore.train.collect import collect_step_groups, collect_with, rollout_and_score
 from archer_mcore.train.components import Components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.progress import PhaseTimer
-from archer_mcore.train.scoring import score_groups
 
 Outcome = SamplingOutcome[ScoredGroup]
 
@@ -378,19 +377,17 @@ class AsyncRollout(SyncRollout):
 
     def _generate(self, step: int, k: int) -> list[ScoredGroup]:
         """One generation batch of `k` prompts, scored (rank 0, producer thread)."""
-        c = self.c
+        timer = PhaseTimer()
         with self._engine_lock:
             t0 = time.perf_counter()
-            prompts = c.prompts.next_batch(k)
-            batch = c.engine.generate([p.prompt_ids for p in prompts], self.n, self.params)
+            prompts = self.c.prompts.next_batch(k)
+            groups = rollout_and_score(self.c, prompts, self.n, self.params, timer)
             t1 = time.perf_counter()
-            groups = score_groups(c.scorer, c.tokenizer, prompts, batch)
-            t2 = time.perf_counter()
         with self._cond:
-            self._busy.append((t0, t2))
+            self._busy.append((t0, t1))
             phases = self._phases.setdefault(step, {})
-            phases["rollout"] = phases.get("rollout", 0.0) + t1 - t0
-            phases["reward"] = phases.get("reward", 0.0) + t2 - t1
+            for phase, seconds in timer.seconds.items():
+                phases[phase] = phases.get(phase, 0.0) + seconds
         return groups
 
 
