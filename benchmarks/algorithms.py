@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archer_mcore.metrics.keys import WALL_CLOCK_PREFIXES
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Algorithm comparison (CPU demo task)"
 HEADINGS = {
@@ -376,7 +378,7 @@ def finished_run(variant: str, seed: int, run_dir: Path) -> RunResult | None:
 
 
 #: metrics that measure the machine, not the run (differ between identical reruns)
-TIMING_PREFIXES = ("time/", "throughput/", "overlap/")
+TIMING_PREFIXES = WALL_CLOCK_PREFIXES
 TIMING_KEYS = ("throughput/train_tokens", "throughput/rollout_tokens")
 
 

@@ -28,6 +28,9 @@ from typing import Literal
 
 TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "forking", "other", "all")
 CLIP_BOUNDS: tuple[str, ...] = ("low", "high", "dual")
+#: Key prefixes of what the machine measures (phase seconds, token rates, idle and
+#: overlap shares): two runs that compute the same thing differ there and nowhere else.
+WALL_CLOCK_PREFIXES: tuple[str, ...] = ("time/", "throughput/", "overlap/")
 PHASES: tuple[str, ...] = (
     "rollout",
     "reward",

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from archer_mcore.metrics.keys import WALL_CLOCK_PREFIXES
+
 ROOT = Path(__file__).resolve().parents[2]
 # Wall-clock measurements differ between any two runs; everything else must agree.
-TIMING_PREFIXES = ("time/", "perf/", "throughput/", "overlap/")
+TIMING_PREFIXES = WALL_CLOCK_PREFIXES
 
 
 def _train(tmp: Path, mode: str) -> list[dict[str, float]]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from archer_mcore.metrics.keys import WALL_CLOCK_PREFIXES
+
 pytestmark = pytest.mark.slow
 
 # Generation is slept: 64 samples x ~20 tokens x 1.5 ms ~ 2 s per batch.
@@ -21,7 +23,7 @@ LATENCY = {"per_token_s": 0.0015, "per_call_s": 0.2}
 SHORT_LATENCY = {"per_token_s": 0.0005, "per_call_s": 0.1}
 ASYNC = ("rollout.async_steps=1", "rollout.mode=disaggregated", "rollout.tis_cap=2.0")
 # Metrics that are wall-clock measurements (differ between any two runs).
-VOLATILE = ("time/", "throughput/", "overlap/")
+VOLATILE = WALL_CLOCK_PREFIXES
 
 
 def _trace(path: Path) -> list[dict]:

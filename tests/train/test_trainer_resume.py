@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from archer_mcore.metrics.keys import WALL_CLOCK_PREFIXES
+
 # Wall-clock and throughput entries differ between any two runs.
-VOLATILE = ("time/", "throughput/", "overlap/")  # overlap/: idle and overlap seconds
+VOLATILE = WALL_CLOCK_PREFIXES
 
 
 def _trace(path: Path) -> list[dict]:
