@@ -85,3 +85,22 @@ def spawn(
         start_method="spawn",
     )
     return json.loads(result.read_text())
+
+
+def four_row_batch(vocab: int, seed: int, width: int) -> dict[str, Any]:
+    """A hand-made 4-row policy batch (as JSON-ready lists for a spawned worker):
+    prompts of 2, 3, 1, 4 tokens, responses of 5, 2, 6, 3 (6 response positions), random
+    token ids in [1, vocab) over `width` positions, old log-probs around -2 and fixed
+    advantages; `seed` makes the ids and log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.tensor([2, 3, 1, 4])
+    resp = torch.tensor([5, 2, 6, 3])
+    ids = torch.randint(1, vocab, (4, width), generator=g)
+    mask = torch.arange(6).unsqueeze(0) < resp.unsqueeze(1)
+    return {
+        "input_ids": ids.tolist(),
+        "prompt_lengths": prompt.tolist(),
+        "response_mask": mask.tolist(),
+        "old_logp": (-2.0 + 0.3 * torch.randn(4, 6, generator=g)).tolist(),
+        "advantages": [1.0, -0.5, 0.8, -1.2],
+    }

@@ -7,25 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_tiny_hf, spawn
+from conftest import four_row_batch, save_tiny_hf, spawn
 
 LOSS = {"token_rule": "archer", "agg_mode": "token-mean", "kl_coef": 0.05}
 PATHS = [("torch", False), ("triton", False), ("torch", True), ("triton", True)]
-
-
-def _batch(vocab: int) -> dict:
-    g = torch.Generator().manual_seed(21)
-    prompt = torch.tensor([2, 3, 1, 4])
-    resp = torch.tensor([5, 2, 6, 3])
-    ids = torch.randint(1, vocab, (4, 10), generator=g)
-    mask = torch.arange(6).unsqueeze(0) < resp.unsqueeze(1)
-    return {
-        "input_ids": ids.tolist(),
-        "prompt_lengths": prompt.tolist(),
-        "response_mask": mask.tolist(),
-        "old_logp": (-2.0 + 0.3 * torch.randn(4, 6, generator=g)).tolist(),
-        "advantages": [1.0, -0.5, 0.8, -1.2],
-    }
 
 
 @pytest.mark.slow
@@ -35,7 +20,7 @@ def test_every_kernel_path_equals_the_torch_path(tmp_path, monkeypatch):
     hf_dir = save_tiny_hf("qwen3", tmp_path / "hf", seed=9)
     payload = {
         "hf_dir": str(hf_dir),
-        "batch": _batch(100),
+        "batch": four_row_batch(100, seed=21, width=10),
         "loss": LOSS,
         "optim": {"lr": 1e-2, "clip_grad": 0.5, "adam_eps": 1e-4, "weight_decay": 0.0},
         "micro_batch_tokens": 20,

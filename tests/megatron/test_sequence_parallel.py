@@ -6,22 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_tiny_hf, spawn
-
-
-def _batch(vocab: int) -> dict:
-    g = torch.Generator().manual_seed(31)
-    prompt = torch.tensor([2, 3, 1, 4])
-    resp = torch.tensor([5, 2, 6, 3])  # sequence lengths 7, 5, 7, 7: all odd
-    ids = torch.randint(1, vocab, (4, 9), generator=g)
-    mask = torch.arange(6).unsqueeze(0) < resp.unsqueeze(1)
-    return {
-        "input_ids": ids.tolist(),
-        "prompt_lengths": prompt.tolist(),
-        "response_mask": mask.tolist(),
-        "old_logp": (-2.0 + 0.3 * torch.randn(4, 6, generator=g)).tolist(),
-        "advantages": [1.0, -0.5, 0.8, -1.2],
-    }
+from conftest import four_row_batch, save_tiny_hf, spawn
 
 
 @pytest.mark.slow
@@ -30,7 +15,7 @@ def test_sequence_parallel_on_equals_off_at_tp2(tmp_path):
     hf_dir = save_tiny_hf("qwen3", tmp_path / "hf", seed=4)
     payload = {
         "hf_dir": str(hf_dir),
-        "batch": _batch(100),
+        "batch": four_row_batch(100, seed=31, width=9),  # lengths 7, 5, 7, 7: all odd
         "logits_ids": torch.randint(
             1, 100, (2, 6), generator=torch.Generator().manual_seed(1)
         ).tolist(),
