@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,8 +66,3 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
         cells = [f"{row[c]:.4f}" if c in row and "@" in c else f"{row.get(c, 0):g}" for c in cols]
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_summary(summary: dict[str, dict[str, float]], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
