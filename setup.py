@@ -1,15 +1,17 @@
 """Packaging for archer-mcore.
 
-`kernels/` lives at the top of the repository (it is the Triton kernel library) but
-installs as `archer_mcore.kernels`: a top-level `kernels` module would collide with an
-unrelated PyPI package of that name.
+`kernels/` lives at the top of the repository (it is the Triton kernel library); its
+sources sit in `kernels/src/` and install as `archer_mcore.kernels`. `kernels/` itself has
+no `__init__.py`: from the repository root (`python -m ...`, `python -m pytest`) a regular
+package there would shadow Hugging Face's `kernels`, which transformers imports
+(tests/test_no_shadowing.py).
 """
 
 from setuptools import find_packages, setup
 
 _packages = find_packages(include=["archer_mcore", "archer_mcore.*"])
 _packages += ["archer_mcore.kernels"] + [
-    "archer_mcore.kernels." + p for p in find_packages(where="kernels")
+    "archer_mcore.kernels." + p for p in find_packages(where="kernels/src")
 ]
 
 setup(
@@ -18,7 +20,7 @@ setup(
     description="Megatron-core RLVR trainer: Archer dual-token constraints, forking tokens, DAPO",
     python_requires=">=3.11",
     packages=_packages,
-    package_dir={"archer_mcore.kernels": "kernels"},
+    package_dir={"archer_mcore.kernels": "kernels/src"},
     package_data={"archer_mcore": ["py.typed"]},
     install_requires=[
         "torch==2.13.0",

@@ -15,7 +15,7 @@ attention 2 x 2 x layers x (heads x head_dim) x seq / 2; a train step is 3 forwa
 
 Usage (one GPU):  python benchmarks/gpu_check.py [--out DIR]
 Smoke (CPU):      TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke
-benchmarks/gpu_check.sh runs this and benchmarks/kernels.py together.
+benchmarks/gpu_check.sh runs this and benchmarks/kernel_bench.py together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # One prepared GPU check (one H100/H200, Python 3.12 with torch + triton, no network):
 # installs the wheels carried in .whl/ (megatron-core 0.16.1, its pure-python
 # dependencies, archer-mcore itself) into a private directory, then runs, side by side
-# in one run, the fused-kernel benchmarks (benchmarks/kernels.py) and a policy train
+# in one run, the fused-kernel benchmarks (benchmarks/kernel_bench.py) and a policy train
 # step on a Qwen3-0.6B-shaped model at sequence 4096 with the torch path and each
 # kernel path (benchmarks/gpu_check.py). Results: $OUT (default
 # benchmarks/results/gpu_check/): kernels.md, gpu_check.md, gpu_check.json, env.txt.
@@ -42,7 +42,7 @@ cat "$OUT/env.txt"
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
-  "$PY" benchmarks/kernels.py --smoke | tee "$OUT/kernels.md"
+  "$PY" benchmarks/kernel_bench.py --smoke | tee "$OUT/kernels.md"
   "$PY" benchmarks/gpu_check.py --smoke --out "$OUT" | tee "$OUT/gpu_check.md"
 else
   # Each part has its own time cap, and one failing does not stop the other.
@@ -51,8 +51,8 @@ else
   timeout 240 "$PY" benchmarks/gpu_check.py --seq 4096 --rows 4 --repeat 3 --out "$OUT" \
     | tee "$OUT/gpu_check.md" || { echo "gpu_check.py failed or timed out" >&2; status=1; }
   # Kernels: Qwen3-0.6B's hidden size (1024) and a 32B-class one (5120), 16k/32k tokens.
-  timeout 300 "$PY" benchmarks/kernels.py --tokens 16384 32768 --hidden 1024 5120 \
-    | tee "$OUT/kernels.md" || { echo "kernels.py failed or timed out" >&2; status=1; }
+  timeout 300 "$PY" benchmarks/kernel_bench.py --tokens 16384 32768 --hidden 1024 5120 \
+    | tee "$OUT/kernels.md" || { echo "kernel_bench.py failed or timed out" >&2; status=1; }
   echo "gpu_check: results in $OUT"
   exit "$status"
 fi

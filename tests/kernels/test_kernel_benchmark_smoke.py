@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py runs end to end in --smoke mode (CPU, Triton interpreter)."""
+"""benchmarks/kernel_bench.py runs end to end in --smoke mode (CPU, Triton interpreter)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(600)
 def test_benchmark_smoke_prints_a_table_with_our_timings():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke"],
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_bench.py"), "--smoke"],
         cwd=ROOT,
         capture_output=True,
         text=True,

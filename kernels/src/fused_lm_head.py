@@ -16,7 +16,7 @@ logits = hidden @ weight^T / T is never materialised in full:
 - `recompute="cublas"` makes the logits tiles differently: one cuBLAS matmul per vocab
   chunk into an fp32 [N, chunk_cols] buffer, then kernel 1's statistics / gradient
   kernels on it. Same results; which is faster depends on how close Triton's tl.dot
-  gets to cuBLAS on the GPU at hand (benchmarks/kernels.py reports both).
+  gets to cuBLAS on the GPU at hand (benchmarks/kernel_bench.py reports both).
 
 Tensor parallelism: with `group`, `weight` is this rank's [V_local, H] shard (Megatron's
 ColumnParallelLinear output layer, rows vocab_start .. vocab_start + V_local). The
@@ -480,7 +480,7 @@ def fused_lm_head_entropy_logprob(
         recompute: how logits tiles are made: "triton" (tl.dot inside the fused kernels,
             nothing logits-sized is written) or "cublas" (one torch.mm per vocab chunk
             into an fp32 [N, chunk_cols] buffer, then kernel 1 on the chunk). Which is
-            faster depends on the GPU; benchmarks/kernels.py measures both.
+            faster depends on the GPU; benchmarks/kernel_bench.py measures both.
     Returns:
         (entropy, logprob), each [...] fp32 in nats, over the whole vocabulary.
         Differentiable w.r.t. hidden and weight.

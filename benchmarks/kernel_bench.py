@@ -16,8 +16,8 @@ Floors printed beside them:
 Targets: kernel 1 >= 80% of copy bandwidth; kernel 2 <= 1.15x the bare matmul time with
 peak extra memory < 10% of the materialised-logits path (torch eager).
 
-Usage (GPU):   python benchmarks/kernels.py [--tokens 16384 32768 65536] [--hidden 1536 5120]
-Smoke (CPU):   python benchmarks/kernels.py --smoke   (tiny shapes, Triton interpreter)
+Usage (GPU):   python benchmarks/kernel_bench.py [--tokens 16384 32768 65536] [--hidden 1536 5120]
+Smoke (CPU):   python benchmarks/kernel_bench.py --smoke   (tiny shapes, Triton interpreter)
 
 Liger-Kernel is used if `liger_kernel` imports; it computes the log-prob (cross entropy)
 only, no entropy, so its rows do less work than the others.
