@@ -1,4 +1,4 @@
-"""The spawned side of tests/megatron/test_yarn.py: a megatron GPTModel with YaRN
+"""The spawned side of tests/mcore/test_yarn.py: a megatron GPTModel with YaRN
 positions, built from an HF directory, run on gloo processes (see mcore_workers.entry)."""
 
 from __future__ import annotations

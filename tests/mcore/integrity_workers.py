@@ -1,4 +1,4 @@
-"""The spawned side of tests/megatron/test_checkpoint_integrity.py (gloo, TP=2): which
+"""The spawned side of tests/mcore/test_checkpoint_integrity.py (gloo, TP=2): which
 files each rank checksums on save and verifies on load, and how corrupt files fail."""
 
 from __future__ import annotations

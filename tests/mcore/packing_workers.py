@@ -1,4 +1,4 @@
-"""Code that runs inside the spawned gloo processes of tests/megatron/test_packing.py.
+"""Code that runs inside the spawned gloo processes of tests/mcore/test_packing.py.
 
 `entry` registers the `packing` task with `mcore_workers` and runs it there (same
 process setup as the other megatron tests).

@@ -1,4 +1,4 @@
-"""Spawned-process tasks of tests/megatron/test_reshard.py: save a checkpoint at one
+"""Spawned-process tasks of tests/mcore/test_reshard.py: save a checkpoint at one
 TP/PP/DP layout and resume it at others (registered into `mcore_workers.TASKS`)."""
 
 from __future__ import annotations
