@@ -165,9 +165,10 @@ def test_trainer_imports_with_each_script_folder_first_on_sys_path(folder: str) 
     "script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")), ids=str
 )
 def test_benchmark_script_answers_help_as_a_user_runs_it(script: str) -> None:
-    # python benchmarks/X.py puts benchmarks/ first on sys.path; the --smoke runs are in
-    # tests/kernels (kernel_bench, gpu_check), tests/benchmarks (algorithms, packing),
-    # tests/longctx (checkpoint_io) and tests/train/test_async_rollout.py (async_rollout)
+    # python benchmarks/X.py puts benchmarks/ first on sys.path. The end-to-end small runs
+    # as scripts are in tests/kernels (kernel_bench --smoke, gpu_check.sh --smoke),
+    # tests/benchmarks (algorithms --smoke, packing) and tests/longctx (checkpoint_io);
+    # async_rollout and convert are checked here and by the sys.path test above
     res = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, env=_env(),
         capture_output=True, text=True, timeout=300,
