@@ -7,6 +7,9 @@
 # The venv is cached between runs on one machine: a finished install leaves a stamp
 # naming the pinned versions and later runs return at once.
 #   ARCHER_SGLANG_VENV  where the venv goes (default ~/.cache/archer-mcore/sglang-0.5.23)
+#   ARCHER_SGLANG_LOCK  the constraints every pip call takes (default locks/sglang.txt,
+#                       the versions the real-server tests passed with; empty: none, as
+#                       `make lock` and `make check-latest` resolve anew)
 # Exit status: 0 when the venv is ready, non-zero otherwise (tests/sglang_real runs this
 # script: they skip on failure, or fail under CI=true).
 set -euo pipefail
@@ -16,7 +19,15 @@ ROUTER_VERSION=0.3.2
 TORCH_VERSION=2.13.0
 VENV="${ARCHER_SGLANG_VENV:-$HOME/.cache/archer-mcore/sglang-$SGLANG_VERSION}"
 STAMP="$VENV/.archer-installed"
-WANT="sglang==$SGLANG_VERSION sglang-router==$ROUTER_VERSION torch==$TORCH_VERSION"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+LOCK="${ARCHER_SGLANG_LOCK-$REPO/locks/sglang.txt}"
+LOCK_ARGS=()
+LOCK_ID="unlocked"
+if [[ -n "$LOCK" ]]; then
+    LOCK_ARGS=(--constraint "$LOCK")
+    LOCK_ID="lock $(sha256sum "$LOCK" | cut -c1-16)"
+fi
+WANT="sglang==$SGLANG_VERSION sglang-router==$ROUTER_VERSION torch==$TORCH_VERSION $LOCK_ID"
 PY="${PYTHON:-python3}"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
@@ -29,7 +40,7 @@ start=$(date +%s)
 rm -rf "$VENV"
 mkdir -p "$(dirname "$VENV")"
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${LOCK_ARGS[@]}")
 
 # 1. the CPU torch first: everything after names it again so nothing replaces it.
 "${PIP[@]}" "torch==$TORCH_VERSION"
@@ -72,7 +83,7 @@ print("guarded", path)
 PYEOF
 
 # smoke: the server module and the router import with the shims on the path.
-SHIMS="$(cd "$(dirname "$0")/.." && pwd)/tests/sglang_real/shims"
+SHIMS="$REPO/tests/sglang_real/shims"
 (cd "$VENV" && PYTHONPATH="$SHIMS" SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" -c \
     "import sglang, sglang.srt.entrypoints.http_server, sglang_router; print('sglang', sglang.__version__)")
 

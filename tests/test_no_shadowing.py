@@ -80,7 +80,7 @@ def test_hf_kernels_is_installed_and_found_from_the_repository_root() -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     kernels_file = Path(res.stdout.splitlines()[0]).resolve()
-    assert ROOT not in kernels_file.parents or ".venv" in kernels_file.parts, kernels_file
+    assert "site-packages" in kernels_file.parts, kernels_file
 
 
 def test_cli_runs_as_python_m_from_the_repository_root() -> None:
