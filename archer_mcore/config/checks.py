@@ -4,7 +4,7 @@ machine, the model's position limit)."""
 
 from __future__ import annotations
 
-from archer_mcore.config.errors import ConfigError, _at
+from archer_mcore.config.errors import ConfigError, _at, clip
 from archer_mcore.config.schema import Config
 
 
@@ -16,7 +16,7 @@ def _validate_rollout(cfg: Config, source: str) -> None:
         if flag in args and args.index(flag) + 1 < len(args) and args[args.index(flag) + 1] != "1":
             raise ConfigError(
                 f"{source}: rollout.sglang.extra_server_args asks for {flag} "
-                f"{args[args.index(flag) + 1]}: SGLang refuses distributed and tensor weight "
+                f"{clip(args[args.index(flag) + 1])}: SGLang refuses distributed and tensor weight "
                 "updates to a server with dp_size > 1 (assert dp_size == 1); raise "
                 "rollout.sglang.num_servers instead"
             )
@@ -109,7 +109,7 @@ def validate_config(cfg: Config, source: str) -> None:
         if cfg.data.default_reward_kind not in kinds:
             raise ConfigError(
                 f"{_at(source, 'data.default_reward_kind')}: data.default_reward_kind must be "
-                f"one of {', '.join(kinds)} (or empty), got {cfg.data.default_reward_kind!r}"
+                f"one of {', '.join(kinds)} (or empty), got {clip(cfg.data.default_reward_kind)}"
             )
     arch = cfg.model.arch
     if arch.num_attention_heads % arch.num_key_value_heads:
