@@ -24,6 +24,15 @@ the problem. Resolution: `resolve_checkpoint` (a step directory, or a root's lat
 reports each damaged one it skips. Pruning (`_prune`) keeps the checkpoint just
 written and deletes only older ones beyond `keep_last`.
 
+Nothing read from a checkpoint reaches outside its root or runs code: ``latest`` may
+only name a step directory of its root (``step_<digits>``, never a path), a step
+directory reached from a root must resolve inside it (a link out of the root is
+skipped), a manifest's files must lie inside their step directory and be no links, and
+the files are loaded as data only (`load_data_file`: ``torch.load(weights_only=True)``;
+`load_json_file`). Only a step directory the user names explicitly (``archer eval
+--checkpoint DIR``) is taken wherever it lies. Files are written and deleted without
+following links (`archer_mcore.utils.safe_files`).
+
 Integrity scales with the ranks: on save each rank checksums only the files it wrote
 in a thread pool (``zlib.crc32`` and file reads release the GIL; large files are
 hashed in blocks whose CRCs are combined), the per-rank results are gathered to rank
@@ -33,9 +42,12 @@ verifies only what it reads (`LoadVerification`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import pickle
+import re
+import stat
 import time
 import zlib
 from collections.abc import Callable, Collection, Mapping
@@ -43,11 +55,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+
+from archer_mcore.utils.safe_files import (
+    fsync_dir,
+    remove_entry,
+    resolves_inside,
+    write_atomic,
+)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
+#: What ``latest`` may hold: the name of a step directory of its own root.
+STEP_NAME = re.compile(r"step_[0-9]{8,}")
+_POINTER_MAX_BYTES = 4096
 
 
 class CheckpointError(RuntimeError):
@@ -73,11 +96,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 # ------------------------------------------------------------------ checksums
@@ -204,12 +223,13 @@ def verify_files(
     for rel in rels:
         if rel not in files:
             raise CheckpointError(f"checkpoint {ckpt}: file {rel} is not in its {MANIFEST}")
-        p, size = ckpt / rel, files[rel][0]
-        if not p.is_file():
+        st = _plain_file(ckpt, rel)
+        size = files[rel][0]
+        if st is None:
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} is missing")
-        if p.stat().st_size != size:
+        if st.st_size != size:
             raise CheckpointError(
-                f"checkpoint {ckpt} is corrupt: file {rel} has {p.stat().st_size} bytes, the manifest says {size}"
+                f"checkpoint {ckpt} is corrupt: file {rel} has {st.st_size} bytes, the manifest says {size}"
             )
     if not checksums or not rels:
         return
@@ -219,14 +239,81 @@ def verify_files(
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: file {rel} fails its CRC32 check")
 
 
+def _plain_file(ckpt: Path, rel: str) -> os.stat_result | None:
+    """lstat of the manifest entry `rel` of `ckpt`, None when it is missing; a
+    CheckpointError when `rel` leads out of the step directory (an absolute path,
+    ``..``, a link on the way) or is anything but a regular file."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: its {MANIFEST} lists {rel!r}, a path outside the step "
+            "directory; refusing to read it (the manifest was tampered with)"
+        )
+    path = ckpt / rel
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} is a symbolic link (to {os.readlink(path)}); "
+            "checkpoint files are never read through links"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if not resolves_inside(path, ckpt):  # a linked directory on the way
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} resolves to {os.path.realpath(path)}, outside "
+            "the step directory; refusing to read it"
+        )
+    return st
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """`path` replaced by `text`, durably, never written through a link (``NAME.tmp``
+    planted as a link is refused; a link at `path` is replaced, not followed)."""
+    write_atomic(path, text)
+
+
+# ------------------------------------------------------------------ data-only loading
+def _not_data(ckpt: Path, rel: str, exc: BaseException) -> CheckpointError:
+    reason = " ".join(str(exc).split())[:300]
+    return CheckpointError(
+        f"checkpoint {ckpt}: file {rel} is not plain data and was refused unread "
+        f"(loading it would run code it carries: {reason}); the checkpoint was tampered "
+        "with or is not one archer wrote: restore it from a trusted copy or resume from "
+        "another checkpoint"
+    )
+
+
+def load_data_file(ckpt: Path, rel: str) -> Any:
+    """``torch.load(ckpt/rel, weights_only=True)``: tensors, numbers, strings and
+    containers only. A pickled object that would run code is a CheckpointError naming
+    the file (nothing of it runs); so is a file that cannot be read as torch data."""
+    path = ckpt / rel
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _not_data(ckpt, rel, exc) from None
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} is unreadable ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]})"
+        ) from None
+
+
+def load_json_file(ckpt: Path, rel: str) -> dict[str, Any]:
+    """A JSON object from ckpt/rel; CheckpointError naming the file otherwise."""
+    try:
+        value = json.loads((ckpt / rel).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} is unreadable: not the JSON archer writes "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: file {rel} is unreadable: not a JSON object")
+    return value
 
 
 # ------------------------------------------------------------------ verification, resolution
@@ -243,13 +330,14 @@ def verify_checkpoint(
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
     if ckpt.name.startswith(".tmp-"):
         raise CheckpointError(f"checkpoint {ckpt} is an unfinished save (a crash interrupted it)")
-    mpath = ckpt / MANIFEST
-    if not mpath.is_file():
+    if _plain_file(ckpt, MANIFEST) is None:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {MANIFEST} is missing")
+    manifest = load_json_file(ckpt, MANIFEST)
     try:
-        manifest = json.loads(mpath.read_text())
         files = manifest["files"]
         int(manifest["step"])
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is unreadable ({e})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -263,22 +351,73 @@ def verify_checkpoint(
 def find_latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint ``latest`` names (else the highest-numbered step directory with a
     manifest); None when the root holds no finished checkpoint at all. Unfinished
-    ``.tmp-*`` saves are ignored. Does not verify: `load_checkpoint` does."""
+    ``.tmp-*`` saves are ignored. Does not verify: `load_checkpoint` does. A ``latest``
+    that names anything but a step directory inside `root` is a CheckpointError."""
     root = Path(root)
     if not root.is_dir():
         return None
     named = _latest_pointer(root)
     if named is not None:
         return named
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
+    steps = [p for p in _step_dirs(root) if _inside_root(root, p) is None]
+    steps = [p for p in steps if (p / MANIFEST).is_file()]
     return steps[-1] if steps else None
 
 
+def _inside_root(root: Path, step_dir: Path) -> str | None:
+    """Why `step_dir` (an entry of `root`) is not a checkpoint of `root`: it resolves
+    outside it (a link elsewhere). None when it lies inside."""
+    if resolves_inside(step_dir, root):
+        return None
+    return (
+        f"checkpoint {step_dir} resolves to {os.path.realpath(step_dir)}, outside the "
+        f"checkpoint root {root}; a checkpoint of a root must lie inside it (name a "
+        "checkpoint elsewhere explicitly, e.g. archer eval --checkpoint DIR)"
+    )
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The ``step_*`` entries of `root` that are directories (or links to one), in
+    step order."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
 def _latest_pointer(root: Path) -> Path | None:
-    """The step directory ``root/latest`` names; None without one (or an empty one)."""
+    """The step directory ``root/latest`` names; None without one (or an empty one).
+    CheckpointError naming the pointer when it is a link, not UTF-8 text, not the name
+    of a step directory (a path, ``..``, ``/etc``), or names one outside `root`."""
     pointer = root / LATEST
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    return root / name if name else None
+    try:
+        st = os.lstat(pointer)
+    except FileNotFoundError:
+        return None
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{pointer} {why}; it may only hold the name of a step directory inside "
+            f"{root} (like {step_dir_name(42)}): delete it, --resume then takes the newest "
+            "valid step directory"
+        )
+
+    if stat.S_ISLNK(st.st_mode):
+        raise bad(f"is a symbolic link (to {os.readlink(pointer)})")
+    if not stat.S_ISREG(st.st_mode):
+        raise bad("is not a regular file")
+    if st.st_size > _POINTER_MAX_BYTES:
+        raise bad(f"has {st.st_size} bytes")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise bad("is not text (not a pointer archer wrote)") from None
+    if not name:
+        return None
+    if not STEP_NAME.fullmatch(name):
+        raise bad(f"names {name[:200]!r}, which is not a step directory")
+    step_dir = root / name
+    outside = _inside_root(root, step_dir)
+    if outside:
+        raise CheckpointError(f"{pointer} names {name}: {outside}")
+    return step_dir
 
 
 def latest_valid_checkpoint(
@@ -288,25 +427,38 @@ def latest_valid_checkpoint(
 ) -> Path | None:
     """The newest checkpoint under `root` that passes `verify_checkpoint`: the one
     ``latest`` names first, then the step directories from the highest step down.
-    Each damaged one is skipped and passed to `report(step_dir, reason)` (when given).
-    None when the root holds no checkpoint at all; CheckpointError (listing every
-    reason) when it holds some and none is valid."""
+    Each damaged one is skipped and passed to `report(step_dir, reason)` (when given);
+    so are a ``latest`` that names anything but a step directory of `root` (reported
+    as ``root/latest``) and a step directory that resolves outside `root`. None when
+    the root holds no checkpoint at all; CheckpointError (listing every reason) when it
+    holds some and none is valid."""
     root = Path(root)
     if not root.is_dir():
         return None
-    named = _latest_pointer(root)
+    skipped: list[str] = []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append(reason)
+        if report is not None:
+            report(path, reason)
+
+    try:
+        named = _latest_pointer(root)
+    except CheckpointError as exc:
+        skip(root / LATEST, str(exc))
+        named = None
     candidates: list[Path] = [] if named is None else [named]
-    for p in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+    for p in reversed(_step_dirs(root)):
         if p not in candidates:
             candidates.append(p)
-    skipped: list[str] = []
     for p in candidates:
         try:
+            outside = _inside_root(root, p)
+            if outside:
+                raise CheckpointError(outside)
             verify_checkpoint(p, checksums=checksums)
         except CheckpointError as exc:
-            skipped.append(str(exc))
-            if report is not None:
-                report(p, str(exc))
+            skip(p, str(exc))
             continue
         return p
     if skipped:
@@ -323,7 +475,8 @@ def resolve_checkpoint(
     (step_dir, manifest). `only`: the files to verify (None: all; `load_checkpoint`
     passes none and has each rank verify what it reads). Raises CheckpointError if there
     is none or it is damaged; it never falls back to an older checkpoint or to a fresh
-    start on its own."""
+    start on its own. A step directory named here is taken wherever it lies (the user
+    named it); from a root only one inside it."""
     ckpt = Path(ckpt)
     if (ckpt / MANIFEST).is_file() or ckpt.name.startswith(("step_", ".tmp-")):
         step_dir = ckpt
@@ -405,13 +558,12 @@ class LoadVerification:
 
 def _publish(tmp: Path, final: Path) -> None:
     """The commit point of a save: rename the finished directory into place."""
-    if final.exists():
+    if os.path.lexists(final):
         old = final.with_name(f".old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
+        remove_entry(old)
+        os.replace(final, old)  # a link at `final` is moved aside as a link
         os.replace(tmp, final)
-        shutil.rmtree(old)
+        remove_entry(old)  # a link: the link itself, never its target
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -423,9 +575,18 @@ def _prune(root: Path, keep_last: int | None, current: Path) -> None:
     is never deleted, nor are higher-numbered directories (left by a run that was
     resumed from an older checkpoint; the run replaces them as it reaches their steps)."""
     for p in root.glob(".tmp-step_*"):
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_quietly(p)
     if keep_last is None or keep_last <= 0:
         return
-    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < current.name)
+    older = sorted(
+        p for p in root.glob("step_*") if (p.is_dir() or p.is_symlink()) and p.name < current.name
+    )
     for p in older[: max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_quietly(p)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Delete an old save (a link: the link, never its target); a failure only leaves
+    it behind."""
+    with contextlib.suppress(OSError):
+        remove_entry(path)

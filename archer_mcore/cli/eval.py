@@ -125,10 +125,8 @@ def _evaluate(
     records = [(g.data_source, [c > 0 for c in g.correct]) for g in groups]
     summary = summarize(records, extra_ks=EVAL_PASS_KS)  # as the loop's periodic eval
     failures = _failures_by_source(groups, recorder.results)
-    out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval" / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(step_dir), "results": summary, "reward_failures": failures}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = _write_result(cfg, args.out, json.dumps(result, indent=2) + "\n")
     # The reward-failure count beside each accuracy: a response the reward could not
     # score (timeout, crash, no reward for its source) counts as wrong.
     table = {src: {**row, "reward_failures": failures.get(src, 0)} for src, row in summary.items()}
@@ -140,6 +138,30 @@ def _evaluate(
             file=sys.stderr,
         )
     print(f"written: {out}", file=sys.stderr)
+
+
+def _write_result(cfg: Config, out_arg: str | None, text: str) -> Path:
+    """Write the JSON result to --out, else <output_dir>/eval/eval.json, by an atomic
+    rename that never writes through a link (a link at the file's name is replaced, its
+    target untouched); under the output directory, eval/ must not be a link either.
+    Returns the path written."""
+    from archer_mcore.utils.safe_files import UnsafePathError, check_plain_entry, write_atomic
+
+    if out_arg:
+        out = Path(out_arg)
+    else:
+        eval_dir = Path(cfg.train.output_dir) / "eval"
+        try:
+            check_plain_entry(eval_dir, directory=True)
+        except UnsafePathError as exc:
+            raise ConfigError(f"eval output: {exc}") from None
+        out = eval_dir / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(out, text, durable=False)
+    except UnsafePathError as exc:
+        raise ConfigError(f"--out: {exc}") from None
+    return out
 
 
 class _RecordingScorer:

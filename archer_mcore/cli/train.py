@@ -39,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
         NonFiniteParametersError,
         RunDirLock,
         check_fresh_start,
+        check_run_files,
         launch_rank,
     )
+    from archer_mcore.utils.safe_files import UnsafePathError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("archer").setLevel(logging.INFO)
@@ -60,12 +62,18 @@ def run(args: argparse.Namespace) -> int:
         for lock in locks:
             stack.enter_context(lock)
         check_fresh_start(ckpt_root, out, args.resume, args.overwrite, delete=main_rank)
+        check_run_files(out, ckpt_root)  # no planted link where the run will write
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         single_process_rendezvous()
         try:
             summary = train(cfg, resume=args.resume)
-        except (NonFiniteLossError, NonFiniteParametersError, CheckpointError) as exc:
+        except (
+            NonFiniteLossError,
+            NonFiniteParametersError,
+            CheckpointError,
+            UnsafePathError,
+        ) as exc:
             print(f"archer: training stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     return 0 if summary.stopped_by is None or summary.last_checkpoint else 1

@@ -44,6 +44,7 @@ from archer_mcore.train.protocols import (
     SamplingRngOwner,
     Tokenizer,
 )
+from archer_mcore.utils.safe_files import append_line
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -132,8 +133,7 @@ class Components:
             print(step_line(step, t.steps, row), flush=True)
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(out / "metrics.jsonl", json.dumps(row) + "\n")  # never through a link
         if self.exporter is not None:
             self.exporter.record_step(step, row)
 

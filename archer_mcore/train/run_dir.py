@@ -9,6 +9,12 @@
   that already holds checkpoints refuses (its saves would interleave with the earlier
   run's and keep-last-K pruning would delete them), unless ``--overwrite`` asks for the
   earlier checkpoints (and metrics.jsonl) to be deleted first.
+- `check_run_files`: the files a run creates or appends to in its directories (the
+  lock, metrics.jsonl, ``latest.tmp``, eval/) must not be links: a planted link would
+  make the trainer write into the file it points at, so the run refuses before any
+  work, naming it. The writers themselves never follow a link either
+  (`archer_mcore.utils.safe_files`), and ``--overwrite`` deletes links, not their
+  targets.
 - `parameters_finite`: after an optimizer step, whether every weight is finite on
   every rank; the loop stops with `NonFiniteParametersError` instead of syncing or
   checkpointing NaN weights.
@@ -20,13 +26,19 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import TracebackType
 
 import torch
 import torch.distributed as dist
+
+from archer_mcore.utils.safe_files import (
+    UnsafePathError,
+    check_plain_entry,
+    open_run_file,
+    remove_entry,
+)
 
 LOCK_NAME = ".archer.lock"
 
@@ -71,7 +83,10 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid would be written into what it points at
+            fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT)
+        except UnsafePathError as exc:
+            raise RunDirError(str(exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -120,12 +135,49 @@ class RunDirLock:
 
 
 def existing_checkpoints(root: Path) -> list[Path]:
-    """Step directories (finished or not) and unfinished saves under a checkpoint root."""
+    """Step directories (finished or not) and unfinished saves under a checkpoint root,
+    links named like them included (never followed)."""
     if not root.is_dir():
         return []
     return sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(("step_", ".tmp-step_"))
+        p
+        for p in root.iterdir()
+        if (p.is_dir() or p.is_symlink()) and p.name.startswith(("step_", ".tmp-step_"))
     )
+
+
+#: Run files that archer creates or appends to: relative to the output directory ...
+OUTPUT_FILES = (LOCK_NAME, "metrics.jsonl")
+OUTPUT_DIRS = ("eval",)
+#: ... and to the checkpoint root (``latest`` itself is replaced by a rename, which
+#: never writes through a link).
+CHECKPOINT_FILES = ("latest.tmp",)
+
+
+def check_run_files(output_dir: Path, checkpoint_root: Path) -> None:
+    """RunDirError naming the first run file (or eval/ directory) that is a symbolic
+    link, a hard link or not a regular file: the run would write into what it points
+    at. Checked before any work; the writers refuse links on their own as well."""
+    entries = [(output_dir / n, False) for n in OUTPUT_FILES]
+    entries += [(output_dir / n, True) for n in OUTPUT_DIRS]
+    entries += [(checkpoint_root / n, False) for n in CHECKPOINT_FILES]
+    for path, is_dir in entries:
+        try:
+            check_plain_entry(path, directory=is_dir)
+        except UnsafePathError as exc:
+            raise RunDirError(str(exc)) from None
+
+
+def _delete(paths: list[Path]) -> None:
+    """Delete each path: a link (the link itself, never its target), a file or a tree;
+    RunDirError naming the one that cannot be deleted."""
+    for p in paths:
+        try:
+            remove_entry(p)
+        except OSError as exc:
+            raise RunDirError(
+                f"--overwrite: cannot delete {p} ({exc.strerror or exc}); delete it by hand"
+            ) from None
 
 
 def check_fresh_start(
@@ -133,8 +185,9 @@ def check_fresh_start(
 ) -> list[Path]:
     """Refuse a fresh run into a checkpoint root that holds checkpoints, unless
     `overwrite`: then delete them, ``latest`` and the earlier run's metrics.jsonl (only
-    when `delete`: one rank deletes, the others just pass). Returns what was (or would
-    be) deleted. RunDirError for --resume together with --overwrite."""
+    when `delete`: one rank deletes, the others just pass; a link among them is deleted
+    itself, never what it points at). Returns what was (or would be) deleted.
+    RunDirError for --resume together with --overwrite, or for what cannot be deleted."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one")
     found = existing_checkpoints(checkpoint_root)
@@ -148,13 +201,14 @@ def check_fresh_start(
             "pass --resume to continue that run, choose another train.output_dir (or "
             "checkpoint.dir), or pass --overwrite to delete them and start over"
         )
-    doomed = [*found, checkpoint_root / "latest", output_dir / "metrics.jsonl"]
+    doomed = [
+        *found,
+        checkpoint_root / "latest",
+        checkpoint_root / "latest.tmp",
+        output_dir / "metrics.jsonl",
+    ]
     if delete:
-        for p in doomed:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        _delete(doomed)
         print(
             f"archer: --overwrite: deleted {len(found)} checkpoint(s) under {checkpoint_root}",
             file=sys.stderr,
