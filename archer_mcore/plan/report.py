@@ -73,6 +73,26 @@ def _batching_lines(
     ]
 
 
+def _step_line(plan: Plan, assume: Assumptions) -> str:
+    """The estimated step time and its phases (seconds)."""
+    t = plan.time
+    rollout = (
+        f"rollout {t.rollout_s:.1f} s (decode step {t.decode_step_s * 1e3:.1f} ms at "
+        f"{t.concurrency} sequences per server)"
+    )
+    training = (
+        f"training {t.training_s:.1f} s ({t.train_flops / 1e15:.0f} PFLOP at "
+        f"{assume.mfu_train:.0%} MFU)"
+    )
+    sync = f"weight sync {t.weight_sync_s:.1f} s"
+    if t.overlapped:
+        return (
+            f"estimated step: {t.total_s:8.1f} s = max({rollout}, {training}) + {sync} "
+            "(rollout.async_steps: the next batch generates while this one trains)"
+        )
+    return f"estimated step: {t.total_s:8.1f} s = {rollout} + {sync} + {training}"
+
+
 def format_plan(plan: Plan, assume: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
     m, c, g = plan.model, plan.cluster, plan.cluster.spec
     tm = plan.training
@@ -132,11 +152,7 @@ def format_plan(plan: Plan, assume: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
         f"per GPU; {r.concurrent_full_sequences} full-length sequences per server)",
         f"  KV for the whole batch at full length, all GPUs: {r.kv_for_batch / GIB:.1f} GiB",
         "",
-        f"estimated step: {plan.time.total_s:8.1f} s = rollout {plan.time.rollout_s:.1f} s "
-        f"(decode step {plan.time.decode_step_s * 1e3:.1f} ms at {plan.time.concurrency} "
-        f"sequences per server) + weight sync {plan.time.weight_sync_s:.1f} s + training "
-        f"{plan.time.training_s:.1f} s ({plan.time.train_flops / 1e15:.0f} PFLOP at "
-        f"{assume.mfu_train:.0%} MFU)",
+        _step_line(plan, assume),
     ]
     return "\n".join(lines)
 
@@ -169,6 +185,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "weight_sync": plan.time.weight_sync_s,
             "training": plan.time.training_s,
             "context_parallel_comm": plan.time.cp_comm_s,
+            "overlapped": plan.time.overlapped,
             "total": plan.time.total_s,
         },
     }

@@ -181,6 +181,7 @@ def layouts_from_config(
         mem_fraction_static=s.mem_fraction_static,
         fp8_weights=cfg.rollout.fp8,
         colocated=not disagg,
+        async_steps=cfg.rollout.async_steps,
     )
     return train, roll
 

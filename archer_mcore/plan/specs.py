@@ -115,16 +115,28 @@ class TrainLayout:
 
 @dataclass(frozen=True)
 class RolloutLayout:
-    """SGLang servers: `num_servers` x `tp` GPUs, static memory fraction per GPU."""
+    """SGLang servers: `num_servers` x `tp` GPUs, static memory fraction per GPU.
+
+    `async_steps` is `rollout.async_steps`: 1 generates step k+1's batch while step k
+    trains (disaggregated only; colocated servers share the trainer's GPUs and are
+    paused while it trains, so nothing overlaps there)."""
 
     num_servers: int
     tp: int
     mem_fraction_static: float
     fp8_weights: bool = False
     colocated: bool = False
+    async_steps: int = 0
+
+    @property
+    def overlaps_training(self) -> bool:
+        """Whether generation runs while the trainer trains (async, disaggregated)."""
+        return self.async_steps > 0 and not self.colocated
 
     def describe(self) -> str:
         mode = "colocated" if self.colocated else "disaggregated"
+        if self.overlaps_training:
+            mode += f", {self.async_steps} step ahead of training"
         return (
             f"{self.num_servers} SGLang server(s) x TP{self.tp} ({mode}), "
             f"mem_fraction_static {self.mem_fraction_static:g}, weights "

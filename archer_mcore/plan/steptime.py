@@ -24,6 +24,9 @@ from archer_mcore.plan.specs import (
 
 @dataclass
 class StepTime:
+    """One RL step's phases in seconds (`train_flops` in FLOP, `decode_step_s` for one
+    decode step of `concurrency` sequences per server)."""
+
     rollout_s: float
     weight_sync_s: float
     training_s: float
@@ -31,9 +34,17 @@ class StepTime:
     decode_step_s: float
     concurrency: int  # sequences decoding together per server
     cp_comm_s: float = 0.0  # ring-attention K/V traffic, part of training_s
+    overlapped: bool = False  # rollout runs while the trainer trains (async, disaggregated)
 
     @property
     def total_s(self) -> float:
+        """Seconds per step in steady state. In series: rollout + weight sync +
+        training. Overlapped (`rollout.async_steps: 1`, disaggregated): step k+1's
+        generation starts when step k's training does, and the weight sync after step
+        k waits for both (train/rollout_scheduler.py), so a step takes
+        max(rollout, training) + weight sync."""
+        if self.overlapped:
+            return max(self.rollout_s, self.training_s) + self.weight_sync_s
         return self.rollout_s + self.weight_sync_s + self.training_s
 
 
@@ -122,4 +133,13 @@ def step_time(
     # broadcast from the gathering rank; NVLink/IPC when colocated, the NIC otherwise).
     link = gpu.nvlink_bytes_per_s if roll.colocated else gpu.network_bytes_per_s
     sync_s = 2 * total_params(m) / link
-    return StepTime(rollout_s, sync_s, training_s, flops, decode_step, conc, cp_comm_s)
+    return StepTime(
+        rollout_s=rollout_s,
+        weight_sync_s=sync_s,
+        training_s=training_s,
+        train_flops=flops,
+        decode_step_s=decode_step,
+        concurrency=conc,
+        cp_comm_s=cp_comm_s,
+        overlapped=roll.overlaps_training,
+    )
