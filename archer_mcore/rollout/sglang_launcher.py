@@ -4,20 +4,38 @@
 runs one in its own process group (so stop() takes its children with it) with its
 output in a log file; `wait_healthy` polls GET /health with a deadline and fails early,
 with the log tail, if the process exits.
+
+API key (docs/sglang.md "Network exposure"): a per-job secret in a 0600 file holding
+`api-key: <key>` (`write_api_key_file`). A server reads it with SGLang's own `--config
+FILE` (0.5.23 `server_args.py`: YAML merged into the flags), so the key is not on its
+command line. sglang-router 0.3.2 takes keys only as flags (`--api-key`, the key it sends
+to workers and requires from clients; `--control-plane-api-keys id:name:role:key`, for
+/workers): a `python -m` router is started through `ROUTER_KEY_WRAPPER`, which reads the
+file and adds the flags inside the process. SGLang prints its server_args, key included,
+at start: the output of a process with a key is copied to its log with the key replaced
+(`REDACTED`), and the log file is created 0600.
+
+Launched processes never inherit torchrun's variables (`TORCHRUN_ENV_VARS`, prefixes
+`TORCHRUN_ENV_PREFIXES`) nor CUDA_DEVICE_MAX_CONNECTIONS: with
+TORCHELASTIC_USE_AGENT_STORE=True a server's own rendezvous would expect an agent store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx2
 
@@ -26,6 +44,66 @@ from archer_mcore.rollout.types import RolloutError
 SGLANG_SERVER_LAUNCH = (sys.executable, "-m", "sglang.launch_server")
 SGLANG_ROUTER_LAUNCH = (sys.executable, "-m", "sglang_router.launch_router")
 ROUTER_POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+#: Variables torchrun / the Slurm script set for the trainer that no launched server or
+#: router may inherit (plus every TORCHELASTIC_* name).
+TORCHRUN_ENV_VARS = frozenset({
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+})  # fmt: skip
+TORCHRUN_ENV_PREFIXES = ("TORCHELASTIC_",)
+API_KEY_PREFIX = "api-key:"
+REDACTED = "<redacted>"
+#: `python -c` program that runs a module (argv[2]) with the key of the file argv[1]
+#: appended as sglang-router's --api-key and admin control-plane key; the key never
+#: appears on the command line (sglang-router has no config file).
+ROUTER_KEY_WRAPPER = (
+    "import runpy, sys; f, m = sys.argv[1], sys.argv[2]; "
+    "k = open(f).read().split(':', 1)[-1].strip(); "
+    "sys.argv = [m, *sys.argv[3:], '--api-key', k, "
+    "'--control-plane-api-keys', 'archer:archer:admin:' + k]; "
+    "runpy.run_module(m, run_name='__main__', alter_sys=True)"
+)
+
+
+def without_torchrun_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without torchrun's variables (TORCHRUN_ENV_VARS, TORCHELASTIC_*)."""
+    return {k: v for k, v in env.items()
+            if k not in TORCHRUN_ENV_VARS and not k.startswith(TORCHRUN_ENV_PREFIXES)}  # fmt: skip
+
+
+def new_api_key() -> str:
+    """A fresh per-job secret (256 bits, hex: safe in YAML, argv and sed patterns)."""
+    return secrets.token_hex(32)
+
+
+def write_api_key_file(path: str | Path, key: str) -> Path:
+    """Write `api-key: <key>` to a new file readable by its owner only (0600); the
+    directory is created 0700. The file is both SGLang's `--config` and the trainer's
+    rollout.sglang.api_key_file."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{API_KEY_PREFIX} {key}\n")
+    return path
+
+
+def read_api_key(path: str | Path) -> str:
+    """The key of an API-key file (`api-key: <key>`, or the key alone). Refuses a file
+    that group or others may read or write (chmod 600 it) and an empty key."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"API key file {path} has mode {mode:o}: others could read the key; chmod 600 it"
+        )
+    text = path.read_text().strip()
+    key = text.removeprefix(API_KEY_PREFIX).strip()
+    if not key or "\n" in key:
+        raise ValueError(f"API key file {path}: expected one line `{API_KEY_PREFIX} <key>`")
+    return key
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,6 +122,9 @@ class SGLangServerArgs:
     cuda_visible_devices: the GPUs of this server, e.g. "0,1" (None: inherit).
     extra_args: appended verbatim (flags this dataclass does not name).
     env: extra environment variables of the server process, as (name, value) pairs.
+    api_key_file: a file from `write_api_key_file`: passed as `--config FILE`, so the
+    server requires `Authorization: Bearer <key>` on every endpoint but /health*,
+    /ready* and /metrics (0.5.23 `utils/auth.py`).
     """
 
     model_path: str
@@ -62,6 +143,7 @@ class SGLangServerArgs:
     cuda_visible_devices: str | None = None
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    api_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:
@@ -107,6 +189,8 @@ def build_server_command(
         cmd.append("--enable-memory-saver")
     if args.deterministic_inference:
         cmd.append("--enable-deterministic-inference")
+    if args.api_key_file is not None:
+        cmd += ["--config", str(args.api_key_file)]
     cmd += list(args.extra_args)
     return cmd
 
@@ -114,8 +198,9 @@ def build_server_command(
 def server_env(args: SGLangServerArgs, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of a server process. SGLANG_RETURN_ORIGINAL_LOGPROB is forced off so
     that output_token_logprobs are log softmax(z / T) of the sampling temperature (what
-    the trainer compares with), not the untempered distribution."""
-    env = dict(os.environ if base is None else base)
+    the trainer compares with), not the untempered distribution. torchrun's variables
+    are left out (`without_torchrun_env`); args.env may still set any variable."""
+    env = without_torchrun_env(os.environ if base is None else base)
     env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "false"
     if args.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = args.cuda_visible_devices
@@ -125,7 +210,10 @@ def server_env(args: SGLangServerArgs, base: Mapping[str, str] | None = None) ->
 
 @dataclass(frozen=True)
 class RouterArgs:
-    """Flags of `python -m sglang_router.launch_router` in front of worker_urls."""
+    """Flags of `python -m sglang_router.launch_router` in front of worker_urls.
+    api_key_file: a file from `write_api_key_file`; the router then sends the key to the
+    workers and requires it from its clients, and its control plane (/workers) requires
+    it too (see `build_router_command`)."""
 
     worker_urls: tuple[str, ...]
     port: int
@@ -135,6 +223,7 @@ class RouterArgs:
     health_check_timeout_secs: int = 5
     health_failure_threshold: int = 2
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    api_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
@@ -150,24 +239,62 @@ class RouterArgs:
 def build_router_command(
     args: RouterArgs, launch: Sequence[str] = SGLANG_ROUTER_LAUNCH
 ) -> list[str]:
-    return [*launch,
-            "--worker-urls", *args.worker_urls,
-            "--policy", args.policy,
-            "--host", args.host,
-            "--port", str(args.port),
-            "--health-check-interval-secs", str(args.health_check_interval_secs),
-            "--health-check-timeout-secs", str(args.health_check_timeout_secs),
-            "--health-failure-threshold", str(args.health_failure_threshold),
-            *args.extra_args]  # fmt: skip
+    """argv of the router. With an API key file: a `PYTHON -m MODULE` launch becomes
+    `PYTHON -c ROUTER_KEY_WRAPPER FILE MODULE flags...` (the key is read inside the
+    process); any other launch command gets `--api-key KEY --control-plane-api-keys
+    archer:archer:admin:KEY` on its command line (visible to `ps` on that host)."""
+    flags = ["--worker-urls", *args.worker_urls,
+             "--policy", args.policy,
+             "--host", args.host,
+             "--port", str(args.port),
+             "--health-check-interval-secs", str(args.health_check_interval_secs),
+             "--health-check-timeout-secs", str(args.health_check_timeout_secs),
+             "--health-failure-threshold", str(args.health_failure_threshold),
+             *args.extra_args]  # fmt: skip
+    if args.api_key_file is None:
+        return [*launch, *flags]
+    if len(launch) == 3 and launch[1] == "-m":
+        return [launch[0], "-c", ROUTER_KEY_WRAPPER, str(args.api_key_file), launch[2], *flags]
+    key = read_api_key(args.api_key_file)
+    return [*launch, *flags, "--api-key", key,
+            "--control-plane-api-keys", f"archer:archer:admin:{key}"]  # fmt: skip
+
+
+def secrets_in_argv(argv: Sequence[str]) -> list[str]:
+    """API keys a command line carries or points at: the file after `--config` (when it
+    is an API-key file), the file of ROUTER_KEY_WRAPPER, the value of `--api-key`."""
+    found: list[str] = []
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    if len(argv) > 3 and argv[1] == "-c" and argv[2] == ROUTER_KEY_WRAPPER:
+        files.append(argv[3])
+    for f in files:
+        with contextlib.suppress(OSError, ValueError):
+            found.append(read_api_key(f))
+    found += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--api-key"]
+    return found
+
+
+def _copy_redacted(src: IO[bytes], log_path: Path, secret_words: Sequence[bytes]) -> None:
+    """Copy a child's output to its log line by line with every secret replaced."""
+    with src, open(log_path, "ab", buffering=0) as log:
+        for line in iter(src.readline, b""):
+            for word in secret_words:
+                line = line.replace(word, REDACTED.encode())
+            log.write(line)
 
 
 class ManagedProcess:
-    """A child process in its own session, output appended to `log_path`."""
+    """A child process in its own session, output appended to `log_path`.
+
+    env None: this process's environment without torchrun's variables. A process whose
+    command line carries or points at an API key (`secrets_in_argv`) writes its output
+    through a pipe that replaces the key by REDACTED; its log file is created 0600."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: Path,
                  cwd: str | Path | None = None) -> None:  # fmt: skip
         self.argv = list(argv)
-        self.env = dict(env) if env is not None else None
+        self.env = dict(env) if env is not None else without_torchrun_env(os.environ)
+        self.secrets = [s.encode() for s in secrets_in_argv(self.argv) if s]
         self.log_path = Path(log_path)
         # `python -m` puts the working directory first on sys.path: run servers outside
         # a source tree whose top-level folders (e.g. kernels/) would shadow packages
@@ -177,11 +304,21 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        if self.secrets:
+            os.close(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
             )  # fmt: skip
+            threading.Thread(target=_copy_redacted, name=f"log-{self.log_path.name}",
+                             args=(self.proc.stdout, self.log_path, self.secrets),
+                             daemon=True).start()  # fmt: skip
+        else:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
+                )  # fmt: skip
         self.starts += 1
 
     @property

@@ -17,11 +17,11 @@ from typing import Any
 
 from archer_mcore.model.hf_io import write_hf_checkpoint
 from archer_mcore.rollout.http_client import RequestFailed
-from archer_mcore.rollout.sglang_launcher import free_port
 from archer_mcore.rollout.sglang_protocol import rank_layout, reply_failed, serialize_named_tensors
 from archer_mcore.rollout.sglang_servers import ServerHandle, ServerPool
 from archer_mcore.rollout.types import NamedTensorBucket, RolloutError
 from archer_mcore.rollout.weight_sync import (
+    bind_rendezvous,
     broadcast_bucket,
     bucket_metadata,
     destroy_weight_update_group,
@@ -114,9 +114,9 @@ class WeightSyncClient(ServerPool):
         await self._fanout("POST", "/destroy_weights_update_group",
                            {"group_name": cfg.group_name}, quiet=True, servers=members,
                            timeout_s=cfg.timeout_s)  # fmt: skip
-        port = cfg.master_port or free_port(
-            "0.0.0.0" if cfg.master_address not in ("127.0.0.1", "localhost") else "127.0.0.1"
-        )
+        # the store listens on the advertised address only (port 0: a free one, no race)
+        listener = bind_rendezvous(cfg.master_address, cfg.master_port or 0)
+        port = int(listener.getsockname()[1])
         world, offsets = rank_layout([s.num_gpus for s in members])
         requests = [
             self._client.request("POST", s.url + "/init_weights_update_group", json={
@@ -126,8 +126,10 @@ class WeightSyncClient(ServerPool):
             }, timeout_s=cfg.timeout_s, retries=0)
             for s, off in zip(members, offsets)
         ]  # fmt: skip
-        join = asyncio.to_thread(init_weight_update_group, cfg.backend, cfg.master_address, port,
-                                 0, world, cfg.group_name, cfg.timeout_s)  # fmt: skip
+        join = asyncio.to_thread(init_weight_update_group, backend=cfg.backend,
+                                 master_address=cfg.master_address, master_port=port, rank=0,
+                                 world_size=world, group_name=cfg.group_name,
+                                 timeout_s=cfg.timeout_s, listener=listener)  # fmt: skip
         out = await asyncio.gather(join, *requests, return_exceptions=True)
         errors = [f"{s.url}: {r}" for s, r in zip(members, out[1:]) if reply_failed(r)]
         if isinstance(out[0], BaseException) or errors:

@@ -2,9 +2,19 @@
 
 Broadcast path: the trainer (rank 0) and every server TP worker form a process group of
 their own, built the way SGLang's `init_custom_process_group` builds the receiving side
-(TCP rendezvous at master_address:master_port, store prefixed by the group name,
-torch's `_new_process_group_helper`), so the store keys and the communicator match.
-The backend is a parameter: "nccl" on GPUs, "gloo" in CPU tests.
+(0.5.23 `sglang/srt/utils/common.py`: a TCP store at master_address:master_port, wrapped
+in `PrefixStore(group_name, ...)`, then torch's `_new_process_group_helper`), so the
+store keys and the communicator match. The backend is a parameter: "nccl" on GPUs,
+"gloo" in CPU tests.
+
+Rank 0 hosts the store itself: `TCPStore(..., is_master=True)` over a socket this module
+binds to the advertised master address (`bind_rendezvous`), handed over with
+`master_listen_fd`. Not torch's `rendezvous("tcp://...")`: under torchrun every worker has
+TORCHELASTIC_USE_AGENT_STORE=True and that builds a client-only store even on rank 0
+(nothing listens; the trainer and every server time out), and its store server listens
+on every interface (`::`) whatever host it is given. The store lives as long as the
+group (the group holds it); it has no authentication, so it is reachable from wherever
+the master address is.
 
 Disk path: the weights are written as an HF checkpoint (sharded safetensors + index +
 the base model's config/tokenizer files) by `archer_mcore.model.hf_io.write_hf_checkpoint`,
@@ -14,6 +24,7 @@ which `/update_weights_from_disk` then loads.
 from __future__ import annotations
 
 import inspect
+import socket
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -50,6 +61,35 @@ def with_last_flag(
         yield prev, True
 
 
+def bind_rendezvous(host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket on host:port only (port 0: a free port, read it back with
+    getsockname()), for the weight-update group's store on rank 0."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _group_store(master_address: str, master_port: int, rank: int, world_size: int,
+                 timeout: timedelta, listener: socket.socket | None) -> dist.TCPStore:  # fmt: skip
+    """Rank 0: the store server on `listener` (bound here when None); other ranks: a
+    client of it. Independent of torchrun's TORCHELASTIC_USE_AGENT_STORE."""
+    if rank != 0:
+        return dist.TCPStore(master_address, master_port, world_size, is_master=False,
+                             timeout=timeout)  # fmt: skip
+    sock = listener if listener is not None else bind_rendezvous(master_address, master_port)
+    port = int(sock.getsockname()[1])
+    # the store takes the descriptor over (and closes it): detach it from the socket object
+    return dist.TCPStore(master_address, port, world_size, is_master=True, timeout=timeout,
+                         wait_for_workers=False, master_listen_fd=sock.detach())  # fmt: skip
+
+
 def init_weight_update_group(
     backend: str,
     master_address: str,
@@ -58,22 +98,23 @@ def init_weight_update_group(
     world_size: int,
     group_name: str,
     timeout_s: float = 600.0,
+    listener: socket.socket | None = None,
 ) -> dist.ProcessGroup:
-    """Join (rank 0: create) the weight-update group. Blocks until all ranks arrive."""
+    """Join (rank 0: create) the weight-update group. Blocks until all ranks arrive.
+
+    Rank 0 serves the group's store on `listener` (a socket from `bind_rendezvous`, which
+    it takes over), else on a socket bound to master_address:master_port here."""
     from torch.distributed.distributed_c10d import (
         Backend,
         PrefixStore,
         _new_process_group_helper,
         _world,
-        rendezvous,
     )
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
+    base = _group_store(master_address, master_port, rank, world_size, timeout, listener)
+    base.set_timeout(timeout)
+    store = PrefixStore(group_name, base)
     params = inspect.signature(_new_process_group_helper).parameters
     options_kw = "backend_options" if "backend_options" in params else "pg_options"
     pg, _ = _new_process_group_helper(
