@@ -101,6 +101,10 @@ class SGLangConfig:
     server_command: list[str] = _f(factory=list)
     router_command: list[str] = _f(factory=list)
     extra_server_args: list[str] = _f(factory=list)  # appended to every launched server
+    # file with the servers' and router's API key (`api-key: <key>`, mode 0600; the Slurm
+    # script writes one per job); colocated: "" makes a fresh key per launch;
+    # disaggregated: "" talks to servers started without a key (docs/sglang.md)
+    api_key_file: str = ""
 
 
 @dataclass
