@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from archer_mcore.config import Config, ConfigError
+from archer_mcore.config.errors import clip
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
 
@@ -122,7 +123,7 @@ def load_datasets(
     train_files, eval_files = data_files(cfg, cache)
     train_data = PromptDataset.from_files(train_files, tokenizer, cfg.data.max_prompt_length)
     if len(train_data) == 0:
-        raise ConfigError(f"data.train_files: no usable prompt in {train_files}")
+        raise ConfigError(f"data.train_files: no usable prompt in {clip(train_files)}")
     eval_data = (
         PromptDataset.from_files(eval_files, tokenizer, cfg.data.max_prompt_length)
         if eval_files
@@ -160,10 +161,15 @@ def warmstart_examples(
     worked steps without the final \\boxed{} answer (which the verifier needs) with
     probability `noise`. The omission is thus a habit of the warm-started policy, not a
     property of particular problems, and RL can unlearn it on problems it never saw.
+    The solution comes from the data: it is encoded as plain text (a "<|im_end|>" in it
+    stays text; the only eos is the one appended).
     """
+    from archer_mcore.data.chat_render import ChatRenderer
+
     rng = random.Random(seed)
     out = []
     eos = tokenizer.eos_token_id
+    renderer = ChatRenderer(tokenizer)
     for i in range(min(count, len(dataset))):
         ex = dataset[i]
         solution = ex.extra_info.get("solution")
@@ -172,6 +178,17 @@ def warmstart_examples(
         steps, boxed, _ = solution.rpartition(" \\boxed{")
         for _ in range(copies):
             text = steps if boxed and rng.random() < noise else solution
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = _solution_ids(renderer, text, ex.source)
             out.append((list(ex.prompt_ids), [*ids, eos]))
     return out
+
+
+def _solution_ids(renderer: Any, text: str, source: str) -> list[int]:
+    """A data row's solution text as plain-text ids (ConfigError naming the row when
+    the tokenizer cannot encode it without a control token)."""
+    from archer_mcore.data.schema import MalformedRow
+
+    try:
+        return renderer.encode_plain(text)
+    except MalformedRow as err:
+        raise ConfigError(f"warmstart: {source}: extra_info.solution: {err}") from None

@@ -5,10 +5,13 @@
     ex = ds[i]            # PromptExample: prompt_ids, ground_truth, data_source...
 
 Rendering: `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-tokenize=False)`, then the text is encoded without adding special tokens (the
-template already writes them). Prompts longer than `max_prompt_length` tokens are
-dropped and counted; malformed rows are skipped, counted and listed with their
-location; neither stops loading.
+tokenize=False)`, encoded without adding special tokens (the template already writes
+them), by `chat_render.ChatRenderer`: the messages' text is encoded as plain text, so
+a row holding "<|im_end|>" or "<|im_start|>system" cannot write a control token; the
+only control tokens of a prompt are the template's. Prompts longer than
+`max_prompt_length` tokens are dropped and counted; malformed rows are skipped, counted
+and listed with their location (reasons cut to `MAX_REASON_CHARS`); neither stops
+loading.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from archer_mcore.config.errors import clip, shorten
+from archer_mcore.data.chat_render import ChatRenderer
 from archer_mcore.data.readers import read_rows
 from archer_mcore.data.schema import MalformedRow, Message, PromptRow, parse_row
 
@@ -57,11 +62,20 @@ class PromptExample:
     )
 
 
+#: The longest reason kept for a malformed row (reasons may quote the row's values).
+MAX_REASON_CHARS = 300
+
+
 @dataclass(frozen=True)
 class BadRow:
+    """A malformed row: where it is, and why (cut to `MAX_REASON_CHARS`)."""
+
     file: str
     location: str  # "line N" (JSONL, 1-based) or "row N" (Parquet, 0-based)
     reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", shorten(self.reason, MAX_REASON_CHARS))
 
 
 @dataclass
@@ -94,10 +108,10 @@ class DataReport:
 
 
 def render_prompt(tokenizer: ChatTokenizer, messages: list[Message]) -> tuple[str, list[int]]:
-    """The chat-template text of `messages` with the generation prompt, and its ids."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text, list(ids)
+    """The chat-template text of `messages` with the generation prompt, and its ids; the
+    messages' text never becomes a control token (`ChatRenderer`; MalformedRow when a
+    template makes that impossible to tell)."""
+    return ChatRenderer(tokenizer).render(messages)
 
 
 class PromptDataset(Sequence[PromptExample]):
@@ -124,13 +138,14 @@ class PromptDataset(Sequence[PromptExample]):
         """Build from `(file, location, raw row or decode-error string)` triples."""
         report = DataReport()
         examples: list[PromptExample] = []
+        renderer = ChatRenderer(tokenizer)
         for file, location, raw in rows:
             report.rows_read += 1
             try:
                 if isinstance(raw, str):
                     raise MalformedRow(raw)
                 row: PromptRow = parse_row(raw, default_data_source)
-                text, ids = render_prompt(tokenizer, row.messages)
+                text, ids = renderer.render(row.messages)
             except MalformedRow as err:
                 report.malformed.append(BadRow(file, location, str(err)))
                 continue
@@ -190,6 +205,10 @@ class PromptDataset(Sequence[PromptExample]):
         return cls.from_rows(rows(), tokenizer, max_prompt_length, default_data_source)
 
 
+#: The unrouted data sources an `UnroutedDataError` names (the rest are counted).
+MAX_SOURCES_LISTED = 5
+
+
 class UnroutedDataError(ValueError):
     """Rows whose data_source maps to no reward function (and that name none)."""
 
@@ -239,9 +258,11 @@ def assign_reward_kinds(
         examples.append(dataclasses.replace(ex, reward_kind=assigned) if assigned else ex)
     if unrouted:
         listed = "; ".join(
-            f"data_source {src!r} ({count} rows, first at {where})"
-            for src, (where, count) in unrouted.items()
+            f"data_source {clip(src)} ({count} rows, first at {shorten(where)})"
+            for src, (where, count) in list(unrouted.items())[:MAX_SOURCES_LISTED]
         )
+        if len(unrouted) > MAX_SOURCES_LISTED:
+            listed += f"; and {len(unrouted) - MAX_SOURCES_LISTED} more data sources"
         raise UnroutedDataError(
             f"no reward function for {listed}: give the rows a known data_source, or name "
             f"a reward kind ({', '.join(sorted(kinds))}) in reward_model.style or ability, "

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from archer_mcore.config.errors import shorten
+
 RawRecord = tuple[str, "dict[str, Any] | str"]
 
 
@@ -33,8 +35,8 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"line {lineno}", f"invalid JSON: {err}"
+            except (ValueError, RecursionError) as err:  # also: nested too deep, huge ints
+                yield f"line {lineno}", f"invalid JSON: {shorten(str(err) or type(err).__name__)}"
                 continue
             yield (
                 f"line {lineno}",

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from archer_mcore.config.errors import clip
+
 Message = dict[str, str]
 _ROLES = ("system", "user", "assistant", "tool")
 
@@ -63,7 +65,7 @@ def _messages(prompt: Any) -> list[Message]:
             )
         role, content = msg.get("role"), msg.get("content")
         if role not in _ROLES:
-            raise MalformedRow(f"prompt[{k}].role must be one of {_ROLES}, got {role!r}")
+            raise MalformedRow(f"prompt[{k}].role must be one of {_ROLES}, got {clip(role)}")
         if not isinstance(content, str):
             raise MalformedRow(
                 f"prompt[{k}].content must be a string, got {type(content).__name__}"
