@@ -32,12 +32,39 @@ from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, SandboxRun
 from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_CODE, TESTS_FAILED, RewardResult
 
 _HARNESS_SOURCE = Path(call_harness.__file__).read_text()
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE = "```"
+_FENCE_LANG = re.compile(r"[ \t]*+([A-Za-z0-9_+-]*+)")
+
+
+def fenced_blocks(response: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced block, in order, lower-cased language.
+
+    A block opens with a line starting at "```" (the language is the word after it;
+    the rest of that line is ignored) and ends at the next "```"; blocks do not
+    overlap, and an unterminated one is not a block. This is what the regex
+    "```[ \\t]*([A-Za-z0-9_+-]*)[^\\n]*\\n(.*?)```" (DOTALL) finds, scanned with
+    `str.find` instead: each character is looked at a bounded number of times, so the
+    time is linear in len(response) (the regex took quadratic time on an unterminated
+    fence or a long fence line: 64k characters, 4.6 s, in the trainer process).
+    """
+    blocks: list[tuple[str, str]] = []
+    pos = 0
+    while (start := response.find(_FENCE, pos)) >= 0:
+        newline = response.find("\n", start + len(_FENCE))
+        if newline < 0:
+            break  # no line break after any later fence either: no more blocks
+        end = response.find(_FENCE, newline + 1)
+        if end < 0:
+            break  # unterminated: neither this nor a later opener can close
+        lang = _FENCE_LANG.match(response, start + len(_FENCE), newline)
+        blocks.append((lang.group(1).lower() if lang else "", response[newline + 1 : end]))
+        pos = end + len(_FENCE)
+    return blocks
 
 
 def extract_program(response: str) -> str | None:
     """The last fenced code block (```python preferred over other languages); None if none."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(response)]
+    blocks = fenced_blocks(response)
     if not blocks:
         return None
     python_blocks = [body for lang, body in blocks if lang in ("python", "py", "python3")]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 
-_ANSWER_IS = re.compile(
-    r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<ans>[^\n]+)", re.IGNORECASE
-)
+# "answer is" / "final answer:" / "answer =": the phrase only. Possessive quantifiers
+# (no backtracking); what follows is read by `_answer_is_matches` without a regex (the
+# former "\s*:?\s*([^\n]+)" tail tried every split of a whitespace run between its
+# two "\s*": quadratic, 17 s on "answer is" + 40k newlines).
+_ANSWER_IS = re.compile(r"(?:final\s++answer|answer)\s*+(?:is|:|=)", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s*+")
 
 
 _BOX = re.compile(r"\\(?:boxed|fbox)")
@@ -112,15 +115,35 @@ def _answer_span(rest: str) -> str:
     return rest[: m.start()] if m else rest
 
 
+def _answer_is_matches(text: str) -> list[str]:
+    """The text after each "answer is" phrase: from the first non-blank character after
+    it (and an optional ":") to the end of that line; nothing when only blanks follow
+    (the regex this replaces then backtracked to a blank or a lone ":"). Phrases are found left to right
+    and a match ends at its line's end, so a second phrase on the same line is part of
+    the first's answer (as with the regex this replaces). Linear in len(text)."""
+    found: list[str] = []
+    pos = 0
+    while m := _ANSWER_IS.search(text, pos):
+        j = _WHITESPACE.match(text, m.end()).end()  # type: ignore[union-attr]
+        if text.startswith(":", j):
+            j = _WHITESPACE.match(text, j + 1).end()  # type: ignore[union-attr]
+        if j >= len(text):
+            break
+        eol = text.find("\n", j)
+        eol = len(text) if eol < 0 else eol
+        found.append(text[j:eol])
+        pos = max(eol, m.end())
+    return found
+
+
 def answer_is_phrase(text: str) -> str | None:
     """X from the last "answer is X" / "answer: X" phrase, delimiters stripped; or None.
 
     X is a leading `$...$` / `\\(...\\)` span if there is one, else the text up to the
     first ", ", ";", sentence end or explanation word ("because", "since", ...).
     """
-    matches = list(_ANSWER_IS.finditer(text))
-    for m in reversed(matches):
-        candidate = _strip_math_delimiters(_answer_span(m.group("ans")))
+    for ans in reversed(_answer_is_matches(text)):
+        candidate = _strip_math_delimiters(_answer_span(ans))
         inner = last_boxed(candidate)
         if inner is not None:
             return inner
@@ -135,3 +158,36 @@ def extract_final_answer(text: str) -> str | None:
     if boxed is not None and boxed != "":
         return boxed
     return answer_is_phrase(text)
+
+
+_OPENERS, _CLOSERS = "{([", "})]"
+#: Characters that make a following or preceding "=" part of another relation.
+_RELATION_NEIGHBOURS = "<>!:="
+
+
+def split_equation(answer: str) -> list[str]:
+    """The sides of `answer` as an equation (chain): `a = b = c` -> ["a", "b", "c"].
+
+    Splits at every "=" outside braces, parentheses and brackets (escaped `\\{ \\}` count
+    too, so a set `\\{x = 1\\}` or a `\\text{x=1}` is not split), except where it is part
+    of "==", "<=", ">=", "!=" or ":=". An answer without such an "=", or with an empty
+    side, is returned whole: [answer]. One pass: time linear in len(answer).
+    """
+    depth, start, sides = 0, 0, []
+    n = len(answer)
+    for i, ch in enumerate(answer):
+        if ch in _OPENERS:
+            depth += 1
+        elif ch in _CLOSERS:
+            depth = max(0, depth - 1)
+        elif ch == "=" and depth == 0:
+            before = answer[i - 1] if i > 0 else ""
+            after = answer[i + 1] if i + 1 < n else ""
+            if before and before in _RELATION_NEIGHBOURS or after and after in _RELATION_NEIGHBOURS:
+                continue
+            sides.append(answer[start:i].strip())
+            start = i + 1
+    if not sides:
+        return [answer]
+    sides.append(answer[start:].strip())
+    return [answer] if any(not side for side in sides) else sides

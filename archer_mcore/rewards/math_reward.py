@@ -80,7 +80,38 @@ _SIMPLE_FRACTION = re.compile(
 
 
 # A unit after the number: "18\\text{ dollars}", "30^\\circ", "50\\%" (spaces removed).
-_UNIT_SUFFIX = re.compile(r"(?:\\(?:text|mbox|mathrm)\{[A-Za-z.]*\}|\^\{?\\circ\}?|\\?%)+$")
+_TEXT_UNIT = re.compile(r"\\(?:text|mbox|mathrm)\{[A-Za-z.]*+\}")
+_TEXT_UNIT_COMMANDS = ("\\text", "\\mbox", "\\mathrm")
+_CIRCLE_UNITS = ("^{\\circ}", "^\\circ}", "^{\\circ", "^\\circ")
+
+
+def _unit_at_end(s: str, end: int) -> int:
+    """Length of the unit that ends at s[:end] ("\\text{cm}", "^\\circ", "\\%", "%"), or 0."""
+    if s.endswith("%", 0, end):
+        return 2 if s.endswith("\\%", 0, end) else 1
+    for unit in _CIRCLE_UNITS:
+        if s.endswith(unit, 0, end):
+            return len(unit)
+    if s.endswith("}", 0, end):
+        brace = s.rfind("{", 0, end)
+        for command in _TEXT_UNIT_COMMANDS:
+            start = brace - len(command)
+            if start >= 0 and s.startswith(command, start) and _TEXT_UNIT.fullmatch(s, start, end):
+                return end - start
+    return 0
+
+
+def _strip_unit_suffix(s: str) -> str:
+    """`s` without the units at its end ("18\\text{dollars}" -> "18"), removed right to left.
+
+    The same units as the regex "(?:\\\\(?:text|mbox|mathrm)\\{[A-Za-z.]*\\}|\\^\\{?\\\\circ\\}?
+    |\\\\?%)+$" matched, without its quadratic search ("%" * 40k + "x": 57 s): each
+    character is looked at a bounded number of times.
+    """
+    end = len(s)
+    while end and (size := _unit_at_end(s, end)):
+        end -= size
+    return s[:end]
 
 
 def is_simplified_number(answer: str) -> bool:
@@ -88,7 +119,7 @@ def is_simplified_number(answer: str) -> bool:
     "-9", "1,000", "0.75", "6.02e23", "3/4", "-\\frac{3}{4}", also with a unit after it
     ("18\\text{ dollars}", "30^\\circ", "50\\%"); not "0-9-0", "12/2", "\\frac{6}{8}",
     "1e9999", "x=3"."""
-    s = _UNIT_SUFFIX.sub("", _normalize(answer))
+    s = _strip_unit_suffix(_normalize(answer))
     if _SIMPLE_DECIMAL.match(s):
         return any(ch.isdigit() for ch in s.split("e")[0].split("E")[0])
     m = _SIMPLE_FRACTION.match(s)
