@@ -162,7 +162,7 @@ def extract_final_answer(text: str) -> str | None:
 
 _OPENERS, _CLOSERS = "{([", "})]"
 #: Characters that make a following or preceding "=" part of another relation.
-_RELATION_NEIGHBOURS = "<>!:="
+_RELATION_NEIGHBOURS = frozenset("<>!:=")
 
 
 def split_equation(answer: str) -> list[str]:
@@ -174,16 +174,16 @@ def split_equation(answer: str) -> list[str]:
     side, is returned whole: [answer]. One pass: time linear in len(answer).
     """
     depth, start, sides = 0, 0, []
-    n = len(answer)
     for i, ch in enumerate(answer):
         if ch in _OPENERS:
             depth += 1
         elif ch in _CLOSERS:
             depth = max(0, depth - 1)
         elif ch == "=" and depth == 0:
-            before = answer[i - 1] if i > 0 else ""
-            after = answer[i + 1] if i + 1 < n else ""
-            if before and before in _RELATION_NEIGHBOURS or after and after in _RELATION_NEIGHBOURS:
+            if (
+                answer[i - 1 : i] in _RELATION_NEIGHBOURS
+                or answer[i + 1 : i + 2] in _RELATION_NEIGHBOURS
+            ):
                 continue
             sides.append(answer[start:i].strip())
             start = i + 1
