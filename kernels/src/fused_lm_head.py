@@ -167,6 +167,7 @@ def _lm_head_grad_kernel(
     h_stride,
     w_stride,
     g_stride,
+    C_TUNE,  # not read: the autotune key for C (tune_bucket(C))
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -221,7 +222,15 @@ _GPU_CONFIGS = [
 ]
 _GPU_BLOCK_M_ESTIMATE = 128  # for choosing the number of vocab splits before tuning
 _stats_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "V"])(_lm_head_stats_kernel)
-_grad_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "C"])(_lm_head_grad_kernel)
+_grad_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "C_TUNE"])(_lm_head_grad_kernel)
+
+
+def tune_bucket(cols: int) -> int:
+    """The backward kernel's autotune key for a chunk of `cols` vocab columns: the next
+    power of two, at least 256. Triton tunes anew for every new key value; the chunk
+    width follows each micro-batch's token count (`default_chunk_cols`), so keying on
+    the width itself re-tuned on almost every micro-batch (issue 21, item 7)."""
+    return max(256, 1 << (max(cols, 1) - 1).bit_length())
 
 
 def num_vocab_splits(
@@ -305,10 +314,13 @@ def launch_lm_head_grad(
     temperature: float,
     col_start: int,
     vocab_size: int | None = None,
+    tune_cols: int | None = None,
 ) -> Tensor:
     """Write d loss / d logits for the vocab chunk `weight_chunk` ([C, H], global ids
     col_start .. col_start + C) into `out` [N, C], recomputing the logits tile by tile in
-    fp32. row_stats: [3, N] fp32 (m, log S, H) over the whole vocabulary."""
+    fp32. row_stats: [3, N] fp32 (m, log S, H) over the whole vocabulary. `tune_cols`
+    (default C): the width the GPU autotune key is bucketed from; the backward passes
+    its full chunk width for every chunk, the shorter last one included."""
     n, h = hidden.shape
     c = weight_chunk.shape[0]
     if out.shape != (n, c) or out.stride(-1) != 1:
@@ -327,7 +339,7 @@ def launch_lm_head_grad(
     kernel[grid](
         hidden, weight_chunk, tokens, row_stats, grad_entropy, grad_logprob, out,
         n, c, valid_columns(c, col_start, vocab_size), h, int(col_start), 1.0 / float(temperature),
-        hidden.stride(0), weight_chunk.stride(0), out.stride(0),
+        hidden.stride(0), weight_chunk.stride(0), out.stride(0), tune_bucket(tune_cols or c),
         UPCAST=low_precision and device.type != "cuda",
         PRECISION="tf32" if low_precision else "ieee",
         **meta,
@@ -440,7 +452,7 @@ class _FusedLMHeadFn(torch.autograd.Function):
             else:
                 launch_lm_head_grad(
                     hidden, w_c, tokens, packed, gh, gl, g,
-                    opts.temperature, opts.vocab_start + c0, opts.vocab_size,
+                    opts.temperature, opts.vocab_start + c0, opts.vocab_size, tune_cols=width,
                 )  # fmt: skip
             if grad_h is not None:
                 grad_h += torch.mm(g, w_c)
