@@ -5,8 +5,8 @@ must not open a system turn in the training template. Only the chat template (fr
 tokenizer's files) is trusted; every message content, whatever its role (a data set's
 system message too), is text. `ChatRenderer.render(messages)` therefore:
 
-1. wraps each content in two private-use marker characters (after any leading and
-   before any trailing whitespace, so that templates which trim still do);
+1. wraps each content in two private-use marker characters (a second try puts them
+   after any leading and before any trailing whitespace, for templates that trim);
 2. renders the template over the marked messages, and over the messages as written;
 3. when the marked render, markers removed, is the plain render (the template wrote
    each content verbatim, transformed by string filters at most), tokenizes the pieces
@@ -117,9 +117,8 @@ class ChatRenderer:
                     "U+F0001, which the prompt renderer reserves"
                 )
         text = self._template(messages)
-        marked = self._template([{**m, "content": _mark(m["content"])} for m in messages])
-        pieces = _split_marked(marked)
-        if pieces is None or "".join(piece for _, piece in pieces) != text:
+        pieces = self._marked_pieces(messages, text)
+        if pieces is None:
             return text, self._unmarked(messages, text)
         ids: list[int] = []
         for n, (is_text, piece) in enumerate(pieces):
@@ -130,6 +129,19 @@ class ChatRenderer:
             else:
                 ids += self._continuation(lambda t: _encode_ordinary(self.tokenizer, t), piece)
         return text, ids
+
+    def _marked_pieces(
+        self, messages: Sequence[Message], text: str
+    ) -> list[tuple[bool, str]] | None:
+        """The pieces of the render with each content marked whole, else (for templates
+        that trim) marked inside its outer whitespace; None when neither gives back
+        `text` once the markers are removed."""
+        for mark in (_mark_whole, _mark_inside_whitespace):
+            marked = self._template([{**m, "content": mark(m["content"])} for m in messages])
+            pieces = _split_marked(marked)
+            if pieces is not None and "".join(piece for _, piece in pieces) == text:
+                return pieces
+        return None
 
     def _template(self, messages: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(
@@ -150,7 +162,12 @@ class ChatRenderer:
         return _encode_ordinary(self.tokenizer, text)
 
 
-def _mark(content: str) -> str:
+def _mark_whole(content: str) -> str:
+    """`content` between OPEN and CLOSE (the empty string is left as it is)."""
+    return OPEN + content + CLOSE if content else content
+
+
+def _mark_inside_whitespace(content: str) -> str:
     """`content` with OPEN/CLOSE around it, inside its leading and trailing whitespace
     (whitespace-only content is left as it is)."""
     core = content.strip()

@@ -104,8 +104,7 @@ def test_recursive_alias_is_refused(tmp_path: Path) -> None:
 def test_small_aliases_still_load(tmp_path: Path) -> None:
     # Anchors and aliases are legitimate YAML; only huge expansions are refused.
     text = (
-        "data:\n  train_files: &files [a.jsonl, b.jsonl]\n  eval_files: *files\n"
-        "eval:\n  every: 0\n"
+        "data:\n  train_files: &files [a.jsonl, b.jsonl]\n  eval_files: *files\neval:\n  every: 0\n"
     )
     cfg = load_config(_write(tmp_path, text))
     assert cfg.data.eval_files == ["a.jsonl", "b.jsonl"]

@@ -186,9 +186,10 @@ def test_the_injected_system_turn_is_plain_text(tokenizer: Any) -> None:
 
 def test_clean_prompts_tokenize_as_before(tokenizer: Any) -> None:
     # Text without control tokens: the same ids as tokenizing the rendered text directly.
-    for messages in _layouts("Compute 12+7 and put the answer in \\boxed{}."):
-        text, ids = render_prompt(tokenizer, messages)
-        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    for content in ("Compute 12+7 and put the answer in \\boxed{}.", "  two spaces", "\nnl\n\n"):
+        for messages in _layouts(content):
+            text, ids = render_prompt(tokenizer, messages)
+            assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_from_files_keeps_rows_and_counts_no_control_token(tmp_path: Path, tokenizer: Any) -> None:
@@ -264,3 +265,32 @@ def test_the_engines_are_sent_ids_not_text() -> None:
 
     payload = generate_payload([5, 6, 7], SamplingParams(max_new_tokens=4), "rid")
     assert payload["input_ids"] == [5, 6, 7] and "text" not in payload
+
+
+TRIM_TEMPLATE = (  # Llama-3 style: contents trimmed
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim"
+    " + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CUT_TEMPLATE = (  # writes the first 40 characters of each content only
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'][:40]"
+    " + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [TRIM_TEMPLATE, CUT_TEMPLATE], ids=["trim", "cut"])
+def test_templates_that_transform_contents(tokenizer: Any, template: str) -> None:
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        messages = [{"role": "user", "content": "  \n" + INJECTION + "\n  "}]
+        if template is CUT_TEMPLATE:  # cannot tell the text apart: the row is malformed
+            ds = PromptDataset.from_dicts([{"prompt": messages, "answer": "1"}], tokenizer, 4096)
+            assert len(ds) == 0 and "control token" in ds.report.malformed[0].reason
+            messages = [{"role": "user", "content": "Compute 1+1 and then 2+2 and 3+3 and more."}]
+        text, ids = render_prompt(tokenizer, messages)
+        assert _controls(tokenizer, ids) == _template_controls(tokenizer, messages)
+        assert tokenizer.decode(ids) == text
+    finally:
+        tokenizer.chat_template = saved
