@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -22,7 +22,9 @@ class ClientConfig:
     """max_concurrency: requests in flight at once (all servers together).
     request_timeout_s: per request, connect to last byte of the answer.
     max_retries: extra attempts after the first; backoff doubles from backoff_s up to
-    backoff_max_s, with +-25% jitter."""
+    backoff_max_s, with +-25% jitter.
+    api_key: sent as `Authorization: Bearer <key>` on every request (SGLang's --api-key,
+    sglang-router's --api-key and control-plane key); left out of repr."""
 
     max_concurrency: int = 256
     request_timeout_s: float = 600.0
@@ -30,6 +32,7 @@ class ClientConfig:
     max_retries: int = 3
     backoff_s: float = 0.5
     backoff_max_s: float = 8.0
+    api_key: str | None = field(default=None, repr=False)
 
 
 class RequestFailed(RolloutError):
@@ -58,6 +61,11 @@ def backoff_delay(attempt: int, cfg: ClientConfig, rng: random.Random | None = N
     return base * jitter
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header SGLang and sglang-router check (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class AsyncJsonClient:
     """One httpx2.AsyncClient shared by all requests of an engine (create it inside the
     event loop that uses it)."""
@@ -70,6 +78,7 @@ class AsyncJsonClient:
             limits=httpx2.Limits(max_connections=cfg.max_concurrency,
                                  max_keepalive_connections=cfg.max_concurrency),
             trust_env=False,
+            headers=auth_headers(cfg.api_key),
         )  # fmt: skip
 
     async def aclose(self) -> None:

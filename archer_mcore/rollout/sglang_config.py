@@ -11,15 +11,24 @@ weights until the first sync) and a router in front of them (router_policy). The
 engine releases the servers' memory while the policy trains and resumes it for the
 sync and the rollout (--enable-memory-saver on GPUs; on CPU the flag cannot start, as
 torch-memory-saver preloads a CUDA hook library, and the calls have no effect).
+
+API key (rollout.sglang.api_key_file; docs/sglang.md "Network exposure"): colocated, the
+launched servers and router get a fresh per-launch key from a 0600 file in a private
+temporary directory (removed at exit) unless the setting names one; disaggregated, the
+engine sends the key of the named file (the Slurm script writes it) on every request.
 """
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import json
+import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +39,13 @@ from archer_mcore.rollout.sglang_engine import SGLangEngine
 from archer_mcore.rollout.sglang_launcher import (
     RouterArgs,
     SGLangServerArgs,
+    new_api_key,
+    read_api_key,
+    write_api_key_file,
 )
 from archer_mcore.rollout.sglang_protocol import WeightSyncConfig
+
+log = logging.getLogger("archer.rollout")
 
 
 class SGLangConfigError(ValueError):
@@ -72,13 +86,35 @@ def resolve_master_address(configured: str, server_urls: Sequence[str],
     return addr
 
 
-def client_config(s: Any) -> ClientConfig:
-    """rollout.sglang.{max_concurrency, request_timeout_s, max_retries}. The health probe
-    after a failed request gets request_timeout_s too: SGLang's /health_generate makes
-    a token and waits behind running batches and weight updates, so a short probe
-    would mark a busy server dead."""
+def client_config(s: Any, api_key: str | None = None) -> ClientConfig:
+    """rollout.sglang.{max_concurrency, request_timeout_s, max_retries}, plus the API key
+    sent on every request. The health probe after a failed request gets request_timeout_s
+    too: SGLang's /health_generate makes a token and waits behind running batches and
+    weight updates, so a short probe would mark a busy server dead."""
     return ClientConfig(max_concurrency=s.max_concurrency, request_timeout_s=s.request_timeout_s,
-                        max_retries=s.max_retries)  # fmt: skip
+                        max_retries=s.max_retries, api_key=api_key)  # fmt: skip
+
+
+def launch_key_file(configured: str) -> str:
+    """The API-key file of servers this process launches: rollout.sglang.api_key_file if
+    set (checked readable by its owner only), else a fresh key in a new 0700 temporary
+    directory removed when this process exits."""
+    if configured:
+        read_api_key(configured)
+        return configured
+    folder = tempfile.mkdtemp(prefix="archer-sglang-key-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(write_api_key_file(Path(folder) / "api_key.yaml", new_api_key()))
+
+
+def disaggregated_api_key(configured: str) -> str | None:
+    """The key of rollout.sglang.api_key_file for servers started elsewhere; None (with a
+    warning) when the setting is empty."""
+    if configured:
+        return read_api_key(configured)
+    log.warning("rollout.sglang.api_key_file is empty: the SGLang servers are used without "
+                "an API key, and anyone who can reach them can change their weights")  # fmt: skip
+    return None
 
 
 def sync_config(rollout: Any, output_dir: str | Path, base_model_dir: str | Path | None,
@@ -124,7 +160,6 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
     """The engine of rollout.engine = sglang (see the module docstring)."""
     r, s = cfg.rollout, cfg.rollout.sglang
     work = Path(work_dir)
-    client = client_config(s)
     expect = expected_server_fields(s)
     if r.mode == "disaggregated":
         if not s.server_urls:
@@ -139,6 +174,7 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
                    for u, tp in zip(s.server_urls, tps)]  # fmt: skip
         master = resolve_master_address(s.master_address, s.server_urls)
         sync = sync_config(r, cfg.train.output_dir, cfg.model.path or None, master, device)
+        client = client_config(s, disaggregated_api_key(s.api_key_file))
         return SGLangEngine(servers, router_url=s.router_url or None, client=client,
                             weight_sync=sync, health_deadline_s=s.health_timeout_s,
                             health_probe_timeout_s=s.request_timeout_s,
@@ -148,6 +184,8 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
     launch = tuple(s.server_command) or (sys.executable, "-m", "sglang.launch_server")
     router_launch = tuple(s.router_command) or (sys.executable, "-m", "sglang_router.launch_router")
     ports = [s.base_port + k for k in range(s.num_servers)]
+    key_file = launch_key_file(s.api_key_file)
+    client = client_config(s, read_api_key(key_file))
     args = [
         SGLangServerArgs(model_path=str(model_dir), port=p, host=s.host, tp_size=s.tp_size,
                          mem_fraction_static=s.mem_fraction_static, dtype=s.dtype,
@@ -157,11 +195,11 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
                          enable_memory_saver=device != "cpu",
                          cuda_visible_devices=None if device == "cpu" else ",".join(
                              str(k * s.tp_size + g) for g in range(s.tp_size)),
-                         extra_args=tuple(s.extra_server_args))
+                         extra_args=tuple(s.extra_server_args), api_key_file=key_file)
         for k, p in enumerate(ports)
     ]  # fmt: skip
     router = RouterArgs(tuple(a.url for a in args), port=s.router_port, host=s.host,
-                        policy=s.router_policy)  # fmt: skip
+                        policy=s.router_policy, api_key_file=key_file)  # fmt: skip
     master = resolve_master_address(s.master_address or "127.0.0.1", [a.url for a in args])
     sync = sync_config(r, cfg.train.output_dir, model_dir, master, device)
     return SGLangEngine.launch(args, work / "logs", router=router, server_launch=launch,

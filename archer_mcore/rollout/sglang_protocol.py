@@ -168,6 +168,20 @@ def serialize_named_tensors(bucket: NamedTensorBucket) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: /server_info fields that carry secrets (0.5.23 returns the server args, keys included).
+SECRET_FIELDS = frozenset({"api_key", "admin_api_key"})
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a JSON value with every SECRET_FIELDS entry (at any depth) replaced."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if k in SECRET_FIELDS and v else redact_secrets(v))
+                for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
 def reply_failed(reply: Any) -> bool:
     """An exception, or an SGLang {"success": false, ...} answer."""
     if isinstance(reply, BaseException):

@@ -22,7 +22,11 @@ from typing import Any, TypeVar
 
 from archer_mcore.rollout.http_client import AsyncJsonClient, RequestFailed
 from archer_mcore.rollout.sglang_launcher import ManagedProcess, wait_healthy
-from archer_mcore.rollout.sglang_protocol import WeightSyncConfig, check_server_version
+from archer_mcore.rollout.sglang_protocol import (
+    WeightSyncConfig,
+    check_server_version,
+    redact_secrets,
+)
 from archer_mcore.rollout.types import EngineHealth, RolloutError
 
 T = TypeVar("T")
@@ -96,6 +100,7 @@ class ServerPool:
                                                   timeout_s=self.health_probe_timeout_s)  # fmt: skip
             if not isinstance(info, dict):
                 raise RolloutError(f"SGLang server {s.url}: malformed /server_info {str(info)[:200]}")
+            info = redact_secrets(info)  # it reports the server's --api-key
             check_server_version(s.url, str(info.get("version", "")))
             dp = int(info.get("dp_size", 1) or 1)
             if dp != 1 and self.sync_cfg.mode != "disk":

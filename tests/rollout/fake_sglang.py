@@ -200,7 +200,9 @@ class FakeSGLangServer:
                  model_path: str = "fake-model", argv: list[str] | None = None,
                  version: str = "0.5.23", tp_size: int = 1, dp_size: int = 1,
                  load_format: str = "auto", dtype: str = "bfloat16",
-                 mem_fraction_static: float = 0.8) -> None:  # fmt: skip
+                 mem_fraction_static: float = 0.8, api_key: str | None = None) -> None:  # fmt: skip
+        self.api_key = api_key  # as SGLang's --api-key: Bearer required but on /health*
+        self.unauthorized: list[str] = []  # paths refused for a missing or wrong key
         self.dtype = dtype
         self.mem_fraction_static = mem_fraction_static
         self.version = version
@@ -280,6 +282,7 @@ class FakeSGLangServer:
         with self.lock:
             return {
                 "argv": self.argv,
+                "unauthorized": list(self.unauthorized),
                 "requests": list(self.requests),
                 "violations": list(self.violations),
                 "served": dict(self.served),
@@ -325,8 +328,22 @@ class FakeSGLangServer:
                 except OSError:
                     pass
 
+            def _refused(self, path: str) -> bool:
+                """SGLang 0.5.23 `utils/auth.py`: with --api-key every endpoint but
+                /health*, /ready* and /metrics needs `Authorization: Bearer <key>`."""
+                if server.api_key is None or path.startswith(("/health", "/_test/")):
+                    return False
+                if self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return False
+                with server.lock:
+                    server.unauthorized.append(path)
+                self._reply(401, {"error": "Unauthorized"})
+                return True
+
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
+                if self._refused(path):
+                    return None
                 if path not in GET_PATHS:
                     with server.lock:
                         server.violations.append(f"GET {path}: unknown endpoint")
@@ -358,6 +375,8 @@ class FakeSGLangServer:
                 path = self.path.split("?")[0]
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                if self._refused(path):
+                    return None
                 try:
                     body = json.loads(raw) if raw else {}
                 except ValueError:
@@ -644,6 +663,7 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--mem-fraction-static", type=float, default=0.8)
+    ap.add_argument("--config", default=None)  # SGLang's YAML flags file: only api-key read
     args, _unknown = ap.parse_known_args()  # the other sglang flags are recorded in argv
     import sys
 
@@ -651,8 +671,19 @@ def main() -> None:
                            token_delay_s=args.fake_token_delay, exit_process_on_die=True,
                            model_path=args.model_path, argv=sys.argv[1:], tp_size=args.tp_size,
                            dp_size=args.dp_size, load_format=args.load_format, dtype=args.dtype,
-                           mem_fraction_static=args.mem_fraction_static)  # fmt: skip
+                           mem_fraction_static=args.mem_fraction_static,
+                           api_key=_config_api_key(args.config))  # fmt: skip
     srv.httpd.serve_forever()
+
+
+def _config_api_key(path: str | None) -> str | None:
+    """The `api-key:` entry of a --config YAML file (None without one)."""
+    if path is None:
+        return None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("api-key:"):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 if __name__ == "__main__":
