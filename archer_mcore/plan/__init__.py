@@ -5,7 +5,8 @@ Per-GPU memory of the training side (weights, gradients, optimizer states, activ
 with and without recompute, logits/entropy buffers with and without the fused
 kernels) and of the rollout side (SGLang weights and KV cache), and an estimated
 step time split into rollout, weight sync and training, from FLOPs, memory bandwidth
-and the config. When a layout does not fit, the planner says which side and which
+and the config (generation overlapping training under `rollout.async_steps` on
+disaggregated servers). When a layout does not fit, the planner says which side and which
 term overflow, and suggests the nearest layout that fits.
 
 Conventions (all sizes in bytes, per GPU, for the most loaded rank):

@@ -1,7 +1,10 @@
 """The step-time model: rollout decode bounded by HBM bandwidth or compute, training
 FLOPs at an assumed MFU (padding and the pipeline bubble included), ring-attention
-traffic under CP, and the weight sync over one link. Seconds; roofline-style, for
-sizing a run, not a benchmark.
+traffic under CP, and the weight sync over one link. The phases add up, except under
+`rollout.async_steps: 1` with disaggregated servers, where the next step's generation
+overlaps this step's training (`StepTime.total_s`). Seconds; roofline-style, for sizing
+a run, not a benchmark. benchmarks/plan_vs_published.py compares it with published
+runs (docs/cluster.md, "The planner against published runs").
 """
 
 from __future__ import annotations
