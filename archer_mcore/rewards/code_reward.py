@@ -12,7 +12,6 @@ hostile program costs at most about one wall-time limit per request, plus
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -27,6 +26,7 @@ from archer_mcore.rewards.code_tests import (
     call_result_matches,
     parse_test_cases,
     stdout_matches,
+    to_json,
 )
 from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, SandboxRun
 from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_CODE, TESTS_FAILED, RewardResult
@@ -110,7 +110,7 @@ def _run_calls(
     tag = secrets.token_hex(8)
     payload = [{"fn_name": c.fn_name, "args": c.args} for c in cases]
     run = sandbox.run(
-        {"main.py": _HARNESS_SOURCE, "solution.py": program, "calls.json": json.dumps(payload)},
+        {"main.py": _HARNESS_SOURCE, "solution.py": program, "calls.json": to_json(payload)},
         [sandbox.python, "-I", "-B", "main.py", tag, str(per_case_s)],
         limits=sandbox.limits,
     )

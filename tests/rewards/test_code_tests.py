@@ -11,8 +11,10 @@ from archer_mcore.rewards.code_tests import (
     BadTestCases,
     CallCase,
     StdioCase,
+    call_result_matches,
     parse_test_cases,
     stdout_matches,
+    to_json,
     values_equal,
 )
 
@@ -87,3 +89,93 @@ def test_extract_program() -> None:
     assert extract_program("```\nx = 1\n```") == "x = 1\n"
     assert extract_program("```cpp\nint main(){}\n```") is None
     assert extract_program("no code") is None
+
+
+# ---------------------------------------------------------------- exact integers (issue 22.9)
+# The rule (code_tests module docstring): a token that is an integer in the expected
+# output matches only the same integer, written as testlib's stringToLongLong reads one
+# (Codeforces' checkers): an optional "-", ASCII digits, no leading zeros, no "+", "_"
+# or other digits. Floats keep a tolerance only when the expected token is a float.
+@pytest.mark.parametrize(
+    ("actual", "expected"),
+    [
+        ("1000000008", "1000000007"),  # off by one past a million: rel. diff 1e-9
+        ("1000001", "1000000"),
+        ("999999999999999999", "1000000000000000000"),
+        ("12345678901234567890123456789", "12345678901234567890123456788"),
+        ("1" + "0" * 400, "2" + "0" * 400),  # past float range: not inf == inf
+        ("1" + "0" * 400 + "1", "1" + "0" * 401),
+        ("2.0", "2"),  # an integer is expected: a float is not one
+        ("+5", "5"),
+        ("05", "5"),
+        ("-0", "0"),
+        ("5_0", "50"),
+        ("\u0665", "5"),  # ARABIC-INDIC DIGIT FIVE: int() reads it, a judge does not
+        ("\uff15", "5"),  # FULLWIDTH DIGIT FIVE
+        ("1e400", "2e400"),  # floats past float range are not all infinite
+        ("inf", "1e400"),
+        ("1e400", "inf"),
+        ("+0.5", "0.5"),
+        ("0.5_0", "0.50"),
+        ("nan", "0.5"),
+        ("0x10", "16"),
+    ],
+)
+def test_stdout_numbers_that_differ_do_not_match(actual: str, expected: str) -> None:
+    assert not stdout_matches(actual, expected)
+    assert not stdout_matches(f"1 {actual}\n", f"1 {expected}\n")
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected"),
+    [
+        ("1000000007", "1000000007"),
+        ("-12", "-12"),
+        (str(10**400), str(10**400)),  # big integers compare exactly, no OverflowError
+        ("3", "3.000000"),  # a float is expected: tolerance 1e-6
+        ("2.5000004", "2.5"),
+        ("1e400", "1.0e400"),  # the same value past float range
+        ("1.0000000001e400", "1e400"),  # relative error 1e-10
+        ("0.1234567", "0.12345670"),
+        ("inf", "inf"),  # identical text
+    ],
+)
+def test_stdout_equal_numbers_match(actual: str, expected: str) -> None:
+    assert stdout_matches(actual, expected)
+
+
+def test_values_equal_compares_integers_exactly() -> None:
+    assert not values_equal(10**9 + 8, 10**9 + 7)
+    assert not values_equal(2**70 + 1, 2**70)
+    assert values_equal(10**400, 10**400)  # used to raise OverflowError (a reward error)
+    assert not values_equal(10**400 + 1, 10**400)
+    assert not values_equal(10**400, 1.5)  # a float expected, a huge int: no crash
+    assert not values_equal(1.5, 10**400)
+    assert not values_equal(3.0000001, 3)  # an integer expected: exact
+    assert values_equal(3, 3.0000001)  # a float expected: tolerance
+    assert values_equal([1, [2, 10**30]], [1, [2, 10**30]])
+    assert not values_equal([1, [2, 10**30 + 1]], [1, [2, 10**30]])
+
+
+def test_call_results_past_float_range_are_not_infinite() -> None:
+    # JSON numbers past float range became inf on both sides and compared equal.
+    (case,) = parse_test_cases(
+        [{"input": "1", "output": "2e400", "testtype": "functional", "fn_name": "f"}]
+    )
+    assert isinstance(case, CallCase)
+    assert not call_result_matches("1e400", case.expected)
+    assert call_result_matches("2e400", case.expected)
+    assert call_result_matches("2.0e400", case.expected)
+    assert not call_result_matches("Infinity", case.expected)
+    assert not call_result_matches("1e400", float("inf"))
+    assert call_result_matches(str(10**400), 10**400)
+    assert not call_result_matches(str(10**400 + 1), 10**400)
+    assert not call_result_matches("1000000008", [1000000007])
+
+
+def test_call_arguments_past_float_range_still_reach_the_program() -> None:
+    (case,) = parse_test_cases(
+        [{"input": "1e400\n[2]", "output": "1", "testtype": "functional", "fn_name": "f"}]
+    )
+    assert isinstance(case, CallCase)
+    assert json.loads(to_json(case.args)) == [float("inf"), [2]]  # as json.loads read it
