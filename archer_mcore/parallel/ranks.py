@@ -50,61 +50,26 @@ def control_group() -> dist.ProcessGroup | None:
     return _control[1]
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """True when torch.distributed runs with more than one rank."""
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on any rank (e.g. a signal that reached
     only some processes), so that collective decisions like a checkpoint agree."""
-    if not _distributed():
+    if not is_distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
     return bool(t.item())
 
 
-def barrier() -> None:
-    """All ranks wait here (no-op without torch.distributed)."""
-    if _distributed():
-        dist.barrier(group=control_group())
-
-
 def broadcast_object(obj: T) -> T:
-    """Rank 0's `obj` on every rank (identity without torch.distributed); pickled, so
-    for small objects: large tensors go with `broadcast_tensors`."""
-    if not _distributed():
+    """Rank 0's `obj` on every rank (identity without torch.distributed), pickled."""
+    if not is_distributed():
         return obj
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
-
-def all_gather_object(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order, on every rank (`[obj]` without
-    torch.distributed)."""
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=control_group())
-    return out
-
-
-def broadcast_tensors(tensors: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    """Rank 0's CPU tensors on every rank (other ranks pass None). Shapes and dtypes
-    travel as a small pickle, the data as tensors (no pickling of the payload)."""
-    if not _distributed():
-        assert tensors is not None
-        return tensors
-    is_src = dist.get_rank() == 0
-    specs = broadcast_object(
-        [(t.dtype, tuple(t.shape)) for t in tensors] if is_src and tensors is not None else None
-    )
-    out = tensors if is_src and tensors is not None else [
-        torch.empty(shape, dtype=dtype) for dtype, shape in specs
-    ]  # fmt: skip
-    group = control_group()
-    for t in out:
-        if t.numel():
-            dist.broadcast(t, src=0, group=group)
-    return out

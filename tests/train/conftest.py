@@ -11,7 +11,15 @@ the CLI runs (selected by the JSON in $ARCHER_TEST_HOOKS):
   engine (eval calls use a fixed seed and are left out), the prompts it was given, a
   digest of the tokens it sampled and the weight versions its samples carry;
 - ``latency``: LatencyModelEngine keyword arguments (per_token_s, per_call_s): the
-  engine's generate calls take that modelled wall time (rollout/latency_engine.py).
+  engine's generate calls take that modelled wall time (rollout/latency_engine.py);
+- ``accelerator_only_world``: the default process group serves CUDA tensors only, as
+  NCCL does on a GPU job (gloo mapped to "cuda" alone: a CPU tensor on it raises "No
+  backend type associated with device type cpu", torch 2.13 distributed_c10d), while
+  groups made without a backend (megatron's model-parallel groups, whose tensors on a
+  GPU are CUDA tensors on NCCL) are gloo over the CPU, where the CPU run keeps them.
+  Object collectives and barriers on the default group, which NCCL serves through the
+  current CUDA device (torch's `_get_object_coll_device`), run on a gloo group of all
+  ranks: what NCCL refuses, CPU tensors in tensor collectives, is refused here too.
 """
 
 from __future__ import annotations
@@ -85,6 +93,36 @@ if hooks.get("latency"):
         return LatencyModelEngine(inner=real_build_engine(*args, **kwargs), **hooks["latency"])
 
     components.build_engine = build_engine
+
+if hooks.get("accelerator_only_world"):
+    import torch.distributed as dist
+
+    import archer_mcore.parallel.distributed as distributed
+
+    distributed.default_backend = lambda: "cuda:gloo"
+    real_new_group = dist.new_group
+
+    def new_group(*args, **kwargs):
+        if len(args) < 3 and kwargs.get("backend") is None:
+            kwargs["backend"] = "gloo"
+        return real_new_group(*args, **kwargs)
+
+    dist.new_group = new_group
+    cpu_world = []
+
+    def on_cpu_world(fn):
+        def collective(*args, **kwargs):
+            if kwargs.get("group") is None:
+                if not cpu_world:
+                    cpu_world.append(real_new_group(backend="gloo"))
+                kwargs["group"] = cpu_world[0]
+            return fn(*args, **kwargs)
+
+        return collective
+
+    for name in ("all_gather_object", "broadcast_object_list", "gather_object",
+                 "scatter_object_list", "barrier"):
+        setattr(dist, name, on_cpu_world(getattr(dist, name)))
 
 from archer_mcore.cli import main
 
