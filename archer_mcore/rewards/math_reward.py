@@ -20,6 +20,12 @@ leaves the arithmetic undone (`12/2`, `\\frac{6}{8}`) fails with reason
 `\\frac{3}{4}` and the exact decimal `0.75` (all simplified numbers); an integer
 reference accepts `6` or `6.0`. References that are not plain numbers (`\\sqrt{2}`,
 `x^2+1`, intervals) are judged on equivalence alone.
+
+Equations (`false_equation`): an answer that is an equation or a chain `a = b = c` in
+which two or more sides are constants (no variable, no undefined function) is wrong
+unless those constants are all equal: `\\sqrt{3} = \\sqrt{2}` and `2+2=5` are false
+claims, which math-verify would otherwise judge by their right-hand side alone.
+`\\frac{1}{2} = 0.5` (true) and `x = 8` (a variable on the left) are judged as before.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from archer_mcore.rewards.math_extract import extract_final_answer
+from archer_mcore.rewards.math_extract import extract_final_answer, split_equation
 from archer_mcore.rewards.types import (
     ANSWER_FORM,
     BAD_GROUND_TRUTH,
@@ -147,6 +153,55 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
+#: Distinct sides an equation chain may have; a longer chain is wrong (`false_equation`).
+MAX_EQUATION_SIDES = 16
+
+
+def _constant_side(side: str) -> Any | None:
+    """math-verify's parse of `side` when it is a constant (no free symbol, no undefined
+    function such as `f(2)`), else None (a variable, or not parsed)."""
+    from math_verify import parse
+    from sympy import Basic
+    from sympy.core.function import AppliedUndef
+
+    parsed = parse(f"${side}$", parsing_timeout=None)  # type: ignore[arg-type]
+    if not parsed or not isinstance(parsed[0], Basic):
+        return None
+    expr = parsed[0]
+    if expr.free_symbols or expr.atoms(AppliedUndef):
+        return None
+    return parsed
+
+
+def false_equation(answer: str) -> bool:
+    """True when `answer` is an equation (chain) whose constant sides are not all equal:
+    `\\sqrt{3} = \\sqrt{2}`, `2+2=5`, `1 = 2 = x`. Sides with a variable do not count,
+    so `x = 8` is not false; nor is `\\frac{1}{2} = 0.5`. A chain of more than
+    MAX_EQUATION_SIDES distinct sides counts as false (each side is parsed by sympy:
+    the cost stays bounded whatever the response)."""
+    sides = list(dict.fromkeys(split_equation(answer)))  # distinct sides, in order
+    if len(sides) > MAX_EQUATION_SIDES:
+        return True  # not an answer; and each side costs a sympy parse
+    if len(sides) < 2:
+        return False
+    constants = [(side, parsed) for side in sides if (parsed := _constant_side(side))]
+    if len(constants) < 2:
+        return False
+    first, first_parsed = constants[0]
+    return not all(
+        _sides_equal(first, first_parsed, side, parsed) for side, parsed in constants[1:]
+    )
+
+
+def _sides_equal(a: str, a_parsed: Any, b: str, b_parsed: Any) -> bool:
+    from math_verify import verify
+
+    a_num, b_num = _as_number(a), _as_number(b)
+    if a_num is not None and b_num is not None:
+        return a_num == b_num
+    return bool(verify(a_parsed, b_parsed, timeout_seconds=None))
+
+
 def answers_equivalent(pred: str, gold: str) -> bool:
     """True when the answer `pred` equals the reference `gold` mathematically."""
     if _normalize(pred) == _normalize(gold):
@@ -184,6 +239,8 @@ def score_math(response: str, ground_truth: Any, strict_answer_form: bool = True
     answer = extract_final_answer(response)
     if answer is None:
         return RewardResult.failed(NO_ANSWER, "no \\boxed{} or 'answer is' in the response")
+    if false_equation(answer):
+        return RewardResult.failed(WRONG_ANSWER, detail=f"{answer} (a false equation)")
     form_failed = False
     for gold in golds:
         gold_answer = (extract_final_answer(gold) if "\\boxed" in gold else gold) or gold

@@ -32,6 +32,7 @@ from archer_mcore.rewards.math_reward import (
     _as_number,
     _normalize,
     _strip_unit_suffix,
+    false_equation,
     is_simplified_number,
 )
 
@@ -123,6 +124,8 @@ ADVERSARIAL: dict[str, tuple[Callable[[str], object], Callable[[int], str]]] = {
     # boxed equations (item: a false equation is not scored by its right-hand side)
     "equation_many_equals": (split_equation, lambda n: "=" * n),
     "equation_nested_braces": (split_equation, lambda n: "{" * (n // 2) + "=" * (n // 2)),
+    "equation_same_sides": (false_equation, lambda n: "=".join(["1"] * (n // 2))),
+    "equation_distinct_sides": (false_equation, lambda n: "=".join(map(str, range(n // 5)))),
     # program output comparison
     "stdout_long_number": (_stdout_vs, lambda n: "1" * n),
     "stdout_many_tokens": (_stdout_vs, lambda n: "1.5 " * (n // 4) + "1"),

@@ -12,6 +12,7 @@ from archer_mcore.rewards.math_extract import (
     answer_is_phrase,
     extract_final_answer,
     last_boxed,
+    split_equation,
 )
 
 
@@ -121,3 +122,26 @@ def test_unclosed_boxes_do_not_hide_a_closed_one() -> None:
     # the last box closes (the unclosed ones before it are nested in nothing)
     assert last_boxed("\\boxed{" * 3 + "x}") == "x"
     assert last_boxed("\\boxed{a \\} b}") == "a \\} b"  # escaped brace kept literal
+
+
+@pytest.mark.parametrize(
+    ("answer", "sides"),
+    [
+        ("\\sqrt{3} = \\sqrt{2}", ["\\sqrt{3}", "\\sqrt{2}"]),
+        ("a = b = c", ["a", "b", "c"]),
+        ("2+2=5", ["2+2", "5"]),
+        ("x \\leq 3", ["x \\leq 3"]),
+        ("a <= b", ["a <= b"]),
+        ("a >= b", ["a >= b"]),
+        ("a == b", ["a == b"]),
+        ("a != b", ["a != b"]),
+        ("x := 3", ["x := 3"]),
+        ("\\{x = 1\\}", ["\\{x = 1\\}"]),  # a set
+        ("\\text{x=1}", ["\\text{x=1}"]),
+        ("f(x=1) = 2", ["f(x=1)", "2"]),
+        ("= 5", ["= 5"]),  # an empty side: not an equation
+        ("5 =", ["5 ="]),
+    ],
+)
+def test_split_equation(answer: str, sides: list[str]) -> None:
+    assert split_equation(answer) == sides

@@ -114,3 +114,43 @@ def test_demo_arithmetic_task_scores_its_solutions_and_rejects_restatements() ->
         assert score_math(solution, gold).correct, (solution, gold)
         restated = f"\\boxed{{{row['extra_info']['expression']}}}"
         assert score_math(restated, gold).failure == ANSWER_FORM, (restated, gold)
+
+
+# --------------------------------------------- a false equation is wrong (issue 22, item 11)
+# When two or more sides of the boxed equation are constants they must be equal; the
+# verifier used to compare only the right-hand side with the reference.
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        (r"\boxed{\sqrt{3} = \sqrt{2}}", r"\sqrt{2}"),  # sqrt(3) != sqrt(2)
+        (r"\boxed{2+2=5}", "5"),  # 4 != 5
+        (r"\boxed{1 = 2 = \sqrt{2}}", r"\sqrt{2}"),  # a chain: 1 != 2
+        (r"\boxed{\sqrt{2} = \sqrt{2} = 3}", "3"),  # the last link is false
+        (r"\boxed{\frac{3}{2} = 1.5 = 2}", "2"),
+        (r"\boxed{\pi = 3}", "3"),
+        (r"\boxed{2^{10} = 1000}", "1000"),  # 1024 != 1000
+        (r"The final answer is $7 - 2 = 6$.", "6"),  # the "answer is" form too
+        ("\\boxed{" + "=".join(map(str, range(1, 40))) + "}", "39"),  # too long a chain
+    ],
+)
+@pytest.mark.parametrize("strict", [True, False])
+def test_false_constant_equations_are_wrong(response: str, gold: str, strict: bool) -> None:
+    r = score_math(response, gold, strict_answer_form=strict)
+    assert (r.correct, r.failure) == (False, WRONG_ANSWER), r
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        (r"\boxed{\frac{1}{2}=0.5}", "0.5"),  # true: 1/2 = 0.5
+        (r"\boxed{2+2=4}", "4"),
+        (r"\boxed{\sqrt{4} = 2}", "2"),
+        (r"\boxed{x = 8}", "8"),  # a variable on the left: an answer, not a claim
+        (r"\boxed{x = \sqrt{2}}", r"\sqrt{2}"),
+        (r"\boxed{y = 2x + 1}", "2x+1"),
+        (r"\boxed{a \leq 3}", r"a \leq 3"),  # not an equation
+    ],
+)
+def test_true_equations_and_assignments_still_score(response: str, gold: str) -> None:
+    r = score_math(response, gold, strict_answer_form=False)
+    assert r.correct, r
