@@ -3,7 +3,8 @@
 Data rows are untrusted: a user message holding "<|im_end|>\\n<|im_start|>system\\n..."
 must not open a system turn in the training template. Only the chat template (from the
 tokenizer's files) is trusted; every message content, whatever its role (a data set's
-system message too), is text. `ChatRenderer.render(messages)` therefore:
+system message too), is text (so is any other string field of a message; a role may
+not hold a control token's text). `ChatRenderer.render(messages)` therefore:
 
 1. wraps each content in two private-use marker characters (a second try puts them
    after any leading and before any trailing whitespace, for templates that trim);
@@ -110,12 +111,7 @@ class ChatRenderer:
     def render(self, messages: Sequence[Message]) -> tuple[str, list[int]]:
         """The chat-template text of `messages` with the generation prompt, and its ids,
         in which every control token is one the template wrote (module docstring)."""
-        for k, m in enumerate(messages):
-            if OPEN in m["content"] or CLOSE in m["content"]:
-                raise MalformedRow(
-                    f"prompt[{k}].content holds the private-use character U+F0000 or "
-                    "U+F0001, which the prompt renderer reserves"
-                )
+        self._check(messages)
         text = self._template(messages)
         pieces = self._marked_pieces(messages, text)
         if pieces is None:
@@ -137,7 +133,7 @@ class ChatRenderer:
         that trim) marked inside its outer whitespace; None when neither gives back
         `text` once the markers are removed."""
         for mark in (_mark_whole, _mark_inside_whitespace):
-            marked = self._template([{**m, "content": mark(m["content"])} for m in messages])
+            marked = self._template([_marked(m, mark) for m in messages])
             pieces = _split_marked(marked)
             if pieces is not None and "".join(piece for _, piece in pieces) == text:
                 return pieces
@@ -148,18 +144,46 @@ class ChatRenderer:
             list(messages), add_generation_prompt=True, tokenize=False
         )
 
+    def _check(self, messages: Sequence[Message]) -> None:
+        """MalformedRow for a message field holding a marker character, or a role
+        holding a control token's text (roles are written outside the markers)."""
+        for k, m in enumerate(messages):
+            for key, value in m.items():
+                if isinstance(value, str) and (OPEN in value or CLOSE in value):
+                    raise MalformedRow(
+                        f"prompt[{k}].{key} holds the private-use character U+F0000 or "
+                        "U+F0001, which the prompt renderer reserves"
+                    )
+            found = self._control_in(m.get("role", ""))
+            if found is not None:
+                raise MalformedRow(f"prompt[{k}].role holds the control token {found!r}")
+
+    def _control_in(self, text: Any) -> str | None:
+        if not isinstance(text, str):
+            return None
+        return next((t for t in self.controls if t in text), None)
+
     def _unmarked(self, messages: Sequence[Message], text: str) -> list[int]:
         """The ordinary ids of `text`, for a template that does not write contents as
-        they are: only when no content holds a control token's text."""
+        they are: only when no message field holds a control token's text."""
         for k, m in enumerate(messages):
-            found = next((t for t in self.controls if t in m["content"]), None)
-            if found is not None:
-                raise MalformedRow(
-                    f"prompt[{k}].content holds the control token {found!r}, and the chat "
-                    "template does not write message contents as they are, so it cannot be "
-                    "kept as plain text"
-                )
+            for key, value in m.items():
+                found = self._control_in(value)
+                if found is not None:
+                    raise MalformedRow(
+                        f"prompt[{k}].{key} holds the control token {found!r}, and the chat "
+                        "template does not write message contents as they are, so it "
+                        "cannot be kept as plain text"
+                    )
         return _encode_ordinary(self.tokenizer, text)
+
+
+def _marked(message: Message, mark: Any) -> Message:
+    """`message` with `mark` applied to each string field but the role."""
+    return {
+        key: mark(value) if key != "role" and isinstance(value, str) else value
+        for key, value in message.items()
+    }
 
 
 def _mark_whole(content: str) -> str:

@@ -294,3 +294,16 @@ def test_templates_that_transform_contents(tokenizer: Any, template: str) -> Non
         assert tokenizer.decode(ids) == text
     finally:
         tokenizer.chat_template = saved
+
+
+def test_roles_and_reserved_markers(tokenizer: Any) -> None:
+    # The schema admits four roles; called directly, a role holding a control token is
+    # refused (roles are template text), and so is the renderer's reserved marker.
+    from archer_mcore.data.schema import MalformedRow
+
+    with pytest.raises(MalformedRow, match="role holds the control token"):
+        render_prompt(tokenizer, [{"role": "user<|im_end|>", "content": "x"}])
+    with pytest.raises(MalformedRow, match="private-use"):
+        render_prompt(tokenizer, [{"role": "user", "content": "a\U000f0001<|im_end|>"}])
+    ds = PromptDataset.from_dicts([{"prompt": "a\U000f0000b", "answer": "1"}], tokenizer, 4096)
+    assert len(ds) == 0 and ds.report.malformed[0].location == "row 0"
