@@ -14,7 +14,7 @@ import reprlib
 from typing import Any
 
 #: The longest echo of one value in an error message (`clip`, `shorten`).
-MAX_VALUE_CHARS = 200
+MAX_VALUE_CHARS = 300
 #: The longest `ConfigError` message; longer ones are cut in the middle.
 MAX_ERROR_CHARS = 2000
 
@@ -36,7 +36,7 @@ def _bounded_repr() -> reprlib.Repr:
     r.maxlevel = 3
     r.maxtuple = r.maxlist = r.maxarray = r.maxdeque = 6
     r.maxdict = r.maxset = r.maxfrozenset = 6
-    r.maxstring = r.maxother = 80
+    r.maxstring = r.maxother = 160
     r.maxlong = 60
     return r
 
@@ -49,9 +49,9 @@ def clip(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     the value: strings keep their head and say their length, containers show their
     first items to a few levels (`reprlib`), anything else is cut."""
     if isinstance(value, str):
-        if len(value) <= limit // 2:
-            return repr(value)
-        head = repr(value[: max(limit // 2 - 20, 8)])
+        if len(value) <= limit - 2:
+            return shorten(repr(value), limit)
+        head = repr(value[: max(limit - 40, 8)])
         return shorten(f"{head}... ({len(value)} chars)", limit)
     try:
         text = _REPR.repr(value)

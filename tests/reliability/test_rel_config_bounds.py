@@ -195,7 +195,7 @@ def test_the_cli_prints_one_short_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_clip_is_bounded_and_linear() -> None:
     # The helper itself: a bounded repr of any value, without building the full repr.
-    from archer_mcore.config.errors import clip
+    from archer_mcore.config.errors import MAX_VALUE_CHARS, clip
 
     nested: list = ["lol"] * 9
     for _ in range(12):  # 9**13 strings if expanded
@@ -203,9 +203,11 @@ def test_clip_is_bounded_and_linear() -> None:
     t0 = time.monotonic()
     for value in (nested, "x" * 10 * HUGE, {"k" * HUGE: "v" * HUGE}, 10**4000, 1.5, None):
         out = clip(value)
-        assert len(out) <= 200, out
+        assert len(out) <= MAX_VALUE_CHARS, out
     assert time.monotonic() - t0 < 1.0
     assert clip("short") == "'short'" and clip(3) == "3"
+    path = "/data/" + "p" * 200 + ".jsonl"  # a long path is still shown whole
+    assert clip(path) == repr(path)
     assert "1000000 chars" in clip("x" * HUGE)
 
 
