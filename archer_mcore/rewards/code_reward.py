@@ -29,7 +29,13 @@ from archer_mcore.rewards.code_tests import (
     to_json,
 )
 from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, SandboxRun
-from archer_mcore.rewards.types import BAD_GROUND_TRUTH, NO_CODE, TESTS_FAILED, RewardResult
+from archer_mcore.rewards.types import (
+    BAD_GROUND_TRUTH,
+    NO_CODE,
+    SANDBOX_SETUP_FAILED,
+    TESTS_FAILED,
+    RewardResult,
+)
 
 _HARNESS_SOURCE = Path(call_harness.__file__).read_text()
 _FENCE = "```"
@@ -73,6 +79,16 @@ def extract_program(response: str) -> str | None:
     return chosen if chosen and chosen.strip() else None
 
 
+class SandboxSetupFailed(Exception):
+    """A run's sandbox could not be set up: the program never ran, nothing was judged."""
+
+
+def _checked(run: SandboxRun) -> SandboxRun:
+    if run.setup_failed:
+        raise SandboxSetupFailed(run.describe())
+    return run
+
+
 def _resource_killed(run: SandboxRun) -> bool:
     return run.timed_out or run.output_overflow or (run.exit_code or 0) > 128
 
@@ -84,7 +100,7 @@ def _run_stdio(
     for k, case in enumerate(cases):
         if time.monotonic() > deadline:
             return passed, note or f"time budget exhausted after {k} cases"
-        run = sandbox.run_python(program, stdin=case.stdin.encode())
+        run = _checked(sandbox.run_python(program, stdin=case.stdin.encode()))
         ok = (
             run.exit_code == 0
             and not run.output_overflow
@@ -109,10 +125,12 @@ def _run_calls(
     """
     tag = secrets.token_hex(8)
     payload = [{"fn_name": c.fn_name, "args": c.args} for c in cases]
-    run = sandbox.run(
-        {"main.py": _HARNESS_SOURCE, "solution.py": program, "calls.json": to_json(payload)},
-        [sandbox.python, "-I", "-B", "main.py", tag, str(per_case_s)],
-        limits=sandbox.limits,
+    run = _checked(
+        sandbox.run(
+            {"main.py": _HARNESS_SOURCE, "solution.py": program, "calls.json": to_json(payload)},
+            [sandbox.python, "-I", "-B", "main.py", tag, str(per_case_s)],
+            limits=sandbox.limits,
+        )
     )
     reports: dict[int, list[tuple[str, str]]] = {}
     for line in run.stdout.decode(errors="replace").splitlines():
@@ -145,6 +163,8 @@ def score_code(
     """Score a code response by running its last fenced program on the test cases.
 
     max_total_s: overall budget for the stdin cases (default 3x the wall limit).
+    A sandbox that cannot be set up is a reward fault (SANDBOX_SETUP_FAILED), never a
+    wrong answer: the program was not run.
     """
     program = extract_program(response)
     if program is None:
@@ -158,15 +178,18 @@ def score_code(
     stdio = [c for c in cases if isinstance(c, StdioCase)]
     calls = [c for c in cases if isinstance(c, CallCase)]
     passed, notes = 0, []
-    if stdio:
-        n, note = _run_stdio(sandbox, program, stdio, time.monotonic() + budget)
-        passed += n
-        notes.append(note)
-    if calls:
-        per_case = max(0.1, min(limits.wall_s, limits.cpu_s) / max(1, len(calls)) * 2)
-        n, note = _run_calls(sandbox, program, calls, per_case)
-        passed += n
-        notes.append(note)
+    try:
+        if stdio:
+            n, note = _run_stdio(sandbox, program, stdio, time.monotonic() + budget)
+            passed += n
+            notes.append(note)
+        if calls:
+            per_case = max(0.1, min(limits.wall_s, limits.cpu_s) / max(1, len(calls)) * 2)
+            n, note = _run_calls(sandbox, program, calls, per_case)
+            passed += n
+            notes.append(note)
+    except SandboxSetupFailed as err:
+        return RewardResult.failed(SANDBOX_SETUP_FAILED, str(err)[:500])
     fraction = passed / len(cases)
     if passed == len(cases):
         return RewardResult.passed(f"{passed}/{len(cases)} cases", fraction_passed=1.0)

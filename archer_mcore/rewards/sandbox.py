@@ -1,14 +1,16 @@
 """Run untrusted programs in a sandbox: one fresh process and directory per run.
 
 Each `Sandbox.run` writes the run's files to a new temporary directory and starts
-`sandbox_launcher.py`, which puts the program in new network, mount and PID
-namespaces (where the OS allows), chroots it into a minimal root (read-only system
+`sandbox_launcher.py`, which puts the program in new network, mount, PID, IPC, UTS,
+cgroup and time namespaces (where the OS allows), chroots it into a minimal root (read-only system
 directories, a minimal /etc, a /proc showing only the run's own processes and a
 size-capped tmpfs work directory; the trainer's files, data sets and /tmp are not
 visible), applies CPU-time, address-space, file-size, process-count and open-file
 limits, drops to an unprivileged uid (a distinct one per concurrent run, so
-process-count limits do not interfere) and execs the program with a scrubbed
-environment. The parent enforces the wall-clock limit (SIGKILL to the launcher's
+process-count limits do not interfere), empties that uid's keyrings (uids repeat) and
+execs the program with a scrubbed environment. Nothing a run creates survives it: its
+processes, files, System V IPC objects and message queues (its own IPC namespace; where
+there is none, the uid's System V objects are removed after the run) and keys. The parent enforces the wall-clock limit (SIGKILL to the launcher's
 process group; the PID namespace then takes every descendant with it) and caps the
 output it reads.
 
@@ -16,6 +18,10 @@ Nothing outlives its parent: if the trainer dies (even by SIGKILL) the launcher 
 SIGTERM (PR_SET_PDEATHSIG), kills the run and removes the run's temporary directory;
 if the launcher dies, the namespace's init and the program die with it. Otherwise the
 trainer removes the directory after the run.
+
+A run whose sandbox could not be set up says so in `SandboxRun.setup_failed` /
+`setup_error`, reported by the launcher on a pipe the program never holds (a program
+cannot fake it); the code reward scores it as a fault, not a wrong answer.
 
 Network isolation is required: if a new network namespace cannot be created,
 `Sandbox` refuses to construct (`SandboxUnavailableError`) unless
@@ -25,9 +31,11 @@ Network isolation is required: if a new network namespace cannot be created,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -92,6 +100,31 @@ class SandboxLimits:
     max_open_files: int = 64
     max_output_bytes: int = 4 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        for name, (low, high) in LIMIT_RANGES.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(
+                    f"SandboxLimits.{name} = {value!r} is out of range: must be a number in "
+                    f"[{low}, {high}] (a limit the kernel refuses would fail every run's setup)"
+                )
+
+
+#: Accepted range of each `SandboxLimits` field (beyond it the kernel refuses the
+#: rlimit, or the value is nonsense: a wall limit of 1e30 s, RLIMIT_NOFILE above
+#: fs.nr_open's default).
+LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "wall_s": (0.05, 86_400.0),
+    "cpu_s": (0.05, 86_400.0),
+    "memory_mb": (1, 1 << 30),
+    "file_size_mb": (1, 1 << 30),
+    "tmpfs_mb": (1, 1 << 20),
+    "max_processes": (1, 1 << 22),
+    "max_open_files": (3, 1 << 20),
+    "max_output_bytes": (1, 1 << 40),
+}
+
 
 @dataclass(frozen=True)
 class Isolation:
@@ -101,6 +134,14 @@ class Isolation:
     mount: bool
     pid: bool
     detail: str = ""
+    ipc: bool = False
+    uts: bool = False
+    cgroup: bool = False
+    time: bool = False
+
+
+#: The namespaces `probe_isolation` tries, each an `Isolation` field.
+NAMESPACES: tuple[str, ...] = ("net", "mount", "pid", "ipc", "uts", "cgroup", "time")
 
 
 @dataclass(frozen=True)
@@ -114,6 +155,7 @@ class SandboxRun:
     output_overflow: bool
     setup_failed: bool
     wall_s: float
+    setup_error: str = ""  # the launcher's report when setup_failed
 
     @property
     def ok(self) -> bool:
@@ -123,7 +165,7 @@ class SandboxRun:
 
     def describe(self) -> str:
         if self.setup_failed:
-            return "sandbox setup failed: " + self.stderr.decode(errors="replace")[-300:]
+            return "sandbox setup failed: " + self.setup_error[-300:]
         if self.timed_out:
             return f"wall-time limit exceeded ({self.wall_s:.1f}s)"
         if self.output_overflow:
@@ -180,6 +222,7 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
     stdin_path.write_bytes(stdin)
     start = time.monotonic()
     spec_r, spec_w = os.pipe()
+    status_r, status_w = os.pipe()
     try:
         with (
             open(stdin_path, "rb") as fin,
@@ -187,20 +230,22 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
             open(err_path, "wb") as ferr,
         ):
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(_LAUNCHER), str(spec_r)],
+                [sys.executable, "-I", "-S", str(_LAUNCHER), str(spec_r), str(status_w)],
                 stdin=fin,
                 stdout=fout,
                 stderr=ferr,
                 env={},
                 close_fds=True,
-                pass_fds=(spec_r,),
+                pass_fds=(spec_r, status_w),
                 start_new_session=True,
             )
     except BaseException:
         os.close(spec_w)
+        os.close(status_r)
         raise
     finally:
         os.close(spec_r)
+        os.close(status_w)
     with contextlib.suppress(BrokenPipeError), open(spec_w, "wb") as pipe:
         pipe.write(json.dumps(spec).encode())  # EOF on close; a dead launcher: ignored
     timed_out = False
@@ -212,6 +257,7 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     wall = time.monotonic() - start
+    setup_error = _read_status(status_r)
 
     fsize = spec["limits"]["fsize_bytes"]
 
@@ -235,9 +281,23 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
         stderr=err,
         timed_out=timed_out,
         output_overflow=overflow,
-        setup_failed=exit_code == SETUP_FAILED_EXIT and b"sandbox:" in err,
+        setup_failed=bool(setup_error),
         wall_s=wall,
+        setup_error=setup_error,
     )
+
+
+def _read_status(fd: int) -> str:
+    """What the launcher reported on the status pipe (empty: setup went fine). Never
+    blocks: a report is written before the launcher exits, and a straggler of a killed
+    run may still hold the write end."""
+    try:
+        os.set_blocking(fd, False)
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    except BlockingIOError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _kill_uid_processes(uid: int) -> None:
@@ -250,6 +310,32 @@ def _kill_uid_processes(uid: int) -> None:
                 os.kill(int(entry), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+IPC_RMID = 0
+
+
+def _remove_uid_ipc(uid: int) -> None:
+    """Without an IPC namespace: remove the System V shared memory segments, semaphore
+    sets and message queues that `uid` created or owns (from /proc/sysvipc)."""
+    removers = {  # /proc/sysvipc file: (its id column, remove(id))
+        "shm": ("shmid", lambda ident: _libc.shmctl(ident, IPC_RMID, None)),
+        "sem": ("semid", lambda ident: _libc.semctl(ident, 0, IPC_RMID)),
+        "msg": ("msqid", lambda ident: _libc.msgctl(ident, IPC_RMID, None)),
+    }
+    for kind, (id_column, remove) in removers.items():
+        try:
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except (OSError, ValueError):
+            continue
+        names = header.split()
+        for row in rows:
+            fields = dict(zip(names, row.split()))
+            if str(uid) in (fields.get("uid"), fields.get("cuid")) and id_column in fields:
+                remove(int(fields[id_column]))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Sandbox:
@@ -318,6 +404,8 @@ class Sandbox:
         finally:
             if not self.isolation.pid and self.can_setuid:
                 _kill_uid_processes(uid)
+            if not self.isolation.ipc and self.can_setuid:
+                _remove_uid_ipc(uid)
             shutil.rmtree(scratch, ignore_errors=True)
 
     def run_python(
@@ -357,9 +445,7 @@ def _launch_spec(scratch: Path, work: Path, inner: str, root_binds: list[str],
         "uid": uid,
         "gid": gid,
         "tmpfs_mb": limits.tmpfs_mb,
-        "isolate_net": isolation.net,
-        "isolate_mount": isolation.mount,
-        "isolate_pid": isolation.pid,
+        **{f"isolate_{name}": getattr(isolation, name) for name in NAMESPACES},
         "limits": {
             "cpu_s": max(1, int(limits.cpu_s + 0.999)),
             "as_bytes": limits.memory_mb * 1024 * 1024,
@@ -392,20 +478,22 @@ def probe_isolation() -> Isolation:
     """Try each namespace with a trivial launch; report what works on this machine."""
     results: dict[str, bool] = {}
     notes: list[str] = []
-    for name in ("net", "mount", "pid"):
+    for name in NAMESPACES:
         scratch = Path(tempfile.mkdtemp(prefix="archer-sbx-probe-"))
         try:
             scratch.chmod(0o711)
             work = scratch / "work"
             work.mkdir()
             (scratch / "root").mkdir(mode=0o700)
-            probe = Isolation(net=name == "net", mount=name == "mount", pid=name == "pid")
+            probe = Isolation(**{n: n == name for n in NAMESPACES})  # type: ignore[arg-type]
             spec = _launch_spec(scratch, work, INNER_WORKDIR, list(SYSTEM_DIRS),
                                 ["/usr/bin/env", "true"], {}, 0, 0, PROBE_LIMITS, probe)  # fmt: skip
             run = _launch(spec, b"", PROBE_LIMITS, scratch)
             results[name] = run.exit_code == 0
             if not results[name]:
-                notes.append(f"{name}: {run.stderr.decode(errors='replace').strip()[:200]}")
+                why = run.setup_error or run.stderr.decode(errors="replace").strip()
+                notes.append(f"{name}: {why[:200]}")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return Isolation(results["net"], results["mount"], results["pid"], "; ".join(notes))
+    detail = "; ".join(notes)
+    return Isolation(**results, detail=detail)  # type: ignore[arg-type]

@@ -1,15 +1,18 @@
-"""Sandbox launcher: runs as a script (`python -I -S sandbox_launcher.py SPEC_FD`).
+"""Sandbox launcher: runs as a script
+(`python -I -S sandbox_launcher.py SPEC_FD STATUS_FD`).
 
 Standard library only; it is started by `archer_mcore.rewards.sandbox.Sandbox` as root
 with an empty environment, reads its spec (JSON) from the inherited pipe SPEC_FD (so
-the spec is not on any command line) and does, in order:
+the spec is not on any command line), reports a setup failure on the pipe STATUS_FD
+(close-on-exec: the program never holds it, so it cannot fake one) and does, in order:
 
 1. arranges to die with the trainer: PR_SET_PDEATHSIG delivers SIGTERM when the
    trainer dies (checked once after the call, in case it already had); the handler
    kills the run and removes the run's scratch directory, which the dead trainer
    can no longer do;
-2. `unshare(2)` new network (no interfaces but a down loopback) and PID namespaces,
-   as the spec asks;
+2. `unshare(2)` new network (no interfaces but a down loopback), PID, IPC (System V
+   objects and POSIX message queues die with the run), UTS (host name "sandbox"),
+   cgroup and time namespaces, as the spec asks;
 3. forks a supervisor (the PID namespace's init: when it exits the kernel kills every
    process left in the namespace, so fork bombs and daemonised children cannot
    outlive a run), which dies with the launcher (PR_SET_PDEATHSIG, SIGKILL; a pipe
@@ -20,11 +23,16 @@ the spec is not on any command line) and does, in order:
    with the run's files) and chroot into it (see `_setup_mounts`);
 5. forks the program: resource limits (CPU seconds, address space, file size,
    processes, open files, no core dumps), drops to an unprivileged uid/gid with no
-   supplementary groups, dies with the supervisor (PR_SET_PDEATHSIG), `chdir` to the
-   work directory, `execve` with the spec's (scrubbed) environment.
+   supplementary groups, gets a fresh session keyring and empties the uid's keyrings
+   (`_fresh_keyrings`: uids repeat, keyrings outlive processes), dies with the
+   supervisor (PR_SET_PDEATHSIG), `chdir` to the work directory, `execve` with the
+   spec's (scrubbed) environment;
+6. when the program has exited, the supervisor (as the PID namespace's init) kills
+   what is left of the run and empties the uid's keyrings again.
 
 The launcher's exit status is the program's (128 + signal number if it was killed by
-a signal); SETUP_FAILED_EXIT with a message on stderr if isolation could not be set up.
+a signal); SETUP_FAILED_EXIT with a message on STATUS_FD if the sandbox could not be
+set up.
 """
 
 from __future__ import annotations
@@ -49,6 +57,20 @@ PARENT_EXIT_WAIT_S = 3.0
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWTIME = 0x00000080
+#: spec["isolate_<name>"] -> the namespace the launcher unshares (mount: the supervisor).
+LAUNCHER_NAMESPACES = {
+    "net": CLONE_NEWNET,
+    "pid": CLONE_NEWPID,
+    "ipc": CLONE_NEWIPC,
+    "uts": CLONE_NEWUTS,
+    "cgroup": CLONE_NEWCGROUP,
+    "time": CLONE_NEWTIME,
+}
+HOSTNAME = b"sandbox"
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -57,8 +79,16 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+#: keyctl(2): the syscall (no libc wrapper) by machine, operations, special keyring ids.
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 1, 7, 21
+KEYCTL_GET_PERSISTENT = 22
+KEY_SPEC_PROCESS_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -2, -4, -5
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+#: Where setup failures are reported (STATUS_FD; stderr until it is known).
+_status_fd = 2
 
 
 class SetupError(Exception):
@@ -69,6 +99,38 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise SetupError(f"{what}: {os.strerror(err)}")
+
+
+def _report_setup_failure(message: str) -> None:
+    """Tell the trainer that the sandbox could not be set up (on STATUS_FD, which the
+    program never holds: a program cannot make its own failure look like this)."""
+    with contextlib.suppress(OSError):
+        os.write(_status_fd, message.encode(errors="replace")[:2000])
+
+
+def _keyctl(op: int, *args: int) -> int:
+    if SYS_KEYCTL is None:
+        return -1
+    return _libc.syscall(SYS_KEYCTL, ctypes.c_long(op), *(ctypes.c_long(a) for a in args))
+
+
+def _fresh_keyrings() -> None:
+    """In a process running as the run's uid: leave no key of an earlier run reachable.
+
+    Keyrings outlive processes: a uid's user and user-session keyrings (and its
+    persistent keyring) keep their keys after every process of the uid has exited, and
+    run uids repeat (every 1,000 runs of a trainer process), so a later run would find
+    an earlier one's keys. This empties the user and user-session keyrings, invalidates
+    the persistent keyring (it is recreated empty on demand), and joins a new anonymous
+    session keyring in place of the one inherited from the trainer. Where the kernel
+    has no keys (or a seccomp filter refuses keyctl), there is nothing to clear.
+    """
+    _keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
+    _keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING)
+    _keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING)
+    persistent = _keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_PROCESS_KEYRING)
+    if persistent >= 0:
+        _keyctl(KEYCTL_INVALIDATE, persistent)
 
 
 def _mount(
@@ -195,6 +257,7 @@ def _exec_program(spec: dict, parent: int) -> None:
     os.setgroups([])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
+    _fresh_keyrings()
     _die_with_parent(signal.SIGKILL, parent)
     os.chdir(spec["inner_workdir"] if spec["isolate_mount"] else spec["workdir"])
     os.umask(0o077)
@@ -211,10 +274,33 @@ def _run_program(spec: dict) -> int:
         try:
             _exec_program(spec, me)
         except BaseException as err:
-            os.write(2, f"sandbox: exec failed: {err}\n".encode())
+            _report_setup_failure(f"sandbox: exec failed: {type(err).__name__}: {err}")
         os._exit(SETUP_FAILED_EXIT)
     _, status = os.waitpid(pid, 0)  # retried by Python after EINTR
+    if spec["isolate_pid"] and os.getpid() == 1:
+        _end_of_run(spec)
     return _status_to_exit(status)
+
+
+def _end_of_run(spec: dict) -> None:
+    """In the PID namespace's init, after the program exited: kill what is left of the
+    run (kill(-1) from a namespace's init reaches only that namespace), reap it, and
+    empty the uid's keyrings (nothing of the run can store a key again)."""
+    with contextlib.suppress(OSError):
+        os.kill(-1, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitpid(-1, 0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(spec["gid"])
+            os.setuid(spec["uid"])
+            _fresh_keyrings()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _die_with_parent(sig: int, parent: int) -> None:
@@ -246,7 +332,7 @@ def _supervisor(spec: dict, launcher_alive: int) -> None:
             _setup_mounts(spec)
         code = _run_program(spec)
     except BaseException as err:
-        os.write(2, f"sandbox: setup failed: {err}\n".encode())
+        _report_setup_failure(f"sandbox: setup failed: {type(err).__name__}: {err}")
     os._exit(code)
 
 
@@ -287,8 +373,25 @@ def _read_spec(fd: int) -> dict:
     return json.loads(b"".join(chunks))
 
 
+def _unshare_namespaces(spec: dict) -> None:
+    """New namespaces for the run, as the spec asks (all in one unshare(2)); in a new
+    UTS namespace the host name becomes "sandbox" (the node's name stays hidden)."""
+    flags = 0
+    for name, flag in LAUNCHER_NAMESPACES.items():
+        if spec.get(f"isolate_{name}"):
+            flags |= flag
+    if flags:
+        _check(_libc.unshare(flags), "unshare")
+    if flags & CLONE_NEWUTS:
+        _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
+
+
 def main() -> None:
+    global _status_fd
     spec = _read_spec(int(sys.argv[1]))
+    if len(sys.argv) > 2:
+        _status_fd = int(sys.argv[2])
+        os.set_inheritable(_status_fd, False)  # closed by the program's execve
     child: list[int] = []
 
     def parent_died(signum: int, frame: object) -> None:
@@ -310,13 +413,9 @@ def main() -> None:
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
         if os.getppid() != spec["parent_pid"]:
             parent_died(signal.SIGTERM, None)  # the trainer died before prctl took effect
-        flags = 0
-        flags |= CLONE_NEWNET if spec["isolate_net"] else 0
-        flags |= CLONE_NEWPID if spec["isolate_pid"] else 0
-        if flags:
-            _check(_libc.unshare(flags), "unshare")
+        _unshare_namespaces(spec)
     except BaseException as err:
-        os.write(2, f"sandbox: setup failed: {err}\n".encode())
+        _report_setup_failure(f"sandbox: setup failed: {type(err).__name__}: {err}")
         os._exit(SETUP_FAILED_EXIT)
     alive_r, alive_w = os.pipe()
     # SIGTERM waits until the child is recorded (and, in the child, until the

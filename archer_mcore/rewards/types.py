@@ -25,10 +25,19 @@ OUT_OF_MEMORY = "out_of_memory"
 CRASHED = "crashed"  # the reward worker process died
 REWARD_ERROR = "reward_error"  # the reward function raised
 SANDBOX_UNAVAILABLE = "sandbox_unavailable"  # code execution refused: no isolation
+SANDBOX_SETUP_FAILED = "sandbox_setup_failed"  # the sandbox could not be set up for a run
 
 #: Failures of the reward machinery rather than of the response; the scorer counts them.
 REWARD_FAULTS: frozenset[str] = frozenset(
-    {TIMEOUT, OUT_OF_MEMORY, CRASHED, REWARD_ERROR, SANDBOX_UNAVAILABLE, UNKNOWN_SOURCE}
+    {
+        TIMEOUT,
+        OUT_OF_MEMORY,
+        CRASHED,
+        REWARD_ERROR,
+        SANDBOX_UNAVAILABLE,
+        SANDBOX_SETUP_FAILED,
+        UNKNOWN_SOURCE,
+    }
 )
 
 
