@@ -58,9 +58,33 @@ def _validate_rollout(cfg: Config, source: str) -> None:
         )
 
 
+def _validate_colocated_sync(cfg: Config, source: str) -> None:
+    """Colocated SGLang servers run on the trainer's own GPUs (server k on GPUs
+    k*tp_size ...; archer_mcore/rollout/sglang_config.py), so a distributed weight
+    sync over NCCL would put the trainer's rank 0 and server 0's TP rank 0, both on
+    GPU 0, into one NCCL communicator, which NCCL refuses (duplicate GPU)."""
+    r = cfg.rollout
+    if (
+        r.engine == "sglang"
+        and r.mode == "colocated"
+        and r.weight_sync in ("distributed", "nccl")
+        and r.sglang.sync_backend == "nccl"
+    ):
+        raise ConfigError(
+            f"{source}: rollout.weight_sync = {r.weight_sync} with rollout.mode = colocated "
+            "(and rollout.sglang.sync_backend = nccl) would put the trainer's rank 0 and "
+            "the first server's TP rank 0, which share GPU 0, into one NCCL communicator, "
+            "and NCCL refuses two ranks on one GPU. Colocated servers are on the trainer's "
+            "host: use rollout.weight_sync: tensor (CUDA IPC handles, no copy through the "
+            "host) or rollout.weight_sync: disk; for a distributed sync use rollout.mode: "
+            "disaggregated (servers on their own GPUs)"
+        )
+
+
 def validate_config(cfg: Config, source: str) -> None:
     """Checks that involve more than one field."""
     _validate_rollout(cfg, source)
+    _validate_colocated_sync(cfg, source)
     t, a = cfg.train, cfg.algorithm
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
