@@ -40,8 +40,7 @@ def test_the_default_sync_of_a_colocated_sglang_run_is_refused_too() -> None:
         _cfg(mode="colocated", weight_sync="tensor"),
         _cfg(mode="colocated", weight_sync="disk"),
         # gloo: the group's traffic goes through host memory, no NCCL communicator
-        {"rollout": {"engine": "sglang", "mode": "colocated", "weight_sync": "nccl",
-                     "sglang": {"sync_backend": "gloo"}}},  # fmt: skip
+        _cfg(mode="colocated", weight_sync="nccl", sglang={"sync_backend": "gloo"}),
         _cfg(mode="disaggregated", weight_sync="nccl", sglang={"server_urls": ["http://h:1"]}),
         {"rollout": {"engine": "local", "mode": "colocated", "weight_sync": "nccl"}},
     ],
