@@ -168,17 +168,23 @@ def serialize_named_tensors(bucket: NamedTensorBucket) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-#: /server_info fields that carry secrets (0.5.23 returns the server args, keys included).
+#: /server_info fields that carry secrets (0.5.23 returns the server args, keys included,
+#: and `launch_command`, the flags with those of --config merged in: the key again).
 SECRET_FIELDS = frozenset({"api_key", "admin_api_key"})
+REDACTED = "<redacted>"
 
 
-def redact_secrets(value: Any) -> Any:
-    """A copy of a JSON value with every SECRET_FIELDS entry (at any depth) replaced."""
+def redact_secrets(value: Any, known: Sequence[str] = ()) -> Any:
+    """A copy of a JSON value with every SECRET_FIELDS entry (at any depth) replaced, and
+    every `known` secret replaced inside strings."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if k in SECRET_FIELDS and v else redact_secrets(v))
+        return {k: (REDACTED if k in SECRET_FIELDS and v else redact_secrets(v, known))
                 for k, v in value.items()}  # fmt: skip
     if isinstance(value, list):
-        return [redact_secrets(v) for v in value]
+        return [redact_secrets(v, known) for v in value]
+    if isinstance(value, str):
+        for secret in filter(None, known):
+            value = value.replace(secret, REDACTED)
     return value
 
 

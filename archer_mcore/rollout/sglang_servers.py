@@ -100,7 +100,8 @@ class ServerPool:
                                                   timeout_s=self.health_probe_timeout_s)  # fmt: skip
             if not isinstance(info, dict):
                 raise RolloutError(f"SGLang server {s.url}: malformed /server_info {str(info)[:200]}")
-            info = redact_secrets(info)  # it reports the server's --api-key
+            # it reports the server's --api-key, also inside launch_command
+            info = redact_secrets(info, [self._client.cfg.api_key or ""])
             check_server_version(s.url, str(info.get("version", "")))
             dp = int(info.get("dp_size", 1) or 1)
             if dp != 1 and self.sync_cfg.mode != "disk":

@@ -61,9 +61,12 @@ def test_router_key_stays_off_the_command_line_of_a_python_module(tmp_path: Path
 
 def test_server_info_secrets_and_client_repr_are_redacted() -> None:
     info = {"api_key": "k1", "admin_api_key": None, "tp_size": 1,
+            "launch_command": "launch_server --api-key k1 --port 1",
             "internal_states": [{"api_key": "k1"}]}  # fmt: skip
-    assert redact_secrets(info) == {"api_key": "<redacted>", "admin_api_key": None,
-                                    "tp_size": 1, "internal_states": [{"api_key": "<redacted>"}]}  # fmt: skip
+    assert redact_secrets(info, ["k1"]) == {
+        "api_key": "<redacted>", "admin_api_key": None, "tp_size": 1,
+        "launch_command": "launch_server --api-key <redacted> --port 1",
+        "internal_states": [{"api_key": "<redacted>"}]}  # fmt: skip
     assert "k1" not in repr(ClientConfig(api_key="k1"))
 
 

@@ -12,33 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sglang_harness import RealServers, assert_no_kernel_calls
+from sglang_harness import TINY_QWEN3, RealServers, assert_no_kernel_calls
 
 from archer_mcore.model.hf_io import write_hf_checkpoint
-
-#: The tiny Qwen3 every real-server test uses (the SGLang CPU recipe's size).
-TINY_QWEN3: dict[str, Any] = dict(
-    model_type="qwen3",
-    architectures=["Qwen3ForCausalLM"],
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    attention_bias=False,
-    eos_token_id=1,
-    bos_token_id=2,
-    pad_token_id=0,
-    torch_dtype="float32",
-    initializer_range=0.2,
-)
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,30 @@ CPU_FLAGS = (
 # --max-total-tokens anyway.
 CPU_MEM_FRACTION = 0.98
 
+#: The tiny Qwen3 every real-server test uses (the SGLang CPU recipe's size).
+TINY_QWEN3: dict[str, Any] = dict(
+    model_type="qwen3",
+    architectures=["Qwen3ForCausalLM"],
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    attention_bias=False,
+    eos_token_id=1,
+    bos_token_id=2,
+    pad_token_id=0,
+    torch_dtype="float32",
+    initializer_range=0.2,
+)
+
 _install_error: str | None = None
 _installed = False
 
@@ -148,8 +172,10 @@ class RealServers:
             wait_healthy(a.url, deadline_s, p)
             self.urls.append(a.url)
 
-    def start_router(self, policy: str = "round_robin", deadline_s: float = 120.0) -> str:
-        ra = RouterArgs(tuple(self.urls), port=free_port(), policy=policy)
+    def start_router(self, policy: str = "round_robin", deadline_s: float = 120.0,
+                     api_key_file: str | None = None) -> str:  # fmt: skip
+        ra = RouterArgs(tuple(self.urls), port=free_port(), policy=policy,
+                        api_key_file=api_key_file)  # fmt: skip
         p = ManagedProcess(build_router_command(ra, router_launch()), None,
                            self.log_dir / f"router_{ra.port}.log")  # fmt: skip
         p.start()
