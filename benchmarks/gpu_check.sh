@@ -4,10 +4,12 @@
 # dependencies, archer-mcore itself) into a private directory, then runs, side by side
 # in one run, the fused-kernel benchmarks (benchmarks/kernel_bench.py) and a policy train
 # step on a Qwen3-0.6B-shaped model at sequence 4096 with the torch path and each
-# kernel path (benchmarks/gpu_check.py). Results: $OUT (default
-# benchmarks/results/gpu_check/): kernels.md, gpu_check.md, gpu_check.json, env.txt.
+# kernel path (benchmarks/gpu_check.py), and the first-GPU-run checks of issue 21
+# (benchmarks/gpu_first_run.py: the default group's device rule with NCCL, the fused
+# head's autotune count). Results: $OUT (default benchmarks/results/gpu_check/):
+# kernels.md, gpu_check.md, gpu_check.json, gpu_first_run.md/.json, env.txt.
 #
-#   benchmarks/gpu_check.sh            # on the GPU machine, < 8 min
+#   benchmarks/gpu_check.sh            # on the GPU machine, < 10 min (parts capped)
 #   benchmarks/gpu_check.sh --smoke    # tiny, on CPU with the Triton interpreter (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,8 @@ if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
   "$PY" benchmarks/kernel_bench.py --smoke | tee "$OUT/kernels.md"
   "$PY" benchmarks/gpu_check.py --smoke --out "$OUT" | tee "$OUT/gpu_check.md"
+  "$PY" benchmarks/gpu_first_run.py --smoke --json "$OUT/gpu_first_run.json" \
+    | tee "$OUT/gpu_first_run.md"
 else
   # Each part has its own time cap, and one failing does not stop the other.
   status=0
@@ -51,8 +55,11 @@ else
   timeout 240 "$PY" benchmarks/gpu_check.py --seq 4096 --rows 4 --repeat 3 --out "$OUT" \
     | tee "$OUT/gpu_check.md" || { echo "gpu_check.py failed or timed out" >&2; status=1; }
   # Kernels: Qwen3-0.6B's hidden size (1024) and a 32B-class one (5120), 16k/32k tokens.
-  timeout 300 "$PY" benchmarks/kernel_bench.py --tokens 16384 32768 --hidden 1024 5120 \
+  timeout 240 "$PY" benchmarks/kernel_bench.py --tokens 16384 32768 --hidden 1024 5120 \
     | tee "$OUT/kernels.md" || { echo "kernel_bench.py failed or timed out" >&2; status=1; }
+  # Issue 21: NCCL default group vs host-side collectives; autotune count, 20 micro-batches.
+  timeout 90 "$PY" benchmarks/gpu_first_run.py --json "$OUT/gpu_first_run.json" \
+    | tee "$OUT/gpu_first_run.md" || { echo "gpu_first_run.py failed or timed out" >&2; status=1; }
   echo "gpu_check: results in $OUT"
   exit "$status"
 fi

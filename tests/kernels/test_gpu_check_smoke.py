@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh --smoke: the prepared GPU check runs end to end on CPU
-(Triton interpreter, tiny shapes): both benchmarks, every kernel path, the same
-log-probs on every path, results written."""
+(Triton interpreter, tiny shapes): the three benchmarks, every kernel path, the same
+log-probs on every path, the first-GPU-run checks, results written."""
 
 from __future__ import annotations
 
@@ -38,3 +38,8 @@ def test_gpu_check_smoke(tmp_path):
         assert r["train_tokens_per_s"] > 0 and r["score_tokens_per_s"] > 0
         assert r["max_abs_logprob_diff_vs_torch"] < 1e-5, r
     assert (tmp_path / "env.txt").read_text().count("megatron-core") == 1
+    first = json.loads((tmp_path / "gpu_first_run.json").read_text())
+    rule = first["device_rule"]  # the CPU stand-in for NCCL refuses a CPU tensor too
+    assert rule["cpu_tensor_on_default"].startswith("refused") and not rule["default_serves_cpu"]
+    assert rule["control_collectives"] == "ok"
+    assert first["autotune"]["micro_batches"] == 4
