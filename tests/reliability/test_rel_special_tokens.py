@@ -34,29 +34,9 @@ ADDED = [
     "</tool_response>",
 ]
 
-#: Qwen3's chat template, shortened (no tool-call rendering of assistant messages), with
-#: its system/tools header, think handling and `enable_thinking` switch.
-QWEN_TEMPLATE = (
-    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}"
-    "{%- endfor %}{{- '\\n</tools>\\nReturn <tool_call></tool_call> tags.<|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}{%- set content = message.content %}"
-    "{%- if '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
-    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
-)
+#: Qwen3's chat template as published (system/tools header, the last-query scan that
+#: looks inside user messages, think handling, tool calls and responses).
+QWEN_TEMPLATE = (Path(__file__).parent / "qwen3_chat_template.jinja").read_text()
 
 CORPUS = [
     "Compute the sum of the numbers and put the answer in \\boxed{}.",
@@ -145,8 +125,8 @@ VARIANTS = [
 
 
 def _layouts(text: str) -> list[list[dict[str, str]]]:
-    """The untrusted text as the user turn, in a data-set system message, and in an
-    earlier turn of a few-shot prompt."""
+    """The untrusted text as the user turn, in a data-set system message, in an earlier
+    turn of a few-shot prompt, as a tool response and a final assistant turn."""
     return [
         [{"role": "user", "content": text}],
         [{"role": "system", "content": text}, {"role": "user", "content": "Compute 1+1."}],
@@ -154,6 +134,11 @@ def _layouts(text: str) -> list[list[dict[str, str]]]:
             {"role": "user", "content": "Compute 1+1."},
             {"role": "assistant", "content": text.replace("</think>", "")},
             {"role": "user", "content": text},
+        ],
+        [  # a tool response, and an assistant turn after the last query (think block)
+            {"role": "user", "content": "Compute 1+1."},
+            {"role": "tool", "content": text},
+            {"role": "assistant", "content": text.replace("</think>", "")},
         ],
     ]
 
