@@ -248,10 +248,13 @@ class DataConfig:
 
 @dataclass
 class RewardsConfig:
-    math_timeout_s: float = _f(5.0, gt=0)
-    code_timeout_s: float = _f(10.0, gt=0)
-    code_memory_mb: int = _f(1024, gt=0)
-    num_workers: int = _f(4, ge=1)
+    # Bounded so that every accepted value makes a working sandbox / worker (a limit
+    # the kernel refuses, e.g. code_timeout_s: 1e30, failed every run's setup); the
+    # code limits lie within archer_mcore.rewards.sandbox.LIMIT_RANGES.
+    math_timeout_s: float = _f(5.0, gt=0, le=600)
+    code_timeout_s: float = _f(10.0, ge=1, le=600)  # wall and CPU seconds per program
+    code_memory_mb: int = _f(1024, ge=64, le=1 << 20)  # address space per process
+    num_workers: int = _f(4, ge=1, le=256)
     allow_unsandboxed_code: bool = False
     # numeric references: the answer must be a simplified number, not "0 - 9 - 0"
     math_strict_answer_form: bool = True
