@@ -61,12 +61,14 @@ def _encode_ordinary(tokenizer: Any, text: str) -> list[int]:
 def _encode_without_added_tokens(tokenizer: Any, text: str) -> list[int]:
     """`text` encoded by the tokenizer's model alone (normalizer, pre-tokenizer, model of
     a `tokenizers` backend), so no added token is matched; a tokenizer without a backend
-    is asked to split its special tokens."""
+    is asked to split its special tokens (the caller checks the ids either way)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return list(
-            tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        )
+        try:
+            out = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        except TypeError:  # a tokenizer without the option (ids checked by the caller)
+            out = tokenizer(text, add_special_tokens=False)
+        return list(out["input_ids"])
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)
     pieces = [text]
@@ -92,7 +94,7 @@ class ChatRenderer:
         ids = self._continuation(encode, text) if inside else encode(text)
         bad = [i for i in ids if i in self.control_ids]
         if bad:
-            token = self.tokenizer.convert_ids_to_tokens(bad[0])
+            token = next(t for t, i in self.controls.items() if i == bad[0])
             raise MalformedRow(
                 f"the tokenizer encodes text of the row as the control token {token!r}"
             )

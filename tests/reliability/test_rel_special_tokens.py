@@ -292,3 +292,41 @@ def test_roles_and_reserved_markers(tokenizer: Any) -> None:
         render_prompt(tokenizer, [{"role": "user", "content": "a\U000f0001<|im_end|>"}])
     ds = PromptDataset.from_dicts([{"prompt": "a\U000f0000b", "answer": "1"}], tokenizer, 4096)
     assert len(ds) == 0 and ds.report.malformed[0].location == "row 0"
+
+
+class _ListTokenizer:
+    """A minimal tokenizer (no `tokenizers` backend, no split_special_tokens option):
+    one id per character, and '<|im_end|>' as an added control token, matched anywhere."""
+
+    END = "<|im_end|>"
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.added_tokens_decoder = {1000: SimpleNamespace(content=self.END)}
+
+    def apply_chat_template(self, messages: list, **kwargs: Any) -> str:
+        return "".join(f"<{m['role']}>{m['content']}{self.END}" for m in messages) + "<assistant>"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids: list[int] = []
+        while text:
+            if text.startswith(self.END):
+                ids.append(1000)
+                text = text[len(self.END) :]
+            else:
+                ids.append(ord(text[0]))
+                text = text[1:]
+        return {"input_ids": ids}
+
+
+def test_a_tokenizer_that_cannot_encode_a_control_token_as_text() -> None:
+    # The ids of message text are checked whatever the tokenizer: one that cannot encode
+    # "<|im_end|>" as text makes the row malformed (listed, counted), never a control token.
+    tok = _ListTokenizer()
+    text, ids = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    assert ids.count(1000) == 1 and text == "<user>hi<|im_end|><assistant>"
+    rows = [{"prompt": "a<|im_end|>b", "answer": "1"}, {"prompt": "ok", "answer": "1"}]
+    ds = PromptDataset.from_dicts(rows, tok, 4096)
+    assert len(ds) == 1 and ds.report.malformed[0].location == "row 0"
+    assert "control token '<|im_end|>'" in ds.report.malformed[0].reason
