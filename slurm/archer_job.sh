@@ -19,7 +19,9 @@
 #   ARCHER_CONTAINER_IMAGE / ARCHER_CONTAINER_MOUNTS  pyxis/enroot container for srun
 #   ARCHER_SRUN_ARGS      extra srun flags for every step
 #   ARCHER_PUSHGATEWAY    Pushgateway URL -> metrics.pushgateway
-#   ARCHER_PROM_TARGETS_DIR  write a Prometheus file_sd target for rank 0 here
+#   ARCHER_PROM_TARGETS_DIR  write a Prometheus file_sd target for rank 0 here; the
+#                         exporter (read-only GET /metrics) then listens on the first
+#                         training node's address ($MASTER_ADDR), not on every interface
 #   ARCHER_METRICS_PORT   rank 0 exporter port when ARCHER_PROM_TARGETS_DIR is set [9400]
 #   ARCHER_LOG_DIR        where SGLang server / router logs go  [$SLURM_SUBMIT_DIR]
 #   disaggregated only:
@@ -37,6 +39,15 @@
 #   ARCHER_SGLANG_ROUTER_CMD  [$ARCHER_PYTHON -m sglang_router.launch_router]
 #   ARCHER_SGLANG_ARGS    extra server flags
 #   ARCHER_ROLLOUT_HEALTH_TIMEOUT  seconds to wait for servers + router [900]
+#   ARCHER_SGLANG_BIND_HOST  address servers and router listen on [each node's NodeAddr];
+#                         0.0.0.0 only if you must (every interface; the key still applies)
+#   ARCHER_SECRETS_DIR    shared folder (0700) for the job's API key file, removed at exit
+#                         [$ARCHER_LOG_DIR/.archer-secrets-$SLURM_JOB_ID]
+#   Servers and router get a per-job API key (docs/sglang.md "Network exposure"): the
+#   servers read it from a 0600 file (--config), a `PYTHON -m MODULE` router through a
+#   -c wrapper (any other router command gets it as flags, visible to ps on its node),
+#   the trainer from rollout.sglang.api_key_file; server output is copied to the logs
+#   with the key replaced.
 
 set -euo pipefail
 
@@ -148,6 +159,7 @@ archer_cleanup() {
     local pid
     for pid in "${ARCHER_BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -n "$ARCHER_PROM_TARGETS_DIR" ] && rm -f "$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
+    [ -n "${ARCHER_SECRETS_DIR:-}" ] && rm -rf "$ARCHER_SECRETS_DIR"
     return 0
 }
 trap archer_cleanup EXIT
@@ -163,7 +175,8 @@ archer_wait() { # wait for a pid through trapped signals; its status -> ARCHER_W
 
 # ---------------------------------------------------------------- Prometheus target
 if [ -n "$ARCHER_PROM_TARGETS_DIR" ]; then
-    ARCHER_TRAIN_ARGS+=(-o "metrics.host=0.0.0.0" -o "metrics.port=$ARCHER_METRICS_PORT")
+    # read-only /metrics, reachable where Prometheus scrapes it: the node's cluster address
+    ARCHER_TRAIN_ARGS+=(-o "metrics.host=$MASTER_ADDR" -o "metrics.port=$ARCHER_METRICS_PORT")
     mkdir -p "$ARCHER_PROM_TARGETS_DIR"
     printf '[{"targets": ["%s:%s"], "labels": {"slurm_job_id": "%s"}}]\n' \
         "$MASTER_ADDR" "$ARCHER_METRICS_PORT" "$SLURM_JOB_ID" \
@@ -186,8 +199,24 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     ARCHER_ROLLOUT_HEALTH_TIMEOUT=${ARCHER_ROLLOUT_HEALTH_TIMEOUT:-900}
     ARCHER_SERVERS_PER_NODE=$((ARCHER_SGLANG_GPUS_PER_NODE / ARCHER_SGLANG_TP))
     [ "$ARCHER_SERVERS_PER_NODE" -ge 1 ] || ARCHER_SERVERS_PER_NODE=1
+    ARCHER_SGLANG_BIND_HOST=${ARCHER_SGLANG_BIND_HOST:-}
     # token ids in, token ids out; logprobs of the sampling temperature
     export SGLANG_RETURN_ORIGINAL_LOGPROB=false
+
+    # the job's API key: made and written by shell builtins (no command line carries it),
+    # in a 0600 file that is both SGLang's --config and rollout.sglang.api_key_file; a
+    # sed script (0600 too) replaces it in the server output copied to the logs
+    ARCHER_SECRETS_DIR=${ARCHER_SECRETS_DIR:-$ARCHER_LOG_DIR/.archer-secrets-$SLURM_JOB_ID}
+    rm -rf "$ARCHER_SECRETS_DIR"
+    (umask 077 && mkdir -p "$ARCHER_SECRETS_DIR")
+    ARCHER_SGLANG_API_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+    [ ${#ARCHER_SGLANG_API_KEY} -eq 64 ] || archer_die "could not make an API key from /dev/urandom"
+    ARCHER_SGLANG_KEY_FILE=$ARCHER_SECRETS_DIR/sglang_api_key.yaml
+    (umask 077 && printf 'api-key: %s\n' "$ARCHER_SGLANG_API_KEY" >"$ARCHER_SGLANG_KEY_FILE" &&
+        printf 's/%s/<redacted>/g\n' "$ARCHER_SGLANG_API_KEY" >"$ARCHER_SECRETS_DIR/redact.sed")
+    # = archer_mcore.rollout.sglang_launcher.ROUTER_KEY_WRAPPER (tests/slurm checks it)
+    ARCHER_ROUTER_KEY_WRAPPER="import runpy, sys; f, m = sys.argv[1], sys.argv[2]; k = open(f).read().split(':', 1)[-1].strip(); sys.argv = [m, *sys.argv[3:], '--api-key', k, '--control-plane-api-keys', 'archer:archer:admin:' + k]; runpy.run_module(m, run_name='__main__', alter_sys=True)"
+
     ARCHER_SERVER_URLS=()
     for host in "${ARCHER_ROLLOUT_HOSTS[@]}"; do
         addr=$(archer_node_addr "$host")
@@ -197,22 +226,32 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
             ARCHER_SERVER_URLS+=("http://$addr:$port")
             # shellcheck disable=SC2086 # the command and extra args are word lists
             CUDA_VISIBLE_DEVICES=$gpus srun --nodes=1 --ntasks=1 --nodelist="$host" --overlap \
-                "${ARCHER_SRUN_COMMON[@]}" --output="$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log" \
-                $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" --host 0.0.0.0 \
+                "${ARCHER_SRUN_COMMON[@]}" \
+                $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" \
+                --host "${ARCHER_SGLANG_BIND_HOST:-$addr}" --config "$ARCHER_SGLANG_KEY_FILE" \
                 --port "$port" --tp-size "$ARCHER_SGLANG_TP" --skip-tokenizer-init \
                 --dtype "$ARCHER_SGLANG_DTYPE" --mem-fraction-static "$ARCHER_SGLANG_MEM_FRACTION" \
-                $ARCHER_SGLANG_ARGS &
+                $ARCHER_SGLANG_ARGS \
+                > >(sed -u -f "$ARCHER_SECRETS_DIR/redact.sed" >"$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log") 2>&1 &
             ARCHER_BG_PIDS+=($!)
         done
     done
     router_host=${ARCHER_ROLLOUT_HOSTS[0]}
-    ARCHER_SGLANG_ROUTER_URL="http://$(archer_node_addr "$router_host"):$ARCHER_ROUTER_PORT"
+    router_addr=$(archer_node_addr "$router_host")
+    ARCHER_SGLANG_ROUTER_URL="http://$router_addr:$ARCHER_ROUTER_PORT"
     export ARCHER_SGLANG_ROUTER_URL
-    # shellcheck disable=SC2086
+    read -r -a router_cmd <<<"$ARCHER_SGLANG_ROUTER_CMD"
+    router_flags=(--worker-urls "${ARCHER_SERVER_URLS[@]}" --policy "$ARCHER_ROUTER_POLICY"
+        --host "${ARCHER_SGLANG_BIND_HOST:-$router_addr}" --port "$ARCHER_ROUTER_PORT")
+    if [ "${#router_cmd[@]}" -eq 3 ] && [ "${router_cmd[1]}" = -m ]; then
+        router_cmd=("${router_cmd[0]}" -c "$ARCHER_ROUTER_KEY_WRAPPER" "$ARCHER_SGLANG_KEY_FILE" "${router_cmd[2]}")
+    else # sglang-router reads keys from flags only: visible to ps on the router's node
+        router_flags+=(--api-key "$ARCHER_SGLANG_API_KEY"
+            --control-plane-api-keys "archer:archer:admin:$ARCHER_SGLANG_API_KEY")
+    fi
     srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
-        --output="$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log" \
-        $ARCHER_SGLANG_ROUTER_CMD --worker-urls "${ARCHER_SERVER_URLS[@]}" \
-        --policy "$ARCHER_ROUTER_POLICY" --host 0.0.0.0 --port "$ARCHER_ROUTER_PORT" &
+        "${router_cmd[@]}" "${router_flags[@]}" \
+        > >(sed -u -f "$ARCHER_SECRETS_DIR/redact.sed" >"$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log") 2>&1 &
     ARCHER_BG_PIDS+=($!)
     archer_log "waiting for ${#ARCHER_SERVER_URLS[@]} SGLang server(s) and router $ARCHER_SGLANG_ROUTER_URL"
     deadline=$((SECONDS + ARCHER_ROLLOUT_HEALTH_TIMEOUT))
@@ -232,6 +271,7 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
         -o "rollout.sglang.server_tp_sizes=[${tps_yaml%,}]"
         -o "rollout.sglang.router_url=$ARCHER_SGLANG_ROUTER_URL"
         -o "rollout.sglang.master_address=$MASTER_ADDR"
+        -o "rollout.sglang.api_key_file=$ARCHER_SGLANG_KEY_FILE"
         -o "rollout.sglang.dtype=$ARCHER_SGLANG_DTYPE"
         -o "rollout.sglang.mem_fraction_static=$ARCHER_SGLANG_MEM_FRACTION")
 fi

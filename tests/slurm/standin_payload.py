@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 import time
 import urllib.request
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from archer_mcore.config import load_config
 from archer_mcore.metrics.exporter import MetricsExporter
+from archer_mcore.rollout.sglang_launcher import read_api_key
 
 STOP = {"signal": ""}
 
@@ -64,12 +66,17 @@ def main() -> int:
 
     if cfg.rollout.mode == "disaggregated" and cfg.rollout.sglang.server_urls:
         router = os.environ["ARCHER_SGLANG_ROUTER_URL"]
-        with urllib.request.urlopen(router + "/workers", timeout=10) as resp:
+        # the job's key, read as the trainer reads it (refuses a file others may read)
+        key = read_api_key(cfg.rollout.sglang.api_key_file)
+        request = urllib.request.Request(router + "/workers",
+                                         headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as resp:
             workers = json.loads(resp.read())
         healthy = all(_healthy(u) for u in cfg.rollout.sglang.server_urls)
         say(
             f"rollout servers={cfg.rollout.sglang.server_urls} router={router} "
-            f"router_workers={workers} healthy={healthy}"
+            f"router_workers={workers} healthy={healthy} "
+            f"key_file_mode={stat.S_IMODE(os.stat(cfg.rollout.sglang.api_key_file).st_mode):o}"
         )
         if sorted(workers) != sorted(cfg.rollout.sglang.server_urls) or not healthy:
             return 4

@@ -264,7 +264,10 @@ def test_disaggregated_job_starts_servers_router_then_trains(
         "--env",
         f"ARCHER_SGLANG_SERVER_CMD={py} {SGLANG} server",
         "--env",
-        f"ARCHER_SGLANG_ROUTER_CMD={py} {SGLANG} router",
+        # a `PYTHON -m MODULE` router: started through the job script's API-key wrapper
+        f"ARCHER_SGLANG_ROUTER_CMD={py} -m standin_sglang_router",
+        "--env",
+        f"PYTHONPATH={HERE}",
         "--env",
         f"ARCHER_SGLANG_PORT={server_port}",
         "--env",
@@ -282,15 +285,29 @@ def test_disaggregated_job_starts_servers_router_then_trains(
     seen = payload_lines(
         log,
         r"rank=0 node=(\w+) .*rollout servers=\['(.*?)'\] router=(\S+) "
-        r"router_workers=\['(.*?)'\] healthy=True",
+        r"router_workers=\['(.*?)'\] healthy=True key_file_mode=600",
     )
     assert len(seen) == 1, log
     node, servers, router, workers = seen[0].groups()
     assert node == "node2"  # the first node serves rollouts, the second trains
     assert servers == workers == url
     assert router == f"http://127.0.0.1:{router_port}"
-    server_log = (cfg.parent / "logs").glob(f"sglang-{jid}-node1-{server_port}.log")
-    assert "model=/models/standin" in next(server_log).read_text()
+    logs = cfg.parent / "logs"
+    server_log = next(logs.glob(f"sglang-{jid}-node1-{server_port}.log")).read_text()
+    router_log = next(logs.glob(f"sglang-router-{jid}.log")).read_text()
+    assert "model=/models/standin" in server_log
+    # bound to the node's address (NodeAddr 127.0.0.1 here), not 0.0.0.0; keyed (the
+    # payload's /workers passed with the key from rollout.sglang.api_key_file), the key
+    # on neither command line, redacted from the logs, its folder removed at the end
+    assert f"standin server on 127.0.0.1:{server_port} " in server_log
+    assert f"standin router on 127.0.0.1:{router_port} " in router_log
+    for text in (server_log, router_log):
+        assert "key=yes key_on_cmdline=False" in text, text
+        assert "key <redacted> (the job script must redact this)" in text, text
+    for path in logs.iterdir():
+        if path.is_file():
+            assert not re.search(r"\b[0-9a-f]{64}\b", path.read_text(errors="replace")), path
+    assert not list(logs.glob(".archer-secrets-*"))
 
 
 def test_time_limit_signal_checkpoints_requeues_and_finishes(
