@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import socket
 from collections.abc import Iterator
@@ -177,6 +178,7 @@ print(" ".join(name for name, ok in [
 
 FIND_KEYS = f"""
 import ctypes
+import dataclasses
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 def find(desc, ring):
@@ -280,3 +282,16 @@ def _unchecked_limits(values: dict[str, object]) -> SandboxLimits:
     for name, value in values.items():
         object.__setattr__(limits, name, value)
     return limits
+
+
+CREATE_SYSV = "\n".join(line for line in CREATE_IPC.splitlines() if "mq_open" not in line)
+
+
+def test_without_an_ipc_namespace_the_runs_sysv_objects_are_removed(clean_ipc: None) -> None:
+    """The fallback where the kernel has no IPC namespace: the run's uid's System V
+    objects are removed after the run (POSIX queues cannot be swept this way)."""
+    weak = Sandbox(LIMITS, base_uid=BASE_UID)
+    weak.isolation = dataclasses.replace(weak.isolation, ipc=False)
+    run = weak.run_python(CREATE_SYSV)
+    assert run.stdout.decode().split() == ["shm", "sem", "msg"], run.describe()
+    assert _host_ipc_with_key(IPC_KEY) == []
