@@ -15,7 +15,9 @@ here, with their caller. `MegatronPolicy` resolves `kernels.mode` once
 Both paths take and return the same things, so callers never branch on the mode. The
 torch references: `archer_mcore.algo.entropy.entropy_and_logprob`,
 `archer_mcore.algo.entropy.vocab_parallel_entropy_and_logprob` and
-`archer_mcore.algo.losses.token_terms`; the LM-head reference materialises the logits.
+`archer_mcore.algo.losses.token_terms`; the LM-head reference materialises the logits
+(`output_layer_entropy_and_logprob`, which is also the unfused path: the output layer
+on the selected rows, then the entropy/log-prob function with in-place backward).
 Kernel modules are imported lazily, so the torch paths work without triton.
 """
 
@@ -147,8 +149,8 @@ def vocab_parallel_entropy_and_logprob(
         logits_shard: [N, V_local] this rank's columns (global ids from `vocab_start`).
         tokens: [N] global token ids.
         vocab_size: true vocabulary size; padding ids >= it are left out.
-        inplace_backward: Triton path: write the gradient into the logits' memory
-            (only when nothing reads those logits afterwards).
+        inplace_backward: write the gradient into the logits' memory (either path;
+            only when nothing reads those logits afterwards).
         chunk_rows: torch path: rows per chunk (bounds its fp32 scratch memory).
     Returns:
         (entropy [N], logprob [N]) fp32, the same on every rank; the backward gives this
@@ -161,7 +163,14 @@ def vocab_parallel_entropy_and_logprob(
             logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size, inplace_backward
         )
     return torch_entropy.vocab_parallel_entropy_and_logprob(
-        logits_shard, tokens, vocab_start, tp_group, temperature, vocab_size, chunk_rows
+        logits_shard,
+        tokens,
+        vocab_start,
+        tp_group,
+        temperature,
+        vocab_size,
+        chunk_rows,
+        inplace_backward=inplace_backward,
     )
 
 
@@ -179,6 +188,60 @@ class _AllReduceGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def output_layer_entropy_and_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    mode: str = "auto",
+    chunk_rows: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """The output layer on the given rows only, then entropy and log-prob of
+    softmax(logits / T): the unfused path with one logits-sized buffer.
+
+    Args:
+        hidden: [N, H] final hidden states of the rows wanted (e.g. the response
+            tokens', selected before the output layer), replicated over `tp_group`.
+        weight: [V_local, H] output weight (this rank's vocab shard with `tp_group`).
+        tokens: [N] global token ids.
+        vocab_start: first global id of the shard; default rank * V_local.
+        vocab_size: true vocabulary size; padding columns >= it are left out.
+        mode: which entropy/log-prob implementation reads the logits (see the module).
+        chunk_rows: torch path: rows per chunk (bounds its fp32 scratch memory).
+    Returns:
+        (entropy [N], logprob [N]) fp32. Gradients reach hidden (all-reduced over
+        `tp_group`, as megatron's output layer all-reduces its input gradient: do not
+        also wrap hidden in megatron's copy-to-TP region) and weight.
+
+    Memory: the logits [N, V_local] in the weight's dtype are the one logits-sized
+    buffer. The matmul's backward needs hidden and weight, not its output, so nothing
+    reads the logits after the entropy function's backward, which therefore writes
+    their gradient into their own memory (`inplace_backward`). Numerically this is
+    megatron's output layer (`torch.matmul(input, weight.t())`) restricted to rows.
+    """
+    sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
+    if vocab_start is None:
+        vocab_start = (dist.get_rank(tp_group) if sharded else 0) * weight.shape[0]
+    if sharded:
+        hidden = _AllReduceGrad.apply(hidden, tp_group)
+    logits = hidden @ weight.t()
+    return vocab_parallel_entropy_and_logprob(
+        logits,
+        tokens,
+        vocab_start,
+        tp_group,
+        temperature,
+        vocab_size,
+        inplace_backward=True,
+        mode=mode,
+        chunk_rows=chunk_rows,
+    )
 
 
 def lm_head_entropy_and_logprob(
@@ -207,7 +270,8 @@ def lm_head_entropy_and_logprob(
     Returns:
         (entropy [N], logprob [N]) fp32. Gradients reach hidden (all-reduced over
         `tp_group`: do not also wrap hidden in megatron's copy-to-TP region) and weight.
-        The Triton path never materialises the logits; the torch path does.
+        The Triton path never materialises the logits; the torch path does
+        (`output_layer_entropy_and_logprob` with the torch reference).
     """
     if use_triton(mode, hidden.device):
         from archer_mcore.kernels import fused_lm_head
@@ -216,17 +280,16 @@ def lm_head_entropy_and_logprob(
             hidden, weight, tokens, temperature, tp_group, vocab_start, chunk_cols, vocab_size,
             recompute,
         )  # fmt: skip
-    sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
-    if vocab_start is None:
-        vocab_start = (dist.get_rank(tp_group) if sharded else 0) * weight.shape[0]
-    if sharded:
-        hidden = _AllReduceGrad.apply(hidden, tp_group)
-    logits = hidden @ weight.t()
-    if sharded or vocab_size is not None or vocab_start != 0:
-        return vocab_parallel_entropy_and_logprob(
-            logits, tokens, vocab_start, tp_group, temperature, vocab_size, mode="torch"
-        )
-    return torch_entropy.entropy_and_logprob(logits, tokens, temperature)
+    return output_layer_entropy_and_logprob(
+        hidden,
+        weight,
+        tokens,
+        temperature,
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        mode="torch",
+    )
 
 
 def token_terms(

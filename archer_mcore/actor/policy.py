@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,43 +203,71 @@ class MegatronPolicy:
     def _token_stats(
         self, out: Tensor, mb: MicroBatch, model: torch.nn.Module
     ) -> tuple[Tensor, Tensor]:
-        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens.
+        """(entropy, logprob) [b, Lm] of the micro-batch's response tokens; 0 where
+        `mb.extras["mask"]` is False.
 
-        `out` is the last stage's output [b, s, X]: the vocab-parallel logits
-        (X = V_pad / tp), or with `kernels.fused_lm_head` the final hidden states
-        (X = H), which go with the output weight [V_pad / tp, H] of `model` through the
-        fused LM head. `self.kernel_path.mode` picks the Triton kernel or the torch
-        reference."""
-        pos, targets = mb.extras["flat_pos"], mb.extras["targets"]
+        `out` is the last stage's final hidden states [b, s, H] (after the final norm:
+        the output layer hands its input over, see `_hidden_states_out`). The rows of
+        the valid response tokens are taken first ([N, H], N <= b * s), and only they
+        go through the output layer, with the output weight [V_pad / tp, H] of `model`:
+        with `kernels.fused_lm_head` in the fused LM head (no logits tensor), else as
+        one [N, V_pad / tp] logits tensor in the parameter dtype that the entropy /
+        log-prob function reads and overwrites with its gradient. Per token this is
+        the computation megatron's output layer + `_token_stats` on its logits did,
+        without the [b, s, V] logits, their [s, b, V] -> [b, s, V] copy, the copy of
+        the selected rows and its zero-filled [b, s, V] gradient.
+        `self.kernel_path.mode` picks the Triton kernel or the torch reference."""
+        pos, targets, mask = mb.extras["flat_pos"], mb.extras["targets"], mb.extras["mask"]
         b, lm = pos.shape
+        keep = mask.reshape(-1).nonzero().squeeze(-1).cpu()  # valid positions of [b * Lm]
+        if keep.numel() == 0:  # keep one (masked) row so the loss stays on the graph
+            keep = torch.zeros(1, dtype=torch.long)
         # flat_pos indexes the output's rows x positions (one row when packed)
-        rows = out.reshape(-1, out.shape[-1]).index_select(0, pos.reshape(-1).to(out.device))
-        targets = targets.reshape(-1).to(out.device)
+        idx = pos.reshape(-1)[keep].to(out.device)
+        hidden = out.reshape(-1, out.shape[-1]).index_select(0, idx)  # [N, H]
+        tokens = targets.reshape(-1)[keep].to(out.device)
         group = _ps().get_tensor_model_parallel_group()
         path = self.kernel_path
-        if path.fused_lm_head:
-            ent, lp = kernel_dispatch.lm_head_entropy_and_logprob(
-                rows,
-                output_weight(unwrap(model)),
-                targets,
-                self.cfg.temperature,
-                tp_group=group,
-                vocab_start=self._vocab_start(),
-                vocab_size=self.shape.vocab_size,
-                mode=path.mode,
-            )
-        else:
-            ent, lp = kernel_dispatch.vocab_parallel_entropy_and_logprob(
-                rows,
-                targets,
-                self._vocab_start(),
-                group,
-                self.cfg.temperature,
-                self.shape.vocab_size,
-                mode=path.mode,
+        head = (
+            kernel_dispatch.lm_head_entropy_and_logprob
+            if path.fused_lm_head
+            else partial(
+                kernel_dispatch.output_layer_entropy_and_logprob,
                 chunk_rows=self.cfg.logprob_chunk_rows,
             )
+        )
+        ent_n, lp_n = head(
+            hidden,
+            output_weight(unwrap(model)),
+            tokens,
+            self.cfg.temperature,
+            tp_group=group,
+            vocab_start=self._vocab_start(),
+            vocab_size=self.shape.vocab_size,
+            mode=path.mode,
+        )
+        at = keep.to(ent_n.device)
+        ent = ent_n.new_zeros(b * lm).index_copy(0, at, ent_n)
+        lp = lp_n.new_zeros(b * lm).index_copy(0, at, lp_n)
         return ent.reshape(b, lm), lp.reshape(b, lm)
+
+    @contextmanager
+    def _hidden_states_out(self, model: torch.nn.Module) -> Iterator[None]:
+        """While scoring or training: the last stage's output layer hands its input
+        (the final hidden states) over instead of computing logits for every position,
+        so that `_token_stats` runs it on the response tokens only. With
+        `kernels.fused_lm_head` this is permanent (set at construction); otherwise it
+        holds for the duration of the block and the model computes logits again after
+        it (for anyone calling the model directly)."""
+        if self.kernel_path.fused_lm_head or not self.is_last_stage:
+            yield
+            return
+        layer = unwrap(model).output_layer
+        return_hidden_states(unwrap(model))
+        try:
+            yield
+        finally:
+            del layer.forward  # the instance attribute: the class's forward again
 
     def _microbatches(self, batch: PolicyBatch) -> list[MicroBatch]:
         """Token-budget micro-batches: packed sequences (`parallel.pack_sequences`) or
@@ -264,14 +294,15 @@ class MegatronPolicy:
         data-parallel split); the caller's device."""
         mbs = self._microbatches(batch)
 
-        def collect(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb, model)
-            return logits.new_zeros(()), {"entropy": ent, "logprob": lp}
+        def collect(hidden: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
+            ent, lp = self._token_stats(hidden, mb, model)
+            return hidden.new_zeros(()), {"entropy": ent, "logprob": lp}
 
         was_training = model.training
         model.eval()
         try:
-            outs = run_microbatches(model, mbs, collect, forward_only=True)
+            with self._hidden_states_out(model):
+                outs = run_microbatches(model, mbs, collect, forward_only=True)
         finally:
             model.train(was_training)
         self.scored_rows += sum(len(mb.extras["rows"]) for mb in mbs)
@@ -349,8 +380,8 @@ class MegatronPolicy:
         mbs = self._microbatches(batch)
         normalizer = accumulation_normalizer(self._global_units(batch, mbs, loss_cfg), self.dp_size)
 
-        def loss_fn(logits: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
-            ent, lp = self._token_stats(logits, mb, self.model)
+        def loss_fn(hidden: Tensor, mb: MicroBatch) -> tuple[Tensor, dict[str, Any]]:
+            ent, lp = self._token_stats(hidden, mb, self.model)
             x = {k: (v.to(lp.device) if isinstance(v, Tensor) else v) for k, v in mb.extras.items()}
             loss, metrics = policy_loss(
                 lp,
@@ -371,7 +402,8 @@ class MegatronPolicy:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = run_microbatches(self.model, mbs, loss_fn, forward_only=False)
+        with self._hidden_states_out(self.model):
+            outs = run_microbatches(self.model, mbs, loss_fn, forward_only=False)
         metrics = self._reduce_metrics(outs)  # the same on every rank
         ok, grad_norm = self._optimizer_step(math.isfinite(metrics.get("loss", 0.0)))
         if ok:

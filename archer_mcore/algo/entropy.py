@@ -51,7 +51,9 @@ def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None, t
 
 class _VocabParallelEntropyLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, vocab_start, vocab_size, group, temperature, chunk_rows):
+    def forward(
+        ctx, logits, tokens, vocab_start, vocab_size, group, temperature, chunk_rows, inplace
+    ):
         n, v_local = logits.shape
         tp = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
         dtype = _math_dtype(logits.dtype)
@@ -85,6 +87,7 @@ class _VocabParallelEntropyLogprob(torch.autograd.Function):
         ctx.valid = valid
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
+        ctx.inplace = inplace
         return entropy, logprob
 
     @staticmethod
@@ -95,7 +98,8 @@ class _VocabParallelEntropyLogprob(torch.autograd.Function):
         n = logits.shape[0]
         g_ent = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy.to(dtype)
         g_lp = torch.zeros_like(entropy) if grad_logprob is None else grad_logprob.to(dtype)
-        grad = torch.empty_like(logits)
+        # In place: each chunk of rows is read (sh) before its gradient overwrites it.
+        grad = logits if ctx.inplace else torch.empty_like(logits)
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             sh = _shifted(logits[lo:hi], valid, t, dtype) - max_all[lo:hi].unsqueeze(-1)
@@ -109,7 +113,7 @@ class _VocabParallelEntropyLogprob(torch.autograd.Function):
             hit = gl * in_shard[lo:hi].unsqueeze(-1).to(dtype)  # 1[v = y] on the owning rank
             g.scatter_add_(-1, local[lo:hi].unsqueeze(-1), hit)
             grad[lo:hi] = (g / t).to(logits.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_entropy_and_logprob(
@@ -120,6 +124,7 @@ def vocab_parallel_entropy_and_logprob(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_rows: int = 4096,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Entropy and sampled-token log-prob of softmax(logits / T) over a TP-sharded vocab.
 
@@ -131,6 +136,11 @@ def vocab_parallel_entropy_and_logprob(
         temperature: sampling temperature T > 0.
         vocab_size: true vocabulary size; ids >= it (padding) are excluded.
         chunk_rows: rows per chunk (bounds scratch memory).
+        inplace_backward: write the gradient into `logits_shard`'s own memory instead
+            of a new [N, V_local] buffer (as the Triton kernel's option of that name and
+            megatron's vocab-parallel cross entropy do). Only when nothing reads those
+            logits after this call's backward (e.g. a matmul output used only here:
+            the matmul's backward needs its inputs, not its output).
     Returns:
         (entropy [N], logprob [N]) in nats, fp32 (fp64 for fp64 logits); the same on all
         TP ranks; differentiable w.r.t. `logits_shard`.
@@ -150,6 +160,7 @@ def vocab_parallel_entropy_and_logprob(
         tp_group,
         float(temperature),
         max(1, int(chunk_rows)),
+        bool(inplace_backward),
     )
 
 
@@ -178,5 +189,6 @@ def entropy_and_logprob(
         temperature,
         None,
         chunk_rows,
+        False,
     )
     return entropy.reshape(lead), logprob.reshape(lead)
