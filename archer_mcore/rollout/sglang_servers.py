@@ -244,11 +244,16 @@ class ServerPool:
             server.last_error += f"; router removal failed: {e}"
 
     async def _router_add(self, server: ServerHandle) -> None:
+        """POST /workers; with an API key the body carries it too (sglang-router 0.3.2
+        WorkerConfigRequest.api_key: the key it sends to that worker; without it the
+        router probes a re-added worker unauthenticated and never admits it)."""
         if self.router_url is None:
             return
+        body = {"url": server.url}
+        if self._client.cfg.api_key:
+            body["api_key"] = self._client.cfg.api_key
         try:
-            await self._client.request_once("POST", self.router_url + "/workers",
-                                            json={"url": server.url},
+            await self._client.request_once("POST", self.router_url + "/workers", json=body,
                                             timeout_s=self.health_probe_timeout_s)  # fmt: skip
         except RequestFailed as e:
             server.last_error = f"router re-admission failed: {e}"

@@ -70,6 +70,24 @@ def test_server_info_secrets_and_client_repr_are_redacted() -> None:
     assert "k1" not in repr(ClientConfig(api_key="k1"))
 
 
+def _router_workers(router: str, key: str) -> list[str]:
+    """Worker URLs the router lists (its control plane needs the key), waiting up to
+    20 s for an asynchronous add or removal (0.3.2 answers 202 first)."""
+    import time
+
+    seen: list[str] = []
+    for _ in range(100):
+        r = httpx2.get(router + "/workers", headers={"Authorization": f"Bearer {key}"},
+                       timeout=10, trust_env=False)  # fmt: skip
+        r.raise_for_status()
+        now = sorted(w["url"] for w in r.json()["workers"])
+        if seen and now == seen:
+            return now
+        seen = now
+        time.sleep(0.2)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_colocated_servers_and_router_require_the_key(tmp_path: Path) -> None:
@@ -97,6 +115,11 @@ def test_colocated_servers_and_router_require_the_key(tmp_path: Path) -> None:
         import torch
 
         eng.update_weights([[("model.norm.weight", torch.ones(32))]], version=1)
+        # router membership through its control plane (the same key, admin role)
+        eng._run(eng._router_remove(eng.servers[1]))
+        listed = _router_workers(eng.router_url, key)
+        eng._run(eng._router_add(eng.servers[1]))
+        relisted = _router_workers(eng.router_url, key)
         refused = {}
         urls = [s.url for s in eng.servers]
         with httpx2.Client(timeout=30, trust_env=False) as c:
@@ -119,6 +142,8 @@ def test_colocated_servers_and_router_require_the_key(tmp_path: Path) -> None:
         eng.shutdown()
     assert len(batch.samples()) == 4
     assert set(refused.values()) == {401}, refused
+    assert not any("router" in s.last_error for s in eng.servers), [s.last_error for s in eng.servers]
+    assert listed == urls[:1] and sorted(relisted) == sorted(urls)
     for st in states:  # the engine's own requests all carried the key
         assert st["unauthorized"] == ["/generate", "/generate", "/update_weights_from_disk"]
         assert any(r["path"] == "/update_weights_from_disk" for r in st["requests"])
