@@ -152,3 +152,35 @@ def test_colocated_servers_and_router_require_the_key(tmp_path: Path) -> None:
     for p in log_paths:
         assert key not in p.read_text(errors="replace"), p
     assert key not in repr(infos)
+
+
+def test_disaggregated_engine_sends_the_key_of_api_key_file(tmp_path: Path) -> None:
+    """rollout.sglang.api_key_file: the engine sends that file's key (its start-up
+    /server_info passes and generation works against a keyed server); empty, the same
+    server refuses it (401 at start-up)."""
+    from fake_sglang import FakeSGLangServer
+
+    from archer_mcore.rollout.types import RolloutError
+
+    key_file = write_api_key_file(tmp_path / "k" / "api_key.yaml", "k-disagg")
+    srv = FakeSGLangServer(api_key="k-disagg").start()
+    try:
+        def cfg(key_path: str) -> object:
+            return config_from_dict({
+                "train": {"output_dir": str(tmp_path / "out")},
+                "rollout": {"engine": "sglang", "mode": "disaggregated", "sglang": {
+                    "server_urls": [srv.url], "master_address": "127.0.0.1",
+                    "max_retries": 0, "api_key_file": key_path}},
+            })  # fmt: skip
+
+        eng = build_sglang_engine(cfg(str(key_file)), HF, tmp_path / "w", device="cpu")
+        try:
+            batch = eng.generate([[5, 6, 7]], 1, SamplingParams(max_new_tokens=2))
+        finally:
+            eng.shutdown()
+        assert len(batch.samples()) == 1 and srv.unauthorized == []
+        with pytest.raises(RolloutError, match="401"):
+            build_sglang_engine(cfg(""), HF, tmp_path / "w2", device="cpu")
+        assert srv.unauthorized == ["/server_info"]
+    finally:
+        srv.stop()
