@@ -121,6 +121,9 @@ class RolloutConfig:
     # the same, the older spelling); tensor: colocated servers, same host, shared memory;
     # disk: an HF checkpoint in <output_dir>/weight_sync + /update_weights_from_disk
     weight_sync: Literal["distributed", "nccl", "tensor", "disk"] = "distributed"
+    # colocated SGLang: the trainer's optimizer state, fp32 main params and gradient
+    # buffers go to host memory while the servers hold the GPUs (actor/offload.py)
+    colocated_offload: bool = True
     sync_bucket_bytes: int = _f(512 * 1024 * 1024, gt=0)
     # FP8 rollout: servers start from a block-wise FP8 export and every sync sends e4m3
     # weights plus fp32 `_scale_inv` blocks (rollout/fp8_export.py)

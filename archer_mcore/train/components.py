@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from archer_mcore.actor.offload import TrainerOffload
 from archer_mcore.actor.protocol import Policy
 from archer_mcore.config import (
     Config,
@@ -64,6 +65,9 @@ class Components:
     checkpoint_root: Path
     pad_id: int
     engine_rng: SamplingRngOwner | None = None  # the engine, when its sampler is resumable
+    # colocated SGLang with rollout.colocated_offload: every rank's optimizer state and
+    # gradient buffers, on the host while the servers hold the GPUs (`build_offload`)
+    offload: TrainerOffload | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     _failures_reported: int = 0
 
@@ -92,18 +96,39 @@ class Components:
     # -- devices and weights -----------------------------------------------------------
     def hand_devices_to_training(self) -> None:
         """Colocated mode: the engine stops generating while the policy trains (an
-        engine that can release its memory does so on pause)."""
+        engine that can release its memory does so on pause); with `offload`, every
+        rank then waits for that release and brings its optimizer state and gradient
+        buffers back to the device."""
         if self.is_main and self.cfg.rollout.mode == "colocated":
             assert self.engine is not None
             self.engine.pause()
+        if self.offload is not None and self.offload.offloaded:
+            _all_ranks_here()  # rank 0's servers have released their memory
+            self.offload.reload()
 
     def hand_devices_to_rollout(self) -> None:
+        """Colocated mode: the engine generates again (resuming its KV cache); with
+        `offload`, every rank's training-only memory is freed first (normally done
+        already at the start of `sync_weights`)."""
+        self._free_training_memory()
         if self.is_main and self.cfg.rollout.mode == "colocated":
             assert self.engine is not None
             self.engine.resume()
 
+    def _free_training_memory(self) -> None:
+        """With `offload`: optimizer state and gradient buffers to host and
+        `torch.cuda.empty_cache()` on every rank, then a barrier, before rank 0's
+        servers take any memory back (their weights in the sync, the KV cache on
+        resume). No-op when already offloaded or without `offload`."""
+        if self.offload is not None and not self.offload.offloaded:
+            self.offload.offload()
+            _all_ranks_here()
+
     def sync_weights(self, version: int) -> int:
-        """Stream the policy's weights into the engine; returns the bytes sent."""
+        """Stream the policy's weights into the engine; returns the bytes sent. With
+        `offload`, the training-only memory is freed first: the export reads only the
+        model parameters, and colocated servers resume their weights' memory here."""
+        self._free_training_memory()
         sent = 0
 
         def buckets() -> Iterator[NamedTensorBucket]:
@@ -146,6 +171,27 @@ class Components:
             self.scorer.close()
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def _all_ranks_here() -> None:
+    """A barrier over every rank (the host-side control group), when distributed."""
+    from archer_mcore.parallel.ranks import control_group, is_distributed
+
+    if is_distributed():
+        torch.distributed.barrier(group=control_group())
+
+
+def build_offload(cfg: Config, policy: Any) -> TrainerOffload | None:
+    """The trainer's offload (actor/offload.py) for colocated SGLang servers, which
+    share the trainer's GPUs and size their KV cache from the memory free when they
+    start, with `rollout.colocated_offload` on; None otherwise (the local engine
+    releases nothing, disaggregated servers have GPUs of their own). `policy`: a
+    MegatronPolicy (its DDP `model` and megatron `optimizer`). Gradients are dropped,
+    not copied: they are dead between optimizer steps."""
+    r = cfg.rollout
+    if not (r.colocated_offload and r.engine == "sglang" and r.mode == "colocated"):
+        return None
+    return TrainerOffload(model=policy.model, optimizer=policy.optimizer)
 
 
 # ----------------------------------------------------------------------------- model
@@ -320,4 +366,5 @@ def build_components(cfg: Config) -> Components:
         pad_id=pad_id,
         # The in-process engine's sampler is restorable; an SGLang server's is not.
         engine_rng=engine if engine is not None and cfg.rollout.engine == "local" else None,  # type: ignore[arg-type]
+        offload=build_offload(cfg, policy),
     )
