@@ -257,7 +257,7 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     wall = time.monotonic() - start
-    setup_error = _read_status(status_r)
+    setup_error = _setup_error(_read_status(status_r), proc.returncode)
 
     fsize = spec["limits"]["fsize_bytes"]
 
@@ -287,17 +287,28 @@ def _launch(spec: dict, stdin: bytes, limits: SandboxLimits, scratch: Path) -> S
     )
 
 
-def _read_status(fd: int) -> str:
-    """What the launcher reported on the status pipe (empty: setup went fine). Never
-    blocks: a report is written before the launcher exits, and a straggler of a killed
-    run may still hold the write end."""
+def _read_status(fd: int) -> bytes:
+    """What the launcher wrote on the status pipe. Never blocks: it is written before
+    the launcher exits, and a straggler of a killed run may still hold the write end."""
     try:
         os.set_blocking(fd, False)
-        return os.read(fd, 4096).decode(errors="replace").strip()
+        return os.read(fd, 4096)
     except BlockingIOError:
-        return ""
+        return b""
     finally:
         os.close(fd)
+
+
+def _setup_error(status: bytes, returncode: int) -> str:
+    """The setup failure a run's status pipe reports ("" when the sandbox was set up):
+    the launcher's own message, or, without its STARTED mark, that it never got to
+    start the run (it could not start, or was killed first)."""
+    started = status.startswith(sandbox_launcher.STARTED)
+    message = status[len(sandbox_launcher.STARTED) if started else 0 :]
+    text = message.decode(errors="replace").strip()
+    if not started:
+        return text or f"the sandbox launcher exited (status {returncode}) before starting the run"
+    return text
 
 
 def _kill_uid_processes(uid: int) -> None:

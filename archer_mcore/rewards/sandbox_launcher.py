@@ -4,7 +4,9 @@
 Standard library only; it is started by `archer_mcore.rewards.sandbox.Sandbox` as root
 with an empty environment, reads its spec (JSON) from the inherited pipe SPEC_FD (so
 the spec is not on any command line), reports a setup failure on the pipe STATUS_FD
-(close-on-exec: the program never holds it, so it cannot fake one) and does, in order:
+(close-on-exec: the program never holds it, so it cannot fake one; STARTED is written
+first, so a launcher that dies before the run is a setup failure too) and does, in
+order:
 
 1. arranges to die with the trainer: PR_SET_PDEATHSIG delivers SIGTERM when the
    trainer dies (checked once after the call, in case it already had); the handler
@@ -71,6 +73,8 @@ LAUNCHER_NAMESPACES = {
     "time": CLONE_NEWTIME,
 }
 HOSTNAME = b"sandbox"
+#: First byte on STATUS_FD: the launcher runs (without it the run never started).
+STARTED = b"R"
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -392,6 +396,7 @@ def main() -> None:
     if len(sys.argv) > 2:
         _status_fd = int(sys.argv[2])
         os.set_inheritable(_status_fd, False)  # closed by the program's execve
+        os.write(_status_fd, STARTED)
     child: list[int] = []
 
     def parent_died(signum: int, frame: object) -> None:

@@ -295,3 +295,15 @@ def test_without_an_ipc_namespace_the_runs_sysv_objects_are_removed(clean_ipc: N
     run = weak.run_python(CREATE_SYSV)
     assert run.stdout.decode().split() == ["shm", "sem", "msg"], run.describe()
     assert _host_ipc_with_key(IPC_KEY) == []
+
+
+def test_a_launcher_that_never_starts_the_run_is_a_setup_failure(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A launcher that dies before it reports anything (here: its file is missing, as in
+    a broken install) is not a program that failed its tests."""
+    monkeypatch.setattr(sandbox_module, "_LAUNCHER", tmp_path / "missing_launcher.py")
+    run = sandbox.run_python("print(1)")
+    assert run.setup_failed and "before starting the run" in run.setup_error, run
+    r = score_code("```python\nprint(1)\n```", {"inputs": [""], "outputs": ["1"]}, sandbox)
+    assert (r.failure, r.is_fault) == (SANDBOX_SETUP_FAILED, True), r
