@@ -158,7 +158,7 @@ def test_the_run_has_its_own_namespaces(sandbox: Sandbox) -> None:
 
 # ------------------------------------------------------------------ keyrings (item 8)
 KEY_SPEC_SESSION, KEY_SPEC_USER, KEY_SPEC_USER_SESSION = -3, -4, -5
-KEYCTL_SEARCH, KEYCTL_GET_PERSISTENT, KEYCTL_CLEAR = 10, 22, 7
+KEYCTL_SEARCH, KEYCTL_GET_PERSISTENT, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 10, 22, 7, 21
 
 STASH_KEYS = f"""
 import ctypes, os
@@ -202,6 +202,12 @@ def _clear_uid_keyrings(uid: int) -> None:
             os.setuid(uid)
             for ring in (KEY_SPEC_USER, KEY_SPEC_USER_SESSION):
                 _libc.syscall(_SYS_KEYCTL, ctypes.c_long(KEYCTL_CLEAR), ctypes.c_long(ring))
+            persistent = _libc.syscall(_SYS_KEYCTL, ctypes.c_long(KEYCTL_GET_PERSISTENT),
+                                       ctypes.c_long(-1), ctypes.c_long(KEY_SPEC_USER))  # fmt: skip
+            if persistent >= 0:
+                _libc.syscall(
+                    _SYS_KEYCTL, ctypes.c_long(KEYCTL_INVALIDATE), ctypes.c_long(persistent)
+                )
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
