@@ -139,6 +139,9 @@ ma, mb = (p.train_step(b3, loss_cfg) for p in (a, b))
 res["step3_params_equal"] = same(params(a), params(b))
 res["step3_optimizer_equal"] = same(opt_tensors(a), opt_tensors(b))
 res["step3_grad_norms"] = [ma["grad_norm"], mb["grad_norm"]]
+# the checkpoint written while offloaded holds the step-1 state that was offloaded
+b.load_checkpoint(ckpt)
+res["offloaded_checkpoint_loads_back"] = same(snap_opt, opt_tensors(b))
 with open(out_dir + "/result.json", "w") as f:
     json.dump(res, f)
 """
@@ -186,6 +189,7 @@ def test_offload_round_trip_on_a_megatron_policy(tmp_path: Path) -> None:
     assert r["default_grads_zero"] and r["default_optimizer_equal"]
     assert r["step3_params_equal"] and r["step3_optimizer_equal"]
     assert r["step3_grad_norms"][0] == r["step3_grad_norms"][1] > 0.0
+    assert r["offloaded_checkpoint_loads_back"]
 
 
 # --------------------------------------------------------------- hand-over order
