@@ -14,6 +14,14 @@ as the storage reader is handed the plan); a problem on any rank fails the load 
 The frozen reference model is not saved: it is rebuilt from the same HF weights at
 start-up.
 
+Nothing loaded runs code: the RNG and extra-state files are loaded with
+``weights_only=True`` (`checkpoint_store.load_data_file`), megatron's files through
+the data-only reads of `checkpoint_mcore` (common.pt, the torch_dist metadata and the
+byte objects in the shard files); a file that would run code is a CheckpointError
+naming it. A save that fails to write (disk full, I/O error, no permission) on any rank
+is a `CheckpointSaveError` on every rank: one line naming the path and the newest
+checkpoint still valid; the unfinished ``.tmp-step_N`` is removed.
+
 Resharding: a checkpoint loads at any TP/PP/DP layout the model allows. The model
 weights are megatron ShardedTensors in model space (each names its slice of the full
 tensor, so torch_dist reassembles them for the loading layout); the distributed
@@ -31,9 +39,11 @@ today's; anything else is a CheckpointError saying which layout to use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +52,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from archer_mcore.actor.checkpoint_mcore import (
+    check_dist_format,
+    data_only_load_strategies,
     ensure_adam_state,
     keep_adam_step_on_reshardable_load,
     restore_adam_steps,
@@ -58,12 +70,16 @@ from archer_mcore.actor.checkpoint_store import (
     _publish,
     _rank,
     _write_atomic,
+    latest_valid_checkpoint,
+    load_data_file,
     resolve_checkpoint,
     step_dir_name,
+    verify_checkpoint,
     write_manifest,
 )
 from archer_mcore.model.hf_config import ModelShape
 from archer_mcore.parallel import cpu_compat
+from archer_mcore.utils.safe_files import remove_entry
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Checkpoints without "optimizer_sharding" in their manifest were written with this one.
@@ -114,6 +130,24 @@ def _fail_together(error: str | None) -> None:
 
 
 last_load_verification = LoadVerification()
+
+
+def _checkpoint_error_in(exc: BaseException, depth: int = 0) -> CheckpointError | None:
+    """A CheckpointError that `exc` is or wraps (a rank's failure inside torch's
+    CheckpointException, or a cause/context), if any."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if depth > 8:
+        return None
+    inner: list[BaseException] = []
+    if isinstance(exc, CheckpointException):
+        inner += [e for _, (e, _) in sorted(exc.failures.items(), key=lambda kv: kv[0])]
+    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    for e in inner:
+        found = _checkpoint_error_in(e, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -220,6 +254,177 @@ def _sharded_state(
 
 
 # ------------------------------------------------------------------ save / load
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (disk full, I/O error, no permission): nothing of it was
+    published; the message names the path and the newest checkpoint still valid."""
+
+
+class _WriteFailed(Exception):
+    """Where a save failed: the path it was writing and the error."""
+
+    def __init__(self, path: Path, error: BaseException) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
+def _first_os_error(exc: BaseException, depth: int = 0) -> OSError | None:
+    """The OSError that `exc` is or wraps (torch's CheckpointException holds each rank's
+    failure; causes and contexts are followed)."""
+    if isinstance(exc, OSError):
+        return exc
+    if depth > 8:
+        return None
+    inner: list[BaseException] = []
+    if isinstance(exc, CheckpointException):
+        inner += [e for _, (e, _) in sorted(exc.failures.items(), key=lambda kv: kv[0])]
+    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    for e in inner:
+        found = _first_os_error(e, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe_write_error(path: Path, exc: BaseException, need: int = 0) -> str:
+    """One line: the path being written (the file an OSError names, when it names one)
+    and the error (its strerror for an OSError, torch's own message otherwise; with
+    less than `need` bytes left on the filesystem, that it is full)."""
+    if isinstance(exc, _WriteFailed):
+        path, exc = exc.path, exc.error
+    os_error = _first_os_error(exc)
+    if os_error is not None:
+        where = os_error.filename or path
+        return f"writing {where}: [Errno {os_error.errno}] {os_error.strerror or os_error}"
+    full = _disk_full(path, need)
+    if full:  # torch's stream writer reports a short write without its errno
+        return f"writing {path}: no space left on device ({full}; torch said {_reason(exc)})"
+    return f"writing {path}: {_reason(exc)}"
+
+
+#: Less free space than this (or than the last checkpoint took) after a failed write
+#: reads as a full disk.
+DISK_FULL_BYTES = 1 << 20
+
+
+def _disk_full(path: Path, need: int = 0) -> str | None:
+    """'N bytes free on the filesystem of P, ...' when the filesystem `path` is on has
+    less than max(DISK_FULL_BYTES, `need`) bytes free (for root the reserved blocks
+    count); None otherwise."""
+    probe = next((p for p in (path, *path.parents) if p.exists()), None)
+    if probe is None:
+        return None
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free >= max(DISK_FULL_BYTES, need):
+        return None
+    return f"{free} bytes free on the filesystem of {probe}, a checkpoint takes {need}"
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Within the block, any failure is a _WriteFailed naming `path` (torch.save's own
+    errors name no file)."""
+    try:
+        yield
+    except _WriteFailed:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise _WriteFailed(path, e) from e
+
+
+def _agree(error: str | None) -> None:
+    """Collective: raise _WriteFailed on every rank when any rank's `error` is set (its
+    own, else the first failing rank's). The barrier between the phases of a save."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = error or next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+    if first:
+        raise _WriteFailed(Path(""), RuntimeError(first))
+
+
+def _attempt(root: Path, fn: Any, path: Path, *args: Any) -> str | None:
+    """Run `fn(*args)`, which writes `path` under the checkpoint root `root`; the
+    one-line description of its failure (None when it worked)."""
+    try:
+        with _writing(path):
+            fn(*args)
+    except _WriteFailed as e:
+        return _describe_write_error(path, e, _still_valid(root)[1])
+    return None
+
+
+def _still_valid(root: Path) -> tuple[Path | None, int]:
+    """The newest checkpoint under `root` that still verifies (sizes, not checksums:
+    this runs after a failed save, often on a full disk) and its size in bytes."""
+    try:
+        found = latest_valid_checkpoint(root, checksums=False)
+        manifest = verify_checkpoint(found, checksums=False, only=()) if found else None
+    except (CheckpointError, OSError):
+        return None, 0
+    size = sum(int(v[0]) for v in manifest["files"].values()) if manifest else 0
+    return found, size
+
+
+def _save_failed(root: Path, tmp: Path, step: int, exc: BaseException) -> CheckpointSaveError:
+    """The one-line error of a failed save; the unfinished directory is removed (rank 0,
+    best effort: it frees the space a full disk needs)."""
+    valid, size = _still_valid(root)
+    agreed = isinstance(exc, _WriteFailed) and not exc.path.name  # described by its rank
+    reason = str(exc.error) if agreed else _describe_write_error(tmp, exc, size)
+    if _rank() == 0:
+        with contextlib.suppress(OSError):
+            remove_entry(tmp)
+    return CheckpointSaveError(
+        f"saving the checkpoint of step {step} failed, {reason}; nothing of step {step} "
+        f"was published, the newest checkpoint still valid: {valid or 'none'} (free the "
+        "space or fix the error, then --resume continues from it)"
+    )
+
+
+def _prepare_tmp(root: Path, tmp: Path) -> None:
+    """Rank 0: a fresh ``.tmp-step_N`` (a leftover one, or a link of that name, removed:
+    the link itself, never what it points at)."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_entry(tmp)
+    tmp.mkdir()
+    (tmp / "dist").mkdir()
+    (tmp / "rng").mkdir()
+
+
+def _write_own_files(
+    policy: CheckpointablePolicy, tmp: Path, mine: list[str], step: int, extra_state: Any
+) -> None:
+    """This rank's RNG file (rank 0: the extra state too), then every file of `mine`
+    fsynced: durable before the manifest commits them."""
+    rng_rel = f"rng/rank_{_rank():05d}.pt"
+    with _writing(tmp / rng_rel):
+        torch.save(_rng_state(), tmp / rng_rel)
+    mine.append(rng_rel)
+    if _rank() == 0:
+        with _writing(tmp / "extra_state.pt"):
+            torch.save(
+                {"step": step, "policy_step": policy.step, "extra": extra_state},
+                tmp / "extra_state.pt",
+            )
+        mine.append("extra_state.pt")
+    for rel in mine:
+        with _writing(tmp / rel):
+            _fsync_file(tmp / rel)
+
+
+def _commit(root: Path, tmp: Path, final: Path, name: str, keep_last: int | None) -> None:
+    """Rank 0: publish the finished directory, point ``latest`` at it, prune."""
+    _publish(tmp, final)
+    with _writing(root / LATEST):
+        _write_atomic(root / LATEST, name)
+    _prune(root, keep_last, final)
+
+
 def save_checkpoint(
     policy: CheckpointablePolicy,
     root: str | Path,
@@ -230,44 +435,55 @@ def save_checkpoint(
     """Collective: save under `root` as step `step` (default: `policy.step`, the count of
     optimizer steps; the RL loop passes its own step), atomically; keep the newest
     `keep_last` checkpoints (None: all). `extra_state` must be torch.load-able with
-    weights_only=True (tensors, numbers, strings, lists, dicts). Returns the step dir."""
-    from megatron.core import dist_checkpointing
+    weights_only=True (tensors, numbers, strings, lists, dicts). Returns the step dir.
 
+    A failure to write (ENOSPC, EIO, EACCES, ...) on any rank is a CheckpointSaveError
+    on every rank, one line naming the path and the newest checkpoint still valid; the
+    unfinished directory is removed and the earlier checkpoints are untouched."""
     root = Path(root)
     step = policy.step if step is None else int(step)
     name = step_dir_name(step)
     tmp, final = root / f".tmp-{name}", root / name
+    try:
+        _save(policy, root, tmp, final, step, extra_state, keep_last)
+    except (Exception, CheckpointException) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        log.debug("checkpoint save of step %d failed", step, exc_info=True)
+        raise _save_failed(root, tmp, step, e) from e
+    return final
+
+
+def _save(
+    policy: CheckpointablePolicy,
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    extra_state: dict[str, Any],
+    keep_last: int | None,
+) -> None:
+    """The phases of `save_checkpoint`, each ending in an agreement of all ranks (a
+    failure on one rank raises on every rank; none waits for one that has stopped)."""
+    from megatron.core import dist_checkpointing
+
     rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "dist").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    _barrier()
+    _agree(_attempt(root, _prepare_tmp, tmp, root, tmp) if rank == 0 else None)
     state = _sharded_state(policy, is_loading=False)
     strategy = save_strategy()
     reshard_fields = _reshard_fields(policy)
-    with cpu_compat.suspended():
+    with _writing(tmp / "dist"), cpu_compat.suspended():  # collective: fails on all ranks
         dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=strategy)
-    mine = [f"dist/{f}" for f in strategy.written] + [f"rng/rank_{rank:05d}.pt"]
-    torch.save(_rng_state(), tmp / mine[-1])
-    if rank == 0:
-        torch.save(
-            {"step": step, "policy_step": policy.step, "extra": extra_state},
-            tmp / "extra_state.pt",
-        )
-        mine.append("extra_state.pt")
-    for rel in mine:  # every rank: its own writes are durable before the commit
-        _fsync_file(tmp / rel)
+    mine = [f"dist/{f}" for f in strategy.written]
+    _agree(_attempt(root, _write_own_files, tmp, policy, tmp, mine, step, extra_state))
     # every rank checksums its own files; rank 0 adds the rest and writes the manifest
-    write_manifest(tmp, step, mine, {**_layout(), **reshard_fields})
-    if rank == 0:
-        _publish(tmp, final)
-        _write_atomic(root / LATEST, name)
-        _prune(root, keep_last, final)
-    _barrier()
-    return final
+    error = _attempt(root, write_manifest, tmp, tmp, step, mine, {**_layout(), **reshard_fields})
+    _agree(error)
+    _agree(
+        _attempt(root, _commit, root, root, tmp, final, final.name, keep_last)
+        if rank == 0
+        else None
+    )
 
 
 def _verify_shared_reads(
@@ -314,6 +530,37 @@ def _log_resharded(step_dir: Path, manifest: dict[str, Any], layout: dict[str, i
     )
 
 
+def _load_error(step_dir: Path, exc: BaseException, record: LoadVerification) -> CheckpointError:
+    """The CheckpointError for a failed megatron load: this rank's shard verification
+    failure, else a refusal named inside it (a file that is not data), else one line of
+    what megatron or torch raised."""
+    if record.error:  # this rank's shard verification failed
+        return CheckpointError(record.error)
+    named = _checkpoint_error_in(exc)
+    if named is not None:
+        return CheckpointError(str(named))
+    return CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(exc)}")
+
+
+def _load_own_files(step_dir: Path, rng_rel: str | None) -> tuple[dict[str, Any], Any]:
+    """Collective: the extra state and (`rng_rel`, same layout only) this rank's RNG
+    states, loaded as data only; a problem on any rank raises on all."""
+    extra: dict[str, Any] = {}
+    rng = None
+    error = None
+    try:
+        extra = load_data_file(step_dir, "extra_state.pt")
+        rng = load_data_file(step_dir, rng_rel) if rng_rel else None
+        if not isinstance(extra, dict) or not {"step", "extra"} <= set(extra):
+            raise CheckpointError(
+                f"checkpoint {step_dir}: file extra_state.pt does not hold archer's extra state"
+            )
+    except CheckpointError as e:
+        error = str(e)
+    _fail_together(error)
+    return extra, rng
+
+
 def load_checkpoint(
     policy: CheckpointablePolicy, ckpt: str | Path, checksums: bool = True
 ) -> dict[str, Any]:
@@ -336,18 +583,22 @@ def load_checkpoint(
     # torch_dist shard files as their reads are planned; any rank's problem stops all.
     record = _verify_shared_reads(step_dir, files, [rng_rel] if same_layout else [], checksums)
     state = _sharded_state(policy, is_loading=True, sharding=sharding)
+    sharded_strategy, common_strategy = data_only_load_strategies(step_dir)
     try:
+        check_dist_format(step_dir)
         with cpu_compat.suspended(), verified_reads(step_dir, files, checksums, record):
-            loaded = dist_checkpointing.load(state, str(step_dir / "dist"))
-        extra = torch.load(step_dir / "extra_state.pt", weights_only=True)
-        rng = torch.load(step_dir / rng_rel, weights_only=False) if same_layout else None
+            loaded = dist_checkpointing.load(
+                state,
+                str(step_dir / "dist"),
+                sharded_strategy=sharded_strategy,
+                common_strategy=common_strategy,
+            )
     except (Exception, CheckpointException) as e:  # manifest-consistent but unloadable
         # torch.distributed.checkpoint raises its per-rank read failures (gathered from
         # all ranks; e.g. for a model of another shape) as CheckpointException, which
         # derives from BaseException and would escape `except Exception`.
-        if record.error:  # this rank's shard verification failed
-            raise CheckpointError(record.error) from e
-        raise CheckpointError(f"checkpoint {step_dir} could not be loaded: {_reason(e)}") from e
+        raise _load_error(step_dir, e, record) from e
+    extra, rng = _load_own_files(step_dir, rng_rel if same_layout else None)
     _restore_state(policy, loaded)
     if int(extra["step"]) != int(manifest["step"]) or policy.step != int(
         extra.get("policy_step", extra["step"])
@@ -356,7 +607,12 @@ def load_checkpoint(
             f"checkpoint {step_dir}: step mismatch between manifest, state and extra state"
         )
     if rng is not None:
-        _set_rng_state(rng)
+        try:
+            _set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"checkpoint {step_dir}: file {rng_rel} does not hold RNG states ({_reason(e)})"
+            ) from None
     elif _rank() == 0:
         _log_resharded(step_dir, manifest, layout)
     _barrier()

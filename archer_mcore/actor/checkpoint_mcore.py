@@ -1,20 +1,50 @@
 """Workarounds around megatron-core 0.16.1's dist_checkpointing and distributed
 optimizer that `actor.checkpoint` saves and loads through: a synchronous torch_dist
-writer that reports each rank's files, read-plan verification of shard files, and the
-Adam state and step counts megatron's torch-Adam path (no Apex/TE) gets wrong. Each
-names the megatron function it works around; none knows the policy.
+writer that reports each rank's files, read-plan verification of shard files, data-only
+reads of every file megatron and torch.distributed.checkpoint load, and the Adam state
+and step counts megatron's torch-Adam path (no Apex/TE) gets wrong. Each names the
+megatron function it works around; none knows the policy.
+
+Data-only reads (nothing in a checkpoint can run code when it is loaded). On the paths
+megatron-core 0.16.1 takes for a torch_dist checkpoint, four reads unpickle:
+
+- ``dist/common.pt`` (``TorchCommonLoadStrategy.load_common``: ``torch.load`` without
+  ``weights_only``, so its default, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns
+  off): loaded by `data_only_load_strategies`'s common strategy with
+  ``weights_only=True``;
+- ``dist/.metadata`` (torch's ``FileSystemReader.read_metadata``: a plain
+  ``pickle.load``): read by `load_dcp_metadata`, an unpickler that admits only the
+  metadata's own dataclasses, torch.Size, dtypes, layouts and paths;
+- the byte objects in the shard files (megatron's ShardedObjects; torch's
+  ``DefaultLoadPlanner.load_bytes``: ``torch.load(weights_only=False)``): loaded with
+  ``weights_only=True`` by the planner hook of `verified_reads`;
+- the tensors in the shard files: torch loads them with ``weights_only=True``; a
+  refusal there is named with its file.
+
+``dist/metadata.json`` (plain JSON) is checked by `check_dist_format` first, and the
+strategies are pinned to torch_dist / torch so that it cannot select another loader.
+A file refused on any of these is a CheckpointError naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from archer_mcore.actor.checkpoint_store import CheckpointError, LoadVerification
+from archer_mcore.actor.checkpoint_store import (
+    CheckpointError,
+    LoadVerification,
+    load_data_file,
+    load_json_file,
+    not_data_error,
+)
 
 
 # ------------------------------------------------------------------ save writer
@@ -64,35 +94,193 @@ def save_strategy() -> Any:
     return SyncTorchDistSaveStrategy("torch_dist", 1)
 
 
+# ------------------------------------------------------------------ data-only reads
+#: (module, name) of every global a torch.distributed.checkpoint ``.metadata`` pickle
+#: (torch 2.13) names; torch dtypes (``torch.float32`` ...) are admitted besides.
+DCP_METADATA_GLOBALS = frozenset(
+    [
+        *(
+            ("torch.distributed.checkpoint.metadata", n)
+            for n in (
+                "Metadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "TensorProperties",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    ]
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint metadata and nothing else: any other
+    global (a function to call, a class to build) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not checkpoint metadata")
+
+
+def load_dcp_metadata(ckpt: Path, rel: str, raw: bytes | None = None) -> Any:
+    """The torch.distributed.checkpoint ``Metadata`` in ckpt/rel (or in `raw`, that
+    file's bytes), unpickled with only its own classes admitted; CheckpointError naming
+    the file for anything else."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        if raw is None:
+            raw = (ckpt / rel).read_bytes()
+        metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+    except pickle.UnpicklingError as exc:
+        raise not_data_error(ckpt, rel, exc) from None
+    except Exception as exc:  # a truncated or garbled pickle fails in many ways
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} is unreadable ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} holds a {type(metadata).__name__}, not "
+            "torch.distributed.checkpoint metadata"
+        )
+    return metadata
+
+
+def check_dist_format(ckpt: Path) -> None:
+    """``dist/metadata.json`` is the JSON megatron writes for torch_dist / torch (it
+    picks megatron's loaders; `data_only_load_strategies` pins them); CheckpointError
+    naming it otherwise."""
+    rel = "dist/metadata.json"
+    config = load_json_file(ckpt, rel)
+    backends = (config.get("sharded_backend"), config.get("common_backend"))
+    if backends != ("torch_dist", "torch"):
+        raise CheckpointError(
+            f"checkpoint {ckpt}: file {rel} names backends {backends}; archer writes and "
+            "reads ('torch_dist', 'torch') only"
+        )
+
+
+def data_only_load_strategies(ckpt: Path) -> tuple[Any, Any]:
+    """(sharded, common) load strategies for ``dist_checkpointing.load``: megatron's
+    torch_dist one, and its torch common one with ``common.pt`` loaded data-only."""
+    from megatron.core.dist_checkpointing.strategies.common import (
+        COMMON_STATE_FNAME,
+        TorchCommonLoadStrategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    class DataOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
+        """``common.pt`` through ``torch.load(weights_only=True)``."""
+
+        def load_common(self, checkpoint_dir: str | Path) -> Any:
+            rel = os.path.relpath(Path(checkpoint_dir) / COMMON_STATE_FNAME, ckpt)
+            return load_data_file(ckpt, rel)
+
+        def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> Any:
+            # torch_dist keeps sharded objects in its shard files (read by the planner
+            # hook of `verified_reads`); megatron asks the common strategy for them
+            # only with a sharded strategy that cannot.
+            raise CheckpointError(
+                f"checkpoint {ckpt}: separate sharded-object files are not read (archer "
+                "saves torch_dist checkpoints, which hold them in their shard files)"
+            )
+
+    return TorchDistLoadShardedStrategy(), DataOnlyCommonLoadStrategy()
+
+
+def _data_only_load_bytes(planner: Any, reader: Any, ckpt: Path, rel_dir: str) -> Any:
+    """A ``planner.load_bytes`` that does what torch's ``DefaultLoadPlanner.load_bytes``
+    does (torch 2.13), with the bytes loaded by ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    def load_bytes(read_item: Any, value: Any) -> None:
+        rel = f"{rel_dir}/{reader.storage_data[read_item.storage_index].relative_path}"
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise not_data_error(ckpt, rel, exc) from None
+        fqn = read_item.dest_index.fqn
+        if planner.flatten_state_dict:
+            set_element(planner.original_state_dict, planner.mappings[fqn], obj)
+        else:
+            planner.state_dict[fqn] = obj
+
+    return load_bytes
+
+
+def _data_only_read_metadata(reader: Any, ckpt: Path, rel_dir: str) -> Any:
+    """A ``reader.read_metadata`` (torch 2.13's ``FileSystemReader.read_metadata``, and
+    megatron's caching one) that unpickles with `load_dcp_metadata`. The file is read
+    and checked here, before torch's loader starts: torch's ``_load_state_dict`` logs a
+    failed ``read_metadata`` with its traceback and then tries per-rank metadata files,
+    which torch_dist checkpoints do not have. Every call unpickles the checked bytes
+    anew (a fresh object, as torch's reader returns)."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    rel = f"{rel_dir}/.metadata"
+    raw = (ckpt / rel).read_bytes()
+    load_dcp_metadata(ckpt, rel, raw)  # raises now, outside torch's loader
+
+    def read_metadata(*args: Any, **kwargs: Any) -> Any:
+        metadata = load_dcp_metadata(ckpt, rel, raw)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = reader.load_id
+        return metadata
+
+    return read_metadata
+
+
 # ------------------------------------------------------------------ verified reads
 @contextlib.contextmanager
 def verified_reads(
     ckpt: Path, files: Mapping[str, Any], checksums: bool, record: LoadVerification
 ) -> Iterator[None]:
     """Within the block, every torch_dist read megatron-core (0.16.1) makes first
-    verifies the shard files in this rank's read plan against the manifest.
+    verifies the shard files in this rank's read plan against the manifest, and reads
+    only data: the metadata through `load_dcp_metadata`, byte objects with
+    ``torch.load(weights_only=True)``.
 
     megatron's TorchDistLoadShardedStrategy.load gets its storage reader from
     ``megatron.core.dist_checkpointing.strategies.torch._get_filesystem_reader``; the
     reader's ``read_data(plan, planner)`` receives the rank's final read plan, whose
     items name their files through ``reader.storage_data[item.storage_index]``
     (torch.distributed.checkpoint.filesystem.FileSystemReader). The factory is wrapped
-    for the block so that ``read_data`` checks those files before reading them."""
+    for the block so that ``read_metadata`` reads data only and ``read_data`` checks
+    the plan's files before reading them, with the planner's ``load_bytes`` replaced."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 
     make = mcore_torch._get_filesystem_reader
 
     def make_verifying(checkpoint_dir: Any, cache_metadata: bool = False) -> Any:
         reader = make(checkpoint_dir, cache_metadata)
+        rel_dir = os.path.relpath(checkpoint_dir, ckpt)
         read = reader.read_data
+        reader.read_metadata = _data_only_read_metadata(reader, ckpt, rel_dir)
 
         def read_data(plan: Any, planner: Any) -> Any:
             rels = {
-                f"dist/{reader.storage_data[item.storage_index].relative_path}"
+                f"{rel_dir}/{reader.storage_data[item.storage_index].relative_path}"
                 for item in plan.items
             }
             record.check(ckpt, files, rels, checksums)
-            return read(plan, planner)
+            planner.load_bytes = _data_only_load_bytes(planner, reader, ckpt, rel_dir)
+            try:
+                return read(plan, planner)
+            except pickle.UnpicklingError as exc:  # a tensor record that is not data
+                raise not_data_error(ckpt, ", ".join(sorted(rels)), exc) from None
 
         reader.read_data = read_data
         return reader

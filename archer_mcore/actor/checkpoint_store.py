@@ -276,7 +276,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------ data-only loading
-def _not_data(ckpt: Path, rel: str, exc: BaseException) -> CheckpointError:
+def not_data_error(ckpt: Path, rel: str, exc: BaseException) -> CheckpointError:
+    """The error for a file refused because loading it would run code."""
     reason = " ".join(str(exc).split())[:300]
     return CheckpointError(
         f"checkpoint {ckpt}: file {rel} is not plain data and was refused unread "
@@ -294,7 +295,7 @@ def load_data_file(ckpt: Path, rel: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise _not_data(ckpt, rel, exc) from None
+        raise not_data_error(ckpt, rel, exc) from None
     except (OSError, RuntimeError, EOFError, ValueError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {ckpt}: file {rel} is unreadable ({type(exc).__name__}: "
