@@ -25,12 +25,13 @@ order:
    with the run's files) and chroot into it (see `_setup_mounts`);
 5. forks the program: resource limits (CPU seconds, address space, file size,
    processes, open files, no core dumps), drops to an unprivileged uid/gid with no
-   supplementary groups, gets a fresh session keyring and empties the uid's keyrings
-   (`_fresh_keyrings`: uids repeat, keyrings outlive processes), dies with the
-   supervisor (PR_SET_PDEATHSIG), `chdir` to the work directory, `execve` with the
+   supplementary groups, empties the uid's keyrings if it owns keys
+   (`_clear_uid_keyrings`: uids repeat, keyrings outlive processes; the session
+   keyring is a fresh one the program cannot write, `_private_session_keyring`), dies
+   with the supervisor (PR_SET_PDEATHSIG), `chdir` to the work directory, `execve` with the
    spec's (scrubbed) environment;
 6. when the program has exited, the supervisor (as the PID namespace's init) kills
-   what is left of the run and empties the uid's keyrings again.
+   what is left of the run and empties the uid's keyrings again if it owns keys.
 
 The launcher's exit status is the program's (128 + signal number if it was killed by
 a signal); SETUP_FAILED_EXIT with a message on STATUS_FD if the sandbox could not be
@@ -85,9 +86,11 @@ MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 #: keyctl(2): the syscall (no libc wrapper) by machine, operations, special keyring ids.
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
-KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 1, 7, 21
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_SETPERM, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 1, 5, 7, 21
 KEYCTL_GET_PERSISTENT = 22
-KEY_SPEC_PROCESS_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -2, -4, -5
+KEY_SPEC_PROCESS_KEYRING, KEY_SPEC_SESSION_KEYRING = -2, -3
+KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
+KEY_POS_VIEW, KEY_POS_SEARCH = 0x01000000, 0x08000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -118,18 +121,36 @@ def _keyctl(op: int, *args: int) -> int:
     return _libc.syscall(SYS_KEYCTL, ctypes.c_long(op), *(ctypes.c_long(a) for a in args))
 
 
-def _fresh_keyrings() -> None:
-    """In a process running as the run's uid: leave no key of an earlier run reachable.
+def _uid_has_keys(uid: int) -> bool:
+    """True if `uid` owns any key or keyring now (/proc/key-users lists it)."""
+    try:
+        with open("/proc/key-users") as f:
+            return any(line.split(":", 1)[0].strip() == str(uid) for line in f)
+    except OSError:
+        return True  # cannot tell: clear
+
+
+def _private_session_keyring() -> None:
+    """In the launcher (root), before anything forks: a new, empty session keyring that
+    its children inherit, which the program may search but not write (possessor
+    view+search only). Without it the program would possess the trainer's session
+    keyring, shared by every run (and holding whatever the trainer's login put there)."""
+    if _keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0) >= 0:
+        _keyctl(KEYCTL_SETPERM, KEY_SPEC_SESSION_KEYRING, KEY_POS_VIEW | KEY_POS_SEARCH)
+
+
+def _clear_uid_keyrings() -> None:
+    """In a process running as the run's uid: empty the uid's keyrings.
 
     Keyrings outlive processes: a uid's user and user-session keyrings (and its
     persistent keyring) keep their keys after every process of the uid has exited, and
     run uids repeat (every 1,000 runs of a trainer process), so a later run would find
-    an earlier one's keys. This empties the user and user-session keyrings, invalidates
-    the persistent keyring (it is recreated empty on demand), and joins a new anonymous
-    session keyring in place of the one inherited from the trainer. Where the kernel
-    has no keys (or a seccomp filter refuses keyctl), there is nothing to clear.
+    an earlier one's keys. This empties the user and user-session keyrings and
+    invalidates the persistent keyring (recreated empty on demand). Called only when
+    the uid owns keys (`_uid_has_keys`): looking the user keyrings up creates them, and
+    they would then stay in the kernel. Where the kernel has no keys (or a seccomp
+    filter refuses keyctl), there is nothing to clear.
     """
-    _keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
     _keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING)
     _keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING)
     persistent = _keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_PROCESS_KEYRING)
@@ -261,7 +282,8 @@ def _exec_program(spec: dict, parent: int) -> None:
     os.setgroups([])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
-    _fresh_keyrings()
+    if spec.get("uid_has_keys", True):
+        _clear_uid_keyrings()
     _die_with_parent(signal.SIGKILL, parent)
     os.chdir(spec["inner_workdir"] if spec["isolate_mount"] else spec["workdir"])
     os.umask(0o077)
@@ -289,19 +311,21 @@ def _run_program(spec: dict) -> int:
 def _end_of_run(spec: dict) -> None:
     """In the PID namespace's init, after the program exited: kill what is left of the
     run (kill(-1) from a namespace's init reaches only that namespace), reap it, and
-    empty the uid's keyrings (nothing of the run can store a key again)."""
+    empty the uid's keyrings if it owns keys (nothing of the run can store one again)."""
     with contextlib.suppress(OSError):
         os.kill(-1, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         while True:
             os.waitpid(-1, 0)
+    if not _uid_has_keys(spec["uid"]):
+        return
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
             os.setgid(spec["gid"])
             os.setuid(spec["uid"])
-            _fresh_keyrings()
+            _clear_uid_keyrings()
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
@@ -397,6 +421,8 @@ def main() -> None:
         _status_fd = int(sys.argv[2])
         os.set_inheritable(_status_fd, False)  # closed by the program's execve
         os.write(_status_fd, STARTED)
+    spec["uid_has_keys"] = _uid_has_keys(spec["uid"])  # host /proc, before the chroot
+    _private_session_keyring()
     child: list[int] = []
 
     def parent_died(signum: int, frame: object) -> None:

@@ -157,7 +157,7 @@ def test_the_run_has_its_own_namespaces(sandbox: Sandbox) -> None:
 
 
 # ------------------------------------------------------------------ keyrings (item 8)
-KEY_SPEC_SESSION, KEY_SPEC_USER, KEY_SPEC_USER_SESSION = -3, -4, -5
+KEY_SPEC_PROCESS, KEY_SPEC_SESSION, KEY_SPEC_USER, KEY_SPEC_USER_SESSION = -2, -3, -4, -5
 KEYCTL_SEARCH, KEYCTL_GET_PERSISTENT, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 10, 22, 7, 21
 
 STASH_KEYS = f"""
@@ -166,8 +166,9 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 def add(desc, ring):
     return libc.syscall({_SYS_ADD_KEY}, b"user", desc, b"secret", 6, ctypes.c_long(ring)) >= 0
+# linked into the process keyring: possessed, so writable
 persistent = libc.syscall({_SYS_KEYCTL}, ctypes.c_long({KEYCTL_GET_PERSISTENT}),
-                          ctypes.c_long(-1), ctypes.c_long({KEY_SPEC_USER}))
+                          ctypes.c_long(-1), ctypes.c_long({KEY_SPEC_PROCESS}))
 print(" ".join(name for name, ok in [
     ("user", add(b"leak-user", {KEY_SPEC_USER})),
     ("user_session", add(b"leak-user-session", {KEY_SPEC_USER_SESSION})),
@@ -185,7 +186,7 @@ def find(desc, ring):
     return libc.syscall({_SYS_KEYCTL}, ctypes.c_long({KEYCTL_SEARCH}), ctypes.c_long(ring),
                         b"user", desc, ctypes.c_long(0)) >= 0
 persistent = libc.syscall({_SYS_KEYCTL}, ctypes.c_long({KEYCTL_GET_PERSISTENT}),
-                          ctypes.c_long(-1), ctypes.c_long({KEY_SPEC_SESSION}))
+                          ctypes.c_long(-1), ctypes.c_long({KEY_SPEC_PROCESS}))
 found = [d for d in ("leak-user", "leak-user-session", "leak-session", "leak-persistent")
          for ring in ({KEY_SPEC_USER}, {KEY_SPEC_USER_SESSION}, {KEY_SPEC_SESSION}, persistent)
          if find(d.encode(), ring)]
@@ -223,7 +224,9 @@ def test_keys_do_not_pass_to_a_later_run_with_the_same_uid(
         first = sandbox.run_python(STASH_KEYS)
         assert first.exit_code == 0, first.describe()
         stored = first.stdout.decode().split()
-        assert {"user", "user_session", "session"} <= set(stored), first.stdout
+        # the session keyring it inherits is not writable (nor the trainer's); its uid's
+        # user, user-session and persistent keyrings are
+        assert stored == ["user", "user_session", "persistent"], first.stdout
         later = sandbox.run_python(FIND_KEYS)
         assert later.exit_code == 0, later.describe()
         assert later.stdout.decode().strip() == "nothing"
@@ -231,6 +234,31 @@ def test_keys_do_not_pass_to_a_later_run_with_the_same_uid(
         assert _keys_found_as(uid) == "nothing"
     finally:
         _clear_uid_keyrings(uid)
+
+
+@pytest.mark.skipif(_SYS_KEYCTL is None, reason="keyctl syscall number unknown here")
+def test_the_trainers_session_keyring_is_out_of_reach(sandbox: Sandbox) -> None:
+    # This process joins a session keyring holding a secret, as a login session would.
+    assert _libc.syscall(_SYS_KEYCTL, ctypes.c_long(1), b"archer-test-trainer-session") >= 0
+    key = _libc.syscall(_SYS_ADD_KEY, b"user", b"trainer-secret", b"s3cret", 6,
+                        ctypes.c_long(KEY_SPEC_SESSION))  # fmt: skip
+    assert key >= 0
+    src = f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+found = libc.syscall({_SYS_KEYCTL}, ctypes.c_long({KEYCTL_SEARCH}),
+                     ctypes.c_long({KEY_SPEC_SESSION}), b"user", b"trainer-secret", ctypes.c_long(0))
+buf = ctypes.create_string_buffer(64)
+read = libc.syscall({_SYS_KEYCTL}, ctypes.c_long(11), ctypes.c_long({key}), buf, ctypes.c_long(64))
+added = libc.syscall({_SYS_ADD_KEY}, b"user", b"from-the-run", b"x", 1, ctypes.c_long({KEY_SPEC_SESSION}))
+print(found >= 0, read >= 0, added >= 0)
+"""
+    run = sandbox.run_python(src)
+    assert run.stdout.decode().split() == ["False", "False", "False"], run.describe()
+    found = _libc.syscall(_SYS_KEYCTL, ctypes.c_long(KEYCTL_SEARCH), ctypes.c_long(KEY_SPEC_SESSION),
+                          b"user", b"from-the-run", ctypes.c_long(0))  # fmt: skip
+    assert found < 0  # nothing of the run reached this session keyring
 
 
 def _keys_found_as(uid: int) -> str:
