@@ -41,8 +41,8 @@
 #   ARCHER_ROLLOUT_HEALTH_TIMEOUT  seconds to wait for servers + router [900]
 #   ARCHER_SGLANG_BIND_HOST  address servers and router listen on [each node's NodeAddr];
 #                         0.0.0.0 only if you must (every interface; the key still applies)
-#   ARCHER_SECRETS_DIR    shared folder (0700) for the job's API key file, removed at exit
-#                         [$ARCHER_LOG_DIR/.archer-secrets-$SLURM_JOB_ID]
+#   ARCHER_SECRETS_DIR    shared folder in which the job makes .archer-secrets-<job id>
+#                         (0700: its API key file; removed at exit)   [$ARCHER_LOG_DIR]
 #   Servers and router get a per-job API key (docs/sglang.md "Network exposure"): the
 #   servers read it from a 0600 file (--config), a `PYTHON -m MODULE` router through a
 #   -c wrapper (any other router command gets it as flags, visible to ps on its node),
@@ -159,7 +159,7 @@ archer_cleanup() {
     local pid
     for pid in "${ARCHER_BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -n "$ARCHER_PROM_TARGETS_DIR" ] && rm -f "$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
-    [ -n "${ARCHER_SECRETS_DIR:-}" ] && rm -rf "$ARCHER_SECRETS_DIR"
+    [ -n "${ARCHER_JOB_SECRETS:-}" ] && rm -rf "$ARCHER_JOB_SECRETS"
     return 0
 }
 trap archer_cleanup EXIT
@@ -206,14 +206,16 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     # the job's API key: made and written by shell builtins (no command line carries it),
     # in a 0600 file that is both SGLang's --config and rollout.sglang.api_key_file; a
     # sed script (0600 too) replaces it in the server output copied to the logs
-    ARCHER_SECRETS_DIR=${ARCHER_SECRETS_DIR:-$ARCHER_LOG_DIR/.archer-secrets-$SLURM_JOB_ID}
-    rm -rf "$ARCHER_SECRETS_DIR"
-    (umask 077 && mkdir -p "$ARCHER_SECRETS_DIR")
+    ARCHER_JOB_SECRETS=${ARCHER_SECRETS_DIR:-$ARCHER_LOG_DIR}/.archer-secrets-$SLURM_JOB_ID
+    rm -rf "$ARCHER_JOB_SECRETS" # a previous run of this (requeued) job
+    mkdir -p "$(dirname "$ARCHER_JOB_SECRETS")"
+    # a fresh folder of ours, or stop (never write the key into one someone else made)
+    (umask 077 && mkdir "$ARCHER_JOB_SECRETS") || archer_die "cannot create $ARCHER_JOB_SECRETS"
     ARCHER_SGLANG_API_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
     [ ${#ARCHER_SGLANG_API_KEY} -eq 64 ] || archer_die "could not make an API key from /dev/urandom"
-    ARCHER_SGLANG_KEY_FILE=$ARCHER_SECRETS_DIR/sglang_api_key.yaml
+    ARCHER_SGLANG_KEY_FILE=$ARCHER_JOB_SECRETS/sglang_api_key.yaml
     (umask 077 && printf 'api-key: %s\n' "$ARCHER_SGLANG_API_KEY" >"$ARCHER_SGLANG_KEY_FILE" &&
-        printf 's/%s/<redacted>/g\n' "$ARCHER_SGLANG_API_KEY" >"$ARCHER_SECRETS_DIR/redact.sed")
+        printf 's/%s/<redacted>/g\n' "$ARCHER_SGLANG_API_KEY" >"$ARCHER_JOB_SECRETS/redact.sed")
     # = archer_mcore.rollout.sglang_launcher.ROUTER_KEY_WRAPPER (tests/slurm checks it)
     ARCHER_ROUTER_KEY_WRAPPER="import runpy, sys; f, m = sys.argv[1], sys.argv[2]; k = open(f).read().split(':', 1)[-1].strip(); sys.argv = [m, *sys.argv[3:], '--api-key', k, '--control-plane-api-keys', 'archer:archer:admin:' + k]; runpy.run_module(m, run_name='__main__', alter_sys=True)"
 
@@ -232,7 +234,7 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
                 --port "$port" --tp-size "$ARCHER_SGLANG_TP" --skip-tokenizer-init \
                 --dtype "$ARCHER_SGLANG_DTYPE" --mem-fraction-static "$ARCHER_SGLANG_MEM_FRACTION" \
                 $ARCHER_SGLANG_ARGS \
-                > >(sed -u -f "$ARCHER_SECRETS_DIR/redact.sed" >"$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log") 2>&1 &
+                > >(sed -u -f "$ARCHER_JOB_SECRETS/redact.sed" >"$ARCHER_LOG_DIR/sglang-$SLURM_JOB_ID-$host-$port.log") 2>&1 &
             ARCHER_BG_PIDS+=($!)
         done
     done
@@ -251,7 +253,7 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     fi
     srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
         "${router_cmd[@]}" "${router_flags[@]}" \
-        > >(sed -u -f "$ARCHER_SECRETS_DIR/redact.sed" >"$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log") 2>&1 &
+        > >(sed -u -f "$ARCHER_JOB_SECRETS/redact.sed" >"$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log") 2>&1 &
     ARCHER_BG_PIDS+=($!)
     archer_log "waiting for ${#ARCHER_SERVER_URLS[@]} SGLang server(s) and router $ARCHER_SGLANG_ROUTER_URL"
     deadline=$((SECONDS + ARCHER_ROLLOUT_HEALTH_TIMEOUT))

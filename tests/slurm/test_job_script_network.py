@@ -31,12 +31,20 @@ esac
 """
 SRUN = """#!/bin/bash
 out="$STUB_DIR/srun.$(date +%s%N).$$"
-printf '%s\\0' "$@" >"$out"
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   if [ "${args[i]}" = --config ]; then stat -c %a "${args[i+1]}" >"$out.mode"; fi
 done
+printf '%s\\0' "$@" >"$out.tmp" && mv "$out.tmp" "$out"
 exit 0
+"""
+#: ARCHER_PYTHON: its health probes (`-c ... URL`) pass once server and router steps are
+#: recorded (the background srun stand-ins could otherwise still be starting when the
+#: job ends and kills them).
+PYTHON = """#!/bin/bash
+until [ "$(find "$STUB_DIR" -name 'srun.*' ! -name '*.mode' ! -name '*.tmp' | wc -l)" -ge 2 ]; do
+  sleep 0.05
+done
 """
 
 
@@ -44,7 +52,7 @@ def _run_job(tmp_path: Path, mode: str, **env: str) -> list[list[str]]:
     """Run the job script with the stand-ins; the recorded srun command lines, in order."""
     stub = tmp_path / "stub"
     stub.mkdir()
-    for name, text in (("scontrol", SCONTROL), ("srun", SRUN)):
+    for name, text in (("scontrol", SCONTROL), ("srun", SRUN), ("python", PYTHON)):
         (stub / name).write_text(text)
         (stub / name).chmod(0o755)
     cfg = tmp_path / "c.yaml"
@@ -53,13 +61,13 @@ def _run_job(tmp_path: Path, mode: str, **env: str) -> list[list[str]]:
         "PATH": f"{stub}:/usr/bin:/bin", "STUB_DIR": str(stub), "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "node1,node2", "ARCHER_CONFIG": str(cfg), "ARCHER_MODE": mode,
         "ARCHER_HOME": str(REPO), "ARCHER_LOG_DIR": str(tmp_path / "logs"),
-        "ARCHER_PYTHON": "/bin/true", "ARCHER_NPROC_PER_NODE": "1", **env,
+        "ARCHER_PYTHON": str(stub / "python"), "ARCHER_NPROC_PER_NODE": "1", **env,
     }  # fmt: skip
     (tmp_path / "logs").mkdir()
     r = subprocess.run(["bash", str(JOB)], env=full_env, capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    calls = sorted(p for p in stub.glob("srun.*") if not p.name.endswith(".mode"))
+    calls = sorted(p for p in stub.glob("srun.*") if p.suffix not in (".mode", ".tmp"))
     return [p.read_text().split("\0")[:-1] for p in calls]
 
 
@@ -91,7 +99,7 @@ def test_disaggregated_servers_and_router_bind_the_node_address_with_the_job_key
     assert _after(server, "--host") == "10.0.0.1" and "0.0.0.0" not in server
     # the router: `$ARCHER_PYTHON -m sglang_router.launch_router` through the wrapper
     i = router.index("-c")
-    assert router[i - 1 : i + 4] == ["/bin/true", "-c", ROUTER_KEY_WRAPPER, key_file,
+    assert router[i - 1 : i + 4] == [str(tmp_path / "stub" / "python"), "-c", ROUTER_KEY_WRAPPER, key_file,
                                      "sglang_router.launch_router"]  # fmt: skip
     assert _after(router, "--host") == "10.0.0.1" and "--api-key" not in router
     overrides = [train[i + 1] for i, a in enumerate(train) if a == "-o"]
