@@ -11,6 +11,7 @@ import itertools
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import httpx2
@@ -73,8 +74,6 @@ def test_server_info_secrets_and_client_repr_are_redacted() -> None:
 def _router_workers(router: str, key: str) -> list[str]:
     """Worker URLs the router lists (its control plane needs the key), waiting up to
     20 s for an asynchronous add or removal (0.3.2 answers 202 first)."""
-    import time
-
     seen: list[str] = []
     for _ in range(100):
         r = httpx2.get(router + "/workers", headers={"Authorization": f"Bearer {key}"},
@@ -184,3 +183,23 @@ def test_disaggregated_engine_sends_the_key_of_api_key_file(tmp_path: Path) -> N
         assert srv.unauthorized == ["/server_info"]
     finally:
         srv.stop()
+
+
+def test_output_of_a_keyed_process_reaches_its_log_redacted(tmp_path: Path) -> None:
+    """SGLang prints its server_args, key included: a process launched with a key file
+    (`--config FILE`) writes through a pipe that replaces the key; the log is 0600."""
+    from archer_mcore.rollout.sglang_launcher import ManagedProcess
+
+    key_file = write_api_key_file(tmp_path / "k" / "api_key.yaml", "f00dfeed" * 8)
+    say = "import sys; print('server_args=' + open(sys.argv[2]).read(), flush=True)"
+    proc = ManagedProcess([sys.executable, "-c", say, "--config", str(key_file)], None,
+                          tmp_path / "logs" / "server.log")  # fmt: skip
+    proc.start()
+    assert proc.proc is not None and proc.proc.wait(60) == 0
+    for _ in range(100):  # the copying thread finishes at the end of the output
+        text = proc.log_path.read_text()
+        if "server_args=" in text:
+            break
+        time.sleep(0.05)
+    assert "server_args=api-key: <redacted>" in text and "f00dfeed" not in text, text
+    assert stat.S_IMODE(proc.log_path.stat().st_mode) == 0o600
