@@ -61,6 +61,13 @@ class ParallelConfig:
     context_parallel_size: int = _f(1, ge=1)
     # pack sequences into micro-batches (THD / block-diagonal mask) instead of padding rows
     pack_sequences: bool = True
+    # how long a collective of the default process group (NCCL on GPUs) and megatron's
+    # groups may wait before it fails (NCCL's watchdog then stops the job), seconds
+    collective_timeout_s: float = _f(1800.0, gt=0)
+    # how long the other ranks wait for rank 0's rollout, scoring and evaluation of one
+    # step (a gloo group of its own, so that a long generation does not need a long
+    # NCCL timeout); set it above the longest step's generation, seconds
+    rollout_wait_timeout_s: float = _f(21600.0, gt=0)
 
 
 @dataclass
@@ -309,6 +316,10 @@ class EvalConfig:
 class CheckpointConfig:
     dir: str = ""  # empty: <train.output_dir>/checkpoints
     save_every: int = _f(50, ge=0)  # 0: only at the end and on signals
+    # also save after the first step that ends this many minutes after the last save
+    # (or the run's start); 0: off. For steps so long that save_every is never reached
+    # before a pre-emption (the 32B presets' steps take about an hour)
+    every_minutes: float = _f(0.0, ge=0)
     keep_last: int = _f(3, ge=1)
 
 

@@ -6,15 +6,19 @@ Each degrades to the single-process answer when torch.distributed is not initial
 
 These are host-side collectives: their tensors live on the CPU. On a GPU job the
 default group is NCCL, which serves CUDA tensors only ("No backend type associated
-with device type cpu"), so they run on `control_group()`: the default group where its
-backend serves the CPU (gloo, or a "cpu:gloo,cuda:nccl" config), otherwise one gloo
-group over all ranks, created once. Every host-side collective of the trainer goes
-through this module (tests/train/test_collective_devices.py runs the loop with a
-default group that serves only CUDA).
+with device type cpu"), so they run on `control_group()`: one gloo group over all
+ranks, created once (tests/train/test_collective_devices.py runs the loop with a
+default group that serves only CUDA). It has a timeout of its own: the other ranks wait
+in `broadcast_object` while rank 0 generates, scores and evaluates, which at the large
+presets can take longer than the default group's timeout, after which NCCL's watchdog
+would kill the job. `init_control_group` (with `parallel.rollout_wait_timeout_s`) sets
+that bound; `parallel.collective_timeout_s` stays the default group's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -35,19 +39,54 @@ def serves_cpu(group: dist.ProcessGroup | None = None) -> bool:
     return any(part.split(":", 1)[0] == "cpu" for part in config.split(","))
 
 
+DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0  # parallel.rollout_wait_timeout_s's default
+_wait_timeout_s = DEFAULT_WAIT_TIMEOUT_S
 # (default group, control group) of this process; rebuilt if the default group changes
-_control: tuple[Any, dist.ProcessGroup | None] | None = None
+_control: tuple[Any, dist.ProcessGroup] | None = None
 
 
-def control_group() -> dist.ProcessGroup | None:
-    """The group for host-side (CPU tensor) collectives over all ranks: None (the
-    default group) when that serves the CPU, else a gloo group made on first use.
-    Collective: every rank calls it at the same point (as every helper here does)."""
+class RankWaitTimeout(RuntimeError):
+    """A rank waited longer than `parallel.rollout_wait_timeout_s` for rank 0."""
+
+
+def init_control_group(wait_timeout_s: float) -> None:
+    """Set how long host-side collectives (the other ranks waiting for rank 0's
+    rollout, scoring and evaluation) may wait, and make the control group now.
+    Collective: call it on every rank at one point of start-up, where all ranks are
+    together (made later, at the first wait, its connection would time out while rank
+    0 is still generating)."""
+    global _wait_timeout_s, _control
+    _wait_timeout_s = float(wait_timeout_s)
+    _control = None
+    if is_distributed():
+        control_group()
+
+
+def control_group() -> dist.ProcessGroup:
+    """The gloo group of all ranks for host-side (CPU tensor) collectives, with the
+    wait timeout; made on first use. Collective: every rank calls it at the same point
+    (as every helper here does)."""
     global _control
     world = dist.group.WORLD
     if _control is None or _control[0] is not world:
-        _control = (world, None if serves_cpu() else dist.new_group(backend="gloo"))
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_wait_timeout_s))
+        _control = (world, group)
     return _control[1]
+
+
+def _waiting(fn: Callable[[], T]) -> T:
+    """Run a host-side collective; a gloo timeout becomes a RankWaitTimeout naming
+    the setting (gloo says "Timed out waiting ... for recv")."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower():
+            raise
+        raise RankWaitTimeout(
+            f"rank {rank()} waited more than parallel.rollout_wait_timeout_s = "
+            f"{_wait_timeout_s:g} s for rank 0 (its rollout, scoring or evaluation): set it "
+            "above the longest step's generation time"
+        ) from e
 
 
 def is_distributed() -> bool:
@@ -61,7 +100,8 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    group = control_group()
+    _waiting(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
     return bool(t.item())
 
 
@@ -70,6 +110,7 @@ def broadcast_object(obj: T) -> T:
     if not is_distributed():
         return obj
     box: list[Any] = [obj]
-    dist.broadcast_object_list(box, src=0, group=control_group())
+    group = control_group()
+    _waiting(lambda: dist.broadcast_object_list(box, src=0, group=group))
     return box[0]
 

@@ -48,6 +48,7 @@ class TrainSummary:
     skipped_updates: int = 0
     eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, accuracy)
     last_checkpoint: str | None = None
+    last_save_s: float = field(default_factory=time.monotonic)  # monotonic clock, seconds
 
 
 def train(cfg: Config, resume: bool = False, components: Components | None = None) -> TrainSummary:
@@ -241,10 +242,16 @@ def finish_step(
             summary.eval_history.append((step, ev["eval/accuracy"]))
     summary.steps_done = step
     stopping = any_rank(bool(stop))  # a signal may reach the ranks at different steps
-    periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-    if stopping or periodic or step == cfg.train.steps:
+    ck = cfg.checkpoint
+    periodic = ck.save_every and step % ck.save_every == 0
+    # the ranks' clocks differ: any rank whose interval has passed makes all save
+    timed = ck.every_minutes > 0 and any_rank(
+        time.monotonic() - summary.last_save_s >= 60.0 * ck.every_minutes
+    )
+    if stopping or periodic or timed or step == cfg.train.steps:
         with timer("checkpoint"):
             save_checkpoint(cfg, c, rollout, summary, step)
+        summary.last_save_s = time.monotonic()
     metrics.update(rollout.step_metrics(step, timer, step_start, time.perf_counter()))
     metrics["time/step"] = time.perf_counter() - step_start
     c.report(step, metrics, timer)

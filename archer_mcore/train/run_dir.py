@@ -31,8 +31,8 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
-import torch.distributed as dist
 
+from archer_mcore.parallel.ranks import any_rank
 from archer_mcore.utils.safe_files import (
     UnsafePathError,
     check_plain_entry,
@@ -225,7 +225,4 @@ def parameters_finite(model: torch.nn.Module) -> bool:
     bad = torch.zeros((), dtype=torch.int64, device=device)
     for p in params:
         bad += (~torch.isfinite(p.detach())).sum()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        bad = bad.cpu()  # as `components.any_rank` reduces: a CPU tensor
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return int(bad.item()) == 0
+    return not any_rank(int(bad.item()) != 0)  # a host-side flag: parallel/ranks.py
