@@ -219,6 +219,10 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     # = archer_mcore.rollout.sglang_launcher.ROUTER_KEY_WRAPPER (tests/slurm checks it)
     ARCHER_ROUTER_KEY_WRAPPER="import runpy, sys; f, m = sys.argv[1], sys.argv[2]; k = open(f).read().split(':', 1)[-1].strip(); sys.argv = [m, *sys.argv[3:], '--api-key', k, '--control-plane-api-keys', 'archer:archer:admin:' + k]; runpy.run_module(m, run_name='__main__', alter_sys=True)"
 
+    # the trainer's variables stay out of the servers' and router's steps (srun passes
+    # its own environment on): Megatron's CUDA_DEVICE_MAX_CONNECTIONS=1 and the
+    # rendezvous address of the training step
+    ARCHER_SERVER_ENV_UNSET=(-u CUDA_DEVICE_MAX_CONNECTIONS -u MASTER_ADDR -u MASTER_PORT)
     ARCHER_SERVER_URLS=()
     for host in "${ARCHER_ROLLOUT_HOSTS[@]}"; do
         addr=$(archer_node_addr "$host")
@@ -227,7 +231,8 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
             gpus=$(seq -s, $((k * ARCHER_SGLANG_TP)) $(((k + 1) * ARCHER_SGLANG_TP - 1)))
             ARCHER_SERVER_URLS+=("http://$addr:$port")
             # shellcheck disable=SC2086 # the command and extra args are word lists
-            CUDA_VISIBLE_DEVICES=$gpus srun --nodes=1 --ntasks=1 --nodelist="$host" --overlap \
+            CUDA_VISIBLE_DEVICES=$gpus env "${ARCHER_SERVER_ENV_UNSET[@]}" \
+                srun --nodes=1 --ntasks=1 --nodelist="$host" --overlap \
                 "${ARCHER_SRUN_COMMON[@]}" \
                 $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" \
                 --host "${ARCHER_SGLANG_BIND_HOST:-$addr}" --config "$ARCHER_SGLANG_KEY_FILE" \
@@ -251,7 +256,8 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
         router_flags+=(--api-key "$ARCHER_SGLANG_API_KEY"
             --control-plane-api-keys "archer:archer:admin:$ARCHER_SGLANG_API_KEY")
     fi
-    srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
+    env "${ARCHER_SERVER_ENV_UNSET[@]}" \
+        srun --nodes=1 --ntasks=1 --nodelist="$router_host" --overlap "${ARCHER_SRUN_COMMON[@]}" \
         "${router_cmd[@]}" "${router_flags[@]}" \
         > >(sed -u -f "$ARCHER_JOB_SECRETS/redact.sed" >"$ARCHER_LOG_DIR/sglang-router-$SLURM_JOB_ID.log") 2>&1 &
     ARCHER_BG_PIDS+=($!)

@@ -35,6 +35,7 @@ args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   if [ "${args[i]}" = --config ]; then stat -c %a "${args[i+1]}" >"$out.mode"; fi
 done
+env >"$out.env"
 printf '%s\\0' "$@" >"$out.tmp" && mv "$out.tmp" "$out"
 exit 0
 """
@@ -42,14 +43,15 @@ exit 0
 #: recorded (the background srun stand-ins could otherwise still be starting when the
 #: job ends and kills them).
 PYTHON = """#!/bin/bash
-until [ "$(find "$STUB_DIR" -name 'srun.*' ! -name '*.mode' ! -name '*.tmp' | wc -l)" -ge 2 ]; do
+until [ "$(find "$STUB_DIR" -name 'srun.*' ! -name '*.mode' ! -name '*.tmp' ! -name '*.env' | wc -l)" -ge 2 ]; do
   sleep 0.05
 done
 """
 
 
 def _run_job(tmp_path: Path, mode: str, **env: str) -> list[list[str]]:
-    """Run the job script with the stand-ins; the recorded srun command lines, in order."""
+    """Run the job script with the stand-ins; the recorded srun command lines, each
+    followed by the names of the variables srun had ("ENV:NAME" items)."""
     stub = tmp_path / "stub"
     stub.mkdir()
     for name, text in (("scontrol", SCONTROL), ("srun", SRUN), ("python", PYTHON)):
@@ -67,8 +69,12 @@ def _run_job(tmp_path: Path, mode: str, **env: str) -> list[list[str]]:
     r = subprocess.run(["bash", str(JOB)], env=full_env, capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    calls = sorted(p for p in stub.glob("srun.*") if p.suffix not in (".mode", ".tmp"))
-    return [p.read_text().split("\0")[:-1] for p in calls]
+    calls = sorted(p for p in stub.glob("srun.*") if p.suffix not in (".mode", ".tmp", ".env"))
+    return [p.read_text().split("\0")[:-1] + _env_names(Path(f"{p}.env")) for p in calls]
+
+
+def _env_names(path: Path) -> list[str]:
+    return ["ENV:" + line.split("=", 1)[0] for line in path.read_text().splitlines() if "=" in line]
 
 
 def _after(argv: list[str], flag: str) -> str:
@@ -105,6 +111,11 @@ def test_disaggregated_servers_and_router_bind_the_node_address_with_the_job_key
     overrides = [train[i + 1] for i, a in enumerate(train) if a == "-o"]
     assert f"rollout.sglang.api_key_file={key_file}" in overrides
     assert "rollout.sglang.router_url=http://10.0.0.1:30100" in overrides
+    # the trainer's CUDA_DEVICE_MAX_CONNECTIONS and rendezvous address reach the training
+    # step only
+    kept = {"ENV:CUDA_DEVICE_MAX_CONNECTIONS", "ENV:MASTER_ADDR", "ENV:MASTER_PORT"}
+    assert kept <= set(train)
+    assert not kept & set(server) and not kept & set(router)
     # no 64-hex key on any command line; the secrets folder is removed at exit
     for argv in calls:
         assert not any(re.search(r"[0-9a-f]{64}", a) for a in argv), argv
