@@ -220,7 +220,8 @@ class MegatronPolicy:
         pos, targets, mask = mb.extras["flat_pos"], mb.extras["targets"], mb.extras["mask"]
         b, lm = pos.shape
         keep = mask.reshape(-1).nonzero().squeeze(-1).cpu()  # valid positions of [b * Lm]
-        if keep.numel() == 0:  # keep one (masked) row so the loss stays on the graph
+        empty = keep.numel() == 0
+        if empty:  # one (masked) row, times 0 below, so the loss stays on the graph
             keep = torch.zeros(1, dtype=torch.long)
         # flat_pos indexes the output's rows x positions (one row when packed)
         idx = pos.reshape(-1)[keep].to(out.device)
@@ -246,6 +247,8 @@ class MegatronPolicy:
             vocab_size=self.shape.vocab_size,
             mode=path.mode,
         )
+        if empty:
+            ent_n, lp_n = ent_n * 0, lp_n * 0
         at = keep.to(ent_n.device)
         ent = ent_n.new_zeros(b * lm).index_copy(0, at, ent_n)
         lp = lp_n.new_zeros(b * lm).index_copy(0, at, lp_n)

@@ -89,27 +89,60 @@ def embedding_activation_bytes_per_token(
     return 8 + mask
 
 
-def logits_bytes(
-    m: ModelShape, tokens: int, tp: int, path: LogitsPath, assume: Assumptions
-) -> float:
-    """What the log-prob/entropy computation of one micro-batch holds at its peak.
+#: Peak fp32 scratch of the torch entropy/log-prob reference per element of one chunk
+#: [chunk_rows, V_p] (`algo.entropy`: its forward holds the shifted logits, their
+#: exponential, e * (s - m) and a mask; its backward the shifted logits,
+#: probabilities, centred logits and the two gradient terms), as measured by
+#: tests/actor/test_logits_memory.py: 26 to 28 bytes.
+TORCH_SCRATCH_BYTES_PER_ELEMENT = 28
 
-    V_p = padded vocab / TP columns per rank, n = tokens:
-    * unfused (plain torch ops): bf16 logits 2, their fp32 copy 4, the saved
-      log-softmax 4 and probabilities 4, the fp32 gradient 4: 18 n V_p.
-    * chunked (this repo's torch reference): bf16 logits and their bf16 gradient,
-      4 n V_p, plus four fp32 [chunk_rows, V_p] temporaries.
-    * fused (Triton, vocab-parallel): 4 n V_p, per-token statistics only.
+
+def logits_bytes(
+    m: ModelShape,
+    tokens: int,
+    tp: int,
+    path: LogitsPath,
+    assume: Assumptions,
+    element_bytes: int = 2,
+) -> float:
+    """What the log-prob/entropy computation of one micro-batch holds at its peak, from
+    the final hidden states to the loss and back (bytes, one TP rank).
+
+    n = `tokens` whose logits are taken: the policy runs the output layer on the valid
+    response tokens only (`MegatronPolicy._token_stats`), at most the micro-batch's
+    tokens, which is what the planner passes (so the figure is an upper bound; a
+    micro-batch with prompts takes fewer rows). V_p = padded vocab / TP columns per
+    rank, e = `element_bytes` of the parameter dtype (bf16: 2), H = hidden size.
+
+    * unfused (plain torch ops, not this repository's code; the yardstick): bf16
+      logits 2, their fp32 copy 4, the saved log-softmax 4 and probabilities 4, the
+      fp32 gradient 4: 18 n V_p.
+    * chunked (this repo's torch reference): the [n, V_p] logits e n V_p, whose memory
+      also takes their gradient (`inplace_backward`), plus the larger of the
+      reference's fp32 scratch over one [min(n, torch_chunk_rows), V_p] chunk
+      (`TORCH_SCRATCH_BYTES_PER_ELEMENT` per element) and the output weight's gradient
+      e H V_p (made by the matmul's backward while the logits' gradient is held).
+    * fused (Triton, vocab-parallel): e n V_p (logits, gradient in place, per-token
+      statistics only) + e H V_p (the output weight's gradient).
     * fused_lm_head (matmul + entropy in chunks): no logits tensor; a bf16 and a fp32
       [lm_head_chunk_rows, V_p] chunk.
+
+    Not counted here (hidden-sized, in the activations): the [n, H] hidden rows taken
+    and their gradient. Before issue 21 item 6 the unfused path also held the logits
+    of every position, megatron's [s, b, V] -> [b, s, V] copy, the copy of the
+    response rows, their gradient, the zero-filled [b s, V] gradient of that copy and
+    megatron's contiguous copy of it: about two all-position logits buffers at once
+    plus the response rows' copies.
     """
     vp = m.padded_vocab_size(tp) / tp
+    weight_grad = element_bytes * m.hidden_size * vp
     if path == "unfused":
         return 18 * tokens * vp
     if path == "chunked":
-        return 4 * tokens * vp + 16 * min(tokens, assume.torch_chunk_rows) * vp
+        scratch = TORCH_SCRATCH_BYTES_PER_ELEMENT * min(tokens, assume.torch_chunk_rows) * vp
+        return element_bytes * tokens * vp + max(scratch, weight_grad)
     if path == "fused":
-        return 4 * tokens * vp
+        return element_bytes * tokens * vp + weight_grad
     if path == "fused_lm_head":
         return 6 * min(tokens, assume.lm_head_chunk_rows) * vp
     raise ValueError(f"unknown logits path {path!r}")

@@ -113,8 +113,9 @@ def test_training_memory_by_hand():
     assert s.optimizer == 12 / 2 * 106880  # distributed over DP = 2
     # 512 tokens x (2 layers x 1872 + 8 bytes of token id)
     assert s.activations == 512 * (2 * 1872 + 8)
-    # fused logits: bf16 logits + bf16 grad over 256 columns
-    assert s.logits == 4 * 512 * 256
+    # fused logits: bf16 logits over 256 columns, their gradient written into them
+    # (inplace_backward), + the output weight's bf16 gradient [256, H = 64]
+    assert s.logits == 2 * 512 * 256 + 2 * 64 * 256
     # full recompute: 512 x (2 x 128 + 8) kept + one layer (512 x 1872) rebuilt
     assert mem.activations_by_recompute["full"] == 512 * (2 * 128 + 8) + 512 * 1872
     assert mem.logits_by_path["unfused"] == 18 * 512 * 256
@@ -123,9 +124,15 @@ def test_training_memory_by_hand():
 def test_logits_paths_by_hand():
     m = shape_from_hf_config({**TINY, "vocab_size": 1024})
     a = Assumptions(torch_chunk_rows=100, lm_head_chunk_rows=300)
-    # TP4: 256 columns per rank
-    assert logits_bytes(m, 1000, 4, "fused", a) == 4 * 1000 * 256
-    assert logits_bytes(m, 1000, 4, "chunked", a) == 4 * 1000 * 256 + 16 * 100 * 256
+    # TP4: 256 columns per rank. fused: bf16 logits of the 1000 taken tokens (their
+    # gradient in place) + the output weight's bf16 gradient [256, H = 64].
+    assert logits_bytes(m, 1000, 4, "fused", a) == 2 * 1000 * 256 + 2 * 64 * 256
+    # chunked: the same logits + the larger of the torch reference's fp32 scratch over
+    # one 100-row chunk (28 B per element, measured in tests/actor/test_logits_memory.py)
+    # and the weight gradient (2 x 64 x 256 < 28 x 100 x 256).
+    assert logits_bytes(m, 1000, 4, "chunked", a) == 2 * 1000 * 256 + 28 * 100 * 256
+    # fp32 parameters (the CPU default) double the logits and the weight gradient
+    assert logits_bytes(m, 1000, 4, "fused", a, element_bytes=4) == 4 * 1000 * 256 + 4 * 64 * 256
     assert logits_bytes(m, 1000, 4, "fused_lm_head", a) == 6 * 300 * 256
     assert logits_bytes(m, 1000, 4, "unfused", a) == 18 * 1000 * 256
 
