@@ -57,7 +57,7 @@ class StageMemory:
     gradients: float
     optimizer: float
     activations: float
-    logits: float
+    logits: float  # the log-prob path's peak (formulas.logits_bytes: its buffer list)
     reference: float = 0.0  # a frozen bf16 copy of the stage's weights, when a KL term needs it
 
     @property
