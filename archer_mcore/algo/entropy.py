@@ -39,8 +39,10 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _shifted(z: Tensor, valid: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-    s = z.to(dtype) / temperature
-    return s if valid is None else s.masked_fill(~valid, float("-inf"))
+    """z / T in the math dtype, padding columns -inf: a new [rows, V_local] tensor
+    (never `z` itself, so the caller may modify it in place)."""
+    s = z.to(dtype, copy=True).div_(temperature)
+    return s if valid is None else s.masked_fill_(~valid, float("-inf"))
 
 
 def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None, tp: int) -> Tensor:
@@ -69,15 +71,22 @@ class _VocabParallelEntropyLogprob(torch.autograd.Function):
             hi = min(lo + chunk_rows, n)
             s = _shifted(logits[lo:hi], valid, temperature, dtype)
             max_all[lo:hi] = s.amax(-1)
+            del s  # before the next chunk's is made
         _all_reduce(max_all, dist.ReduceOp.MAX, group, tp)
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
-            sh = _shifted(logits[lo:hi], valid, temperature, dtype) - max_all[lo:hi].unsqueeze(-1)
+            # In-place steps, the same values as the out-of-place expressions: scratch
+            # of two fp32 [rows, V_local] tensors and a mask.
+            sh = _shifted(logits[lo:hi], valid, temperature, dtype)
+            sh.sub_(max_all[lo:hi].unsqueeze(-1))
             e = torch.exp(sh)
             stats[0, lo:hi] = e.sum(-1)
-            stats[1, lo:hi] = torch.where(e > 0, e * sh, torch.zeros_like(e)).sum(-1)
+            zero = (e > 0).logical_not_()  # where(e > 0, e * sh, 0), NaN included
+            stats[1, lo:hi] = e.mul_(sh).masked_fill_(zero, 0.0).sum(-1)
+            del e, zero
             s_y = sh.gather(-1, local[lo:hi].unsqueeze(-1)).squeeze(-1)
             stats[2, lo:hi] = torch.where(in_shard[lo:hi], s_y, torch.zeros_like(s_y))
+            del sh
         _all_reduce(stats, dist.ReduceOp.SUM, group, tp)
         lse_sh = torch.log(stats[0])
         entropy = lse_sh - stats[1] / stats[0]
@@ -102,17 +111,25 @@ class _VocabParallelEntropyLogprob(torch.autograd.Function):
         grad = logits if ctx.inplace else torch.empty_like(logits)
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            sh = _shifted(logits[lo:hi], valid, t, dtype) - max_all[lo:hi].unsqueeze(-1)
-            p = torch.exp(sh - lse_sh[lo:hi].unsqueeze(-1))
+            # g = -gh p (s - E_p[s]) - gl p + gl 1[v = y], then / T; in-place steps with
+            # the values of those expressions: scratch of three fp32 [rows, V_local]
+            # tensors and a mask.
+            sh = _shifted(logits[lo:hi], valid, t, dtype)
+            sh.sub_(max_all[lo:hi].unsqueeze(-1))
+            p = (sh - lse_sh[lo:hi].unsqueeze(-1)).exp_()
             # s - E_p[s] = sh - (lse_sh - H); zero where p = 0 (padding) to avoid 0 * -inf.
-            centred = sh - (lse_sh[lo:hi] - entropy[lo:hi]).unsqueeze(-1)
-            centred = torch.where(p > 0, centred, torch.zeros_like(centred))
+            centred = sh.sub_((lse_sh[lo:hi] - entropy[lo:hi]).unsqueeze(-1))
+            centred.masked_fill_((p > 0).logical_not_(), 0.0)
             gh = g_ent[lo:hi].unsqueeze(-1)
             gl = g_lp[lo:hi].unsqueeze(-1)
-            g = -gh * p * centred - gl * p
+            g = (p * -gh).mul_(centred)  # (-gh p) centred
+            del centred, sh
+            g.sub_(p.mul_(gl))  # - gl p
+            del p
             hit = gl * in_shard[lo:hi].unsqueeze(-1).to(dtype)  # 1[v = y] on the owning rank
             g.scatter_add_(-1, local[lo:hi].unsqueeze(-1), hit)
-            grad[lo:hi] = (g / t).to(logits.dtype)
+            grad[lo:hi] = g.div_(t).to(logits.dtype)
+            del g
         return grad, None, None, None, None, None, None, None
 
 

@@ -90,11 +90,10 @@ def embedding_activation_bytes_per_token(
 
 
 #: Peak fp32 scratch of the torch entropy/log-prob reference per element of one chunk
-#: [chunk_rows, V_p] (`algo.entropy`: its forward holds the shifted logits, their
-#: exponential, e * (s - m) and a mask; its backward the shifted logits,
-#: probabilities, centred logits and the two gradient terms), as measured by
-#: tests/actor/test_logits_memory.py: 26 to 28 bytes.
-TORCH_SCRATCH_BYTES_PER_ELEMENT = 28
+#: [chunk_rows, V_p] (`algo.entropy`: its backward holds the shifted logits, the
+#: probabilities and the gradient, three fp32 tensors; its forward the shifted logits,
+#: their exponential and a mask), as measured by tests/actor/test_logits_memory.py.
+TORCH_SCRATCH_BYTES_PER_ELEMENT = 12
 
 
 def logits_bytes(

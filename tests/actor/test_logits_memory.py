@@ -245,17 +245,18 @@ def _measure(stub, shape, mb, chunk_rows: int, path: str, train: bool) -> int:
 @pytest.mark.timeout(600)
 def test_logits_path_peak_against_the_planner(monkeypatch):
     """One micro-batch at a real vocabulary (Qwen2.5-1.5B's 151,936 columns), fp32,
-    H = 16: b = 3 rows of 64 positions (192 tokens), 126 valid
-    response tokens, torch reference with 8-row chunks.
+    H = 16: b = 3 rows of 64 positions (192 tokens), 126 valid response tokens (168
+    padded response positions), torch reference with 8-row chunks.
 
     Unit: one logits-sized buffer = [192, 151,936] fp32 = 116.7 MB. Measured here
     (torch 2.13, CPU), training (forward + backward) / scoring (forward only):
-    old 2.15 / 2.15 buffers (at the entropy forward: the [b, s, V] logits, the
-    copy of the 168 padded response rows and a chunk's scratch; at the transpose
-    two whole buffers; in the backward the zero-filled gradient and the rows'
-    gradient); new 0.95 / 0.92 (the 126 taken rows once, 0.66, and the reference's
-    scratch). The planner's "chunked" term for n = 126, e = 4 is within 25% of the
-    new training peak (within 1% here) and above the scoring peak."""
+    old 2.08 / 2.00 buffers (the [s, b, V] logits and their [b, s, V] copy at once;
+    then that copy with the 168 rows' copy; in the backward the zero-filled gradient
+    with the rows' gradient, then megatron's contiguous copy); new 0.78 / 0.76 (the
+    126 taken rows' logits once, 0.66, and a chunk's scratch). Both use today's torch
+    reference, so the difference is the logits buffers alone. The planner's "chunked"
+    term for n = 126, e = 4 is within 25% of the new training peak (0.1% here) and
+    not below the scoring peak."""
     shape = _shape(hidden=16)
     v_pad = shape.padded_vocab_size(1)
     assert v_pad == 151_936
@@ -276,12 +277,12 @@ def test_logits_path_peak_against_the_planner(monkeypatch):
     print("peak bytes", got, "in logits-sized buffers", counts)
     assume = Assumptions(torch_chunk_rows=chunk_rows)
     planned = logits_bytes(shape, n_taken, 1, "chunked", assume, element_bytes=4)
-    # 4 x 126 x V_p (logits, gradient in place) + max(28 x 8 x V_p, 4 x 16 x V_p)
-    assert planned == (4 * 126 + 28 * 8) * v_pad
+    # 4 x 126 x V_p (logits, gradient in place) + max(12 x 8 x V_p, 4 x 16 x V_p)
+    assert planned == (4 * 126 + 12 * 8) * v_pad
     assert abs(got["new", True] - planned) <= 0.25 * planned, (got["new", True], planned)
     assert got["new", False] <= planned
     # before: more than two logits-sized buffers at once; after: less than one (the
     # taken rows' logits once, their gradient in place, plus a chunk's scratch)
     assert got["old", True] > 2 * buffer and got["old", False] > 2 * buffer
     assert got["new", True] < buffer and got["new", False] < buffer
-    assert got["new", True] < got["old", True] / 2
+    assert got["new", True] < got["old", True] / 2.5

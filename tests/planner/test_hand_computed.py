@@ -128,9 +128,9 @@ def test_logits_paths_by_hand():
     # gradient in place) + the output weight's bf16 gradient [256, H = 64].
     assert logits_bytes(m, 1000, 4, "fused", a) == 2 * 1000 * 256 + 2 * 64 * 256
     # chunked: the same logits + the larger of the torch reference's fp32 scratch over
-    # one 100-row chunk (28 B per element, measured in tests/actor/test_logits_memory.py)
-    # and the weight gradient (2 x 64 x 256 < 28 x 100 x 256).
-    assert logits_bytes(m, 1000, 4, "chunked", a) == 2 * 1000 * 256 + 28 * 100 * 256
+    # one 100-row chunk (12 B per element: three fp32 tensors, measured in
+    # tests/actor/test_logits_memory.py) and the weight gradient (2 x 64 x 256 is less).
+    assert logits_bytes(m, 1000, 4, "chunked", a) == 2 * 1000 * 256 + 12 * 100 * 256
     # fp32 parameters (the CPU default) double the logits and the weight gradient
     assert logits_bytes(m, 1000, 4, "fused", a, element_bytes=4) == 4 * 1000 * 256 + 4 * 64 * 256
     assert logits_bytes(m, 1000, 4, "fused_lm_head", a) == 6 * 300 * 256
