@@ -281,8 +281,8 @@ def test_logits_path_peak_against_the_planner(monkeypatch):
     assert planned == (4 * 126 + 12 * 8) * v_pad
     assert abs(got["new", True] - planned) <= 0.25 * planned, (got["new", True], planned)
     assert got["new", False] <= planned
-    # before: more than two logits-sized buffers at once; after: less than one (the
+    # before: two logits-sized buffers at once or more; after: less than one (the
     # taken rows' logits once, their gradient in place, plus a chunk's scratch)
-    assert got["old", True] > 2 * buffer and got["old", False] > 2 * buffer
+    assert got["old", True] >= 2 * buffer and got["old", False] >= 2 * buffer
     assert got["new", True] < buffer and got["new", False] < buffer
     assert got["new", True] < got["old", True] / 2.5
