@@ -5,6 +5,7 @@
 #   bash scripts/resolve_latest.sh --write   # `make lock`: .venv-lock (+ .venv-lock-sglang for
 #                                            # the real-SGLang tests), every test, then the
 #                                            # locks/ files are rewritten from those venvs
+#   bash scripts/resolve_latest.sh -- ARGS   # pytest ARGS instead of the default selection
 #
 # It prints what moved against locks/dev.txt before the tests run, so a failure can be
 # traced to a release. Exit status: the tests'. Nothing is written unless the tests pass.
@@ -13,12 +14,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 write=0
-if [[ "${1:-}" == "--write" ]]; then write=1; fi
+if [[ "${1:-}" == "--write" ]]; then write=1; shift; fi
 if (( write )); then
     venv=.venv-lock; sglang_venv="$PWD/.venv-lock-sglang"; tests=()
 else
     venv=.venv-latest; sglang_venv=""; tests=(-m "not slow")
 fi
+if [[ "${1:-}" == "--" ]]; then shift; tests=("$@"); fi
 
 rm -rf "$venv"
 "$PYTHON" -m venv "$venv"
