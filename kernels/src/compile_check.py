@@ -56,7 +56,7 @@ def _variants(
             out.append((
                 k2._lm_head_grad_kernel,
                 dict(head, row_ptr="*fp32", gh_ptr="*fp32", gl_ptr="*fp32", g_ptr=f"*{dt}",
-                     C="i32", C_valid="i32", col_start="i32", g_stride="i32"),
+                     C="i32", C_valid="i32", col_start="i32", g_stride="i32", C_TUNE="i32"),
                 consts, opts,
             ))  # fmt: skip
     loss = dict(lp_ptr="*fp32", old_ptr="*fp32", adv_ptr="*fp32", lo_ptr="*fp32",
