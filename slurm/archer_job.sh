@@ -285,7 +285,10 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
 fi
 
 if [ "$ARCHER_MODE" = colocated ]; then
-    ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=colocated")
+    # colocated servers share the trainer's GPUs: weights go by CUDA IPC handles (an NCCL
+    # group would hold two ranks on GPU 0, which NCCL refuses; config/checks.py)
+    ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=colocated"
+                        -o "rollout.weight_sync=tensor")
 fi
 
 # ---------------------------------------------------------------- training

@@ -50,7 +50,7 @@ def exported(script: str) -> dict[str, str]:
     ("yaml_text", "mode"),
     [
         ("", "train"),
-        ("rollout:\n  engine: sglang\n", "colocated"),
+        ("rollout:\n  engine: sglang\n  weight_sync: tensor\n", "colocated"),
         (
             "rollout:\n  engine: sglang\n  mode: disaggregated\nslurm:\n  rollout_nodes: 1\n"
             "model:\n  path: /m\n",
