@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = {"archer_mcore": REPO / "archer_mcore", "archer_mcore.kernels": REPO / "kernels"}
+ROOTS = {"archer_mcore": REPO / "archer_mcore", "archer_mcore.kernels": REPO / "kernels" / "src"}
 
 
 def _module_files(roots: dict[str, Path]) -> dict[str, Path]:
