@@ -479,11 +479,13 @@ def _save(
     # every rank checksums its own files; rank 0 adds the rest and writes the manifest
     error = _attempt(root, write_manifest, tmp, tmp, step, mine, {**_layout(), **reshard_fields})
     _agree(error)
-    _agree(
+    error = (
         _attempt(root, _commit, root, root, tmp, final, final.name, keep_last)
         if rank == 0
         else None
     )
+    _barrier()  # the other ranks wait here while rank 0 publishes (as they always have)
+    _agree(error)
 
 
 def _verify_shared_reads(
