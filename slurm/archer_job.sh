@@ -272,13 +272,13 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     done
     urls_yaml=$(printf '"%s",' "${ARCHER_SERVER_URLS[@]}")
     tps_yaml=$(printf "$ARCHER_SGLANG_TP,%.0s" "${ARCHER_SERVER_URLS[@]}")
-    # the trainer's rank 0 runs on the first training node: its NodeAddr is where the
-    # servers join the weight-update group (never 127.0.0.1: they are on other nodes)
+    # rollout.sglang.master_address stays unset: torchrun's rendezvous need not put rank 0
+    # on the first training node, so rank 0 finds its own address where it runs (the
+    # NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME interface, else its route to the servers)
     ARCHER_TRAIN_ARGS+=(-o "rollout.engine=sglang" -o "rollout.mode=disaggregated"
         -o "rollout.sglang.server_urls=[${urls_yaml%,}]"
         -o "rollout.sglang.server_tp_sizes=[${tps_yaml%,}]"
         -o "rollout.sglang.router_url=$ARCHER_SGLANG_ROUTER_URL"
-        -o "rollout.sglang.master_address=$MASTER_ADDR"
         -o "rollout.sglang.api_key_file=$ARCHER_SGLANG_KEY_FILE"
         -o "rollout.sglang.dtype=$ARCHER_SGLANG_DTYPE"
         -o "rollout.sglang.mem_fraction_static=$ARCHER_SGLANG_MEM_FRACTION")

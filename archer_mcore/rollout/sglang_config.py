@@ -24,9 +24,7 @@ import atexit
 import ipaddress
 import json
 import logging
-import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from archer_mcore.parallel.host_address import HostAddressError, this_host_address
 from archer_mcore.rollout.http_client import ClientConfig
 from archer_mcore.rollout.sglang_engine import SGLangEngine
 from archer_mcore.rollout.sglang_launcher import (
@@ -63,20 +62,23 @@ def is_loopback(host: str) -> bool:
 
 def resolve_master_address(configured: str, server_urls: Sequence[str],
                            env: Mapping[str, str] | None = None) -> str:  # fmt: skip
-    """The address the servers join the weight-update group at (the trainer's rank 0).
+    """The address the servers join the weight-update group at: this host's, where the
+    trainer's rank 0 runs (this is called there).
 
-    configured ("" = automatic): $MASTER_ADDR (the Slurm scripts set it to the first
-    training node's NodeAddr, where rank 0 runs), else this host's name resolved.
-    A loopback address while any server is on another host is refused: those servers
-    would try to reach themselves."""
-    env = os.environ if env is None else env
-    addr = configured or env.get("MASTER_ADDR", "")
-    if not addr:
-        try:
-            addr = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            addr = "127.0.0.1"
+    configured ("" = automatic): found here, not guessed by the job script (torchrun's
+    rendezvous does not promise rank 0 the first node): the interface
+    NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME names, else the source address of the route
+    to the first remote server, else this host's name resolved
+    (`parallel.host_address.this_host_address`). A loopback address while any server is
+    on another host is refused: those servers would try to reach themselves."""
     remote = [u for u in server_urls if not is_loopback(urlparse(u).hostname or "")]
+    addr = configured
+    if not addr:
+        peers = [urlparse(u).hostname or "" for u in remote or server_urls]
+        try:
+            addr = this_host_address(peers, env)
+        except HostAddressError as e:
+            raise SGLangConfigError(f"rollout.sglang.master_address is unset and {e}") from None
     if is_loopback(addr) and remote:
         raise SGLangConfigError(
             f"rollout.sglang.master_address resolves to {addr!r} (loopback) but server "

@@ -78,13 +78,25 @@ def test_version_range_is_checked():
             check_server_version("http://s:1", bad)
 
 
-def test_master_address_defaults_and_refuses_loopback_for_remote_servers():
+def test_master_address_is_found_on_this_host_and_refuses_loopback_for_remote_servers():
     local = ["http://127.0.0.1:30000"]
     remote = ["http://10.1.2.3:30000"]
-    assert resolve_master_address("", local, env={"MASTER_ADDR": "node7"}) == "node7"
+    # the job's MASTER_ADDR is the rendezvous host, a guess at rank 0's: never used
+    guessed = {"MASTER_ADDR": "203.0.113.9"}
+    assert resolve_master_address("", local, env={**guessed, "NCCL_SOCKET_IFNAME": "lo"}) == (
+        "127.0.0.1"
+    )
+    assert resolve_master_address("", local, env={"GLOO_SOCKET_IFNAME": "=lo"}) == "127.0.0.1"
+    assert resolve_master_address("", local, env=guessed) == "127.0.0.1"  # route to the server
+    # NCCL's exclusion form names no interface: the route decides
+    assert resolve_master_address("", local, env={"NCCL_SOCKET_IFNAME": "^docker0"}) == (
+        "127.0.0.1"
+    )
     assert resolve_master_address("10.0.0.5", remote, env={}) == "10.0.0.5"
+    with pytest.raises(SGLangConfigError, match="NCCL_SOCKET_IFNAME='nosuch9' names no interface"):
+        resolve_master_address("", local, env={"NCCL_SOCKET_IFNAME": "nosuch9"})
     with pytest.raises(SGLangConfigError, match="rollout.sglang.master_address.*10.1.2.3"):
-        resolve_master_address("", remote, env={"MASTER_ADDR": "127.0.0.1"})
+        resolve_master_address("", remote, env={"NCCL_SOCKET_IFNAME": "lo"})
     with pytest.raises(SGLangConfigError, match="loopback"):
         resolve_master_address("localhost", remote, env={})
 

@@ -111,6 +111,8 @@ def test_disaggregated_servers_and_router_bind_the_node_address_with_the_job_key
     overrides = [train[i + 1] for i, a in enumerate(train) if a == "-o"]
     assert f"rollout.sglang.api_key_file={key_file}" in overrides
     assert "rollout.sglang.router_url=http://10.0.0.1:30100" in overrides
+    # rank 0 finds the address it advertises where torchrun puts it: no guess passed
+    assert not any(o.startswith("rollout.sglang.master_address") for o in overrides)
     # the trainer's CUDA_DEVICE_MAX_CONNECTIONS and rendezvous address reach the training
     # step only
     kept = {"ENV:CUDA_DEVICE_MAX_CONNECTIONS", "ENV:MASTER_ADDR", "ENV:MASTER_PORT"}
