@@ -228,13 +228,17 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
         addr=$(archer_node_addr "$host")
         for ((k = 0; k < ARCHER_SERVERS_PER_NODE; k++)); do
             port=$((ARCHER_SGLANG_PORT + k))
-            gpus=$(seq -s, $((k * ARCHER_SGLANG_TP)) $(((k + 1) * ARCHER_SGLANG_TP - 1)))
             ARCHER_SERVER_URLS+=("http://$addr:$port")
+            # Server k takes GPUs k*TP .. k*TP+TP-1 of those the step sees (--base-gpu-id
+            # counts in the step's CUDA_VISIBLE_DEVICES, which a step with GPU GRES sets
+            # itself: a CUDA_VISIBLE_DEVICES set outside the step would be replaced, and
+            # every server would start on the node's first TP GPUs)
             # shellcheck disable=SC2086 # the command and extra args are word lists
-            CUDA_VISIBLE_DEVICES=$gpus env "${ARCHER_SERVER_ENV_UNSET[@]}" \
+            env "${ARCHER_SERVER_ENV_UNSET[@]}" \
                 srun --nodes=1 --ntasks=1 --nodelist="$host" --overlap \
                 "${ARCHER_SRUN_COMMON[@]}" \
                 $ARCHER_SGLANG_SERVER_CMD --model-path "$ARCHER_SGLANG_MODEL" \
+                --base-gpu-id $((k * ARCHER_SGLANG_TP)) \
                 --host "${ARCHER_SGLANG_BIND_HOST:-$addr}" --config "$ARCHER_SGLANG_KEY_FILE" \
                 --port "$port" --tp-size "$ARCHER_SGLANG_TP" --skip-tokenizer-init \
                 --dtype "$ARCHER_SGLANG_DTYPE" --mem-fraction-static "$ARCHER_SGLANG_MEM_FRACTION" \

@@ -124,3 +124,18 @@ def test_disaggregated_servers_and_router_bind_the_node_address_with_the_job_key
     assert not Path(key_file).exists() and not Path(key_file).parent.exists()
     for log in (tmp_path / "logs").iterdir():
         assert not re.search(r"[0-9a-f]{64}", log.read_text()), log
+
+
+@pytest.mark.timeout(180)
+def test_servers_on_one_node_start_on_their_own_gpus(tmp_path: Path) -> None:
+    """Issue 27 item 4: two TP=2 servers on one node get --base-gpu-id 0 and 2, counted
+    in the CUDA_VISIBLE_DEVICES their srun step sets itself (a step with GPU GRES does;
+    a value exported outside the step was replaced, so both took GPUs 0-1). SGLang
+    0.5.23's `base_gpu_id` (srt/arg_groups/fields/device.py)."""
+    calls = _run_job(tmp_path, "disaggregated", ARCHER_ROLLOUT_NODES="1",
+                     ARCHER_SGLANG_MODEL="/m", ARCHER_SGLANG_GPUS_PER_NODE="4",
+                     ARCHER_SGLANG_TP="2")  # fmt: skip
+    servers = sorted((c for c in calls if "--model-path" in c), key=lambda c: _after(c, "--port"))
+    assert [_after(c, "--base-gpu-id") for c in servers] == ["0", "2"]
+    assert [_after(c, "--tp-size") for c in servers] == ["2", "2"]
+    assert all("ENV:CUDA_VISIBLE_DEVICES" not in c for c in servers)
