@@ -266,6 +266,8 @@ def config_dict(run: PublishedRun, prompt_tokens: int) -> dict[str, Any]:
         "rollout": {
             "engine": "sglang",
             "mode": "colocated" if colocated else "disaggregated",
+            # colocated servers share the trainer's GPUs: sync by tensor (config/checks.py)
+            "weight_sync": "tensor" if colocated else "distributed",
             "n_samples_per_prompt": run.samples,
             "max_new_tokens": run.max_seq_tokens - prompt_tokens,
             "fp8": fp8,
