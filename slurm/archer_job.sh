@@ -139,18 +139,25 @@ archer_log "train nodes ${ARCHER_TRAIN_HOSTS[*]} x $ARCHER_NPROC_PER_NODE procs,
 
 # ---------------------------------------------------------------- stop signals
 # Slurm sends SIGUSR1 to this shell ARCHER_SIGNAL_LEAD seconds before the time limit
-# (#SBATCH --signal=B:USR1@secs), and SIGTERM on pre-emption / scancel. Either way
-# the signal goes to the training step (torchrun forwards it to every worker); the
-# trainer writes a checkpoint and exits. After SIGUSR1 the job requeues itself and
-# the next run resumes (--resume); after SIGTERM Slurm decides (pre-emption requeues
-# a --requeue job, scancel ends it).
+# (#SBATCH --signal=B:USR1@secs; by hand: scancel --batch --signal=USR1 <job>), and
+# SIGTERM on pre-emption / scancel. The signal goes to the training step only (its
+# srun forwards it to torchrun, which forwards it to every worker): the rollout servers
+# and the router keep running, so the trainer can finish its weight sync and write its
+# checkpoint; the EXIT trap stops them after the training step has exited. After
+# SIGUSR1 the job requeues itself and the next run resumes (--resume); after SIGTERM
+# Slurm decides (pre-emption requeues a --requeue job, scancel ends it).
 ARCHER_STOP_SIGNAL=""
+ARCHER_TRAIN_PID=""
 ARCHER_BG_PIDS=()
 # shellcheck disable=SC2317 # trap handlers are invoked indirectly
 archer_on_signal() {
     ARCHER_STOP_SIGNAL=$1
-    archer_log "received SIG$1: asking the training step to checkpoint and stop"
-    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true # all steps, not this shell
+    if [ -n "$ARCHER_TRAIN_PID" ]; then
+        archer_log "received SIG$1: asking the training step to checkpoint and stop"
+        kill -s "$1" "$ARCHER_TRAIN_PID" 2>/dev/null || true
+    else
+        archer_log "received SIG$1 before training started: not starting it"
+    fi
 }
 trap 'archer_on_signal USR1' USR1
 trap 'archer_on_signal TERM' TERM
@@ -297,6 +304,7 @@ fi
 
 # ---------------------------------------------------------------- training
 # One torchrun per training node; c10d rendezvous on the first training node.
+if [ -z "$ARCHER_STOP_SIGNAL" ]; then
 # shellcheck disable=SC2086 # ARCHER_ENTRY is a word list ("-m module sub" or a script)
 srun --nodes="$ARCHER_TRAIN_NNODES" --ntasks="$ARCHER_TRAIN_NNODES" --ntasks-per-node=1 \
     --nodelist="$ARCHER_TRAIN_NODELIST" "${ARCHER_SRUN_COMMON[@]}" \
@@ -307,9 +315,14 @@ srun --nodes="$ARCHER_TRAIN_NNODES" --ntasks="$ARCHER_TRAIN_NNODES" --ntasks-per
     --shutdown-timeout="$ARCHER_SHUTDOWN_TIMEOUT" \
     $ARCHER_ENTRY "${ARCHER_TRAIN_ARGS[@]}" &
 ARCHER_TRAIN_PID=$!
+# a signal that came while srun was starting found no pid to forward to
+[ -n "$ARCHER_STOP_SIGNAL" ] && kill -s "$ARCHER_STOP_SIGNAL" "$ARCHER_TRAIN_PID" 2>/dev/null
 archer_wait "$ARCHER_TRAIN_PID"
 ARCHER_TRAIN_RC=$ARCHER_WAIT_RC
 archer_log "training step exited with status $ARCHER_TRAIN_RC"
+else
+    ARCHER_TRAIN_RC=0
+fi
 
 if [ -n "$ARCHER_STOP_SIGNAL" ]; then
     if [ "$ARCHER_STOP_SIGNAL" = USR1 ] && [ "$ARCHER_REQUEUE_ON_SIGNAL" = 1 ]; then
