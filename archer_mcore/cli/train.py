@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 from pathlib import Path
 
 from archer_mcore.cli.options import add_overrides
 from archer_mcore.config import load_config
+
+#: Errors of the disk under a run file: the run stops with one line, not a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EROFS})
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -76,4 +80,25 @@ def run(args: argparse.Namespace) -> int:
         ) as exc:
             print(f"archer: training stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
+        except OSError as exc:  # a run file (metrics.jsonl, ...) on a full or failing disk
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            print(f"archer: training stopped: {_disk_error(exc, ckpt_root)}", file=sys.stderr)
+            return 1
     return 0 if summary.stopped_by is None or summary.last_checkpoint else 1
+
+
+def _disk_error(exc: OSError, ckpt_root: Path) -> str:
+    """One line for a failed write: the path, the error, and the newest checkpoint that
+    is still valid (sizes checked, not checksums: the disk may be full)."""
+    from archer_mcore.actor.checkpoint_store import CheckpointError, latest_valid_checkpoint
+
+    try:
+        valid = latest_valid_checkpoint(ckpt_root, checksums=False)
+    except (CheckpointError, OSError):
+        valid = None
+    where = f"writing {exc.filename}: " if exc.filename else ""
+    return (
+        f"OSError: {where}[Errno {exc.errno}] {exc.strerror}; the newest checkpoint still "
+        f"valid: {valid or 'none'} (fix the disk, then --resume continues from it)"
+    )

@@ -212,7 +212,8 @@ def test_a_payload_in_the_manifest_or_latest_is_named_and_skipped(
 # ------------------------------------------------------------------ item 4: failed saves
 # Runs the CLI with writes into one checkpoint file failing with the errno in
 # $FAIL_ERRNO: the n-th save ($FAIL_SAVE) fails where it writes $FAIL_FILE
-# ("rng": the RNG file, through torch.save; "fsync": every fsync of that save).
+# ("rng": the RNG file, through torch.save; "fsync": every fsync of that save;
+# "metrics": metrics.jsonl after that save, not a checkpoint file).
 FAILING_WRITE_DRIVER = r"""
 import errno, os, sys
 import torch
@@ -246,6 +247,18 @@ def fsync(fd):
 checkpoint.save_checkpoint = save_checkpoint
 torch.save = torch_save
 os.fsync = fsync
+
+if where == "metrics":  # the step's line in metrics.jsonl, after its checkpoint
+    import archer_mcore.train.components as components
+
+    real_append = components.append_line
+
+    def append_line(path, line):
+        if saves["n"] == nth:
+            failing(path)
+        return real_append(path, line)
+
+    components.append_line = append_line
 from archer_mcore.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -280,6 +293,26 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     _check_failed_save(proc, out / "checkpoints", ".tmp-step_00000002")
     assert os.strerror(getattr(errno, code)) in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_full_disk_under_metrics_jsonl_is_one_line(archer, helpers, tmp_path):
+    out = tmp_path / "run"
+    driver = tmp_path / "failing_driver.py"
+    driver.write_text(FAILING_WRITE_DRIVER)
+    cmd = archer.command("train", _overrides(helpers, out))
+    cmd[1] = str(driver)
+    env = {**helpers.child_env(), "FAIL_ERRNO": "ENOSPC", "FAIL_FILE": "metrics", "FAIL_SAVE": "2"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    root = out / "checkpoints"
+    assert last.startswith(
+        f"archer: training stopped: OSError: writing {out / 'metrics.jsonl'}: [Errno 28] "
+    ), last
+    assert f"still valid: {root / 'step_00000002'}" in last, last
 
 
 @pytest.fixture
