@@ -262,3 +262,25 @@ def test_archer_train_refuses_planted_links_before_any_work(tmp_path: Path, plan
     assert f"{link} is a symbolic link" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert victim.read_text() == PRECIOUS and sorted(os.listdir(victim.parent)) == ["victim.txt"]
+
+
+def test_archer_eval_never_writes_its_result_through_a_link(tmp_path: Path) -> None:
+    from archer_mcore.cli.eval import _write_result
+    from archer_mcore.config import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = _victim(tmp_path)
+    cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(out)))
+    (out / "eval").symlink_to(victim.parent, target_is_directory=True)
+    with pytest.raises(ConfigError, match="eval is a symbolic link"):
+        _write_result(cfg, None, "{}\n")  # type: ignore[arg-type]
+    assert sorted(os.listdir(victim.parent)) == ["victim.txt"]
+    # --out naming a link: the link is replaced by the result, its target untouched
+    (out / "eval").unlink()
+    link = out / "result.json"
+    link.symlink_to(victim)
+    assert _write_result(cfg, str(link), "{}\n") == link  # type: ignore[arg-type]
+    assert not link.is_symlink() and link.read_text() == "{}\n"
+    assert victim.read_text() == PRECIOUS
+    assert _write_result(cfg, None, "{}\n") == out / "eval" / "eval.json"  # type: ignore[arg-type]
