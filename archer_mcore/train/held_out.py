@@ -12,6 +12,7 @@ from archer_mcore.train.components import Components
 from archer_mcore.train.eval_metrics import EVAL_PASS_KS, summarize
 from archer_mcore.train.sampling import eval_sampling_params
 from archer_mcore.train.scoring import score_groups
+from archer_mcore.utils.safe_files import write_atomic
 
 
 def evaluate_held_out(cfg: Config, c: Components, step: int) -> dict[str, float]:
@@ -35,5 +36,6 @@ def evaluate_held_out(cfg: Config, c: Components, step: int) -> dict[str, float]
         result.update({f"eval/{k}": v for k, v in allrow.items() if k.startswith("pass@")})
         path = Path(cfg.train.output_dir) / "eval" / f"step_{step:06d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        # renamed into place: a link planted at the name is replaced, never written through
+        write_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return broadcast_object(result) or {}
