@@ -15,6 +15,8 @@ had exited, and the job asked to be requeued.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -74,7 +76,8 @@ def test_usr1_stops_the_training_step_and_keeps_the_servers_until_it_exits(tmp_p
     }  # fmt: skip
     events = stub / "events"
     job = subprocess.Popen(["bash", str(JOB)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                           stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while "train start" not in (events.read_text() if events.exists() else ""):
@@ -83,9 +86,10 @@ def test_usr1_stops_the_training_step_and_keeps_the_servers_until_it_exits(tmp_p
         time.sleep(0.3)  # the shell is waiting on the training step
         job.send_signal(signal.SIGUSR1)
         out, _ = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    finally:  # the stand-in steps too, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
     lines = events.read_text().splitlines()
     assert job.returncode == 0, out
     assert "train USR1" in lines, lines
