@@ -45,7 +45,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,7 @@ LEGACY_VOCAB_MULTIPLE = 128  # legacy checkpoints padded the vocabulary to 128 *
 SHARED_READS = ("extra_state.pt", "dist/common.pt", "dist/metadata.json", "dist/.metadata")
 
 log = logging.getLogger(__name__)
+_E = TypeVar("_E", bound=BaseException)
 
 
 class CheckpointablePolicy(Protocol):
@@ -132,10 +133,10 @@ def _fail_together(error: str | None) -> None:
 last_load_verification = LoadVerification()
 
 
-def _checkpoint_error_in(exc: BaseException, depth: int = 0) -> CheckpointError | None:
-    """A CheckpointError that `exc` is or wraps (a rank's failure inside torch's
-    CheckpointException, or a cause/context), if any."""
-    if isinstance(exc, CheckpointError):
+def _wrapped(exc: BaseException, kind: type[_E], depth: int = 0) -> _E | None:
+    """The exception of type `kind` that `exc` is or wraps, if any: torch's
+    CheckpointException holds each rank's failure; causes and contexts are followed."""
+    if isinstance(exc, kind):
         return exc
     if depth > 8:
         return None
@@ -144,10 +145,16 @@ def _checkpoint_error_in(exc: BaseException, depth: int = 0) -> CheckpointError 
         inner += [e for _, (e, _) in sorted(exc.failures.items(), key=lambda kv: kv[0])]
     inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
     for e in inner:
-        found = _checkpoint_error_in(e, depth + 1)
+        found = _wrapped(e, kind, depth + 1)
         if found is not None:
             return found
     return None
+
+
+def _checkpoint_error_in(exc: BaseException) -> CheckpointError | None:
+    """A CheckpointError that `exc` is or wraps (a rank's failure inside torch's
+    CheckpointException, or a cause/context), if any."""
+    return _wrapped(exc, CheckpointError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -267,22 +274,9 @@ class _WriteFailed(Exception):
         self.path, self.error = path, error
 
 
-def _first_os_error(exc: BaseException, depth: int = 0) -> OSError | None:
-    """The OSError that `exc` is or wraps (torch's CheckpointException holds each rank's
-    failure; causes and contexts are followed)."""
-    if isinstance(exc, OSError):
-        return exc
-    if depth > 8:
-        return None
-    inner: list[BaseException] = []
-    if isinstance(exc, CheckpointException):
-        inner += [e for _, (e, _) in sorted(exc.failures.items(), key=lambda kv: kv[0])]
-    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
-    for e in inner:
-        found = _first_os_error(e, depth + 1)
-        if found is not None:
-            return found
-    return None
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError that `exc` is or wraps, if any."""
+    return _wrapped(exc, OSError)
 
 
 def _describe_write_error(path: Path, exc: BaseException, need: int = 0) -> str:
