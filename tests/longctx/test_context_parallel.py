@@ -67,8 +67,9 @@ def test_training_memory_cp2_by_hand():
     # each GPU holds 512 / 2 = 256 tokens: 256 x (2 layers x 1872 + 8 token-id bytes),
     # plus ring buffers: 2 chunks x 256 tokens x K,V (2 x 2 B x 2 heads x 16) = 65536
     assert s.activations == 256 * (2 * 1872 + 8) + 2 * 256 * 128
-    # fused logits of its 256 tokens: 4 B x 256 x 256 columns
-    assert s.logits == 4 * 256 * 256
+    # fused logits of its 256 tokens: bf16 logits whose memory takes their gradient
+    # (2 B x 256 x 256 columns), plus the output weight's gradient (2 B x H 64 x 256)
+    assert s.logits == 2 * 256 * 256 + 2 * 64 * 256
     # full recompute: inputs 256 x (2 x 128 + 8), one layer rebuilt 256 x 1872, buffers
     assert mem.activations_by_recompute["full"] == 256 * (2 * 128 + 8) + 256 * 1872 + 65536
     # micro-batches per DP rank: 8 sequences x (128 + 384 / 2) tokens / DP 2 / 512 -> 3
