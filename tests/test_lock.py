@@ -10,11 +10,11 @@ is meant to differ from the lock, so the venv checks here skip there).
 from __future__ import annotations
 
 import ast
-import importlib.metadata as md
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,17 +48,17 @@ def _pins(lock: Path) -> dict[str, str]:
     return pins
 
 
-def _installed(python: str | None = None) -> dict[str, str]:
-    """{name: version} of every distribution of `python`'s environment (this one if None)."""
-    if python is None:
-        found = {_norm(d.metadata["Name"]): d.version for d in md.distributions()}
-    else:
-        code = (
-            "import importlib.metadata as m, json; "
-            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
-        )
-        out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True)
-        found = {_norm(k): v for k, v in json.loads(out.stdout).items()}
+def _installed(python: str) -> dict[str, str]:
+    """{name: version} of every distribution of `python`'s environment, read in a fresh
+    isolated process: in this one, an imported setuptools (>= 71) has put its _vendor
+    folder on sys.path, whose vendored copies (jaraco.*, packaging, wheel, ...) would
+    read as installed."""
+    code = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    out = subprocess.run([python, "-I", "-c", code], check=True, capture_output=True, text=True)
+    found = {_norm(k): v for k, v in json.loads(out.stdout).items()}
     found.pop("archer-mcore", None)  # the project itself, installed editable
     return found
 
@@ -73,7 +73,7 @@ def _diff(lock: dict[str, str], venv: dict[str, str]) -> list[str]:
 
 @unlocked_venv
 def test_dev_lock_is_exactly_this_venv() -> None:
-    diff = _diff(_pins(DEV_LOCK), _installed())
+    diff = _diff(_pins(DEV_LOCK), _installed(sys.executable))
     assert not diff, "locks/dev.txt and the venv differ (run `make setup`, or `make lock`):\n" + (
         "\n".join(diff)
     )

@@ -172,7 +172,8 @@ class MegatronPolicy:
         (random initialisation). Initialises torch.distributed and megatron's groups
         unless `init_dist` is False (then they must exist already)."""
         if init_dist:
-            init_distributed(cfg.tp, cfg.pp, cfg.seed)
+            init_distributed(cfg.tp, cfg.pp, cfg.seed,
+                             timeout_s=cfg.parallel.collective_timeout_s)  # fmt: skip
         shape = shape_from_hf_config(source)
         hf_dir = None if isinstance(source, Mapping) else Path(source)
         return cls(shape, cfg, hf_dir)

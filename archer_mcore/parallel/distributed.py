@@ -123,10 +123,12 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
 
 def init_distributed(
-    tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None
+    tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None,
+    timeout_s: float = 1800.0,
 ) -> DistEnv:
-    """Both of the above: the one call a training process makes at start-up."""
-    env = init_process_group(backend=backend)
+    """Both of the above: the one call a training process makes at start-up.
+    `timeout_s`: the default group's (`parallel.collective_timeout_s`)."""
+    env = init_process_group(backend=backend, timeout_s=timeout_s)
     init_model_parallel(tp, pp, seed)
     return env
 

@@ -141,10 +141,16 @@ def is_simplified_number(answer: str) -> bool:
     return den > 1 and math.gcd(num, den) == 1
 
 
+def _quiet_math_verify() -> None:
+    """math-verify warns once per process that its timeouts are off (we set them off:
+    the worker process is the time limit); call before its first parse or verify."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
 def _math_verify_equal(pred: str, gold: str) -> bool:
     from math_verify import parse, verify  # imported lazily: slow first import
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" notices
+    _quiet_math_verify()
     gold_text = gold if "\\boxed" in gold or "$" in gold else f"${gold}$"
     gold_parsed = parse(gold_text, parsing_timeout=None)  # type: ignore[arg-type]
     pred_parsed = parse(f"${pred}$", parsing_timeout=None)  # type: ignore[arg-type]
@@ -164,6 +170,7 @@ def _constant_side(side: str) -> Any | None:
     from sympy import Basic
     from sympy.core.function import AppliedUndef
 
+    _quiet_math_verify()
     parsed = parse(f"${side}$", parsing_timeout=None)  # type: ignore[arg-type]
     if not parsed or not isinstance(parsed[0], Basic):
         return None

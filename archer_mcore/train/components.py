@@ -35,7 +35,6 @@ from archer_mcore.data.prepare import (
 from archer_mcore.data.prompt_dataset import PromptDataset
 from archer_mcore.data.sampler import EpochSampler
 from archer_mcore.model.hf_config import model_hf_config, shape_from_hf_config
-from archer_mcore.parallel.distributed import init_process_group
 from archer_mcore.parallel.ranks import init_control_group, rank
 from archer_mcore.rollout.types import RolloutEngine
 from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
@@ -346,10 +345,9 @@ def build_components(cfg: Config) -> Components:
     source: Any = cfg.model.path or hf_config
     if cfg.warmstart.steps > 0:
         source = _warm_start(cfg, train_data, tokenizer, hf_config, cache, pad_id)
-    # the default group's timeout, then how long the ranks wait for rank 0's rollout
-    init_process_group(timeout_s=cfg.parallel.collective_timeout_s)
+    policy = MegatronPolicy.from_hf(source, _policy_config(cfg))  # initialises torch.distributed
+    # how long the ranks wait for rank 0's rollout: its group, made while all are here
     init_control_group(cfg.parallel.rollout_wait_timeout_s)
-    policy = MegatronPolicy.from_hf(source, _policy_config(cfg))
     engine = scorer = exporter = None
     if rank() == 0:
         engine, scorer, exporter = _rank0_services(cfg, hf_config, pad_id, train_data)
