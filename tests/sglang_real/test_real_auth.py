@@ -79,7 +79,11 @@ def _refusals(server: str, router: str) -> dict[str, int]:
         "/generate": {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}},
     }  # fmt: skip
     out = {}
-    with httpx2.Client(timeout=60, trust_env=False) as c:
+    # a connection per request: a kept-alive one the server closed while idle (uvicorn's
+    # keep-alive timeout, under a busy CI machine) failed a POST with "Server
+    # disconnected without sending a response", which says nothing about the key
+    limits = httpx2.Limits(max_keepalive_connections=0)
+    with httpx2.Client(timeout=60, trust_env=False, limits=limits) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             tag = "wrong key" if headers else "no key"
             for path, body in weight_bodies.items():
