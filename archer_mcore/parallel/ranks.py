@@ -74,6 +74,18 @@ def control_group() -> dist.ProcessGroup:
     return _control[1]
 
 
+def destroy_control_group() -> None:
+    """Destroy the control group (every rank, at the end of a run, before the default
+    group). Left to the interpreter's exit, a gloo group's threads can be torn down out
+    of order and the process aborts ("terminate called without an active exception")."""
+    global _control
+    if _control is not None:
+        group = _control[1]
+        _control = None
+        if dist.is_initialized():
+            dist.destroy_process_group(group)
+
+
 def _waiting(fn: Callable[[], T]) -> T:
     """Run a host-side collective; a gloo timeout becomes a RankWaitTimeout naming
     the setting (gloo says "Timed out waiting ... for recv")."""

@@ -35,7 +35,7 @@ from archer_mcore.data.prepare import (
 from archer_mcore.data.prompt_dataset import PromptDataset
 from archer_mcore.data.sampler import EpochSampler
 from archer_mcore.model.hf_config import model_hf_config, shape_from_hf_config
-from archer_mcore.parallel.ranks import init_control_group, rank
+from archer_mcore.parallel.ranks import destroy_control_group, init_control_group, rank
 from archer_mcore.rollout.types import RolloutEngine
 from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
 from archer_mcore.train.protocols import (
@@ -171,6 +171,7 @@ class Components:
             self.scorer.close()
         if self.engine is not None:
             self.engine.shutdown()
+        destroy_control_group()
 
 
 def _all_ranks_here() -> None:

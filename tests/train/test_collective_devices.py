@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _helpers_worker(rank: int, port: int, backend: str, out: str) -> None:
-    from archer_mcore.parallel.ranks import any_rank, broadcast_object
+    from archer_mcore.parallel.ranks import any_rank, broadcast_object, destroy_control_group
     from archer_mcore.train.run_dir import parameters_finite
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -53,6 +53,7 @@ def _helpers_worker(rank: int, port: int, backend: str, out: str) -> None:
         with open(f"{out}.{rank}", "w") as f:
             json.dump(res, f)
     finally:
+        destroy_control_group()
         dist.destroy_process_group()
 
 
