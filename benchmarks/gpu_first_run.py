@@ -46,7 +46,8 @@ def device_rule(smoke: bool) -> dict[str, Any]:
     dist.init_process_group(backend=backend, rank=0, world_size=1)
     try:
         out: dict[str, Any] = {"backend": str(dist.get_backend_config())}
-        out["default_serves_cpu"] = ranks.serves_cpu()
+        config = str(dist.get_backend_config())  # e.g. "cuda:nccl", "cpu:gloo,cuda:gloo"
+        out["default_serves_cpu"] = any(p.split(":", 1)[0] == "cpu" for p in config.split(","))
         try:
             dist.all_reduce(torch.zeros(1))
             out["cpu_tensor_on_default"] = "accepted"
@@ -57,7 +58,7 @@ def device_rule(smoke: bool) -> dict[str, Any]:
         dist.all_reduce(t, group=group)
         box: list[Any] = [{"step": 1}]
         dist.broadcast_object_list(box, src=0, group=group)
-        out["control_group"] = "default" if group is None else str(dist.get_backend_config(group))
+        out["control_group"] = str(dist.get_backend_config(group))
         out["control_collectives"] = "ok" if t.item() == 1.0 and box[0] == {"step": 1} else "wrong"
         return out
     finally:

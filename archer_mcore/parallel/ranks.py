@@ -32,13 +32,6 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def serves_cpu(group: dist.ProcessGroup | None = None) -> bool:
-    """True if `group`'s backend takes CPU tensors ("gloo" is configured as
-    "cpu:gloo,cuda:gloo", "nccl" as "cuda:nccl")."""
-    config = str(dist.get_backend_config(group))
-    return any(part.split(":", 1)[0] == "cpu" for part in config.split(","))
-
-
 DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0  # parallel.rollout_wait_timeout_s's default
 _wait_timeout_s = DEFAULT_WAIT_TIMEOUT_S
 # (default group, control group) of this process; rebuilt if the default group changes
