@@ -8,7 +8,11 @@ while the trainer still needed them for the weight sync before its checkpoint.
 Here the script runs under bash with stand-in `scontrol` (two nodes) and `srun`: each
 step records the signals it gets in one event log; the training step answers SIGUSR1
 by exiting after 1 s (its checkpoint), servers and router run until killed. The
-stand-in `scancel` records its calls. After SIGUSR1 to the shell: the training step
+stand-in `scancel` records its calls. What the stand-ins assume of the real ones: a
+signal sent to an `srun` process is forwarded to the tasks of its step (Slurm's srun(1),
+"SIGNALS AND ESCAPE SEQUENCES"), which the live Slurm tests exercise
+(tests/slurm/test_slurm_live.py, the pre-emption tests send `scancel --batch
+--signal=USR1`); `scontrol requeue <job>` requeues the job. After SIGUSR1 to the shell: the training step
 got it, no server or router step did, they were stopped only after the training step
 had exited, and the job asked to be requeued.
 """
