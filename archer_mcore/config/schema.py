@@ -321,6 +321,10 @@ class CheckpointConfig:
     # before a pre-emption (the 32B presets' steps take about an hour)
     every_minutes: float = _f(0.0, ge=0)
     keep_last: int = _f(3, ge=1)
+    # the file system's write bandwidth for one checkpoint, all writing ranks together,
+    # GB/s (1e9 bytes/s): `archer submit` derives the signal lead from the save time it
+    # gives (archer_mcore/plan/stop.py)
+    write_gb_per_s: float = _f(2.0, gt=0)
 
 
 @dataclass
@@ -341,6 +345,9 @@ class SlurmConfig:
     gpu_type: Literal["h800", "h100", "h200", "cpu"] = "h800"
     rollout_nodes: int = _f(0, ge=0)  # disaggregated: nodes that run SGLang servers
     time: str = "24:00:00"
+    # SIGUSR1 this many seconds before the time limit (stop, checkpoint, requeue);
+    # 0: `archer submit` derives it from the plan (archer_mcore/plan/stop.py)
+    signal_lead_s: int = _f(0, ge=0)
     container_image: str = ""
     extra_sbatch: list[str] = _f(factory=list)
 

@@ -38,8 +38,9 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
 
 Modules, each importing only those before it: `specs` (GPUs, assumptions, layouts,
 workload), `formulas` (per-GPU byte counts), `memory` (training and rollout memory),
-`steptime`, `search` (layouts from a config, checks, the nearest fitting layout) and
-`report` (text and JSON). The `archer plan` command line is archer_mcore/cli/plan.py.
+`steptime`, `stop` (checkpoint save time and the signal lead), `search` (layouts from
+a config, checks, the nearest fitting layout) and `report` (text and JSON). The `archer
+plan` command line is archer_mcore/cli/plan.py.
 """
 
 from __future__ import annotations
@@ -104,8 +105,16 @@ from archer_mcore.plan.specs import (
     Workload,
 )
 from archer_mcore.plan.steptime import StepTime, cp_comm_bytes, forward_flops_per_token, step_time
+from archer_mcore.plan.stop import (
+    CHECKPOINT_BYTES_PER_PARAM,
+    SignalLead,
+    checkpoint_bytes,
+    checkpoint_save_s,
+    signal_lead,
+)
 
 __all__ = [
+    "CHECKPOINT_BYTES_PER_PARAM",
     "DEFAULT_ASSUMPTIONS",
     "GIB",
     "GPU_SPECS",
@@ -120,6 +129,7 @@ __all__ = [
     "RecomputeMode",
     "RolloutLayout",
     "RolloutMemory",
+    "SignalLead",
     "StageMemory",
     "StepTime",
     "TrainLayout",
@@ -129,6 +139,8 @@ __all__ = [
     "attention_params",
     "candidate_layouts",
     "check_layout",
+    "checkpoint_bytes",
+    "checkpoint_save_s",
     "cluster_from_config",
     "cp_comm_bytes",
     "cp_kv_bytes_per_token",
@@ -157,6 +169,7 @@ __all__ = [
     "rollout_memory",
     "rollout_weight_bytes",
     "shape_from_config",
+    "signal_lead",
     "stage_params",
     "step_time",
     "total_params",

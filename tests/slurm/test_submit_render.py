@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -275,3 +276,81 @@ def test_sglang_server_settings_reach_the_job(tmp_path: Path) -> None:
     env = exported(render_script(default))
     assert (env["ARCHER_ROUTER_POLICY"], env["ARCHER_SGLANG_DTYPE"]) == ("cache_aware", "bfloat16")
     assert env["ARCHER_SGLANG_MEM_FRACTION"] == "0.8"
+
+
+# ------------------------------------------------------------------- the signal lead
+PRESET_32B = Path(__file__).resolve().parents[2] / "configs" / "qwen3_32b_archer.yaml"
+
+
+def _plan_lead(*overrides: str) -> int:
+    """The lead plan/stop.py derives for the 32B preset, computed here from its parts."""
+    from archer_mcore.config import load_config
+    from archer_mcore.plan.search import plan_config
+    from archer_mcore.plan.stop import MARGIN_FACTOR, MARGIN_S, checkpoint_bytes
+
+    cfg = load_config(PRESET_32B, list(overrides))
+    plan = plan_config(cfg, PRESET_32B)
+    save_s = checkpoint_bytes(plan.model) / (cfg.checkpoint.write_gb_per_s * 1e9)
+    longest = max(plan.time.rollout_s, plan.time.training_s)
+    return math.ceil(MARGIN_FACTOR * (longest + save_s) + MARGIN_S)
+
+
+def _lead_of(script: str) -> int:
+    (line,) = [h for h in header(script) if h.startswith("--signal=")]
+    return int(line.rsplit("@", 1)[1])
+
+
+def test_signal_lead_is_derived_from_the_plan_and_the_write_bandwidth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 14 bytes per parameter (bf16 weights, fp32 master weights, two Adam moments):
+    # about 460 GB for Qwen3-32B, 230 s at the default 2 GB/s
+    req = request_from_args(parse(str(PRESET_32B), "--log-dir", str(tmp_path)))
+    lead = _lead_of(render_script(req))
+    assert lead == _plan_lead() and 1800 < lead < 7200  # an hour-long step, not 600 s
+    note = capsys.readouterr().err
+    assert f"signal lead {lead} s = 1.25 x (" in note and "to write the checkpoint" in note
+    # checkpoint.write_gb_per_s: a slower file system needs a longer lead
+    slow = request_from_args(
+        parse(str(PRESET_32B), "-o", "checkpoint.write_gb_per_s=0.5", "--log-dir", str(tmp_path))
+    )
+    slow_lead = _lead_of(render_script(slow))
+    assert slow_lead == _plan_lead("checkpoint.write_gb_per_s=0.5")
+    # 460 GB at 0.5 instead of 2 GB/s: 3 x 230 s more write time, x 1.25
+    assert 800 < slow_lead - lead < 900
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (("--signal-lead", "600"), "--signal-lead"),
+        (("-o", "slurm.signal_lead_s=600"), "slurm.signal_lead_s"),
+    ],
+)
+def test_a_configured_lead_shorter_than_the_plan_is_used_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, ...], key: str
+) -> None:
+    req = request_from_args(parse(str(PRESET_32B), *flags, "--log-dir", str(tmp_path)))
+    assert _lead_of(render_script(req)) == 600
+    err = capsys.readouterr().err
+    assert f"warning: {key} = 600 s is shorter than the {_plan_lead()} s" in err, err
+    # long enough: no warning
+    request_from_args(
+        parse(str(PRESET_32B), flags[0], flags[1].replace("600", "9000"), "--log-dir",
+              str(tmp_path))
+    )  # fmt: skip
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_signal_lead_without_a_plan_falls_back_to_600(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a CPU job: the planner sizes GPU jobs only
+    req = request_from_args(parse(str(config(tmp_path)), "--gpus-per-node", "0"))
+    assert _lead_of(render_script(req)) == 600
+    assert "signal lead 600 s (no plan for this job: slurm.gpus_per_node" in capsys.readouterr().err
+
+
+def test_a_derived_lead_longer_than_the_time_limit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SubmitError, match=r"derived from the plan.*not shorter than the time"):
+        request_from_args(parse(str(PRESET_32B), "--time", "40"))  # 2400 s
