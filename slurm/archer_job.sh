@@ -19,9 +19,9 @@
 #   ARCHER_CONTAINER_IMAGE / ARCHER_CONTAINER_MOUNTS  pyxis/enroot container for srun
 #   ARCHER_SRUN_ARGS      extra srun flags for every step
 #   ARCHER_PUSHGATEWAY    Pushgateway URL -> metrics.pushgateway
-#   ARCHER_PROM_TARGETS_DIR  write a Prometheus file_sd target for rank 0 here; the
-#                         exporter (read-only GET /metrics) then listens on the first
-#                         training node's address ($MASTER_ADDR), not on every interface
+#   ARCHER_PROM_TARGETS_DIR  rank 0 writes a Prometheus file_sd target for itself here;
+#                         its exporter (read-only GET /metrics) then listens on its own
+#                         node's address (metrics.host=auto), not on every interface
 #   ARCHER_METRICS_PORT   rank 0 exporter port when ARCHER_PROM_TARGETS_DIR is set [9400]
 #   ARCHER_LOG_DIR        where SGLang server / router logs go  [$SLURM_SUBMIT_DIR]
 #   disaggregated only:
@@ -182,12 +182,13 @@ archer_wait() { # wait for a pid through trapped signals; its status -> ARCHER_W
 
 # ---------------------------------------------------------------- Prometheus target
 if [ -n "$ARCHER_PROM_TARGETS_DIR" ]; then
-    # read-only /metrics, reachable where Prometheus scrapes it: the node's cluster address
-    ARCHER_TRAIN_ARGS+=(-o "metrics.host=$MASTER_ADDR" -o "metrics.port=$ARCHER_METRICS_PORT")
+    # read-only /metrics, reachable where Prometheus scrapes it: rank 0 binds its own
+    # node's address (torchrun may place it on any training node) and writes the file_sd
+    # target $ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json naming it (removed at its exit;
+    # the EXIT trap removes one a crashed trainer left)
     mkdir -p "$ARCHER_PROM_TARGETS_DIR"
-    printf '[{"targets": ["%s:%s"], "labels": {"slurm_job_id": "%s"}}]\n' \
-        "$MASTER_ADDR" "$ARCHER_METRICS_PORT" "$SLURM_JOB_ID" \
-        >"$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
+    ARCHER_TRAIN_ARGS+=(-o "metrics.host=auto" -o "metrics.port=$ARCHER_METRICS_PORT"
+                        -o "metrics.targets_dir=$ARCHER_PROM_TARGETS_DIR")
 fi
 
 # ---------------------------------------------------------------- rollout servers
@@ -325,8 +326,10 @@ else
 fi
 
 if [ -n "$ARCHER_STOP_SIGNAL" ]; then
+    # (torchrun exits 1 after forwarding a signal even when every worker checkpointed
+    # and exited 0: the trainer's own log says what it saved)
     if [ "$ARCHER_STOP_SIGNAL" = USR1 ] && [ "$ARCHER_REQUEUE_ON_SIGNAL" = 1 ]; then
-        archer_log "checkpoint written; requeueing job $SLURM_JOB_ID to resume"
+        archer_log "training stopped on SIGUSR1; requeueing job $SLURM_JOB_ID to resume from its newest checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
     fi
     exit 0

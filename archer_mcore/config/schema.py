@@ -330,7 +330,15 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = True
+    # where rank 0 serves /metrics (read-only GET); "auto": this host's own address,
+    # resolved where rank 0 runs (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME interface, else
+    # the host name's address): the Slurm scripts set it, as torchrun may put rank 0 on
+    # any training node
     host: str = "127.0.0.1"
+    # a folder Prometheus reads file_sd targets from (prometheus.yml's file_sd_configs):
+    # rank 0 writes <Slurm job id, else train.run_name>.json there naming the host:port
+    # it serves /metrics on, and removes it when the run ends; "": none
+    targets_dir: str = ""
     port: int = _f(9400, ge=0, lt=65536)  # 0: any free port
     pushgateway: str = ""  # e.g. http://127.0.0.1:9091; empty: no push
     job: str = "archer"

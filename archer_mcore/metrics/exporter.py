@@ -13,6 +13,7 @@ number, or a non-finite / negative counter increment is counted in
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,12 +21,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
 
 from archer_mcore.metrics.keys import ACCEPTED_KEYS, IGNORED_KEYS, KEY_SPECS, KeySpec, resolve_key
+from archer_mcore.utils.safe_files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,16 @@ HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 
+def bind_host(host: str) -> str:
+    """metrics.host as an address: "auto" is this host's own (`this_host_address`: the
+    NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME interface, else the host name's address)."""
+    if host != "auto":
+        return host
+    from archer_mcore.parallel.host_address import this_host_address
+
+    return this_host_address()
+
+
 def _label_names(spec: KeySpec) -> tuple[str, ...]:
     return BASE_LABELS + tuple(lab.split("=", 1)[0] for lab in spec.labels)
 
@@ -76,6 +89,9 @@ class MetricsExporter:
         registry: registry to register into; a fresh one by default, so several
             exporters can live in one process.
         slurm_job_id: defaults to $SLURM_JOB_ID.
+        targets_dir: a Prometheus file_sd folder, or None. When set, `start()` writes
+            ``<slurm_job_id, else run>.json`` there (atomically) naming host:port as bound,
+            with labels run and slurm_job_id; `close()` removes it.
     """
 
     def __init__(
@@ -87,6 +103,7 @@ class MetricsExporter:
         pushgateway: str | None = None,
         registry: CollectorRegistry | None = None,
         slurm_job_id: str | None = None,
+        targets_dir: str | None = None,
     ) -> None:
         if not run:
             raise ValueError("MetricsExporter: run name must be non-empty")
@@ -100,6 +117,8 @@ class MetricsExporter:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.slurm_job_id = slurm_job_id or os.environ.get("SLURM_JOB_ID", "") or "none"
         self._base = {"run": run, "slurm_job_id": self.slurm_job_id}
+        self.targets_dir = targets_dir or None
+        self._target_file: Path | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._port: int | None = None
@@ -110,13 +129,15 @@ class MetricsExporter:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, metrics_cfg: Any, run: str) -> MetricsExporter:
-        """Build from a `MetricsConfig`-like object (host, port, pushgateway, job)."""
+        """Build from a `MetricsConfig`-like object (host, port, pushgateway, job,
+        targets_dir); host "auto" becomes this host's own address (`this_host_address`)."""
         return cls(
             run=run,
             job=metrics_cfg.job,
-            host=metrics_cfg.host,
+            host=bind_host(metrics_cfg.host),
             port=metrics_cfg.port,
             pushgateway=metrics_cfg.pushgateway or None,
+            targets_dir=metrics_cfg.targets_dir or None,
         )
 
     def _build_metrics(self) -> None:
@@ -185,7 +206,20 @@ class MetricsExporter:
         log.info(
             "metrics exporter for run %s on http://%s:%d/metrics", self.run, self.host, self._port
         )
+        if self.targets_dir:
+            self._write_target(Path(self.targets_dir))
         return self._port
+
+    def _write_target(self, folder: Path) -> None:
+        """The file_sd target Prometheus scrapes this exporter through (see targets_dir)."""
+        name = self.slurm_job_id if self.slurm_job_id != "none" else self.run
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"metrics.targets_dir: cannot name a target file after {name!r}")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = [{"targets": [f"{self.host}:{self._port}"], "labels": dict(self._base)}]
+        path = folder / f"{name}.json"
+        write_atomic(path, json.dumps(target) + "\n", durable=False)
+        self._target_file = path
 
     @property
     def port(self) -> int:
@@ -307,6 +341,8 @@ class MetricsExporter:
         if self._closed:
             return
         self._closed = True
+        if self._target_file is not None:
+            self._target_file.unlink(missing_ok=True)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

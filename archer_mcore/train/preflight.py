@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from archer_mcore.config import Config, ConfigError
+from archer_mcore.metrics.exporter import bind_host
 
 #: files any one of which makes a directory loadable by transformers' AutoTokenizer
 TOKENIZER_FILES = (
@@ -108,8 +109,9 @@ def check_metrics_endpoint(cfg: Config) -> None:
     mc = cfg.metrics
     if not mc.enabled:
         return
+    host = bind_host(mc.host)
     try:
-        infos = socket.getaddrinfo(mc.host, mc.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, mc.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ConfigError(f"metrics.host: {mc.host!r} does not resolve ({exc.strerror})") from None
     family, _, _, _, addr = infos[0]
