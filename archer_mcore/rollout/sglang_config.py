@@ -132,10 +132,16 @@ def sync_config(rollout: Any, output_dir: str | Path, base_model_dir: str | Path
     )  # fmt: skip
 
 
-def expected_server_fields(s: Any) -> dict[str, tuple[str, Any]]:
-    """/server_info fields every server must report: field -> (config key, value)."""
+def expected_server_fields(s: Any, fp8: bool = False) -> dict[str, tuple[str, Any]]:
+    """/server_info fields every server must report: field -> (config key, value).
+    "quantization" -> ("rollout.fp8", fp8) is not compared for equality but by
+    sglang_servers.check_quantization (the server's --quantization or its checkpoint's
+    quantization_config against rollout.fp8)."""
+    from archer_mcore.rollout.sglang_servers import QUANTIZATION_FIELD
+
     out: dict[str, tuple[str, Any]] = {
         "mem_fraction_static": ("rollout.sglang.mem_fraction_static", s.mem_fraction_static),
+        QUANTIZATION_FIELD: ("rollout.fp8", bool(fp8)),
     }
     if s.dtype != "auto":
         out["dtype"] = ("rollout.sglang.dtype", s.dtype)
@@ -162,7 +168,7 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
     """The engine of rollout.engine = sglang (see the module docstring)."""
     r, s = cfg.rollout, cfg.rollout.sglang
     work = Path(work_dir)
-    expect = expected_server_fields(s)
+    expect = expected_server_fields(s, fp8=bool(r.fp8))
     if r.mode == "disaggregated":
         if not s.server_urls:
             raise SGLangConfigError(

@@ -14,8 +14,9 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,114 @@ from archer_mcore.rollout.types import EngineHealth, RolloutError
 
 T = TypeVar("T")
 log = logging.getLogger("archer.rollout")
+
+
+#: expect_server field checked by `check_quantization`, not by equality: SGLang 0.5.23
+#: does not report a checkpoint's quantization in /server_info (see server_quantization).
+QUANTIZATION_FIELD = "quantization"
+
+
+@dataclass(frozen=True)
+class ServerQuantization:
+    """The quantization a server's linear layers run. method: SGLang's name ("fp8", ...)
+    or None (unquantized); block: the checkpoint's weight_block_size (block-wise FP8),
+    else None; known: False when neither /server_info nor a readable config.json says;
+    source: where it was read, for messages."""
+
+    method: str | None
+    block: tuple[int, ...] | None
+    known: bool
+    source: str
+
+
+def _quant_of(cfg: Any, source: str) -> ServerQuantization | None:
+    """A config dict's quantization_config, or None when it has no such entry."""
+    qc = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
+    if not isinstance(qc, Mapping):
+        return None
+    method = str(qc.get("quant_method") or "unknown").lower()
+    block = qc.get("weight_block_size")
+    return ServerQuantization(method, tuple(int(b) for b in block) if block else None, True,
+                              f"{source} quantization_config (quant_method {method!r}"
+                              f"{f', weight_block_size {list(block)}' if block else ''})")  # fmt: skip
+
+
+def server_quantization(info: Mapping[str, Any]) -> ServerQuantization:
+    """What a server's /server_info says about its quantization, as SGLang 0.5.23
+    resolves it (`configs/model_config.py` ModelConfig._verify_quantization): the
+    --quantization flag (/server_info `quantization`) if set, else the checkpoint's
+    `quantization_config`, from --json-model-override-args or the config.json under
+    /server_info `model_path`. The checkpoint's method is not in /server_info (for
+    Qwen3 `quantization` stays null for an FP8 checkpoint; only some architectures'
+    overrides copy it there) nor in /model_info, so the config.json is read on this
+    host: colocated servers start from a directory this process wrote, disaggregated
+    ones from ARCHER_SGLANG_MODEL, readable here on a shared file system. An unreadable,
+    relative or non-local model_path (a hub id) gives known = False."""
+    flag = info.get("quantization")
+    overrides: Any = info.get("json_model_override_args") or "{}"
+    try:
+        overrides = json.loads(overrides) if isinstance(overrides, str) else overrides
+    except ValueError:
+        overrides = {}
+    from_overrides = _quant_of(overrides, "--json-model-override-args")
+    model_path = str(info.get("model_path") or "")
+    checkpoint: ServerQuantization | None = None
+    # a relative path is the server's (its working directory), not this host's
+    config = Path(model_path) / "config.json" if Path(model_path).is_absolute() else None
+    known = False
+    if config is not None:
+        try:
+            checkpoint = _quant_of(json.loads(config.read_text()), f"checkpoint {config}")
+            known = True
+        except (OSError, ValueError):
+            pass
+    ckpt = from_overrides or checkpoint
+    if flag:
+        method = str(flag).lower()
+        block = ckpt.block if ckpt is not None and ckpt.method == method else None
+        extra = f", {ckpt.source}" if ckpt is not None else ""
+        return ServerQuantization(method, block, True, f"--quantization {flag}{extra}")
+    if ckpt is not None:
+        return ckpt
+    if known:
+        return ServerQuantization(None, None, True,
+                                  f"checkpoint {config} without quantization_config, "
+                                  "no --quantization")  # fmt: skip
+    return ServerQuantization(None, None, False,
+                              f"no --quantization; checkpoint {model_path!r} not readable "
+                              "on this host")  # fmt: skip
+
+
+def check_quantization(url: str, info: Mapping[str, Any], key: str, fp8: bool) -> None:
+    """Refuse a server whose quantization does not match `key` (rollout.fp8). FP8 syncs
+    send e4m3 weights plus `<name>_scale_inv` blocks of 128x128 (fp8_export), which only
+    a server started from a block-wise FP8 checkpoint has parameters for (a bf16 server
+    fails the first sync with a KeyError in its loader); bf16 syncs into FP8 parameters
+    are copied into e4m3 storage beside stale scales, raising nothing. A server whose
+    quantization cannot be read here is accepted with a warning."""
+    q = server_quantization(info)
+    if not q.known:
+        log.warning("SGLang server %s: could not tell whether it runs FP8 (%s); %s = %s is "
+                    "not checked against it", url, q.source, key, fp8)  # fmt: skip
+        return
+    from archer_mcore.rollout.fp8_export import DEFAULT_BLOCK
+
+    if fp8 and (q.method != "fp8" or q.block != DEFAULT_BLOCK):
+        raise RolloutError(
+            f"SGLang server {url} runs quantization = {q.method!r} ({q.source}) but {key} = "
+            f"true: FP8 syncs send e4m3 weights and *_scale_inv blocks of {list(DEFAULT_BLOCK)} "
+            "that only a server started from a block-wise FP8 checkpoint (quantization_config "
+            f"quant_method 'fp8', weight_block_size {list(DEFAULT_BLOCK)}) can load (other "
+            "servers fail the first sync with a KeyError); start the servers from such a "
+            f"checkpoint (fp8_export.export_fp8_checkpoint) or set {key}: false"
+        )
+    if not fp8 and q.method is not None:
+        raise RolloutError(
+            f"SGLang server {url} runs quantization = {q.method!r} ({q.source}) but {key} = "
+            "false: unquantized syncs would be copied into its quantized parameters beside "
+            f"stale scales (wrong rollouts, no error); set {key}: true (block-wise FP8 "
+            "servers) or start the servers from an unquantized checkpoint without --quantization"
+        )
 
 
 @dataclass
@@ -88,7 +197,9 @@ class ServerPool:
 
     async def _check_servers(self) -> None:
         """Version, DP size and TP size of every server (GET /server_info; SGLang 0.5.23
-        `entrypoints/http_server.py` also serves it as the deprecated /get_server_info)."""
+        `entrypoints/http_server.py` also serves it as the deprecated /get_server_info),
+        and the expect_server fields: equal values, except QUANTIZATION_FIELD
+        (check_quantization: rollout.fp8 against the server's quantization)."""
         for s in self.servers:
             try:
                 info = await self._client.request("GET", s.url + "/server_info",
@@ -117,6 +228,9 @@ class ServerPool:
                 )
             s.num_gpus = tp
             for fld, (key, want) in self.expect_server.items():
+                if fld == QUANTIZATION_FIELD:
+                    check_quantization(s.url, info, key, bool(want))
+                    continue
                 got = info.get(fld)
                 same = (abs(float(got) - float(want)) < 1e-9 if isinstance(want, float)
                         and got is not None else got == want)  # fmt: skip
