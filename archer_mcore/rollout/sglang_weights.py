@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from archer_mcore.model.hf_io import write_hf_checkpoint
+from archer_mcore.rollout.cuda_ipc import uuid_device_reductions
 from archer_mcore.rollout.http_client import RequestFailed
 from archer_mcore.rollout.sglang_protocol import rank_layout, reply_failed, serialize_named_tensors
 from archer_mcore.rollout.sglang_servers import ServerHandle, ServerPool
@@ -195,10 +196,14 @@ class WeightSyncClient(ServerPool):
     async def _send_tensors(self, members: Sequence[ServerHandle],
                             buckets: Iterable[NamedTensorBucket], version: int) -> None:  # fmt: skip
         """Colocated: one /update_weights_from_tensor per bucket and server, the tensors
-        passed by shared memory (same host only)."""
+        passed by shared memory (same host only; CUDA tensors as IPC handles that name
+        their device by UUID, rollout/cuda_ipc.py)."""
         for bucket, last in with_last_flag(buckets):
             for s in members:
-                payload = serialize_named_tensors(bucket)
+                # CUDA tensors travel with their device's UUID, not its index (SGLang
+                # 0.5.23's receiver maps it to its own device: cuda_ipc)
+                with uuid_device_reductions():
+                    payload = serialize_named_tensors(bucket)
                 body = {"serialized_named_tensors": [payload] * s.num_gpus,
                         "flush_cache": last, "weight_version": str(version)}  # fmt: skip
                 self.session_log.append("update_weights_from_tensor")
