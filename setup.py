@@ -41,6 +41,10 @@ setup(
         "fp8": ["nvidia-modelopt==0.47.0", "requests"],  # modelopt imports requests
         "router": ["sglang-router==0.3.2"],
         "bench": ["matplotlib>=3.8"],
+        # Experiment trackers (metrics.trackers); each is checked for at config load.
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.19"],
+        "mlflow": ["mlflow-skinny>=2.10"],
         # The tests run the real router, Parquet reading and the ModelOpt FP8 export.
         "test": [
             "pytest>=8",
@@ -52,6 +56,12 @@ setup(
             "nvidia-modelopt==0.47.0",
             "requests",
             "matplotlib>=3.8",  # benchmarks/algorithms.py's smoke test draws its PNG
+            # tests/monitoring/test_trackers.py reads the trackers' files back. mlflow is
+            # not here: every mlflow-skinny 3.x needs opentelemetry-sdk, whose releases pin
+            # opentelemetry-api exactly, and none pins the locked 1.45.3 (2.x needs
+            # packaging < 25); its test skips without it.
+            "tensorboard>=2.14",
+            "wandb>=0.19",
         ],
         # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
         # SGLang pinned: the rollout engine speaks 0.5.23's weight-update protocol

@@ -4,6 +4,8 @@ machine, the model's position limit)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from archer_mcore.config.errors import ConfigError, _at, clip
 from archer_mcore.config.schema import Config
 
@@ -81,9 +83,44 @@ def _validate_colocated_sync(cfg: Config, source: str) -> None:
         )
 
 
+#: metrics.trackers entry -> (the module its library installs, the setup.py extra)
+TRACKER_LIBRARIES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+def _validate_trackers(cfg: Config, source: str) -> None:
+    """metrics.trackers: no repeats, and each tracker's library importable (checked at
+    load, before the tokenizer and the model load)."""
+    m = cfg.metrics
+    key = "metrics.trackers"
+    repeated = sorted({t for t in m.trackers if m.trackers.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"{_at(source, key)}: {key} lists {', '.join(repeated)} more than once")
+    for tracker in m.trackers:
+        module, extra = TRACKER_LIBRARIES[tracker]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(
+                f"{_at(source, key)}: {key} lists {tracker}, but its library ({module}) is "
+                f"not installed: pip install 'archer-mcore[{extra}]'"
+            )
+    if {"wandb", "mlflow"} & set(m.trackers) and not m.tracker_project.strip():
+        raise ConfigError(
+            f"{_at(source, 'metrics.tracker_project')}: metrics.tracker_project must not be "
+            "empty with the wandb or mlflow tracker (it names the project / experiment)"
+        )
+
+
 def validate_config(cfg: Config, source: str) -> None:
     """Checks that involve more than one field."""
     _validate_rollout(cfg, source)
+    _validate_trackers(cfg, source)
     _validate_colocated_sync(cfg, source)
     t, a = cfg.train, cfg.algorithm
     if t.prompts_per_step % t.mini_batch_prompts:

@@ -342,6 +342,19 @@ class MetricsConfig:
     port: int = _f(9400, ge=0, lt=65536)  # 0: any free port
     pushgateway: str = ""  # e.g. http://127.0.0.1:9091; empty: no push
     job: str = "archer"
+    #: Experiment trackers that receive every metrics.jsonl row (rank 0 only), each
+    #: through its own library: "tensorboard" (pip install 'archer-mcore[tensorboard]'),
+    #: "wandb" ('archer-mcore[wandb]'), "mlflow" ('archer-mcore[mlflow]'). Empty: none.
+    #: A tracker that fails is reported once and dropped; training goes on.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(factory=list)
+    #: The W&B project and the MLflow experiment the run is logged under (the run's
+    #: name is train.run_name).
+    tracker_project: str = "archer"
+    #: TensorBoard event files' directory; empty: <train.output_dir>/tensorboard.
+    tensorboard_dir: str = ""
+    #: The MLflow tracking server (http://host:port) or store (file:///path); empty:
+    #: MLflow's own default (the MLFLOW_TRACKING_URI environment variable, else ./mlruns).
+    mlflow_tracking_uri: str = ""
 
 
 @dataclass

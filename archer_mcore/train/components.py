@@ -306,7 +306,8 @@ def _warm_start(
 def _rank0_services(
     cfg: Config, hf_config: Mapping[str, Any], pad_id: int, train_data: PromptDataset
 ) -> tuple[RolloutEngine, RewardScorer, MetricsSink | None]:
-    """Rank 0's engine, reward scorer and (when `metrics.enabled`) started exporter."""
+    """Rank 0's engine, reward scorer and metrics sink: the started exporter (when
+    `metrics.enabled`), wrapped with the `metrics.trackers` when any."""
     from archer_mcore.rewards.scorer import RewardScorer as Scorer
 
     engine = build_engine(cfg, hf_config, pad_id)
@@ -319,7 +320,9 @@ def _rank0_services(
         exporter.start()
         print(f"metrics: {exporter.url}", file=sys.stderr, flush=True)
         exporter.record_values(train_data.report.metrics())  # data/* counters
-    return engine, scorer, exporter
+    from archer_mcore.metrics.trackers import with_trackers  # metrics.trackers, rank 0
+
+    return engine, scorer, with_trackers(cfg, exporter)
 
 
 def build_components(cfg: Config) -> Components:
