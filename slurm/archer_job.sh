@@ -164,6 +164,7 @@ trap 'archer_on_signal TERM' TERM
 # shellcheck disable=SC2317
 archer_cleanup() {
     local pid
+    [ "${#ARCHER_BG_PIDS[@]}" -eq 0 ] || archer_log "stopping the rollout servers and router"
     for pid in "${ARCHER_BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -n "$ARCHER_PROM_TARGETS_DIR" ] && rm -f "$ARCHER_PROM_TARGETS_DIR/$SLURM_JOB_ID.json"
     [ -n "${ARCHER_JOB_SECRETS:-}" ] && rm -rf "$ARCHER_JOB_SECRETS"

@@ -283,6 +283,20 @@ def _copy_redacted(src: IO[bytes], log_path: Path, secret_words: Sequence[bytes]
             log.write(line)
 
 
+def ignoring_stop_warning(argv: Sequence[str]) -> list[str]:
+    """`argv` run with SIGUSR1 ignored (a disposition exec keeps; SGLang 0.5.23 and
+    sglang-router install no SIGUSR1 handler, so it stays ignored).
+
+    SIGUSR1 is the trainer's "checkpoint and stop" warning (Slurm's --signal, `scancel
+    --signal=USR1`). Slurm delivers a step's signal to every process of the step, not
+    only to its tasks (slurmstepd signals the step's whole process container, whatever
+    the session), so without this the servers a colocated trainer launched die of it
+    (the default action) while the trainer is still generating or saving. Set by
+    `sh -c 'trap "" USR1; exec "$@"'` rather than a preexec_fn, which is not safe in a
+    process with threads."""
+    return ["/bin/sh", "-c", 'trap "" USR1; exec "$@"', "archer-managed", *argv]
+
+
 class ManagedProcess:
     """A child process in its own session, output appended to `log_path`.
 
@@ -304,10 +318,11 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ignoring_stop_warning(self.argv)
         if self.secrets:
             os.close(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
             )  # fmt: skip
             threading.Thread(target=_copy_redacted, name=f"log-{self.log_path.name}",
@@ -316,7 +331,7 @@ class ManagedProcess:
         else:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
                 )  # fmt: skip
         self.starts += 1
