@@ -47,11 +47,26 @@ def generate_scored_groups(
 
 
 def collect_step_groups(
-    cfg: Config, c: Components, params: SamplingParams, timer: PhaseTimer
+    cfg: Config,
+    c: Components,
+    params: SamplingParams,
+    timer: PhaseTimer,
+    boundary: Callable[[str], None] | None = None,
 ) -> SamplingOutcome[ScoredGroup]:
-    """The step's groups to train on, generated now (see `collect_with`)."""
+    """The step's groups to train on, generated now (see `collect_with`).
+
+    `boundary("rollout")` runs on every rank after each generation batch (rank 0's
+    groups, generated and scored, have reached every rank): the loop's stop check,
+    which raises to drop the step's unfinished rollout (train/signals.py)."""
     n = cfg.rollout.n_samples_per_prompt
-    return collect_with(cfg, lambda k: generate_scored_groups(c, k, n, params, timer))
+
+    def generate(k: int) -> list[ScoredGroup]:
+        groups = generate_scored_groups(c, k, n, params, timer)
+        if boundary is not None:
+            boundary("rollout")
+        return groups
+
+    return collect_with(cfg, generate)
 
 
 def collect_with(

@@ -5,6 +5,31 @@ update -> sync -> finish (eval, checkpoint, report).
 step, each phase one named call (collect.py, advantage_batch.py, update.py; metrics
 assembled in step_metrics.py). The parts they drive (policy, engine, rewards, data,
 metrics) are built in `components.py` and typed by the Protocols in `protocols.py`.
+
+Stopping (SIGUSR1 / SIGTERM / Ctrl-C; train/signals.py). The stop flag is checked, and
+agreed by every rank, at each phase boundary: after every generation batch (each DAPO
+refill round included; with async rollout, when the step's batch is taken), after
+scoring and collect, after the old log-probs, after the update (before the weight
+sync), and after the sync (`finish_step`). A step's update is one unit: its
+mini-batches form one optimizer trajectory from step k - 1's weights, and a state in
+the middle of it is none an uninterrupted run passes through at a step boundary (a
+resume would need the pre-update log-probs, which the updated policy can no longer
+give). So:
+
+- stop before step k's update: step k is dropped (its rollout too; with async rollout
+  the checkpoint keeps step k's first generation batch, which the scheduler records)
+  and the state after step k - 1 is saved as step k - 1, the data position and sampling
+  RNG as they were before step k's rollout (`state_before`), unless that checkpoint
+  exists already. The resumed run redoes step k exactly as the uninterrupted one would.
+- stop once the update has begun: the update finishes (a stop arriving during it is
+  seen after it), the weight sync is skipped, and the step is saved as step k with its
+  metrics row; the resumed run sends those weights to the engine in `initial_sync`.
+
+Either way each step's metrics are written once, by the run that trained it, and
+`--resume` continues at the step after the checkpoint: no step twice, none skipped.
+The time from the signal to the checkpoint is at most one generation batch or one
+update, plus the save; `archer submit` derives its signal lead from that
+(archer_mcore/plan/stop.py).
 """
 
 from __future__ import annotations
@@ -26,7 +51,7 @@ from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.rollout_scheduler import SyncRollout, make_rollout_scheduler
 from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
 from archer_mcore.train.sampling import train_sampling_params
-from archer_mcore.train.signals import StopRequest
+from archer_mcore.train.signals import StepAbandoned, StopCheck, StopRequest
 from archer_mcore.train.step_metrics import StepResults, sampling_metrics, step_metrics
 from archer_mcore.train.update import (
     NonFiniteGuard,
@@ -48,6 +73,7 @@ class TrainSummary:
     skipped_updates: int = 0
     eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, accuracy)
     last_checkpoint: str | None = None
+    saved_step: int | None = None  # the step of `last_checkpoint`
     last_save_s: float = field(default_factory=time.monotonic)  # monotonic clock, seconds
 
 
@@ -67,11 +93,16 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
             rollout.initial_sync()
             if cfg.eval.every and start == 0:  # the baseline the run is measured against
                 evaluate_baseline(cfg, c, summary)
-            with StopRequest() as stop:
+            with StopRequest() as request:
+                stop = StopCheck(request)
                 for step in range(start + 1, cfg.train.steps + 1):
                     timer = PhaseTimer()
                     step_start = time.perf_counter()
-                    metrics = rl_step(cfg, c, rollout, step, timer, guard, summary)
+                    try:
+                        metrics = rl_step(cfg, c, rollout, step, timer, guard, summary, stop)
+                    except StepAbandoned as abandoned:
+                        save_before_step(cfg, c, rollout, summary, abandoned, stop)
+                        break
                     # 6. Eval, checkpoint, report.
                     if finish_step(cfg, c, rollout, summary, step, metrics, timer, step_start,
                                    stop):  # fmt: skip
@@ -94,14 +125,23 @@ def rl_step(
     timer: PhaseTimer,
     guard: NonFiniteGuard,
     summary: TrainSummary,
+    stop: StopCheck | None = None,
 ) -> dict[str, float]:
     """One RL step up to its metrics: collect -> advantages -> log-probs -> update ->
-    sync. A step whose groups the filter all dropped stops after collecting."""
+    sync. A step whose groups the filter all dropped stops after collecting.
+
+    `stop` is checked at each boundary (module docstring): before the update an agreed
+    stop raises StepAbandoned; after it, the sync is skipped (the caller saves)."""
     t, a = cfg.train, cfg.algorithm
+
+    def boundary(phase: str) -> None:
+        if stop is not None:
+            stop.before_update(step, phase)
 
     # 1. Collect: rollout and reward, with the group filter / dynamic sampling
     #    (train/collect.py; generated ahead on a thread with rollout.async_steps = 1).
-    outcome = rollout.collect(step, timer)
+    outcome = rollout.collect(step, timer, boundary)
+    boundary("collect")
     failures = c.reward_failures()
     if not outcome.groups:  # nothing to train on
         log.warning("step %d: every group was all-correct or all-wrong; no update", step)
@@ -115,6 +155,11 @@ def rl_step(
     c.hand_devices_to_training()
     with timer("logprobs"):
         old = score_old_policy(c.policy, batch, cfg.rollout.tis_cap)
+    try:
+        boundary("logprobs")
+    except StepAbandoned:  # saved as every checkpoint is: devices handed back
+        c.hand_devices_to_rollout()
+        raise
 
     # 4. The update: ppo_epochs passes over mini-batches of whole groups.
     with timer("update"):
@@ -125,9 +170,14 @@ def rl_step(
     summary.skipped_updates += skipped
     ensure_finite_parameters(c, step, summary)
 
-    # 5. Weight sync to the rollout engine, which then takes the devices back.
-    with timer("sync"):
-        sent = rollout.sync_weights(step)
+    # 5. Weight sync to the rollout engine, which then takes the devices back. Not when
+    #    the run stops: the checkpoint is written first, and the next run syncs at start.
+    if stop is not None and stop.agreed():
+        rollout.skip_sync(step)
+        sent = 0
+    else:
+        with timer("sync"):
+            sent = rollout.sync_weights(step)
     c.hand_devices_to_rollout()
 
     results = StepResults(
@@ -184,6 +234,7 @@ def resume_run(
     c.set_rollout_rng_state(state.get("rollout_rng"))
     summary.skipped_updates = int(state.get("skipped_updates", 0))
     summary.last_checkpoint = str(latest)
+    summary.saved_step = start
     if c.is_main:
         print(f"resumed from {latest} (step {start})", flush=True)
     return start, state
@@ -208,18 +259,60 @@ def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) ->
 
 
 def save_checkpoint(
-    cfg: Config, c: Components, rollout: SyncRollout, summary: TrainSummary, step: int
+    cfg: Config,
+    c: Components,
+    rollout: SyncRollout,
+    summary: TrainSummary,
+    step: int,
+    rollout_state: dict[str, Any] | None = None,
 ) -> None:
     """Policy, optimizer and RNG, plus the data position, the engine's sampling RNG (and
     with async rollout the next step's batch in flight) and the skipped-update count,
-    under checkpoint_root/step_<step>."""
+    under checkpoint_root/step_<step>. `rollout_state`: the scheduler's state to save
+    instead of its current `checkpoint_state(step)` (a stop before step + 1's update)."""
     extra = {
         "step": step,
-        **rollout.checkpoint_state(step),
+        **(rollout.checkpoint_state(step) if rollout_state is None else rollout_state),
         "skipped_updates": summary.skipped_updates,
     }
     path = c.policy.save_checkpoint(c.checkpoint_root, extra, cfg.checkpoint.keep_last, step=step)
     summary.last_checkpoint = str(path)
+    summary.saved_step = step
+
+
+def save_before_step(
+    cfg: Config,
+    c: Components,
+    rollout: SyncRollout,
+    summary: TrainSummary,
+    abandoned: StepAbandoned,
+    stop: StopCheck,
+) -> None:
+    """Every rank agreed to stop before step k = `abandoned.step`'s update: the policy
+    and optimizer are still step k - 1's, so step k - 1 is saved (with the data position
+    and sampling RNG from before step k's rollout) unless its checkpoint exists already
+    (saved at its end, or the one this run resumed from). Nothing is saved when no step
+    has been trained (k = 1 of a fresh run: a resume starts fresh, as this run did)."""
+    k = abandoned.step
+    done = k - 1
+    summary.stopped_by = stop.signal_name
+    if summary.saved_step != done and done > 0:
+        state = rollout.state_before(k)
+        t0 = time.monotonic()
+        save_checkpoint(cfg, c, rollout, summary, done, rollout_state=state)
+        summary.last_save_s = time.monotonic()
+        log.info("checkpoint of step %d written in %.1f s", done, summary.last_save_s - t0)
+    if c.is_main:
+        where = (
+            f"checkpoint written at step {done} ({summary.last_checkpoint})"
+            if summary.saved_step == done
+            else "no step trained yet, nothing to save"
+        )
+        print(
+            f"received {summary.stopped_by}: {where}; step {k} dropped before its "
+            f"update (stopped after {abandoned.phase}); exiting",
+            flush=True,
+        )
 
 
 def finish_step(
@@ -231,17 +324,21 @@ def finish_step(
     metrics: dict[str, float],
     timer: PhaseTimer,
     step_start: float,
-    stop: StopRequest,
+    stop: StopCheck,
 ) -> bool:
-    """Eval, checkpoint and report the step; True when a stop signal ends the run."""
-    if cfg.eval.every and step % cfg.eval.every == 0:
+    """Eval, checkpoint and report the step; True when a stop signal ends the run.
+
+    A stop agreed now (a signal during or after the update or the sync) saves the step
+    at once: the step's periodic eval is skipped (with the sync skipped the engine does
+    not hold this step's weights, and the save must not wait for an evaluation)."""
+    stopping = stop.agreed()  # a signal may reach the ranks at different times
+    if cfg.eval.every and step % cfg.eval.every == 0 and not stopping:
         with timer("eval"), rollout.exclusive():
             ev = evaluate_held_out(cfg, c, step)
         metrics.update(ev)
         if "eval/accuracy" in ev:
             summary.eval_history.append((step, ev["eval/accuracy"]))
     summary.steps_done = step
-    stopping = any_rank(bool(stop))  # a signal may reach the ranks at different steps
     ck = cfg.checkpoint
     periodic = ck.save_every and step % ck.save_every == 0
     # the ranks' clocks differ: any rank whose interval has passed makes all save
@@ -256,7 +353,7 @@ def finish_step(
     metrics["time/step"] = time.perf_counter() - step_start
     c.report(step, metrics, timer)
     if stopping:
-        summary.stopped_by = stop.signal_name or "signal on another rank"
+        summary.stopped_by = stop.signal_name
         if c.is_main:
             print(
                 f"received {summary.stopped_by}: checkpoint written at step {step} "

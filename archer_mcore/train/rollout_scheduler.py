@@ -154,12 +154,27 @@ class SyncRollout:
         self.last_step = cfg.train.steps
         self.synced = [start]  # versions synced so far; the last is the trainer's weights
         self._versions: dict[str, float] = {}
+        self._before: tuple[int, dict[str, Any]] | None = None  # (step, state before it)
 
-    def collect(self, step: int, timer: PhaseTimer) -> Outcome:
-        """Step `step`'s groups (every rank gets them)."""
-        outcome = collect_step_groups(self.cfg, self.c, self.params, timer)
+    def collect(
+        self, step: int, timer: PhaseTimer, boundary: Callable[[str], None] | None = None
+    ) -> Outcome:
+        """Step `step`'s groups (every rank gets them). `boundary(phase)` runs on every
+        rank after each generation batch (the loop's stop check; it may raise to drop
+        the step). The data position and sampling RNG before the step are kept for
+        `state_before`."""
+        self._before = (step, SyncRollout.checkpoint_state(self, step - 1))
+        outcome = collect_step_groups(self.cfg, self.c, self.params, timer, boundary)
         self._versions = check_staleness(outcome.groups, self.synced, None)
         return outcome
+
+    def state_before(self, step: int) -> dict[str, Any]:
+        """What `checkpoint_state(step - 1)` returned at the end of step `step` - 1: a
+        checkpoint of that step written while step `step` runs, before its update
+        (the data position and sampling RNG as they were before its rollout)."""
+        if self._before is None or self._before[0] != step:
+            raise RuntimeError(f"no state recorded before step {step} (collect it first)")
+        return self._before[1]
 
     def initial_sync(self) -> int:
         """Before the first step: the policy's weights into the engine, as the version
@@ -171,6 +186,12 @@ class SyncRollout:
         sent = self.c.sync_weights(step)
         self.synced.append(step)
         return sent
+
+    def skip_sync(self, step: int) -> None:
+        """The policy holds version `step` but the run stops before sending it: record
+        the version (a checkpoint carries it); the engine keeps the previous one, and a
+        resumed run sends these weights in `initial_sync`."""
+        self.synced.append(step)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -223,7 +244,12 @@ class AsyncRollout(SyncRollout):
         self._thread: threading.Thread | None = None
 
     # -- trainer side -------------------------------------------------------------------
-    def collect(self, step: int, timer: PhaseTimer) -> Outcome:
+    def collect(
+        self, step: int, timer: PhaseTimer, boundary: Callable[[str], None] | None = None
+    ) -> Outcome:
+        """Step `step`'s groups from the producer. `boundary` is not called: the
+        producer's generation batches run on rank 0's thread alone, so the other ranks
+        cannot meet them; the loop's stop check after collect is the boundary here."""
         outcome = broadcast_object(self._take(step, timer) if self.c.is_main else None)
         # every rank checks (each keeps the list of synced versions)
         self._versions = check_staleness(outcome.groups, self.synced, self.async_steps)
@@ -250,6 +276,17 @@ class AsyncRollout(SyncRollout):
             for phase, seconds in self._phases.pop(step, {}).items():
                 timer.seconds[phase] = timer.seconds.get(phase, 0.0) + seconds
         return outcome
+
+    def state_before(self, step: int) -> dict[str, Any]:
+        """`checkpoint_state(step - 1)`, valid until step `step`'s weight sync: the first
+        generation batch of step `step` (recorded by the producer, kept until it starts
+        step `step` + 2) with the data position and RNG after it, and the versions
+        synced up to step `step` - 1. Resuming from it redoes step `step` from that batch."""
+        return self.checkpoint_state(step - 1)
+
+    def skip_sync(self, step: int) -> None:
+        with self._cond:
+            self.synced.append(step)
 
     def sync_weights(self, step: int) -> int:
         if self.c.is_main and step + 1 <= self.last_step and self._requested > step:

@@ -1,14 +1,21 @@
 """Stop requests: Ctrl-C, SIGTERM (Slurm pre-emption), SIGUSR1 (Slurm's --signal).
 
-The handlers only set a flag; the loop checks it between phases, writes a checkpoint
-and exits cleanly. A second Ctrl-C aborts at once.
+The handlers only set a flag (`StopRequest`). The loop asks `StopCheck` at every phase
+boundary of a step whether any rank has a stop request; the answer is agreed by all
+ranks (one all-reduce over the control group), so every rank stops at the same
+boundary. Before a step's update a stop drops the step (`StepAbandoned`) and the run
+saves the state after the previous step; after the update it saves the step at once,
+without the weight sync (train/loop.py, `train`). A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+
+from archer_mcore.parallel.ranks import any_rank
 
 
 class StopRequest:
@@ -40,3 +47,47 @@ class StopRequest:
         for s, prev in self._previous.items():
             signal.signal(s, prev)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+class StepAbandoned(Exception):
+    """Every rank agreed to stop before step `step`'s update began: the step's rollout
+    is dropped and the run saves the state after step `step` - 1. `phase`: the phase
+    that had just ended (e.g. "rollout" for a generation batch, "logprobs")."""
+
+    def __init__(self, step: int, phase: str) -> None:
+        super().__init__(f"stop requested before the update of step {step} (after {phase})")
+        self.step, self.phase = step, phase
+
+
+class StopCheck:
+    """The stop decision at phase boundaries, agreed by every rank.
+
+    `agreed()` is a collective (`agree`, by default `parallel.ranks.any_rank`: an
+    all-reduce over the gloo control group): every rank must call it at the same
+    boundaries, which the loop's phases guarantee (every rank runs every phase; the
+    non-zero ranks wait for rank 0's generation batches in the broadcast of its groups).
+    A signal that reached only some ranks, or reached them at different times, thus
+    stops all of them at the same boundary. Once True it stays True without another
+    collective (every rank saw the same True at the same call).
+    """
+
+    def __init__(self, request: StopRequest, agree: Callable[[bool], bool] = any_rank) -> None:
+        self.request = request
+        self._agree = agree
+        self._agreed = False
+
+    def agreed(self) -> bool:
+        """Whether any rank has a stop request (collective until the first True)."""
+        if not self._agreed:
+            self._agreed = self._agree(bool(self.request))
+        return self._agreed
+
+    def before_update(self, step: int, phase: str) -> None:
+        """A boundary before step `step`'s update: raises StepAbandoned when agreed."""
+        if self.agreed():
+            raise StepAbandoned(step, phase)
+
+    @property
+    def signal_name(self) -> str:
+        """The signal this rank received, or a note that another rank received it."""
+        return self.request.signal_name or "signal on another rank"
