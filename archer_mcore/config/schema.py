@@ -352,8 +352,9 @@ class MetricsConfig:
     tracker_project: str = "archer"
     #: TensorBoard event files' directory; empty: <train.output_dir>/tensorboard.
     tensorboard_dir: str = ""
-    #: The MLflow tracking server (http://host:port) or store (file:///path); empty:
-    #: MLflow's own default (the MLFLOW_TRACKING_URI environment variable, else ./mlruns).
+    #: The MLflow tracking server (http://host:port) or store (sqlite:///mlflow.db, or
+    #: file:///path with MLFLOW_ALLOW_FILE_STORE=true on mlflow 3); empty: MLflow's own
+    #: default (the MLFLOW_TRACKING_URI environment variable, else its local store).
     mlflow_tracking_uri: str = ""
 
 

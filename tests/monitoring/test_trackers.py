@@ -9,8 +9,9 @@ each tracker stored with metrics.jsonl, step by step:
 - W&B: offline mode (WANDB_MODE=offline), the run's .wandb files read with the wandb
   client's own datastore reader (`wandb.sdk.internal.datastore`, the file `wandb sync`
   uploads from);
-- MLflow (when the mlflow client is importable): a local file store, read back with
-  MlflowClient.
+- MLflow (when the mlflow client is importable): a real `mlflow server` started here on
+  127.0.0.1 (SQLite store; needs the full mlflow package, ~20 s to start) and stopped by
+  its process group, else a local file store; read back with MlflowClient.
 
 A broken tracker (a TensorBoard directory that is a file; an MLflow server that is not
 there) is reported once on stderr and the run still finishes.
@@ -22,10 +23,13 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,9 @@ from archer_mcore.metrics.trackers import RUN_IDS_FILE, TrackerSink, build_track
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
-needs_mlflow = pytest.mark.skipif(
-    not HAS_MLFLOW, reason="the mlflow client is not installed (pip install 'archer-mcore[mlflow]')"
+# `mlflow server` needs the full mlflow package (Flask, SQLAlchemy), not mlflow-skinny.
+HAS_MLFLOW_SERVER = HAS_MLFLOW and all(
+    importlib.util.find_spec(m) is not None for m in ("flask", "sqlalchemy", "alembic")
 )
 
 # A few small steps of the CPU demo: no warm start, every group trained on (so the loss
@@ -81,6 +86,7 @@ def _env(tmp: Path) -> dict[str, str]:
         # an unreachable MLflow server fails after one retry, not after minutes
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+        MLFLOW_ALLOW_FILE_STORE="true",  # mlflow 3.x refuses a file store without it
     )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -111,6 +117,45 @@ def _train(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 when the full mlflow package is
+    installed (stopped by its process group afterwards), else a local file store."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    if not HAS_MLFLOW_SERVER:
+        yield (tmp_path / "mlruns").as_uri()
+        return
+    port = _free_port()
+    root = tmp_path / "mlflow-server"
+    root.mkdir()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            health = f"http://127.0.0.1:{port}/health"
+            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2):
+                break
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def _rows(out: Path) -> dict[int, dict[str, float]]:
@@ -289,13 +334,15 @@ def test_sink_resumes_stored_runs_only_after_step_one(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_trackers_receive_metrics_jsonl_and_resume_the_same_runs(tmp_path: Path) -> None:
+def test_trackers_receive_metrics_jsonl_and_resume_the_same_runs(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
     out = tmp_path / "run"
     trackers = ["tensorboard", "wandb", *(["mlflow"] if HAS_MLFLOW else [])]
     common = [
         f"metrics.trackers=[{','.join(trackers)}]",
         "metrics.tracker_project=archer-test",
-        f"metrics.mlflow_tracking_uri={(tmp_path / 'mlruns').as_uri()}",
+        f"metrics.mlflow_tracking_uri={mlflow_uri}",
     ]
     _train(tmp_path, out, *common, "train.steps=2")
     first_ids = json.loads((out / RUN_IDS_FILE).read_text())
@@ -327,7 +374,7 @@ def test_trackers_receive_metrics_jsonl_and_resume_the_same_runs(tmp_path: Path)
     if HAS_MLFLOW:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+        client = MlflowClient(tracking_uri=mlflow_uri)
         run = client.get_run(first_ids["mlflow"])
         assert run.info.status == "FINISHED" and run.info.run_name == "demo_cpu"
         exp = client.get_experiment(run.info.experiment_id)
