@@ -331,6 +331,40 @@ def test_sink_resumes_stored_runs_only_after_step_one(tmp_path: Path) -> None:
     assert json.loads((tmp_path / RUN_IDS_FILE).read_text()) == {"a": "a-new", "z": "z-new"}
 
 
+@pytest.mark.skipif(
+    not HAS_MLFLOW,
+    reason="the mlflow client is not installed (pip install 'archer-mcore[mlflow]'); "
+    "the end-to-end test runs without its MLflow part",
+)
+def test_mlflow_tracker_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MlflowTracker alone against a file store: params + config.json once, metrics per
+    step, the same run continued, FINISHED at close."""
+    from mlflow.tracking import MlflowClient
+
+    from archer_mcore.metrics.trackers import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    config = {"train": {"run_name": "r", "steps": 3}, "metrics": {"trackers": ["mlflow"]}}
+    first = MlflowTracker(uri, "exp", "r")
+    run_id = first.start(None, 1, config)
+    first.log(1, {"reward/mean": 0.25, "step": 1.0})
+    first.close()
+    again = MlflowTracker(uri, "exp", "r")
+    assert again.start(run_id, 2, config) == run_id
+    again.log(2, {"reward/mean": 0.5, "step": 2.0})
+    again.close()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {
+        "train.run_name": "r", "train.steps": "3", "metrics.trackers": "['mlflow']"
+    }  # fmt: skip
+    history = client.get_metric_history(run_id, "reward/mean")
+    assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.json"]
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @pytest.mark.timeout(900)
