@@ -288,8 +288,16 @@ class SlurmCluster:
     """
 
     def __init__(
-        self, workdir: Path, nodes: tuple[str, ...] = ("node1", "node2"), cpus_per_node: int = 2
+        self,
+        workdir: Path,
+        nodes: tuple[str, ...] = ("node1", "node2"),
+        cpus_per_node: int = 2,
+        gpus_per_node: int = 0,
     ) -> None:
+        """`gpus_per_node` > 0: each node has that many GPUs as a `gpu` GRES (gres.conf
+        `File=` lines naming character devices: links to /dev/null made here, which
+        slurmd accepts; it refuses regular files), so steps that ask for GPUs get the
+        CUDA_VISIBLE_DEVICES Slurm's gres/gpu plugin sets."""
         for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue"):
             require_binary(b)
         self.workdir = workdir
@@ -302,14 +310,25 @@ class SlurmCluster:
         state.mkdir()
         (workdir / "log").mkdir()
         node_lines = []
+        gres = ""
+        if gpus_per_node > 0:
+            devices = workdir / "dev"
+            devices.mkdir()
+            for i in range(gpus_per_node):
+                (devices / f"nvidia{i}").symlink_to("/dev/null")
+            (workdir / "gres.conf").write_text(
+                f"Name=gpu File={devices}/nvidia[0-{gpus_per_node - 1}]\n"
+            )
+            gres = f" Gres=gpu:{gpus_per_node}"
         for name in nodes:
             (workdir / "spool" / name).mkdir(parents=True)
             node_lines.append(
                 f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
-                f"CPUs={cpus_per_node} RealMemory=1000 State=UNKNOWN"
+                f"CPUs={cpus_per_node} RealMemory=1000{gres} State=UNKNOWN"
             )
         conf = f"""\
 ClusterName=archertest
+{"GresTypes=gpu" if gpus_per_node > 0 else ""}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge

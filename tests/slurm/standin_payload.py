@@ -1,4 +1,5 @@
-"""STAND-IN training payload (until `archer train` lands): the same contract, tiny work.
+"""STAND-IN training payload, for the Slurm time-limit test only (why: the docstring of
+tests/slurm/test_slurm_live.py): the trainer's contract, tiny work.
 
 Run by the sbatch scripts as `torchrun ... standin_payload.py CONFIG --resume -o k=v ...`.
 Like the trainer it: loads the archer config (with the overrides), joins the gloo
@@ -6,8 +7,7 @@ process group torchrun set up, resumes from `train.output_dir/checkpoint.json`, 
 `train.steps` steps (each an all_reduce over all ranks plus $STANDIN_STEP_SECONDS of
 sleep), records metrics on rank 0 through MetricsExporter (pushed to
 metrics.pushgateway, grouped by $SLURM_JOB_ID), and on SIGUSR1/SIGTERM agrees with the
-other ranks on a stop step, writes a checkpoint and exits 0. In disaggregated mode it
-checks the rollout servers and router it was pointed at.
+other ranks on a stop step, writes a checkpoint and exits 0.
 
 Every line it prints starts with "payload rank=<r>" so the tests can read the job log.
 """
@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import signal
-import stat
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -29,7 +27,6 @@ import torch.distributed as dist
 
 from archer_mcore.config import load_config
 from archer_mcore.metrics.exporter import MetricsExporter
-from archer_mcore.rollout.sglang_launcher import read_api_key
 
 STOP = {"signal": ""}
 
@@ -63,23 +60,6 @@ def main() -> int:
     say(f"world={world} all_reduce={t.item():g} ok={ok}")
     if not ok:
         return 3
-
-    if cfg.rollout.mode == "disaggregated" and cfg.rollout.sglang.server_urls:
-        router = os.environ["ARCHER_SGLANG_ROUTER_URL"]
-        # the job's key, read as the trainer reads it (refuses a file others may read)
-        key = read_api_key(cfg.rollout.sglang.api_key_file)
-        request = urllib.request.Request(router + "/workers",
-                                         headers={"Authorization": f"Bearer {key}"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            workers = json.loads(resp.read())
-        healthy = all(_healthy(u) for u in cfg.rollout.sglang.server_urls)
-        say(
-            f"rollout servers={cfg.rollout.sglang.server_urls} router={router} "
-            f"router_workers={workers} healthy={healthy} "
-            f"key_file_mode={stat.S_IMODE(os.stat(cfg.rollout.sglang.api_key_file).st_mode):o}"
-        )
-        if sorted(workers) != sorted(cfg.rollout.sglang.server_urls) or not healthy:
-            return 4
 
     out = Path(cfg.train.output_dir)
     ckpt = out / "checkpoint.json"
@@ -125,14 +105,6 @@ def main() -> int:
         exporter.close(delete_push_group=True)
     dist.destroy_process_group()
     return 0
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
 """Real Slurm (slurmctld + two slurmd "nodes" on 127.0.0.1, munge auth) runs the
-rendered sbatch scripts.
+rendered sbatch scripts with the real trainer (`archer train configs/demo_cpu.yaml
+--resume`, the scripts' default entry): DP=2 over two nodes with metrics pushed, and a
+pre-empted job that checkpoints, requeues and resumes. The SGLang modes (real servers,
+router, torchrun with 2 ranks, Prometheus through file_sd, pre-emption) are
+tests/cluster/test_rehearsal.py.
 
-STAND-IN payload: tests/slurm/standin_payload.py takes the trainer's place (same
-command line, checkpoint-on-signal and resume contract) until `archer train` lands;
-then the lead points --entry at the real demo.
+One STAND-IN is left: tests/slurm/standin_payload.py in
+`test_time_limit_signal_checkpoints_requeues_and_finishes`, which tests Slurm's own
+time-limit timer (the rendered `#SBATCH --signal=B:USR1@45`). That timer fires anywhere
+in the first 45 s of a 1-minute job here, and the real trainer needs 20-40 s on this
+2-core machine before its first step, so most runs would end before any step; the
+payload has the trainer's command line and its checkpoint-on-signal / resume contract
+(its docstring), with 0.3 s steps. The real trainer's signal -> checkpoint -> requeue ->
+resume is tested by `test_demo_preempted_checkpoints_requeues_and_resumes` and the
+rehearsal.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ from services import (
     Prometheus,
     Pushgateway,
     SlurmCluster,
-    free_port,
     prometheus_config_for_test,
     require_binary,
     wait_until,
@@ -36,13 +45,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 HERE = Path(__file__).resolve().parent
 PAYLOAD = HERE / "standin_payload.py"
-SGLANG = HERE / "standin_sglang.py"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     require_binary("slurmctld")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("node1", "node2"))
+    # 4 GPUs per node as a GRES (character-device files, tests/services.py)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("node1", "node2"), gpus_per_node=4)
     try:
         yield c
     finally:
@@ -133,181 +142,46 @@ def test_slurm_accepts_every_rendered_script(
     assert rc != 0, text
 
 
-def test_two_node_job_runs_payload_and_pushes_metrics(
+def test_rollout_servers_get_distinct_gpus_under_a_gpu_gres(
     cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pgw = Pushgateway(tmp_path / "pgw")
-    prom = None
-    try:
-        prom = Prometheus(
-            tmp_path / "prom", prometheus_config_for_test([], f"127.0.0.1:{pgw.port}", [])
-        )
-        cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-dp2", 12)
-        rc, text = submit(
-            cluster,
-            cfg,
-            "--mode",
-            "train",
-            "--nodes",
-            "2",
-            "--nproc-per-node",
-            "1",
-            "--pushgateway",
-            pgw.url,
-            "--env",
-            "STANDIN_STEP_SECONDS=0.5",
-            capsys=capsys,
-        )
-        assert rc == 0, text
-        jid = job_id_of(text)
-        info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240)
-        log = job_log(cfg, jid)
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-        # DP=2 across the two nodes through srun + torchrun's c10d rendezvous
-        reduces = payload_lines(log, r"rank=(\d) node=(\w+) .*world=2 all_reduce=3 ok=True")
-        assert {(m.group(1), m.group(2)) for m in reduces} in (
-            {("0", "node1"), ("1", "node2")},
-            {("0", "node2"), ("1", "node1")},
-        ), log
-        result = json.loads((cfg.parent / "out" / "result.json").read_text())
-        assert result == {"final_step": 12, "world": 2}
-        # Prometheus scraped the pushed metrics while the job ran...
-        series = prom.query(f'max_over_time(archer_step{{slurm_job_id="{jid}"}}[10m])')
-        assert len(series) == 1, series
-        assert series[0]["metric"]["run"] == "slurm-dp2"
-        assert series[0]["metric"]["job"] == "archer"
-        assert 1 <= float(series[0]["value"][1]) <= 11
-        # ...and the clean exit deleted the job's group from the Pushgateway
-        assert all(g.get("slurm_job_id") != jid for g in pgw.groups())
-    finally:
-        if prom is not None:
-            prom.stop()
-        pgw.stop()
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(
-    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    steps = 40
-    cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-preempt", steps)
+    """Issue 27 item 4 on real Slurm with a GPU GRES (4 per node): two TP=2 servers on
+    the rollout node run in steps of their own, whose CUDA_VISIBLE_DEVICES Slurm's gres
+    plugin sets (the node's 4 job GPUs; a value exported to the job is replaced), and
+    `--base-gpu-id` 0 and 2 put them on GPUs 0-1 and 2-3. The "server" is a probe that
+    writes what its step got and sleeps: it answers no /health, so the job stops after
+    ARCHER_ROLLOUT_HEALTH_TIMEOUT and no trainer starts."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    probe = tmp_path / "probe.sh"
+    probe.write_text(
+        '#!/bin/sh\necho "CVD=$CUDA_VISIBLE_DEVICES ARGS=$*" > "$PROBE_DIR/$$.txt"\n'
+        "exec sleep 300\n"
+    )
+    probe.chmod(0o755)
+    cfg = write_config(tmp_path / "run" / "c.yaml", "slurm-gres", 1, "model:\n  path: /m\n")
     rc, text = submit(
-        cluster,
-        cfg,
-        "--mode",
-        "train",
-        "--nodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--env",
-        "STANDIN_STEP_SECONDS=0.25",
+        cluster, cfg,
+        "--mode", "disaggregated", "--nodes", "2", "--rollout-nodes", "1",
+        "--gpus-per-node", "4", "--nproc-per-node", "1",
+        "--env", f"ARCHER_SGLANG_SERVER_CMD={probe}", "--env", "ARCHER_SGLANG_TP=2",
+        "--env", "ARCHER_SGLANG_GPUS_PER_NODE=4", "--env", "ARCHER_ROLLOUT_HEALTH_TIMEOUT=20",
+        "--env", f"PROBE_DIR={probe_dir}", "--env", "CUDA_VISIBLE_DEVICES=3",
         capsys=capsys,
-    )
+    )  # fmt: skip
     assert rc == 0, text
+    assert "#SBATCH --gpus-per-node=4" in next((cfg.parent / "logs").glob("*.sbatch")).read_text()
     jid = job_id_of(text)
-    wait_until(
-        lambda: len(payload_lines(job_log(cfg, jid), r"rank=0 .* step (\d+)$")) >= 5,
-        120,
-        "five payload steps",
-    )
-    # What Slurm does at (time limit - --signal lead): SIGUSR1 to the batch shell only.
-    sig = cluster.run(require_binary("scancel"), "--batch", "--signal=USR1", jid)
-    assert sig.returncode == 0, sig.stderr
-    info = cluster.wait_job(jid, ("PENDING", "COMPLETED", "FAILED"), 120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, job_log(cfg, jid))
-    # Slurm holds a requeued job for ~2 min (BeginTime) so that the old run's steps are
-    # gone and its revoked credential (second resolution) predates the new one. Wait
-    # for exactly that, then let it start.
-    wait_until(cluster.nodes_idle, 60, "the first run's steps to finish")
-    time.sleep(2)
-    upd = cluster.scontrol("update", f"JobId={jid}", "StartTime=now")
-    assert upd.returncode == 0, upd.stderr
-    info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), 180)
+    info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 180)
     log = job_log(cfg, jid)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    saved = payload_lines(log, r"rank=0 .*restart=0 checkpoint saved at step (\d+) on SIGUSR1")
-    assert len(saved) == 1, log
-    k = int(saved[0].group(1))
-    assert 5 <= k < steps
-    resumed = payload_lines(log, r"rank=(\d) .*restart=1 resumed from step (\d+)")
-    assert {(m.group(1), int(m.group(2))) for m in resumed} == {("0", k), ("1", k)}, log
-    # every step ran exactly once across the two runs: 0..k-1 first, k..steps-1 after
-    ran = [
-        (int(m.group(1)), int(m.group(2)))
-        for m in payload_lines(log, r"rank=0 .*restart=(\d) step (\d+)$")
-    ]
-    assert [s for r, s in ran if r == 0] == list(range(k))
-    assert [s for r, s in ran if r == 1] == list(range(k, steps))
-    assert "requeueing job" in log
-    assert json.loads((cfg.parent / "out" / "result.json").read_text())["final_step"] == steps
-
-
-def test_disaggregated_job_starts_servers_router_then_trains(
-    cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = write_config(
-        tmp_path / "run" / "c.yaml", "slurm-disagg", 3, "model:\n  path: /models/standin\n"
-    )
-    server_port, router_port = free_port(), free_port()
-    py = sys.executable
-    rc, text = submit(
-        cluster,
-        cfg,
-        "--mode",
-        "disaggregated",
-        "--nodes",
-        "2",
-        "--rollout-nodes",
-        "1",
-        "--nproc-per-node",
-        "1",
-        "--env",
-        f"ARCHER_SGLANG_SERVER_CMD={py} {SGLANG} server",
-        "--env",
-        # a `PYTHON -m MODULE` router: started through the job script's API-key wrapper
-        f"ARCHER_SGLANG_ROUTER_CMD={py} -m standin_sglang_router",
-        "--env",
-        f"PYTHONPATH={HERE}",
-        "--env",
-        f"ARCHER_SGLANG_PORT={server_port}",
-        "--env",
-        f"ARCHER_ROUTER_PORT={router_port}",
-        "--env",
-        "ARCHER_SGLANG_GPUS_PER_NODE=1",
-        capsys=capsys,
-    )
-    assert rc == 0, text
-    jid = job_id_of(text)
-    info = cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), 240)
-    log = job_log(cfg, jid)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    url = f"http://127.0.0.1:{server_port}"
-    seen = payload_lines(
-        log,
-        r"rank=0 node=(\w+) .*rollout servers=\['(.*?)'\] router=(\S+) "
-        r"router_workers=\['(.*?)'\] healthy=True key_file_mode=600",
-    )
-    assert len(seen) == 1, log
-    node, servers, router, workers = seen[0].groups()
-    assert node == "node2"  # the first node serves rollouts, the second trains
-    assert servers == workers == url
-    assert router == f"http://127.0.0.1:{router_port}"
-    logs = cfg.parent / "logs"
-    server_log = next(logs.glob(f"sglang-{jid}-node1-{server_port}.log")).read_text()
-    router_log = next(logs.glob(f"sglang-router-{jid}.log")).read_text()
-    assert "model=/models/standin" in server_log
-    # bound to the node's address (NodeAddr 127.0.0.1 here), not 0.0.0.0; keyed (the
-    # payload's /workers passed with the key from rollout.sglang.api_key_file), the key
-    # on neither command line, redacted from the logs, its folder removed at the end
-    assert f"standin server on 127.0.0.1:{server_port} " in server_log
-    assert f"standin router on 127.0.0.1:{router_port} " in router_log
-    for text in (server_log, router_log):
-        assert "key=yes key_on_cmdline=False" in text, text
-        assert "key <redacted> (the job script must redact this)" in text, text
-    for path in logs.iterdir():
-        if path.is_file():
-            assert not re.search(r"\b[0-9a-f]{64}\b", path.read_text(errors="replace")), path
-    assert not list(logs.glob(".archer-secrets-*"))
+    assert info["JobState"] == "FAILED" and "not healthy after 20s" in log, (info, log)
+    seen = sorted(p.read_text().split() for p in probe_dir.glob("*.txt"))
+    assert len(seen) == 2, seen
+    for words in seen:
+        assert words[0] == "CVD=0,1,2,3", words
+    bases = sorted(int(w[w.index("--base-gpu-id") + 1]) for w in seen)
+    assert bases == [0, 2]
+    assert all(w[w.index("--tp-size") + 1] == "2" for w in seen)
 
 
 def test_time_limit_signal_checkpoints_requeues_and_finishes(
