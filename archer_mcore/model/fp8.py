@@ -236,3 +236,67 @@ def warn_once(choices: PrecisionChoices, log: logging.Logger = logger) -> bool:
     _WARNED.add(choices.warning)
     log.warning(choices.warning)
     return True
+
+
+# ----------------------------------------------------------- FP8 parameters (TE tensors)
+# With FP8 and the distributed optimizer (`fp8_param_gather`), megatron keeps the linear
+# weights as Transformer Engine quantized tensors. Read in TE 2.x
+# `transformer_engine/pytorch/tensor/quantized_tensor.py` (NVIDIA/TransformerEngine at
+# c48b9ac): `QuantizedTensor` is a wrapper subclass of torch.Tensor (no storage of its
+# own: the FP8 bytes and scales are attributes) whose nominal dtype is the high-precision
+# one; `dequantize(*, dtype=None)` returns a plain tensor, `quantize_(tensor)` re-quantizes
+# in place (with the tensor's own quantizer: scaling recipe, amax), other ops run on a
+# dequantized copy and views raise. Float8Tensor (per-tensor scaling), Float8BlockwiseQTensor
+# and MXFP8Tensor all derive from it; TE 1.x had Float8Tensor alone, with `from_float8`
+# (megatron-core 0.16.1 `fp8_utils.is_float8tensor` / `dequantize_fp8_tensor` key on the
+# same types). A collective on such a tensor sends no FP8 data (there is no storage), so
+# the HF export dequantizes first and the HF import quantizes through `quantize_`.
+
+_quantized_types: tuple[type, ...] | None = None
+
+
+def te_quantized_types() -> tuple[type, ...]:
+    """The classes of TE's quantized parameters in the installed TE: QuantizedTensor
+    (TE >= 2.0) or Float8Tensor (TE 1.x); () without TE. Cached."""
+    global _quantized_types
+    if _quantized_types is None:
+        found: tuple[type, ...] = ()
+        for module, name in (("transformer_engine.pytorch.tensor", "QuantizedTensor"),
+                             ("transformer_engine.pytorch.float8_tensor", "Float8Tensor")):  # fmt: skip
+            try:
+                found = (getattr(importlib.import_module(module), name),)
+                break
+            except (ImportError, AttributeError):
+                continue
+        _quantized_types = found
+    return _quantized_types
+
+
+def is_quantized_param(t: Any) -> bool:
+    """Whether `t` is a TE quantized (FP8) tensor."""
+    types = te_quantized_types()
+    return bool(types) and isinstance(t, types)
+
+
+def dequantized(t: Any, dtype: Any) -> Any:
+    """A TE quantized tensor as a plain tensor of `dtype` (TE 2.x `dequantize(dtype=)`,
+    TE 1.x `from_float8(dtype)`); any other tensor as is (its dtype unchanged)."""
+    if not is_quantized_param(t):
+        return t
+    if hasattr(t, "dequantize"):
+        return t.dequantize(dtype=dtype)
+    return t.from_float8(dtype)
+
+
+def load_param_(param: Any, value: Any) -> None:
+    """Copy `value` into a model parameter: a TE quantized one is re-quantized in place by
+    TE (`quantize_`, its own quantizer and scales; TE 1.x: `copy_`, which TE casts), any
+    other gets `.data.copy_` in its own dtype."""
+    if is_quantized_param(param):
+        src = value.to(device=param.device, dtype=param.dtype)
+        if hasattr(param, "quantize_"):
+            param.quantize_(src)
+        else:
+            param.copy_(src)
+        return
+    param.data.copy_(value.to(param.dtype))

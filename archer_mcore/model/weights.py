@@ -22,6 +22,7 @@ from archer_mcore.model.convert import (
     stage_layers,
     stage_rules,
 )
+from archer_mcore.model.fp8 import dequantized, load_param_
 from archer_mcore.model.hf_config import ModelShape
 
 NamedTensors = list[tuple[str, Tensor]]
@@ -61,7 +62,8 @@ def load_hf_weights(model: nn.Module, get_hf: Callable[[str], Tensor], shape: Mo
     """Copy HF tensors (fetched by name with `get_hf`) into this rank's model shard.
 
     Raises KeyError naming a missing HF tensor, ValueError on a shape mismatch or on a
-    model parameter the converter does not know.
+    model parameter the converter does not know. Transformer Engine FP8 parameters are
+    re-quantized in place by TE (`model.fp8.load_param_`).
     """
     m = unwrap(model)
     tp, pp, tp_rank, pp_rank = _parallel_info()
@@ -79,7 +81,7 @@ def load_hf_weights(model: nn.Module, get_hf: Callable[[str], Tensor], shape: Mo
             raise ValueError(
                 f"{k}: model shard {tuple(own[k].shape)} vs converted {tuple(v.shape)}"
             )
-        own[k].data.copy_(v.to(own[k].dtype))
+        load_param_(own[k], v)  # TE FP8 parameters: quantized by TE
 
 
 def hf_tensor_shape(name: str, shape: ModelShape) -> tuple[int, ...]:
@@ -127,7 +129,9 @@ def iter_hf_tensors(
     """Yield (hf_name, full tensor) for every HF parameter, in HF order (collective).
 
     Tied models yield no ``lm_head.weight``. Tensors are detached copies in `dtype`
-    (default: the model's parameter dtype).
+    (default: the model's parameter dtype). Transformer Engine FP8 parameters (model.fp8
+    with the distributed optimizer) are dequantized to that dtype before the TP gather
+    (`model.fp8.dequantized`).
     """
     from megatron.core import parallel_state as ps
 
@@ -144,7 +148,8 @@ def iter_hf_tensors(
                 continue
             names = hf_names(rule, layer)
             if stage == pp_rank:
-                local = own[prefix + rule.mcore].detach()
+                # a TE FP8 parameter has no storage to gather: dequantize it first
+                local = dequantized(own[prefix + rule.mcore].detach(), out_dtype)
                 tensors = from_tp_shards(rule, _gather_tp(local, rule, tp), shape)
                 tensors = [t.to(out_dtype).contiguous() for t in tensors]
             else:
