@@ -11,6 +11,16 @@
    reported: how many configurations the stats and grad kernels tuned (one per key),
    the first and the median call's time. Before issue 21 the grad kernel re-tuned for
    most micro-batches (tests/kernels/test_autotune_keys.py counts the keys on CPU).
+3. CUDA IPC by device UUID (item 3c): a CUDA tensor pickled for
+   /update_weights_from_tensor under `rollout.cuda_ipc.uuid_device_reductions` carries
+   this device's UUID (SGLang 0.5.23's contract), and a spawned process that maps the
+   UUID to its own index, as SGLang's receiver does, opens the handle and reads the same
+   values. (One GPU cannot show a server whose device numbering differs; the UUID is what
+   makes that case work.)
+4. TE FP8 parameters in the HF export (item 5): skipped without Transformer Engine (this
+   machine has none); with TE, a te.pytorch.Linear built under fp8_model_init holds a TE
+   quantized weight, `model.fp8.dequantized` gives `dequantize()`'s values and
+   `load_param_` re-quantizes in place. On CPU: tests/fp8/test_fp8_param_export.py.
 
 Prints a markdown table; `--json PATH` writes the figures. Stops by itself: the
 micro-batches are few and small, and gpu_check.sh caps it with `timeout`.
@@ -101,6 +111,104 @@ def autotune_count(smoke: bool, n_batches: int = 20) -> dict[str, Any]:
     }
 
 
+def _ipc_child(payload: str, queue: Any) -> None:
+    """Receiver of check 3: maps a UUID device argument to this process's index (the
+    contract of SGLang 0.5.23 `utils/patch_torch.py`, written here), then unpickles."""
+    import base64
+    import pickle
+
+    from torch.multiprocessing import reductions
+
+    original = reductions.rebuild_cuda_tensor
+
+    def rebuild(*args: Any) -> Any:
+        dev = args[6]
+        if isinstance(dev, str):
+            dev = next(i for i in range(torch.cuda.device_count())
+                       if str(torch.cuda.get_device_properties(i).uuid) == dev)  # fmt: skip
+        return original(*args[:6], dev, *args[7:])
+
+    reductions.rebuild_cuda_tensor = rebuild
+    try:
+        named = pickle.loads(base64.b64decode(payload))
+        queue.put({"sum": float(named[0][1].sum().item()), "device": str(named[0][1].device)})
+    except Exception as e:  # reported, not raised: the parent prints the table
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def ipc_uuid(smoke: bool) -> dict[str, Any]:
+    """Figures of check 3."""
+    import base64
+    import io
+    import pickle
+
+    import torch.multiprocessing as tmp
+
+    from archer_mcore.rollout.cuda_ipc import DEVICE_ARG, device_uuid, uuid_device_reductions
+    from archer_mcore.rollout.sglang_protocol import serialize_named_tensors
+
+    if smoke:
+        return {"note": "no CUDA tensor on the CPU smoke run (tests/rollout/test_cuda_ipc.py)"}
+    t = torch.arange(4096, dtype=torch.float32, device="cuda")
+    with uuid_device_reductions():
+        payload = serialize_named_tensors([("w", t)])
+    seen: list[Any] = []
+
+    class Peek(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if name == "rebuild_cuda_tensor":
+                return lambda *a: seen.append(a[DEVICE_ARG])
+            return super().find_class(module, name)
+
+    Peek(io.BytesIO(base64.b64decode(payload))).load()
+    here = device_uuid(torch.cuda.current_device())
+    out: dict[str, Any] = {"device_arg": seen[0] if seen else "none",
+                           "is_this_uuid": bool(seen) and seen[0] == here}  # fmt: skip
+    ctx = tmp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_ipc_child, args=(payload, queue))
+    proc.start()
+    try:
+        got = queue.get(timeout=40)
+    finally:
+        proc.join(timeout=30)
+    out["receiver"] = got.get("error") or f"sum {got['sum']:.0f} on {got['device']}"
+    out["values_equal"] = "error" not in got and got["sum"] == float(t.sum().item())
+    return out
+
+
+def te_fp8_export(smoke: bool) -> dict[str, Any]:
+    """Figures of check 4 (needs Transformer Engine)."""
+    from archer_mcore.model.fp8 import dequantized, is_quantized_param, load_param_
+
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError:
+        return {
+            "skipped": "no Transformer Engine here; CPU stand-in: tests/fp8/test_fp8_param_export.py"
+        }
+    if smoke:
+        return {"skipped": "needs a GPU"}
+    try:
+        with te.fp8_model_init(enabled=True):
+            lin = te.Linear(256, 256, params_dtype=torch.bfloat16)
+        w = lin.weight
+        out: dict[str, Any] = {"weight_type": type(w).__name__, "quantized": is_quantized_param(w)}
+        plain = dequantized(w, torch.bfloat16)
+        out["dequantized_plain"] = type(plain) is torch.Tensor
+        out["equals_dequantize"] = bool(torch.equal(plain, w.dequantize(dtype=torch.bfloat16)))
+        new = torch.randn(256, 256, device=plain.device, dtype=torch.bfloat16)
+        load_param_(w, new)
+        back = dequantized(w, torch.float32)
+        out["reload_max_rel_err"] = float(
+            ((back - new.float()).abs().max() / new.float().abs().max()).item()
+        )
+        out["still_quantized"] = is_quantized_param(lin.weight) and lin.weight is w
+        return out
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
@@ -113,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "device_rule": device_rule(args.smoke),
         "autotune": autotune_count(args.smoke, n_batches=4 if args.smoke else 20),
+        "ipc_uuid": ipc_uuid(args.smoke),
+        "te_fp8_export": te_fp8_export(args.smoke),
     }
     print("| check | figure | value |\n|---|---|---|")
     for check, figures in res.items():
@@ -123,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     ok = (res["device_rule"]["control_collectives"] == "ok"
-          and str(res["device_rule"]["cpu_tensor_on_default"]).startswith("refused"))  # fmt: skip
+          and str(res["device_rule"]["cpu_tensor_on_default"]).startswith("refused")
+          and (args.smoke or (res["ipc_uuid"]["is_this_uuid"] and res["ipc_uuid"]["values_equal"]))
+          and "error" not in res["te_fp8_export"])  # fmt: skip
     return 0 if ok else 1
 
 
