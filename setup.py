@@ -44,7 +44,7 @@ setup(
         # Experiment trackers (metrics.trackers); each is checked for at config load.
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.19"],
-        "mlflow": ["mlflow-skinny>=2.10"],
+        "mlflow": ["mlflow-skinny>=3"],  # the client; the tracking server is `pip install mlflow`
         # The tests run the real router, Parquet reading and the ModelOpt FP8 export.
         "test": [
             "pytest>=8",
