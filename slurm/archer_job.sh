@@ -31,6 +31,7 @@
 #   ARCHER_SGLANG_GPUS_PER_NODE  GPUs per rollout node          [$ARCHER_NPROC_PER_NODE]
 #   ARCHER_SGLANG_PORT    first server port on each node        [30000]
 #   ARCHER_ROUTER_PORT    sglang-router port (first rollout node) [30100]
+#   ARCHER_ROUTER_METRICS_PORT  the router's own /metrics port     [ARCHER_ROUTER_PORT + 1]
 #   ARCHER_ROUTER_POLICY  sglang-router --policy                 [cache_aware]
 #   ARCHER_SGLANG_DTYPE   server --dtype (= rollout.sglang.dtype) [bfloat16]
 #   ARCHER_SGLANG_MEM_FRACTION  server --mem-fraction-static
@@ -261,8 +262,12 @@ if [ "$ARCHER_MODE" = disaggregated ]; then
     ARCHER_SGLANG_ROUTER_URL="http://$router_addr:$ARCHER_ROUTER_PORT"
     export ARCHER_SGLANG_ROUTER_URL
     read -r -a router_cmd <<<"$ARCHER_SGLANG_ROUTER_CMD"
+    # the router's own metrics exporter binds the router's address too (sglang-router
+    # 0.3.2 would listen on 0.0.0.0:29000: every interface, one fixed port per node)
     router_flags=(--worker-urls "${ARCHER_SERVER_URLS[@]}" --policy "$ARCHER_ROUTER_POLICY"
-        --host "${ARCHER_SGLANG_BIND_HOST:-$router_addr}" --port "$ARCHER_ROUTER_PORT")
+        --host "${ARCHER_SGLANG_BIND_HOST:-$router_addr}" --port "$ARCHER_ROUTER_PORT"
+        --prometheus-host "${ARCHER_SGLANG_BIND_HOST:-$router_addr}"
+        --prometheus-port "${ARCHER_ROUTER_METRICS_PORT:-$((ARCHER_ROUTER_PORT + 1))}")
     if [ "${#router_cmd[@]}" -eq 3 ] && [ "${router_cmd[1]}" = -m ]; then
         router_cmd=("${router_cmd[0]}" -c "$ARCHER_ROUTER_KEY_WRAPPER" "$ARCHER_SGLANG_KEY_FILE" "${router_cmd[2]}")
     else # sglang-router reads keys from flags only: visible to ps on the router's node

@@ -224,6 +224,10 @@ class RouterArgs:
     health_failure_threshold: int = 2
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     api_key_file: str | None = None
+    # the router's own Prometheus exporter: sglang-router 0.3.2 listens on 0.0.0.0:29000
+    # unless told (router_args.py), i.e. on every interface, without the key, and on
+    # one fixed port per host; here it binds `host`, on this port (None: port + 1)
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
@@ -250,6 +254,8 @@ def build_router_command(
              "--health-check-interval-secs", str(args.health_check_interval_secs),
              "--health-check-timeout-secs", str(args.health_check_timeout_secs),
              "--health-failure-threshold", str(args.health_failure_threshold),
+             "--prometheus-host", args.host,
+             "--prometheus-port", str(args.metrics_port or args.port + 1),
              *args.extra_args]  # fmt: skip
     if args.api_key_file is None:
         return [*launch, *flags]

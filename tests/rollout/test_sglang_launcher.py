@@ -61,6 +61,8 @@ def test_router_command_line_exact():
         "--worker-urls", "http://a:1", "http://b:2", "--policy", "round_robin",
         "--host", "127.0.0.1", "--port", "30000", "--health-check-interval-secs", "3",
         "--health-check-timeout-secs", "5", "--health-failure-threshold", "2",
+        # its own metrics on its host, not sglang-router's default 0.0.0.0:29000
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", "30001",
         "--log-level", "warn",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="policy"):

@@ -113,6 +113,9 @@ def test_disaggregated_servers_and_router_bind_the_node_address_with_the_job_key
     assert router[i - 1 : i + 4] == [str(tmp_path / "stub" / "python"), "-c", ROUTER_KEY_WRAPPER, key_file,
                                      "sglang_router.launch_router"]  # fmt: skip
     assert _after(router, "--host") == "10.0.0.1" and "--api-key" not in router
+    # the router's own metrics: its node address, the port after its own (not 0.0.0.0:29000)
+    assert _after(router, "--prometheus-host") == "10.0.0.1"
+    assert _after(router, "--prometheus-port") == "30101"
     overrides = [train[i + 1] for i, a in enumerate(train) if a == "-o"]
     assert f"rollout.sglang.api_key_file={key_file}" in overrides
     assert "rollout.sglang.router_url=http://10.0.0.1:30100" in overrides
