@@ -98,6 +98,8 @@ class TensorBoardTracker:
 
         new = run_id is None
         run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        if Path(run_id).name != run_id or run_id.startswith("."):
+            raise ValueError(f"{RUN_IDS_FILE}: {run_id!r} is not a run directory's name")
         # purge_step: events at or after the first step of a resumed run are dropped
         # (the steps after the checkpoint that an interrupted run had already logged).
         self.writer = SummaryWriter(

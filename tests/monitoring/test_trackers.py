@@ -262,6 +262,14 @@ def test_tensorboard_dir_setting(tmp_path: Path) -> None:
     assert tb.root == tmp_path / "tb"  # type: ignore[attr-defined]
 
 
+def test_tensorboard_refuses_a_stored_id_outside_its_directory(tmp_path: Path) -> None:
+    from archer_mcore.metrics.trackers import TensorBoardTracker
+
+    with pytest.raises(ValueError, match="not a run directory's name"):
+        TensorBoardTracker(tmp_path / "tb").start("../elsewhere", 3, {})
+    assert not (tmp_path / "elsewhere").exists()
+
+
 # ----------------------------------------------------------------------------- the sink
 class _Fake:
     def __init__(self, name: str, fail_on: str = "") -> None:
