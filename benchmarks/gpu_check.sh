@@ -8,7 +8,8 @@
 # (benchmarks/gpu_first_run.py: the default group's device rule with NCCL, the fused
 # head's autotune count, CUDA IPC handles by device UUID as SGLang 0.5.23 expects, and
 # TE FP8 parameters in the HF export, reported as skipped where TE is absent). Results:
-# $OUT (default benchmarks/results/gpu_check/): kernels.md, gpu_check.md, gpu_check.json, gpu_first_run.md/.json, env.txt.
+# $OUT (default benchmarks/results/gpu_check/): kernels.md, gpu_check.md,
+# gpu_check.json, gpu_first_run.md/.json, env.txt.
 #
 #   benchmarks/gpu_check.sh            # on the GPU machine, < 10 min (parts capped)
 #   benchmarks/gpu_check.sh --smoke    # tiny, on CPU with the Triton interpreter (CI)
