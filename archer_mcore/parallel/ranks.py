@@ -1,5 +1,6 @@
 """Rank helpers of the trainer: which process is rank 0, agreeing on a flag across
-ranks, and handing rank 0's Python object to every rank.
+ranks, and handing rank 0's Python object (or its rollout, `broadcast_rollout`) to every
+rank.
 
 Each degrades to the single-process answer when torch.distributed is not initialised
 (or the world has one rank), so the CPU demo needs no process group.
@@ -23,6 +24,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from archer_mcore.parallel.batch_transport import broadcast_samples
 
 T = TypeVar("T")
 
@@ -119,3 +122,13 @@ def broadcast_object(obj: T) -> T:
     _waiting(lambda: dist.broadcast_object_list(box, src=0, group=group))
     return box[0]
 
+
+def broadcast_rollout(obj: T) -> T:
+    """Rank 0's rollout `obj` (scored groups, a SamplingOutcome: anything holding
+    `Sample`s) on every rank; the samples' token ids and log-probs travel as flat
+    int32 / float32 arrays, the rest pickled (parallel/batch_transport.py). Equal to
+    `broadcast_object(obj)` on every rank; identity without torch.distributed."""
+    if not is_distributed():
+        return obj
+    group = control_group()
+    return _waiting(lambda: broadcast_samples(obj, group))

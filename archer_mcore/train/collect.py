@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from archer_mcore.config import Config
 from archer_mcore.data.prompt_dataset import PromptExample
-from archer_mcore.parallel.ranks import broadcast_object
+from archer_mcore.parallel.ranks import broadcast_rollout
 from archer_mcore.rollout.types import SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
 from archer_mcore.train.components import Components
@@ -43,7 +43,7 @@ def generate_scored_groups(
     them (phases "rollout" and "reward"); every rank gets the groups."""
     prompts = c.prompts.next_batch(n_prompts)
     groups = rollout_and_score(c, prompts, n, params, timer) if c.is_main else None
-    return broadcast_object(groups)
+    return broadcast_rollout(groups)
 
 
 def collect_step_groups(

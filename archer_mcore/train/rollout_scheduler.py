@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from archer_mcore.config import Config, ConfigError
-from archer_mcore.parallel.ranks import broadcast_object
+from archer_mcore.parallel.ranks import broadcast_rollout
 from archer_mcore.rollout.types import Sample, SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
 from archer_mcore.train.collect import collect_step_groups, collect_with, rollout_and_score
@@ -250,7 +250,7 @@ class AsyncRollout(SyncRollout):
         """Step `step`'s groups from the producer. `boundary` is not called: the
         producer's generation batches run on rank 0's thread alone, so the other ranks
         cannot meet them; the loop's stop check after collect is the boundary here."""
-        outcome = broadcast_object(self._take(step, timer) if self.c.is_main else None)
+        outcome = broadcast_rollout(self._take(step, timer) if self.c.is_main else None)
         # every rank checks (each keeps the list of synced versions)
         self._versions = check_staleness(outcome.groups, self.synced, self.async_steps)
         return outcome
