@@ -56,12 +56,13 @@ setup(
             "nvidia-modelopt==0.47.0",
             "requests",
             "matplotlib>=3.8",  # benchmarks/algorithms.py's smoke test draws its PNG
-            # tests/monitoring/test_trackers.py reads the trackers' files back. mlflow is
-            # not here: every mlflow-skinny 3.x needs opentelemetry-sdk, whose releases pin
-            # opentelemetry-api exactly, and none pins the locked 1.45.3 (2.x needs
-            # packaging < 25); its test skips without it.
+            # tests/monitoring/test_trackers.py reads the trackers' files back (MLflow
+            # through a file store: mlflow-skinny has no server). mlflow-skinny 3.x pins
+            # opentelemetry-sdk, which pins opentelemetry-api exactly: the lock holds
+            # api 1.45.2 (only fastapi needs it, >= 1.44).
             "tensorboard>=2.14",
             "wandb>=0.19",
+            "mlflow-skinny>=3",
         ],
         # Only GPU clusters install these (apex is built from NVIDIA's source, not PyPI).
         # SGLang pinned: the rollout engine speaks 0.5.23's weight-update protocol
