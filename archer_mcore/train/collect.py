@@ -7,17 +7,21 @@ producing the step's scored groups (e.g. an asynchronous rollout) replaces this 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from archer_mcore.config import Config
 from archer_mcore.data.prompt_dataset import PromptExample
 from archer_mcore.parallel.ranks import broadcast_rollout
-from archer_mcore.rollout.types import SamplingParams
+from archer_mcore.rollout.types import RolloutError, SamplingParams
 from archer_mcore.train.advantage_batch import ScoredGroup
 from archer_mcore.train.components import Components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome, collect_groups
 from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.scoring import score_groups
+from archer_mcore.train.signals import stop_requested
+
+log = logging.getLogger("archer.train")
 
 
 def rollout_and_score(
@@ -42,7 +46,19 @@ def generate_scored_groups(
     """Rank 0 generates `n` samples for each of the next `n_prompts` prompts and scores
     them (phases "rollout" and "reward"); every rank gets the groups."""
     prompts = c.prompts.next_batch(n_prompts)
-    groups = rollout_and_score(c, prompts, n, params, timer) if c.is_main else None
+    groups = None
+    if c.is_main:
+        try:
+            groups = rollout_and_score(c, prompts, n, params, timer)
+        except RolloutError as exc:
+            # Slurm's pre-emption SIGTERM reaches every process of the job, the rollout
+            # servers too: once this rank has a stop signal, a rollout that failed is
+            # the step's dropped rollout (the next boundary stops the run and saves the
+            # previous step), not a crash that loses the checkpoint
+            if not stop_requested():
+                raise
+            log.warning("rollout failed after a stop signal, dropped: %s", exc)
+            groups = []
     return broadcast_rollout(groups)
 
 

@@ -17,6 +17,15 @@ from types import FrameType
 
 from archer_mcore.parallel.ranks import any_rank
 
+#: The StopRequest in use (inside its `with`), for `stop_requested`.
+_ACTIVE: list[StopRequest] = []
+
+
+def stop_requested() -> bool:
+    """Whether this process received a stop signal (the active StopRequest's flag;
+    False outside one). Local to the rank: the decision to stop is `StopCheck`'s."""
+    return bool(_ACTIVE) and bool(_ACTIVE[-1])
+
 
 class StopRequest:
     """Installs handlers for SIGINT, SIGTERM and SIGUSR1 while in use (a context)."""
@@ -41,12 +50,15 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for s, prev in self._previous.items():
             signal.signal(s, prev)  # type: ignore[arg-type]
         self._previous.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
 
 class StepAbandoned(Exception):
