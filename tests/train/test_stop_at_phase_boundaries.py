@@ -15,12 +15,16 @@ where the uninterrupted reference run ends (same samples, metrics and final weig
 - Two ranks under torchrun, the signal to rank 1 alone while it waits for rank 0's
   generation batch: both ranks agree at the same boundary (one all-reduce on the gloo
   control group) and stop there, rank 0 reporting a signal on another rank.
+- Async rollout (`rollout.async_steps: 1`): the stop is agreed when the trainer takes
+  step 2's batch; step 1's checkpoint keeps step 2's first batch (the scheduler records
+  it), and the resumed run matches an uninterrupted async run.
 
 On the trainer before this change (the stop flag read only after the step's weight
 sync and eval) each of these fails: the signal ends the run only after step 2 has
 synced and been saved (checkpoint at step 2, "step 2 dropped" never printed, step 2's
-`sync/bytes` non-zero). Measured on the 2-core CI machine: about 60 s, 50 s and 90 s,
-plus the shared reference run.
+`sync/bytes` non-zero). Measured on a 2-core machine: mid-generation 65-72 s,
+mid-update about 60 s, torchrun about 125 s, async 105-140 s (its own reference run
+included), plus 20-30 s for the shared reference run.
 """
 
 from __future__ import annotations
