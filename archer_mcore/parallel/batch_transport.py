@@ -275,11 +275,11 @@ def broadcast_samples(obj: Any, group: Any, chunk_values: int = CHUNK_VALUES) ->
     """Rank 0's `obj` on every rank of `group` (a gloo group: the tensors are on the
     CPU), its Samples' lists sent as arrays; rank 0 gets `obj` itself back. Collective."""
     if dist.get_rank(group) == 0:
-        pending = []
+        pending = []  # (work, its tensor: kept alive until the send is through)
         for t in messages(obj, chunk_values):
             if t.numel():
-                pending.append(dist.broadcast(t, src=0, group=group, async_op=True))
-        for work in pending:
+                pending.append((dist.broadcast(t, src=0, group=group, async_op=True), t))
+        for work, _ in pending:
             work.wait()
         return obj
 
