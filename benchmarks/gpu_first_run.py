@@ -17,6 +17,13 @@
    UUID to its own index, as SGLang's receiver does, opens the handle and reads the same
    values. (One GPU cannot show a server whose device numbering differs; the UUID is what
    makes that case work.)
+5. Logits-path memory (item 6): peak GPU memory of one micro-batch's entropy/log-prob
+   computation, forward + backward, from the [N, H] response rows to their gradients,
+   at the 1.5B preset's head (H 1536, vocab 151,936, bf16, N = 8192 tokens), for the
+   torch reference, the Triton kernels and the fused LM head, beside the planner's
+   `plan.formulas.logits_bytes` for that path (on CPU: tests/actor/test_logits_memory.py
+   measures the same with torch's profiler). The peak includes the output weight's
+   gradient, which the planner counts there for the first two paths only.
 4. TE FP8 parameters in the HF export (item 5): skipped without Transformer Engine (this
    machine has none); with TE, a te.pytorch.Linear built under fp8_model_init holds a TE
    quantized weight, `model.fp8.dequantized` gives `dequantize()`'s values and
@@ -217,6 +224,57 @@ def _guarded(check: Any, smoke: bool) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
+def logits_memory(smoke: bool) -> dict[str, Any]:
+    """Check 5: peak bytes of the logits path per kernel path vs the planner's figure."""
+    from functools import partial
+
+    from archer_mcore.actor import kernel_dispatch as kd
+    from archer_mcore.model.hf_config import ModelShape
+    from archer_mcore.plan.formulas import logits_bytes
+    from archer_mcore.plan.specs import Assumptions
+
+    hidden_size, vocab, n = (64, 1024, 256) if smoke else (1536, 151_936, 8192)
+    cuda = not smoke
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    shape = ModelShape(model_type="qwen3", vocab_size=vocab, hidden_size=hidden_size,
+                       ffn_hidden_size=4 * hidden_size, num_layers=1, num_heads=16,
+                       num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_eps=1e-6,
+                       tie_embeddings=False, qkv_bias=False, qk_norm=True,
+                       max_position_embeddings=4096)  # fmt: skip
+    v_pad = shape.padded_vocab_size(1)
+    paths = (
+        ("torch", partial(kd.output_layer_entropy_and_logprob, mode="torch"), "chunked"),
+        ("triton", partial(kd.output_layer_entropy_and_logprob, mode="triton"), "fused"),
+        ("triton_lm_head", partial(kd.lm_head_entropy_and_logprob, mode="triton"),
+         "fused_lm_head"),
+    )  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    out: dict[str, Any] = {"tokens": n, "vocab_padded": v_pad}
+    for label, fn, planned_path in paths:
+        hidden = torch.randn(n, hidden_size, generator=g, device=dev).to(dtype).requires_grad_()
+        weight = (0.02 * torch.randn(v_pad, hidden_size, generator=g, device=dev)).to(dtype)
+        weight.requires_grad_()
+        tokens = torch.randint(0, vocab, (n,), generator=g, device=dev)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        ent, lp = fn(hidden, weight, tokens, 1.0, vocab_start=0, vocab_size=vocab)
+        (ent.float().sum() + lp.float().sum()).backward()
+        planned = logits_bytes(shape, n, 1, planned_path, Assumptions(),
+                               element_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
+        out[f"{label}_planned_GB"] = planned / 1e9
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            out[f"{label}_peak_GB"] = peak / 1e9
+            out[f"{label}_peak_over_planned"] = peak / planned
+        else:
+            out[f"{label}_peak_GB"] = "not measured on CPU (tests/actor/test_logits_memory.py)"
+        del hidden, weight, tokens, ent, lp
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
@@ -231,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "autotune": autotune_count(args.smoke, n_batches=4 if args.smoke else 20),
         "ipc_uuid": _guarded(ipc_uuid, args.smoke),
         "te_fp8_export": te_fp8_export(args.smoke),
+        "logits_memory": _guarded(logits_memory, args.smoke),
     }
     print("| check | figure | value |\n|---|---|---|")
     for check, figures in res.items():
@@ -243,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = (res["device_rule"]["control_collectives"] == "ok"
           and str(res["device_rule"]["cpu_tensor_on_default"]).startswith("refused")
           and (args.smoke or (res["ipc_uuid"].get("is_this_uuid") and res["ipc_uuid"].get("values_equal")))
-          and "error" not in res["te_fp8_export"])  # fmt: skip
+          and "error" not in res["te_fp8_export"]
+          and "error" not in res["logits_memory"])  # fmt: skip
     return 0 if ok else 1
 
 
