@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from archer_mcore import __version__, quiet_known_warnings
 from archer_mcore.cli import config_cmd, convert, plan, submit, train
+from archer_mcore.cli import data as data_cmd
 from archer_mcore.cli import eval as eval_cmd
 from archer_mcore.config import ConfigError
 
@@ -26,6 +27,7 @@ COMMANDS = (
     ("convert", convert, "convert weights HF <-> megatron"),
     ("plan", plan, "per-GPU memory and step time of a layout"),
     ("submit", submit, "render and submit a Slurm job"),
+    ("data", data_cmd, "convert public datasets to prompt files; inspect prompt files"),
 )
 
 
