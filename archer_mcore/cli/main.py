@@ -1,4 +1,4 @@
-"""The `archer` command line: archer config | train | eval | plan | convert | submit.
+"""The `archer` command line: archer config | train | eval | export | plan | convert | submit.
 
 One module per verb in this package, each with `add_args(parser)` and `run(args)`.
 The verb modules import only the standard library and the config at module level; what
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from archer_mcore import __version__, quiet_known_warnings
-from archer_mcore.cli import config_cmd, convert, plan, submit, train
+from archer_mcore.cli import config_cmd, convert, export, plan, submit, train
 from archer_mcore.cli import data as data_cmd
 from archer_mcore.cli import eval as eval_cmd
 from archer_mcore.config import ConfigError
@@ -24,6 +24,7 @@ COMMANDS = (
     ("config", config_cmd, "inspect configs"),
     ("train", train, "run RL training from a YAML config"),
     ("eval", eval_cmd, "avg@k / pass@k of a checkpoint on a prompt file"),
+    ("export", export, "a trained checkpoint as an HF checkpoint (transformers, SGLang)"),
     ("convert", convert, "convert weights HF <-> megatron"),
     ("plan", plan, "per-GPU memory and step time of a layout"),
     ("submit", submit, "render and submit a Slurm job"),
