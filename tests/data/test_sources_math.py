@@ -261,7 +261,7 @@ def test_inspect_counts_lengths_limits_and_bad_rows(
     config.write_text("data:\n  max_prompt_length: 100\n")
     assert main(["data", "inspect", str(out), "--config", str(config), "--json", str(report)]) == 0
     text = capsys.readouterr().out
-    assert "math500: 3" in text and "math: 3" in text, text
+    assert "math_500: 3" in text and "math: 3" in text, text
     assert f"{out}:line 4: missing ground truth" in text, text
     # the count the trainer drops at this limit, with the same (the demo's) tokenizer
     too_long = PromptDataset.from_files([out], tokenizer, 100).report.too_long

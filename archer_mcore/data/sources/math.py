@@ -156,8 +156,8 @@ def aime_2025(records: Iterable[Record], **options: Any) -> Conversion:
 
 
 def math_500(records: Iterable[Record], **options: Any) -> Conversion:
-    """MATH-500 (module docstring); data_source "math500"."""
-    return convert_math(records, data_source="math500", **options)
+    """MATH-500 (module docstring); data_source "math_500"."""
+    return convert_math(records, data_source="math_500", **options)
 
 
 def deepscaler(records: Iterable[Record], **options: Any) -> Conversion:
