@@ -236,6 +236,10 @@ def test_bad_input_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     dapo = _jsonl(tmp_path / "d.jsonl", [{**_dapo_row("q", "1", "a"), "prompt": []}])
     assert _prepare("dapo-math-17k", dapo, out) == 2
     assert f"{dapo}:line 1: 'prompt' must be a non-empty list" in capsys.readouterr().err
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    assert _prepare("math500", broken, out) == 2
+    assert f"{broken}:row 0: unreadable Parquet" in capsys.readouterr().err
     assert _prepare("math500", tmp_path / "missing.jsonl", out) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert not out.exists()

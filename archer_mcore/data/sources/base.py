@@ -15,7 +15,6 @@ file, and never half a file, at --out.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,25 +109,31 @@ def input_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(io.StringIO(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {lineno}", json.loads(line)
-        except (ValueError, RecursionError) as err:
-            raise SourceError(f"{path}:line {lineno}: invalid JSON: {shorten(str(err))}") from None
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """Records of a JSON-lines file, read line by line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SourceError(
+                    f"{path}:line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as err:
+                raise SourceError(
+                    f"{path}:line {lineno}: invalid JSON: {shorten(str(err))}"
+                ) from None
+            yield f"line {lineno}", record
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise SourceError(
-            f"{path}:line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})"
-        ) from None
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
 
 
 def _records_of(path: Path) -> Iterator[tuple[str, Any]]:
@@ -138,22 +143,28 @@ def _records_of(path: Path) -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise SourceError(f"reading {path} needs pyarrow (pip install pyarrow)") from err
+        import pyarrow as pa
+
         index = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                yield f"row {index}", row
-                index += 1
-        return
-    text = _read_text(path)
-    if suffix in JSON_FILE and text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
-        except (ValueError, RecursionError) as err:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=256)
+            for batch in batches:
+                rows = batch.to_pylist()
+                for row in rows:
+                    yield f"row {index}", row
+                    index += 1
+        except (pa.ArrowException, OSError) as err:
+            raise SourceError(f"{path}:row {index}: unreadable Parquet: {err}") from None
+        return
+    if suffix in JSON_FILE and _starts_with_bracket(path):
+        try:
+            items = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as err:  # also: not UTF-8
             raise SourceError(f"{path}: invalid JSON: {shorten(str(err))}") from None
         for index, item in enumerate(items):
             yield f"item {index}", item
         return
-    yield from _json_lines(path, text)
+    yield from _json_lines(path)
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
