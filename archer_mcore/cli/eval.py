@@ -171,6 +171,7 @@ def _evaluate(
         "settings": settings,
         "results": summary,
         "reward_failures": failures,
+        "lengths": _lengths(groups),
     }
     if recipe is not None:
         result["recipe"] = {**recipe.settings(), "file": recipe.source}
@@ -181,7 +182,13 @@ def _evaluate(
     table = {src: {**row, "reward_failures": failures.get(src, 0)} for src, row in summary.items()}
     text = format_table(table)
     md = out.with_suffix(".md") if out.suffix != ".md" else out.with_name(out.name + ".md")
-    _write_markdown(md, _markdown(step_dir, settings, recipe, result.get("reported"), text))
+    lengths = result["lengths"]["all"]
+    text_md = text + (
+        f"\n\nResponses: {lengths['mean_response_tokens']:.0f} tokens on average, at most "
+        f"{lengths['max_response_tokens']:.0f}; {100 * lengths['truncated_fraction']:.1f}% "
+        "cut at max_new_tokens."
+    )
+    _write_markdown(md, _markdown(step_dir, settings, recipe, result.get("reported"), text_md))
     print(text)
     if failures.get("all"):
         print(
@@ -191,6 +198,25 @@ def _evaluate(
         )
     print(f"written: {out}", file=sys.stderr)
     print(f"written: {md}", file=sys.stderr)
+
+
+def _lengths(groups: list[Any]) -> dict[str, dict[str, float]]:
+    """Per data source (and "all"): mean and max response length in tokens and the
+    fraction of responses cut at max_new_tokens (finish reason "length"): a high
+    fraction means the response limit, not the model, decided those answers."""
+    by_source: dict[str, list[Any]] = {}
+    for g in groups:
+        by_source.setdefault(g.data_source, []).extend(g.samples)
+        by_source.setdefault("all", []).extend(g.samples)
+    out: dict[str, dict[str, float]] = {}
+    for source, samples in by_source.items():
+        n = [len(s.token_ids) for s in samples]
+        out[source] = {
+            "mean_response_tokens": sum(n) / len(n),
+            "max_response_tokens": float(max(n)),
+            "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(n),
+        }
+    return out
 
 
 def _check_data_source(recipe: Any, prompts: list[Any]) -> None:

@@ -224,6 +224,7 @@ def test_a_recipes_settings_reach_the_sampling_and_the_outputs(
     res = got["results"]
     assert res["all"]["prompts"] == 16 and res["all"]["samples_per_prompt"] == 3
     assert res["all"]["pass@3"] == pytest.approx(res["all"]["avg@3"])  # greedy
+    assert 1 <= got["lengths"]["all"]["max_response_tokens"] <= 12  # the recipe's limit
     assert got["reported"] == {
         "source": "synthetic_arithmetic",
         "avg@3": res["synthetic_arithmetic"]["avg@3"],
@@ -237,12 +238,14 @@ def test_a_recipes_settings_reach_the_sampling_and_the_outputs(
     assert "# Evaluation: tiny" in md and "temperature=0.0" in md
     assert f"{res['all']['avg@3']:.4f}" in md
     assert "| avg@3 | pass@3 |" in md
+    assert "cut at max_new_tokens" in md
 
-    # Explicit flags win over the recipe: --samples and -o eval.temperature.
+    # Explicit flags win over the recipe: --samples, -o eval.temperature and
+    # -o eval.max_new_tokens.
     out2 = tmp_path / "eval2.json"
     proc = archer.run(
         "eval",
-        [*helpers.REFERENCE, "eval.temperature=1.0"],
+        [*helpers.REFERENCE, "eval.temperature=1.0", "eval.max_new_tokens=4"],
         "--checkpoint",
         ckpt,
         "--data",
@@ -260,6 +263,8 @@ def test_a_recipes_settings_reach_the_sampling_and_the_outputs(
     got = json.loads(out2.read_text())
     assert got["settings"]["n_samples"] == 2 and got["settings"]["temperature"] == 1.0
     assert got["settings"]["top_p"] == 0.9  # still the recipe's
+    assert got["settings"]["max_new_tokens"] == 4
+    assert got["lengths"]["all"]["max_response_tokens"] <= 4
     assert got["results"]["all"]["samples_per_prompt"] == 2
     assert set(got["reported"]) == {"source", "avg@2", "pass@2"}
     assert not re.search(r"eval: \d+/16 prompts", proc.stderr)  # one call, no chunks
