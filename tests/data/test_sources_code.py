@@ -277,3 +277,17 @@ def test_data_help_does_not_import_torch() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
+
+
+def test_inspect_counts_code_rows_and_their_tests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _jsonl(tmp_path / "test.jsonl", _lcb_records(huge=False))
+    out = tmp_path / "lcb.jsonl"
+    assert _prepare("livecodebench", src, out, "--decode-string-pickles") == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "livecodebench: 3" in text and "code: 3" in text, text
+    assert "test cases per code row: min 1, mean 2.3, max 3" in text, text
+    assert "malformed" not in text.split("\n", 1)[1], text
