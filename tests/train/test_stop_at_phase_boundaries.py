@@ -328,12 +328,12 @@ def test_sigusr1_with_async_rollout_keeps_the_recorded_batch_and_resumes_exactly
     k = int(m.group(1))
     # the batch in flight when the run stops finishes before the exit (close joins it)
     assert exit_s < 2 * GENERATE_S + SAVE_BOUND_S, f"{exit_s:.0f} s from SIGUSR1 to the exit"
-    assert k in (1, 2) and _steps(helpers, out) == list(range(1, k + 1))
+    # step 1's training (under a second) ends long before step 2's 6 s batch is done
+    assert k == 1 and _steps(helpers, out) == [1], stdout[-6000:]
+    assert "step 2 dropped before its update (stopped after collect)" in stdout
     step_dir = out / "checkpoints" / f"step_{k:08d}"
     extra = torch.load(step_dir / "extra_state.pt", weights_only=True)["extra"]
     assert extra["async_pending"]["step"] == k + 1  # the next step's first batch, kept
-    if k == 1:  # the usual case: dropped when step 2's batch was taken
-        assert "step 2 dropped before its update (stopped after collect)" in stdout
     first_run = _trace(trace)
 
     resumed = _finish(_popen(archer, helpers, stop_driver, [*run, f"train.output_dir={out}"],
@@ -348,8 +348,7 @@ def test_sigusr1_with_async_rollout_keeps_the_recorded_batch_and_resumes_exactly
     rows, ref_rows = helpers.read_metrics(out), helpers.read_metrics(ref)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     for a, b in zip(ref_rows, rows):
-        unsynced = {"sync/bytes"} if int(a["step"]) == k == 2 else set()  # saved unsynced
-        keep = [key for key in a if not key.startswith(VOLATILE) and key not in unsynced]
+        keep = [key for key in a if not key.startswith(VOLATILE)]
         assert {key: a[key] for key in keep} == {key: b.get(key) for key in keep}, a["step"]
     wa = helpers.model_weights(helpers.checkpoint(ref / "checkpoints" / "step_00000004"))
     wb = helpers.model_weights(helpers.checkpoint(out / "checkpoints" / "step_00000004"))
