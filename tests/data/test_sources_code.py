@@ -152,7 +152,7 @@ def test_livecodebench_pickled_private_tests_are_refused_naming_the_field(
 
 
 def test_livecodebench_stdin_and_functional_scored_in_the_sandbox(
-    tmp_path: Path, tokenizer: Any, sandbox: Any
+    tmp_path: Path, tokenizer: Any, sandbox: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = _jsonl(tmp_path / "lcb" / "test5.jsonl", _lcb_records())
     out = tmp_path / "livecodebench_v5.parquet"
@@ -175,6 +175,7 @@ def test_livecodebench_stdin_and_functional_scored_in_the_sandbox(
     window = tmp_path / "window.jsonl"
     args = ("--decode-string-pickles", "--since", "2024-08-01", "--until", "2025-02-01")
     assert _prepare("livecodebench", src, window, *args) == 0
+    assert "3 records read, 2 rows written, 1 outside the selection" in capsys.readouterr().err
     assert [json.loads(line)["extra_info"]["index"] for line in window.open()] == [
         "abc999_a",
         "3000",

@@ -80,12 +80,15 @@ class Conversion:
     rows: list[dict[str, Any]] = field(default_factory=list)
     records_read: int = 0
     duplicates: int = 0
+    filtered: int = 0  # records a converter's selection left out (LiveCodeBench dates)
     skipped: list[str] = field(default_factory=list)  # "file:line: reason"
 
     def summary(self) -> str:
         parts = [f"{self.records_read} records read, {len(self.rows)} rows written"]
         if self.duplicates:
             parts.append(f"{self.duplicates} duplicates dropped")
+        if self.filtered:
+            parts.append(f"{self.filtered} outside the selection")
         if self.skipped:
             parts.append(f"{len(self.skipped)} bad records skipped")
         return ", ".join(parts)

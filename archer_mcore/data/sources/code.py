@@ -50,7 +50,7 @@ import binascii
 import json
 import pickletools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from archer_mcore.config.errors import clip
@@ -263,7 +263,13 @@ def _lcb_row(record: Record, *, decode_string_pickle: bool, public_only: bool) -
     )
 
 
-def _collect(records: Iterable[Record], make: Any, skip_bad: bool) -> Conversion:
+def _collect(
+    records: Iterable[Record],
+    make: Callable[[Record], dict[str, Any] | None],
+    skip_bad: bool,
+) -> Conversion:
+    """Rows of `make(record)` (None: left out on purpose); a SourceError stops, or with
+    `skip_bad` is listed in the result."""
     result = Conversion()
     for record in records:
         result.records_read += 1
@@ -274,7 +280,9 @@ def _collect(records: Iterable[Record], make: Any, skip_bad: bool) -> Conversion
                 raise
             result.skipped.append(str(err))
             continue
-        if row is not None:
+        if row is None:
+            result.filtered += 1
+        else:
             result.rows.append(row)
     return result
 
