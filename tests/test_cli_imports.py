@@ -41,7 +41,7 @@ def _imports_of(argv: list[str]) -> tuple[dict[str, object], str]:
     return json.loads(lines[-1]), "\n".join(lines[:-1])
 
 
-VERBS = ("config", "train", "eval", "convert", "plan", "submit")
+VERBS = ("config", "train", "eval", "export", "convert", "plan", "submit", "data")
 
 
 @pytest.mark.parametrize(

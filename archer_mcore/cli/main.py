@@ -1,4 +1,5 @@
-"""The `archer` command line: archer config | train | eval | export | plan | convert | submit.
+"""The `archer` command line: archer config | train | eval | export | plan | convert |
+submit | data.
 
 One module per verb in this package, each with `add_args(parser)` and `run(args)`.
 The verb modules import only the standard library and the config at module level; what
