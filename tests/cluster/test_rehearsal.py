@@ -264,7 +264,7 @@ def test_disaggregated_job_trains_syncs_is_preempted_requeues_and_finishes(
 ) -> None:
     out = tmp_path / "disagg"
     logs = out / "logs"
-    steps = 4
+    steps = 40  # enough that the job still runs when the checks below are done
     overrides = run_overrides(out, "rehearsal-disagg", steps)
     model = server_model(out, overrides)
     targets = tmp_path / "targets"
@@ -320,16 +320,18 @@ def test_disaggregated_job_trains_syncs_is_preempted_requeues_and_finishes(
     rows = metric_rows(out)
     # no step trained twice, none skipped, across the two runs
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1)), log[-8000:]
-    assert 1 <= len(first_run) < steps, first_run
+    assert 1 <= len(first_run) < steps, f"the job ended before the pre-emption: {first_run}"
+    k = first_run[-1]  # the step the first run saved on the signal
     for r in rows:
         # every rollout ran on the weights of the last distributed sync: the servers'
         # sampling log-probs equal the trainer's recomputation (fp32 both sides)
         assert r["rollout/logprob_abs_diff"] < 1e-5, r
-        assert r["sync/bytes"] > 0, r
+        # (a step whose update was under way at the signal is saved without its sync;
+        # the resumed run's initial sync sends those weights)
+        assert r["sync/bytes"] > 0 or int(r["step"]) == k, r
         assert r["train/grad_norm"] > 0, r  # the update moved the weights it then synced
     # the trainer checkpointed the last completed step on the signal, within a bound,
     # while the servers ran: the job stopped them only after the training step exited
-    k = first_run[-1]
     assert f"received SIGUSR1: checkpoint written at step {k} " in first_log, first_log[-6000:]
     assert stop_s < 120, stop_s
     order = [first_log.index(m) for m in (
@@ -376,7 +378,7 @@ def test_colocated_job_is_preempted_requeues_finishes_evaluates_and_exports(
     cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "coloc"
-    steps = 4
+    steps = 12  # the job still runs when it is pre-empted after its first step
     overrides = [*run_overrides(out, "rehearsal-coloc", steps), *colocated_overrides(out)]
     jid = submit(
         cluster, out, "--mode", "colocated", "--nodes", "1", "--nproc-per-node", "2",
