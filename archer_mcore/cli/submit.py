@@ -171,8 +171,6 @@ def request_from_args(args: argparse.Namespace) -> slurm.SubmitRequest:
     nodes = _pick(args.nodes, cfg.slurm.nodes)
     time_limit = _pick(args.time, cfg.slurm.time)
     lead, notes = choose_signal_lead(args, cfg, nodes, gpus, time_limit)
-    for note in notes:
-        print(f"archer submit: {note}", file=sys.stderr)
     env: dict[str, str] = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -211,6 +209,9 @@ def request_from_args(args: argparse.Namespace) -> slurm.SubmitRequest:
         env=env,
     )
     slurm.validate(req)
+    # (after the checks: a refused request prints its error alone)
+    for note in notes:
+        print(f"archer submit: {note}", file=sys.stderr)
     return req
 
 
