@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from archer_mcore.cli.options import add_overrides
+from archer_mcore.cli.options import add_overrides, checkpoint_step_dir, policy_from_checkpoint
 from archer_mcore.config import Config, ConfigError, load_config
 
 
@@ -64,7 +64,6 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path, Any]:
     """The config (with the recipe's settings, then --samples), the verified step
     directory to evaluate and the recipe (None without --recipe); a ConfigError naming
     the flag for a bad config, recipe, model path, data file or checkpoint."""
-    from archer_mcore.actor.checkpoint_store import CheckpointError, resolve_checkpoint
     from archer_mcore.train.eval_recipes import apply_recipe, load_recipe
     from archer_mcore.train.preflight import check_data_files, check_model_path
 
@@ -81,14 +80,7 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path, Any]:
         cfg.eval.n_samples = args.samples
     check_model_path(cfg)
     check_data_files(args.data, "--data")
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise ConfigError(f"--checkpoint: {ckpt} does not exist")
-    try:  # a step directory, or a root: its latest checkpoint
-        step_dir, _ = resolve_checkpoint(ckpt)
-    except CheckpointError as exc:
-        raise ConfigError(f"--checkpoint: {exc}") from None
-    return cfg, step_dir, recipe
+    return cfg, checkpoint_step_dir(args.checkpoint), recipe
 
 
 def _policy_in_engine(
@@ -97,24 +89,17 @@ def _policy_in_engine(
     """(prompts, tokenizer, engine): the prompts of `data_files` with their rewards
     routed, and on rank 0 a rollout engine holding the checkpoint's weights (None on
     the other ranks, which only take part in the weight export)."""
-    from archer_mcore.actor.checkpoint_store import CheckpointError
-    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.data.prepare import build_tokenizer, route_rewards
     from archer_mcore.data.prompt_dataset import PromptDataset
     from archer_mcore.parallel.ranks import rank
-    from archer_mcore.train.components import _policy_config, build_engine, hf_config_dict
+    from archer_mcore.train.components import build_engine
 
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
     data = PromptDataset.from_files(data_files, tokenizer, cfg.data.max_prompt_length)
     if len(data) == 0:
         raise ConfigError(f"--data: no usable prompt in {data_files}: {data.report.summary()}")
     data = route_rewards(cfg, data, "--data")
-    hf_config = hf_config_dict(cfg, tokenizer)
-    policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, _policy_config(cfg))
-    try:
-        policy.load_checkpoint(step_dir)
-    except CheckpointError as exc:  # e.g. a checkpoint of a model of another shape
-        raise ConfigError(f"--checkpoint: {exc}") from None
+    policy, hf_config = policy_from_checkpoint(cfg, step_dir, tokenizer)
     pad = tokenizer.pad_token_id or 0
     engine = build_engine(cfg, hf_config, pad) if rank() == 0 else None
     buckets = policy.export_hf_buckets(cfg.rollout.sync_bucket_bytes)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from archer_mcore.cli.options import add_overrides
+from archer_mcore.cli.options import add_overrides, checkpoint_step_dir, policy_from_checkpoint
 from archer_mcore.config import Config, ConfigError, load_config
 
 
@@ -32,20 +32,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path, Path]:
     """(config, verified step directory, output directory); a ConfigError naming the
     flag for a bad config, checkpoint or output path."""
-    from archer_mcore.actor.checkpoint_store import CheckpointError, resolve_checkpoint
     from archer_mcore.train.preflight import check_model_path
 
     cfg = load_config(args.config, args.override)
     check_model_path(cfg)
     if not args.shard_gb > 0:
         raise ConfigError(f"--shard-gb must be > 0, got {args.shard_gb}")
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise ConfigError(f"--checkpoint: {ckpt} does not exist")
-    try:  # a step directory, or a root: its latest checkpoint
-        step_dir, _ = resolve_checkpoint(ckpt)
-    except CheckpointError as exc:
-        raise ConfigError(f"--checkpoint: {exc}") from None
+    step_dir = checkpoint_step_dir(args.checkpoint)
     out = Path(args.out)
     if out.exists() or out.is_symlink():
         raise ConfigError(f"--out: {out} already exists; name a new directory")
@@ -54,24 +47,16 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[Config, Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Export; 0 when written (ranks > 0: once they took part in the export)."""
-    from archer_mcore.actor.checkpoint_store import CheckpointError
-    from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.data.prepare import build_tokenizer
     from archer_mcore.model.hf_io import write_hf_checkpoint
     from archer_mcore.model.weights import bucketize
     from archer_mcore.parallel.distributed import single_process_rendezvous
     from archer_mcore.parallel.ranks import rank
-    from archer_mcore.train.components import _policy_config, hf_config_dict
 
     cfg, step_dir, out = _checked_inputs(args)  # before the tokenizer and the model load
     single_process_rendezvous()
     tokenizer = build_tokenizer(cfg, Path(cfg.warmstart.cache_dir))
-    hf_config = hf_config_dict(cfg, tokenizer)
-    policy = MegatronPolicy.from_hf(cfg.model.path or hf_config, _policy_config(cfg))
-    try:
-        policy.load_checkpoint(step_dir)
-    except CheckpointError as exc:  # e.g. a checkpoint of a model of another shape
-        raise ConfigError(f"--checkpoint: {exc}") from None
+    policy, hf_config = policy_from_checkpoint(cfg, step_dir, tokenizer)
     print(f"export: {step_dir} -> {out}", file=sys.stderr)
     buckets = policy.export_hf_buckets(cfg.rollout.sync_bucket_bytes)
     if rank() != 0:  # the other ranks only take part in the gather
