@@ -417,6 +417,20 @@ PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=U
             cwd=cwd or self.workdir,
         )
 
+    def archer_submit(self, argv: list[str]) -> int:
+        """`archer submit ARGV` run in this process (the CLI's own parser and `run`)
+        against this cluster: SLURM_CONF points at it for the call only; the exit code."""
+        import argparse
+        from unittest import mock
+
+        from archer_mcore.cli.submit import add_args, run
+
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        args = parser.parse_args(argv)
+        with mock.patch.dict(os.environ, {"SLURM_CONF": str(self.conf)}):
+            return run(args)
+
     def scontrol(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.run(require_binary("scontrol"), *argv)
 

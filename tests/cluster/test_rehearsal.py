@@ -26,7 +26,6 @@ is SGLang server start-up (35-100 s each, four starts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -44,8 +43,6 @@ import yaml
 from services import REPO_ROOT, Prometheus, SlurmCluster, free_port, require_binary, wait_until
 from sglang_harness import CPU_FLAGS, CPU_MEM_FRACTION, SHIMS, sglang_python
 
-from archer_mcore.cli.submit import add_args as add_submit_args
-from archer_mcore.cli.submit import run as run_submit
 from archer_mcore.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -110,9 +107,7 @@ def submit(
     cluster: SlurmCluster, out: Path, *flags: str, capsys: pytest.CaptureFixture[str]
 ) -> str:
     """`archer submit` of the demo config against the test cluster; the job id."""
-    parser = argparse.ArgumentParser()
-    add_submit_args(parser)
-    args = parser.parse_args(
+    rc = cluster.archer_submit(
         [
             str(DEMO),
             "--log-dir", str(out / "logs"),
@@ -124,15 +119,6 @@ def submit(
             *flags,
         ]
     )  # fmt: skip
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    try:
-        rc = run_submit(args)
-    finally:
-        if old is None:
-            del os.environ["SLURM_CONF"]
-        else:
-            os.environ["SLURM_CONF"] = old
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert rc == 0, text

@@ -18,9 +18,7 @@ rehearsal.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -37,9 +35,6 @@ from services import (
     require_binary,
     wait_until,
 )
-
-from archer_mcore.cli.submit import add_args as add_submit_args
-from archer_mcore.cli.submit import run as run_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -71,9 +66,7 @@ def submit(
     cluster: SlurmCluster, config: Path, *flags: str, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str]:
     """`archer submit` against the test cluster; (exit code, printed text)."""
-    parser = argparse.ArgumentParser()
-    add_submit_args(parser)
-    args = parser.parse_args(
+    rc = cluster.archer_submit(
         [
             str(config),
             "--log-dir",
@@ -93,15 +86,6 @@ def submit(
             *flags,
         ]
     )
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    try:
-        rc = run_submit(args)
-    finally:
-        if old is None:
-            del os.environ["SLURM_CONF"]
-        else:
-            os.environ["SLURM_CONF"] = old
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -285,9 +269,7 @@ def demo_overrides(out: Path, steps: int) -> list[str]:
 def submit_demo(
     cluster: SlurmCluster, out: Path, *flags: str, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str]:
-    parser = argparse.ArgumentParser()
-    add_submit_args(parser)
-    args = parser.parse_args(
+    rc = cluster.archer_submit(
         [
             str(DEMO),
             "--log-dir",
@@ -305,15 +287,6 @@ def submit_demo(
             *flags,
         ]
     )
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    try:
-        rc = run_submit(args)
-    finally:
-        if old is None:
-            del os.environ["SLURM_CONF"]
-        else:
-            os.environ["SLURM_CONF"] = old
     captured = capsys.readouterr()
     return rc, captured.out + captured.err
 
