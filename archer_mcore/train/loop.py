@@ -48,7 +48,8 @@ from archer_mcore.train.components import Components, build_components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.held_out import evaluate_held_out
 from archer_mcore.train.progress import PhaseTimer
-from archer_mcore.train.rollout_scheduler import SyncRollout, make_rollout_scheduler
+from archer_mcore.train.protocols import RolloutScheduler
+from archer_mcore.train.rollout_scheduler import make_rollout_scheduler
 from archer_mcore.train.run_dir import NonFiniteParametersError, parameters_finite
 from archer_mcore.train.sampling import train_sampling_params
 from archer_mcore.train.signals import StepAbandoned, StopCheck, StopRequest
@@ -120,7 +121,7 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
 def rl_step(
     cfg: Config,
     c: Components,
-    rollout: SyncRollout,
+    rollout: RolloutScheduler,
     step: int,
     timer: PhaseTimer,
     guard: NonFiniteGuard,
@@ -261,7 +262,7 @@ def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) ->
 def save_checkpoint(
     cfg: Config,
     c: Components,
-    rollout: SyncRollout,
+    rollout: RolloutScheduler,
     summary: TrainSummary,
     step: int,
     rollout_state: dict[str, Any] | None = None,
@@ -283,7 +284,7 @@ def save_checkpoint(
 def save_before_step(
     cfg: Config,
     c: Components,
-    rollout: SyncRollout,
+    rollout: RolloutScheduler,
     summary: TrainSummary,
     abandoned: StepAbandoned,
     stop: StopCheck,
@@ -318,7 +319,7 @@ def save_before_step(
 def finish_step(
     cfg: Config,
     c: Components,
-    rollout: SyncRollout,
+    rollout: RolloutScheduler,
     summary: TrainSummary,
     step: int,
     metrics: dict[str, float],

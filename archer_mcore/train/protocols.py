@@ -10,13 +10,17 @@ what the uninterrupted one would) also satisfies `SamplingRngOwner` here
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from archer_mcore.rewards.types import RewardRequest, RewardResult
+    from archer_mcore.train.advantage_batch import ScoredGroup
+    from archer_mcore.train.dynamic_sampling import SamplingOutcome
+    from archer_mcore.train.progress import PhaseTimer
 
 #: One bucket of HF-named full tensors, as the policy exports and the engine loads them.
 NamedTensorBucket = list[tuple[str, "Tensor"]]
@@ -68,3 +72,61 @@ class MetricsSink(Protocol):
     def record_step(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
     def close(self, delete_push_group: bool = True) -> None: ...
+
+
+@runtime_checkable
+class RolloutScheduler(Protocol):
+    """Where each step's rollout groups come from and when the engine gets new weights
+    (train/rollout_scheduler.py: `SyncRollout` for `rollout.async_steps: 0`,
+    `AsyncRollout` for 1). Versions: the engine's weight version is the step whose
+    update it holds; `synced` lists the versions sent so far, the last being the
+    trainer's."""
+
+    async_steps: int
+    synced: list[int]
+
+    def collect(
+        self, step: int, timer: PhaseTimer, boundary: Callable[[str], None] | None = None
+    ) -> SamplingOutcome[ScoredGroup]:
+        """Step `step`'s scored groups, on every rank. `boundary(phase)` runs on every
+        rank after each generation batch and may raise to drop the step."""
+        ...
+
+    def state_before(self, step: int) -> dict[str, Any]:
+        """The data position and sampling RNG as they were before step `step`'s rollout
+        (a checkpoint of step `step` - 1 written while step `step` runs)."""
+        ...
+
+    def initial_sync(self) -> int:
+        """Before the first step: the policy's weights into the engine; bytes sent."""
+        ...
+
+    def sync_weights(self, step: int) -> int:
+        """The policy's weights into the engine as version `step`; bytes sent."""
+        ...
+
+    def skip_sync(self, step: int) -> None:
+        """Record version `step` without sending it (the run stops first)."""
+        ...
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Holds off generation while other engine use (the periodic eval) runs."""
+        ...
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint after step `step` needs to continue the rollouts exactly."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `checkpoint_state`'s result; refuse what this mode cannot use."""
+        ...
+
+    def step_metrics(
+        self, step: int, timer: PhaseTimer, start: float, end: float
+    ) -> dict[str, float]:
+        """Staleness and idle/overlap metrics of step `step` (wall clock start..end, s)."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work; idempotent."""
+        ...

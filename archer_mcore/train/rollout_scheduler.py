@@ -44,6 +44,7 @@ from archer_mcore.train.collect import collect_step_groups, collect_with, rollou
 from archer_mcore.train.components import Components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.progress import PhaseTimer
+from archer_mcore.train.protocols import RolloutScheduler
 
 Outcome = SamplingOutcome[ScoredGroup]
 
@@ -430,7 +431,7 @@ class AsyncRollout(SyncRollout):
 
 def make_rollout_scheduler(
     cfg: Config, c: Components, params: SamplingParams, start: int
-) -> SyncRollout:
+) -> RolloutScheduler:
     """The scheduler `rollout.async_steps` asks for (config validation has refused
     async with a colocated engine)."""
     cls = AsyncRollout if cfg.rollout.async_steps else SyncRollout

@@ -110,3 +110,27 @@ def test_latency_model_engine_sleeps_the_modelled_time_and_tracks_versions():
     a = eng.generate([[2]], 2, params)
     eng.set_rng_state(state)
     assert eng.generate([[2]], 2, params) == a
+
+
+def test_both_schedulers_implement_the_rollout_scheduler_protocol():
+    """The loop is typed against `RolloutScheduler`; each scheduler has every member it
+    declares, with the same parameters (names, kinds, defaults)."""
+    import inspect
+
+    from archer_mcore.train.protocols import RolloutScheduler
+    from archer_mcore.train.rollout_scheduler import AsyncRollout, SyncRollout
+
+    members = [
+        name for name, value in vars(RolloutScheduler).items()
+        if callable(value) and not name.startswith("_")
+    ]  # fmt: skip
+    assert {"collect", "sync_weights", "checkpoint_state", "close"} <= set(members)
+    for cls in (SyncRollout, AsyncRollout):
+        for name in members:
+            want = inspect.signature(getattr(RolloutScheduler, name)).parameters
+            got = inspect.signature(getattr(cls, name)).parameters
+            shape = [(p.name, p.kind, p.default) for p in want.values()]
+            assert [(p.name, p.kind, p.default) for p in got.values()] == shape, (cls, name)
+        assert isinstance(cls.async_steps, int)
+        init = inspect.signature(cls.__init__)  # `synced` is set by the constructor
+        assert "start" in init.parameters
