@@ -163,10 +163,12 @@ def validate_config(cfg: Config, source: str) -> None:
             f"data.synthetic_train_size ({cfg.data.synthetic_train_size}): RL samples only "
             "the prompts after the warm start's examples, and none would be left"
         )
-    if cfg.data.default_reward_kind:
-        from archer_mcore.rewards.registry import default_registry
+    # rewards.kinds: every entry imported and checked now (rewards/config_kinds.py)
+    from archer_mcore.rewards.config_kinds import registry_from_config
 
-        kinds = sorted(default_registry().kinds)
+    registry = registry_from_config(cfg.rewards, source)
+    if cfg.data.default_reward_kind:
+        kinds = sorted(registry.kinds)
         if cfg.data.default_reward_kind not in kinds:
             raise ConfigError(
                 f"{_at(source, 'data.default_reward_kind')}: data.default_reward_kind must be "

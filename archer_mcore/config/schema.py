@@ -256,6 +256,36 @@ class DataConfig:
     default_reward_kind: str = ""
 
 
+@dataclass(kw_only=True)
+class RewardKindConfig:
+    """One reward added from the config (`rewards.kinds`), without editing the package.
+
+    name: the kind's name (rows name it in `reward_model.style` / `ability`, or
+        `data.default_reward_kind`); "math" and "code" need `override: true`.
+    fn: "package.module:function", imported at config load. process and inline kinds:
+        fn(response, ground_truth, extra) -> RewardResult | bool | float; sandbox kinds
+        get a fourth argument, the code sandbox. process kinds run in fresh worker
+        interpreters, so fn must be a module-level function they can import
+        (PYTHONPATH or an installed package).
+    sources: data_source names or glob patterns routed to this kind, before the
+        built-in routes.
+    execution: process (a killable worker, `timeout_s`), sandbox or inline (a scorer
+        thread; must be fast).
+    timeout_s: process kinds only; null: rewards.math_timeout_s.
+    graded: the result's score (in [0, 1]) is the reward: reward_incorrect +
+        score * (reward_correct - reward_incorrect); false: pass/fail.
+    override: replace the built-in kind of the same name.
+    """
+
+    name: str
+    fn: str
+    sources: list[str] = _f(factory=list)
+    execution: Literal["process", "sandbox", "inline"] = "process"
+    timeout_s: float | None = _f(None, gt=0, le=600)
+    graded: bool = False
+    override: bool = False
+
+
 @dataclass
 class RewardsConfig:
     # Bounded so that every accepted value makes a working sandbox / worker (a limit
@@ -268,6 +298,8 @@ class RewardsConfig:
     allow_unsandboxed_code: bool = False
     # numeric references: the answer must be a simplified number, not "0 - 9 - 0"
     math_strict_answer_form: bool = True
+    # rewards added from the config (RewardKindConfig; README "Rewards")
+    kinds: list[RewardKindConfig] = _f(factory=list)
 
 
 @dataclass

@@ -14,12 +14,15 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archer_mcore.config import Config, ConfigError
 from archer_mcore.config.errors import clip
 from archer_mcore.data.prompt_dataset import PromptDataset, PromptExample
 from archer_mcore.data.sampler import EpochSampler
+
+if TYPE_CHECKING:
+    from archer_mcore.rewards.registry import RewardRegistry
 
 
 def build_tokenizer(cfg: Config, cache: Path) -> Any:
@@ -94,13 +97,18 @@ def write_atomic(rows: list[dict[str, Any]], path: Path) -> str:
     return str(path)
 
 
-def route_rewards(cfg: Config, data: PromptDataset, what: str) -> PromptDataset:
+def route_rewards(
+    cfg: Config, data: PromptDataset, what: str, registry: RewardRegistry | None = None
+) -> PromptDataset:
     """Every row's reward kind, checked at load time (`assign_reward_kinds`); `what`
-    names the config key in errors."""
+    names the config key in errors. `registry`: the run's reward registry (built once
+    by the trainer); None builds it from `cfg.rewards` (`registry_from_config`)."""
     from archer_mcore.data.prompt_dataset import UnroutedDataError, assign_reward_kinds
-    from archer_mcore.rewards.registry import default_registry
 
-    registry = default_registry()
+    if registry is None:
+        from archer_mcore.rewards.config_kinds import registry_from_config
+
+        registry = registry_from_config(cfg.rewards)
 
     def kind_of(source: str) -> str | None:
         kind = registry.kind_for(source)
@@ -116,10 +124,11 @@ def route_rewards(cfg: Config, data: PromptDataset, what: str) -> PromptDataset:
 
 
 def load_datasets(
-    cfg: Config, tokenizer: Any, cache: Path
+    cfg: Config, tokenizer: Any, cache: Path, registry: RewardRegistry | None = None
 ) -> tuple[PromptDataset, PromptDataset | None]:
-    """(training prompts, held-out prompts or None), read, tokenized and reward-routed;
-    ConfigError when no usable training prompt is left."""
+    """(training prompts, held-out prompts or None), read, tokenized and reward-routed
+    by `registry` (None: built from `cfg.rewards`); ConfigError when no usable training
+    prompt is left."""
     train_files, eval_files = data_files(cfg, cache)
     train_data = PromptDataset.from_files(train_files, tokenizer, cfg.data.max_prompt_length)
     if len(train_data) == 0:
@@ -129,8 +138,12 @@ def load_datasets(
         if eval_files
         else None
     )
-    train_data = route_rewards(cfg, train_data, "data.train_files")
-    eval_data = route_rewards(cfg, eval_data, "data.eval_files") if eval_data else None
+    if registry is None:
+        from archer_mcore.rewards.config_kinds import registry_from_config
+
+        registry = registry_from_config(cfg.rewards)
+    train_data = route_rewards(cfg, train_data, "data.train_files", registry)
+    eval_data = route_rewards(cfg, eval_data, "data.eval_files", registry) if eval_data else None
     return train_data, eval_data
 
 

@@ -8,13 +8,19 @@ scores 0 with a failure reason, the scorer's counters record it, and the step go
 on. Every call is bounded in time: by the process timeout, the sandbox's wall limits,
 and for inline functions by `batch_timeout_s`.
 
+Every result is checked against the reward contract (`types.check_result`: score and
+fraction_passed finite in [0, 1], correct a bool); one that breaks it becomes a
+BAD_RESULT fault scored 0. Each result carries its kind's `graded` flag: for a graded
+kind its `score` is the reward signal (train/advantage_batch.shaped_rewards).
+
 Counters (cumulative, `counters()`): "requests", "correct", and "failure/<reason>" for
 every failure reason seen; `faults` sums the infrastructure failures (timeouts,
-crashes, errors, OOM, unknown source, sandbox unavailable).
+crashes, errors, OOM, unknown source, sandbox unavailable, bad results).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -27,6 +33,7 @@ from archer_mcore.rewards.process_pool import KillablePool, Outcome
 from archer_mcore.rewards.registry import RewardKind, RewardRegistry, default_registry
 from archer_mcore.rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailableError
 from archer_mcore.rewards.types import (
+    BAD_RESULT,
     CRASHED,
     OUT_OF_MEMORY,
     REWARD_ERROR,
@@ -36,6 +43,7 @@ from archer_mcore.rewards.types import (
     WRONG_ANSWER,
     RewardRequest,
     RewardResult,
+    check_result,
 )
 
 _OUTCOME_FAILURE = {
@@ -46,10 +54,14 @@ _OUTCOME_FAILURE = {
 }
 
 
-def _coerce(value: Any) -> RewardResult:
-    """A reward function's return value as a RewardResult (bool/number: correct if > 0)."""
+def _coerce(value: Any, graded: bool = False) -> RewardResult:
+    """A reward function's return value as a RewardResult: a bool is pass/fail; a
+    number is pass/fail (correct if > 0) for a pass/fail kind and the score for a
+    graded one (`RewardResult.graded_score`)."""
     if isinstance(value, RewardResult):
         return value
+    if graded and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return RewardResult.graded_score(float(value))
     if isinstance(value, (bool, int, float)):
         ok = float(value) > 0
         return RewardResult.passed() if ok else RewardResult.failed(WRONG_ANSWER)
@@ -70,6 +82,8 @@ class RewardScorer:
     math_strict_answer_form: the default registry's math answer-form rule (see
         `archer_mcore.rewards.math_reward`); with a `registry` given, that registry's
         math kind decides, and passing False here is an error.
+    registry: the kinds and routes (the trainer passes the one it built from its
+        config, `config_kinds.registry_from_config`); None: `default_registry`.
     """
 
     def __init__(
@@ -105,7 +119,13 @@ class RewardScorer:
     @classmethod
     def from_config(cls, cfg: Any, registry: RewardRegistry | None = None) -> RewardScorer:
         """Build from `archer_mcore.config.RewardsConfig` (math_timeout_s, code_timeout_s,
-        code_memory_mb, num_workers, allow_unsandboxed_code, math_strict_answer_form)."""
+        code_memory_mb, num_workers, allow_unsandboxed_code). `registry`: the run's
+        (built once from the config); None builds it from `cfg`
+        (`registry_from_config`: math_strict_answer_form and kinds)."""
+        if registry is None:
+            from archer_mcore.rewards.config_kinds import registry_from_config
+
+            registry = registry_from_config(cfg)
         limits = SandboxLimits(
             wall_s=cfg.code_timeout_s, cpu_s=cfg.code_timeout_s, memory_mb=cfg.code_memory_mb
         )
@@ -115,7 +135,6 @@ class RewardScorer:
             process_timeout_s=cfg.math_timeout_s,
             code_limits=limits,
             allow_unsandboxed_code=cfg.allow_unsandboxed_code,
-            math_strict_answer_form=cfg.math_strict_answer_form,
         )
 
     # ------------------------------------------------------------------ scoring
@@ -137,14 +156,14 @@ class RewardScorer:
                 kind.fn, (req.response, req.ground_truth, req.extra), timeout
             )
             if outcome.status == "ok":
-                return _coerce(outcome.value)
+                return _coerce(outcome.value, kind.graded)
             return RewardResult.failed(_OUTCOME_FAILURE[outcome.status], outcome.error[:500])
         if kind.execution == "sandbox":
             sandbox = self._sandbox_or_none()
             if sandbox is None:
                 return RewardResult.failed(SANDBOX_UNAVAILABLE, self._sandbox_error or "")
-            return _coerce(kind.fn(req.response, req.ground_truth, req.extra, sandbox))
-        return _coerce(kind.fn(req.response, req.ground_truth, req.extra))
+            return _coerce(kind.fn(req.response, req.ground_truth, req.extra, sandbox), kind.graded)
+        return _coerce(kind.fn(req.response, req.ground_truth, req.extra), kind.graded)
 
     def _score_one(self, req: RewardRequest) -> RewardResult:
         start = time.monotonic()
@@ -156,11 +175,20 @@ class RewardScorer:
         else:
             try:
                 result = self._run_kind(kind, req)
+                broken = check_result(result)
+                if broken is not None:
+                    result = RewardResult.failed(BAD_RESULT, f"reward kind {kind.name!r}: {broken}")
             except MemoryError:
                 result = RewardResult.failed(OUT_OF_MEMORY, "MemoryError in the scorer thread")
             except Exception as err:  # a reward never kills the step
                 result = RewardResult.failed(REWARD_ERROR, f"{type(err).__name__}: {err}"[:500])
-        return _with_elapsed(result, time.monotonic() - start)
+            result = dataclasses.replace(
+                result,
+                score=float(result.score),
+                fraction_passed=float(result.fraction_passed),
+                graded=kind.graded,
+            )
+        return dataclasses.replace(result, elapsed_s=time.monotonic() - start)
 
     def score_batch(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
         """Score every request; results in request order; never raises for a bad reward."""
@@ -203,12 +231,6 @@ class RewardScorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _with_elapsed(result: RewardResult, elapsed: float) -> RewardResult:
-    return RewardResult(
-        result.score, result.correct, result.fraction_passed, result.failure, result.detail, elapsed
-    )
 
 
 def batch_metrics(results: Sequence[RewardResult]) -> dict[str, float]:

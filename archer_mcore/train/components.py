@@ -36,6 +36,7 @@ from archer_mcore.data.prompt_dataset import PromptDataset
 from archer_mcore.data.sampler import EpochSampler
 from archer_mcore.model.hf_config import model_hf_config, shape_from_hf_config
 from archer_mcore.parallel.ranks import destroy_control_group, init_control_group, rank
+from archer_mcore.rewards.registry import RewardRegistry
 from archer_mcore.rollout.types import RolloutEngine
 from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
 from archer_mcore.train.protocols import (
@@ -304,14 +305,19 @@ def _warm_start(
 
 
 def _rank0_services(
-    cfg: Config, hf_config: Mapping[str, Any], pad_id: int, train_data: PromptDataset
+    cfg: Config,
+    hf_config: Mapping[str, Any],
+    pad_id: int,
+    train_data: PromptDataset,
+    rewards: RewardRegistry,
 ) -> tuple[RolloutEngine, RewardScorer, MetricsSink | None]:
-    """Rank 0's engine, reward scorer and metrics sink: the started exporter (when
-    `metrics.enabled`), wrapped with the `metrics.trackers` when any."""
+    """Rank 0's engine, reward scorer (over `rewards`, the run's reward registry) and
+    metrics sink: the started exporter (when `metrics.enabled`), wrapped with the
+    `metrics.trackers` when any."""
     from archer_mcore.rewards.scorer import RewardScorer as Scorer
 
     engine = build_engine(cfg, hf_config, pad_id)
-    scorer = Scorer.from_config(cfg.rewards)
+    scorer = Scorer.from_config(cfg.rewards, registry=rewards)
     exporter = None
     if cfg.metrics.enabled:
         from archer_mcore.metrics.exporter import MetricsExporter
@@ -336,7 +342,11 @@ def build_components(cfg: Config) -> Components:
     cache = Path(cfg.warmstart.cache_dir)
     tokenizer = build_tokenizer(cfg, cache)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_data, eval_data = load_datasets(cfg, tokenizer, cache)
+    # the reward registry, built once: it routes the data and the scorer uses it
+    from archer_mcore.rewards.config_kinds import registry_from_config
+
+    rewards = registry_from_config(cfg.rewards)
+    train_data, eval_data = load_datasets(cfg, tokenizer, cache, registry=rewards)
     if cfg.warmstart.steps > 0 and cfg.warmstart.examples >= len(train_data):
         raise ConfigError(
             f"warmstart.examples ({cfg.warmstart.examples}) must be smaller than the "
@@ -354,7 +364,9 @@ def build_components(cfg: Config) -> Components:
     init_control_group(cfg.parallel.rollout_wait_timeout_s)
     engine = scorer = exporter = None
     if rank() == 0:
-        engine, scorer, exporter = _rank0_services(cfg, hf_config, pad_id, train_data)
+        engine, scorer, exporter = _rank0_services(
+            cfg, hf_config, pad_id, train_data=train_data, rewards=rewards
+        )
     # RL samples the prompts the warm start did not imitate (checked above), so that
     # its gains are not recall of demonstrations.
     offset = cfg.warmstart.examples if cfg.warmstart.steps > 0 else 0

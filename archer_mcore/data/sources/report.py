@@ -14,9 +14,12 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archer_mcore.config import Config
+
+if TYPE_CHECKING:
+    from archer_mcore.rewards.registry import RewardRegistry
 
 #: Histogram buckets (tokens): [0, 64), [64, 128), ... doubling, then the last bucket.
 FIRST_BUCKET = 64
@@ -92,15 +95,20 @@ def context_length(cfg: Config) -> int:
     return cfg.model.arch.max_position_embeddings
 
 
-def inspect_files(files: list[str | Path], cfg: Config, tokenizer: Any) -> FileReport:
-    """The report of `files` under `cfg`'s limits, lengths counted with `tokenizer`."""
+def inspect_files(
+    files: list[str | Path], cfg: Config, tokenizer: Any, registry: RewardRegistry | None = None
+) -> FileReport:
+    """The report of `files` under `cfg`'s limits, lengths counted with `tokenizer`, rows
+    routed by `registry` (None: the run's, built from `cfg.rewards`)."""
     from archer_mcore.data.chat_render import ChatRenderer
     from archer_mcore.data.readers import read_rows
     from archer_mcore.data.schema import MalformedRow, parse_row
     from archer_mcore.rewards.code_tests import BadTestCases, parse_test_cases
-    from archer_mcore.rewards.registry import default_registry
 
-    registry = default_registry()
+    if registry is None:
+        from archer_mcore.rewards.config_kinds import registry_from_config
+
+        registry = registry_from_config(cfg.rewards)
     renderer = ChatRenderer(tokenizer)
     report = FileReport()
     context_room = context_length(cfg) - cfg.rollout.max_new_tokens
