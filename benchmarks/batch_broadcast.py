@@ -96,7 +96,14 @@ def make_outcome(prompts: int, n: int, max_new: int, max_prompt: int, seed: int)
             samples.append(Sample(g, j, list(prompt), ids, lps, reason, 3, rng.bytes(16).hex()))
         correct = rng.integers(0, 2, n).astype(float).tolist()
         groups.append(ScoredGroup(samples, correct, data_source="math_dapo"))
-    return SamplingOutcome(groups, 1, prompts, 0, True, all_groups=list(groups))
+    return SamplingOutcome(
+        groups=groups,
+        generation_batches=1,
+        generated_groups=prompts,
+        dropped_groups=0,
+        full=True,
+        all_groups=list(groups),
+    )
 
 
 class PeakRSS:

@@ -190,7 +190,7 @@ def worker(rank: int, world: int, port: int, args: dict[str, Any], out_path: str
     holder: dict[str, Any] = {}
 
     def new_manifest() -> None:
-        holder["m"] = store.write_manifest(root, 1, mine, layout, threads)
+        holder["m"] = store.write_manifest(root, 1, mine, layout, threads=threads)
 
     reps = args["repeats"]
     # old and new alternate, `reps` times each; the best of each is reported

@@ -43,7 +43,8 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -341,12 +342,12 @@ def _agree(error: str | None) -> None:
         raise _WriteFailed(Path(""), RuntimeError(first))
 
 
-def _attempt(root: Path, fn: Any, path: Path, *args: Any) -> str | None:
-    """Run `fn(*args)`, which writes `path` under the checkpoint root `root`; the
-    one-line description of its failure (None when it worked)."""
+def _attempt(root: Path, path: Path, fn: Callable[[], object]) -> str | None:
+    """Run `fn()`, which writes `path` under the checkpoint root `root`; the one-line
+    description of its failure (None when it worked)."""
     try:
         with _writing(path):
-            fn(*args)
+            fn()
     except _WriteFailed as e:
         return _describe_write_error(path, e, _still_valid(root)[1])
     return None
@@ -391,7 +392,7 @@ def _prepare_tmp(root: Path, tmp: Path) -> None:
 
 
 def _write_own_files(
-    policy: CheckpointablePolicy, tmp: Path, mine: list[str], step: int, extra_state: Any
+    policy: CheckpointablePolicy, tmp: Path, *, mine: list[str], step: int, extra_state: Any
 ) -> None:
     """This rank's RNG file (rank 0: the extra state too), then every file of `mine`
     fsynced: durable before the manifest commits them."""
@@ -411,7 +412,7 @@ def _write_own_files(
             _fsync_file(tmp / rel)
 
 
-def _commit(root: Path, tmp: Path, final: Path, name: str, keep_last: int | None) -> None:
+def _commit(root: Path, tmp: Path, *, final: Path, name: str, keep_last: int | None) -> None:
     """Rank 0: publish the finished directory, point ``latest`` at it, prune."""
     _publish(tmp, final)
     with _writing(root / LATEST):
@@ -439,7 +440,15 @@ def save_checkpoint(
     name = step_dir_name(step)
     tmp, final = root / f".tmp-{name}", root / name
     try:
-        _save(policy, root, tmp, final, step, extra_state, keep_last)
+        _save(
+            policy,
+            root,
+            tmp=tmp,
+            final=final,
+            step=step,
+            extra_state=extra_state,
+            keep_last=keep_last,
+        )
     except (Exception, CheckpointException) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -451,6 +460,7 @@ def save_checkpoint(
 def _save(
     policy: CheckpointablePolicy,
     root: Path,
+    *,
     tmp: Path,
     final: Path,
     step: int,
@@ -462,19 +472,25 @@ def _save(
     from megatron.core import dist_checkpointing
 
     rank = _rank()
-    _agree(_attempt(root, _prepare_tmp, tmp, root, tmp) if rank == 0 else None)
+    _agree(_attempt(root, tmp, partial(_prepare_tmp, root, tmp)) if rank == 0 else None)
     state = _sharded_state(policy, is_loading=False)
     strategy = save_strategy()
     reshard_fields = _reshard_fields(policy)
     with _writing(tmp / "dist"), cpu_compat.suspended():  # collective: fails on all ranks
         dist_checkpointing.save(state, str(tmp / "dist"), sharded_strategy=strategy)
     mine = [f"dist/{f}" for f in strategy.written]
-    _agree(_attempt(root, _write_own_files, tmp, policy, tmp, mine, step, extra_state))
+    own = partial(_write_own_files, policy, tmp, mine=mine, step=step, extra_state=extra_state)
+    _agree(_attempt(root, tmp, own))
     # every rank checksums its own files; rank 0 adds the rest and writes the manifest
-    error = _attempt(root, write_manifest, tmp, tmp, step, mine, {**_layout(), **reshard_fields})
+    layout = {**_layout(), **reshard_fields}
+    error = _attempt(root, tmp, partial(write_manifest, tmp, step=step, mine=mine, layout=layout))
     _agree(error)
     error = (
-        _attempt(root, _commit, root, root, tmp, final, final.name, keep_last)
+        _attempt(
+            root,
+            root,
+            partial(_commit, root, tmp, final=final, name=final.name, keep_last=keep_last),
+        )
         if rank == 0
         else None
     )

@@ -212,6 +212,7 @@ def verify_files(
     files: Mapping[str, Any],
     rels: Collection[str],
     checksums: bool = True,
+    *,
     threads: int | None = None,
     block: int | None = None,
 ) -> None:
@@ -504,6 +505,7 @@ def write_manifest(
     step: int,
     mine: Collection[str],
     layout: Mapping[str, int],
+    *,
     threads: int | None = None,
 ) -> dict[str, Any] | None:
     """Collective: checksum the files this rank wrote (`mine`, relative to `tmp`) in a

@@ -136,9 +136,9 @@ def vocab_parallel_entropy_and_logprob(
     tokens: Tensor,
     vocab_start: int,
     tp_group: dist.ProcessGroup | None,
+    *,
     temperature: float = 1.0,
     vocab_size: int | None = None,
-    *,
     inplace_backward: bool = False,
     mode: str = "auto",
     chunk_rows: int = 4096,
@@ -160,16 +160,22 @@ def vocab_parallel_entropy_and_logprob(
         from archer_mcore.kernels import entropy_logprob
 
         return entropy_logprob.vocab_parallel_entropy_and_logprob(
-            logits_shard, tokens, temperature, tp_group, vocab_start, vocab_size, inplace_backward
+            logits_shard,
+            tokens,
+            temperature=temperature,
+            group=tp_group,
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+            inplace_backward=inplace_backward,
         )
     return torch_entropy.vocab_parallel_entropy_and_logprob(
         logits_shard,
         tokens,
         vocab_start,
         tp_group,
-        temperature,
-        vocab_size,
-        chunk_rows,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        chunk_rows=chunk_rows,
         inplace_backward=inplace_backward,
     )
 
@@ -236,8 +242,8 @@ def output_layer_entropy_and_logprob(
         tokens,
         vocab_start,
         tp_group,
-        temperature,
-        vocab_size,
+        temperature=temperature,
+        vocab_size=vocab_size,
         inplace_backward=True,
         mode=mode,
         chunk_rows=chunk_rows,
@@ -277,9 +283,16 @@ def lm_head_entropy_and_logprob(
         from archer_mcore.kernels import fused_lm_head
 
         return fused_lm_head.fused_lm_head_entropy_logprob(
-            hidden, weight, tokens, temperature, tp_group, vocab_start, chunk_cols, vocab_size,
-            recompute,
-        )  # fmt: skip
+            hidden,
+            weight,
+            tokens,
+            temperature,
+            group=tp_group,
+            vocab_start=vocab_start,
+            chunk_cols=chunk_cols,
+            vocab_size=vocab_size,
+            recompute=recompute,
+        )
     return output_layer_entropy_and_logprob(
         hidden,
         weight,
@@ -296,12 +309,12 @@ def token_terms(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
+    *,
     eps_low: Tensor | float,
     eps_high: Tensor | float,
     clip_c: float | None,
     ref_logp: Tensor | None = None,
     kl_estimator: str = "k3",
-    *,
     mode: str = "auto",
 ) -> torch_losses.TokenTerms:
     """Per-token policy-loss terms (see `archer_mcore.algo.losses.token_terms`), from
@@ -310,7 +323,14 @@ def token_terms(
         from archer_mcore.kernels import fused_loss
 
         t = fused_loss.fused_token_terms(
-            logp, old_logp, advantages, eps_low, eps_high, clip_c, ref_logp, kl_estimator
+            logp,
+            old_logp,
+            advantages,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            clip_c=clip_c,
+            ref_logp=ref_logp,
+            kl_estimator=kl_estimator,
         )
         return torch_losses.TokenTerms(
             pg_loss=t.pg_loss,
@@ -321,5 +341,12 @@ def token_terms(
             clipped_dual=t.clipped_dual,
         )
     return torch_losses.token_terms(
-        logp, old_logp, advantages, eps_low, eps_high, clip_c, ref_logp, kl_estimator
+        logp,
+        old_logp,
+        advantages,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        clip_c=clip_c,
+        ref_logp=ref_logp,
+        kl_estimator=kl_estimator,
     )

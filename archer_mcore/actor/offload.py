@@ -111,7 +111,7 @@ class OffloadCounts:
     grad_bytes: int = 0  # gradient-buffer storage released
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainerOffload:
     """Offload / reload of one policy's optimizer state and gradient buffers (module doc).
 

@@ -172,8 +172,7 @@ class MegatronPolicy:
         (random initialisation). Initialises torch.distributed and megatron's groups
         unless `init_dist` is False (then they must exist already)."""
         if init_dist:
-            init_distributed(cfg.tp, cfg.pp, cfg.seed,
-                             timeout_s=cfg.parallel.collective_timeout_s)  # fmt: skip
+            init_distributed(cfg.tp, cfg.pp, cfg.seed, timeout_s=cfg.parallel.collective_timeout_s)
         shape = shape_from_hf_config(source)
         hf_dir = None if isinstance(source, Mapping) else Path(source)
         return cls(shape, cfg, hf_dir)
@@ -391,10 +390,10 @@ class MegatronPolicy:
                 lp,
                 x["old_logp"].float(),
                 x["advantages"].float(),
-                x["mask"],
-                ent,
-                x["ref_logp"].float() if "ref_logp" in x else None,
-                loss_cfg,
+                mask=x["mask"],
+                entropy=ent,
+                ref_logp=x["ref_logp"].float() if "ref_logp" in x else None,
+                cfg=loss_cfg,
                 normalizer=normalizer,
                 selection=x.get("selection"),
                 token_weights=x.get("token_weights"),
@@ -502,7 +501,9 @@ class MegatronPolicy:
         step: int | None = None,
     ) -> Path:
         """Save as `ckpt_dir/step_<step>` (default: this policy's optimizer-step count)."""
-        return save_checkpoint(self, ckpt_dir, dict(extra_state or {}), keep_last, step)
+        return save_checkpoint(
+            self, ckpt_dir, dict(extra_state or {}), keep_last=keep_last, step=step
+        )
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
         """Restore from a step directory, or a root's latest checkpoint; returns the

@@ -180,7 +180,7 @@ def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBa
     if plan.packed:
         seq = batch.prompt_lengths + lengths
         return [
-            _packed_microbatch(batch, rows, total, seq[rows], lengths[rows])
+            _packed_microbatch(batch, rows, total, seq=seq[rows], lengths=lengths[rows])
             for rows, total in zip(plan.rows, plan.lengths)
         ]
     out = []
@@ -207,7 +207,7 @@ def build_microbatches(batch: PolicyBatch, plan: MicroBatchPlan) -> list[MicroBa
 
 
 def _packed_microbatch(
-    batch: PolicyBatch, rows: Tensor, total: int, seq: Tensor, lengths: Tensor
+    batch: PolicyBatch, rows: Tensor, total: int, *, seq: Tensor, lengths: Tensor
 ) -> MicroBatch:
     """One packed micro-batch of `rows` ([1, total] tokens; `seq` / `lengths` [b]: the
     rows' sequence and response lengths); see `build_microbatches`."""

@@ -13,7 +13,7 @@ from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, Par
 from archer_mcore.model.build import BuildChoices, resolve_build_choices
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
     """The policy's settings: the config sections it reads, embedded whole (no copies
     of their fields), plus what comes from elsewhere in the config.
@@ -65,7 +65,13 @@ def resolve_policy_choices(
 ) -> PolicyChoices:
     """Pure given its arguments (`triton_compiles` None: ask triton)."""
     return PolicyChoices(
-        resolve_build_choices(cfg.model, cfg.parallel, te_version, device_capability, cuda),
+        resolve_build_choices(
+            cfg.model,
+            cfg.parallel,
+            te_version=te_version,
+            device_capability=device_capability,
+            cuda=cuda,
+        ),
         kernel_dispatch.resolve_kernel_path(
             cfg.kernels.mode, cfg.kernels.fused_lm_head, cuda, triton_compiles
         ),

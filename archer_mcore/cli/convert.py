@@ -34,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.to_mcore:
             hf_to_mcore_dir(
-                args.src, args.dst, args.tp, args.pp, args.te_names, args.vocab_divisible_by
+                args.src,
+                args.dst,
+                tp=args.tp,
+                pp=args.pp,
+                te_names=args.te_names,
+                vocab_divisible_by=args.vocab_divisible_by,
             )
         else:
             mcore_dir_to_hf(args.src, args.dst, int(args.shard_gb * 1024**3))

@@ -55,7 +55,15 @@ def run(args: argparse.Namespace) -> int:
     prompts, tokenizer, engine = _policy_in_engine(cfg, step_dir, args.data)
     if engine is None:
         return 0
-    _evaluate(cfg, args, step_dir, prompts, tokenizer, engine, recipe)
+    _evaluate(
+        cfg,
+        args,
+        step_dir=step_dir,
+        prompts=prompts,
+        tokenizer=tokenizer,
+        engine=engine,
+        recipe=recipe,
+    )
     engine.shutdown()
     return 0
 
@@ -114,6 +122,7 @@ def _policy_in_engine(
 def _evaluate(
     cfg: Config,
     args: argparse.Namespace,
+    *,
     step_dir: Path,
     prompts: list[Any],
     tokenizer: Any,
@@ -136,7 +145,7 @@ def _evaluate(
     chunk = args.chunk_prompts if args.chunk_prompts is not None else 0
     if args.chunk_prompts is None and recipe is not None:
         chunk = recipe.chunk_prompts
-    batch = _generate_with_progress(engine, prompts, e.n_samples, params, chunk)
+    batch = _generate_with_progress(engine, prompts, n=e.n_samples, params=params, chunk=chunk)
     with RewardScorer.from_config(cfg.rewards) as scorer:
         recorder = _RecordingScorer(scorer)
         groups = score_groups(recorder, tokenizer, prompts, batch)
@@ -173,7 +182,10 @@ def _evaluate(
         f"{lengths['max_response_tokens']:.0f}; {100 * lengths['truncated_fraction']:.1f}% "
         "cut at max_new_tokens."
     )
-    _write_markdown(md, _markdown(step_dir, settings, recipe, result.get("reported"), text_md))
+    report = _markdown(
+        step_dir, settings, recipe=recipe, reported=result.get("reported"), table=text_md
+    )
+    _write_markdown(md, report)
     print(text)
     if failures.get("all"):
         print(
@@ -221,7 +233,7 @@ def _check_data_source(recipe: Any, prompts: list[Any]) -> None:
 
 
 def _generate_with_progress(
-    engine: Any, prompts: list[Any], n: int, params: Any, chunk: int
+    engine: Any, prompts: list[Any], *, n: int, params: Any, chunk: int
 ) -> Any:
     """engine.generate over `prompts`, `chunk` prompts per call (0: one call), with a
     progress line on stderr after each call (prompts done, elapsed, time left)."""
@@ -258,6 +270,7 @@ def _reported(recipe: Any, summary: dict[str, dict[str, float]], k: int) -> dict
 def _markdown(
     step_dir: Path,
     settings: dict[str, Any],
+    *,
     recipe: Any,
     reported: dict[str, Any] | None,
     table: str,

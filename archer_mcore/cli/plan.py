@@ -81,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
                 args, "mean_response_fraction", Assumptions.mean_response_fraction
             ),
         )
-        plan = plan_config(cfg, args.config, args.nodes, args.gpus_per_node, args.gpu, assume)
+        plan = plan_config(
+            cfg,
+            args.config,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            gpu=args.gpu,
+            assume=assume,
+        )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"archer plan: {exc}", file=sys.stderr)
         return 2
@@ -89,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
         out = plan_to_dict(plan)
         if not plan.fits:
             alt = nearest_fitting(
-                plan.model, plan.cluster, plan.train, plan.rollout, plan.work, assume
+                plan.model,
+                plan.cluster,
+                train=plan.train,
+                roll=plan.rollout,
+                work=plan.work,
+                assume=assume,
             )
             out["suggestion"] = _layout_diff(plan, alt) if alt else None
         print(json.dumps(out, indent=2))
@@ -101,7 +113,14 @@ def run(args: argparse.Namespace) -> int:
     print("\nDOES NOT FIT:", file=sys.stderr)
     for p in plan.problems:
         print(f"  - {p}", file=sys.stderr)
-    alt = nearest_fitting(plan.model, plan.cluster, plan.train, plan.rollout, plan.work, assume)
+    alt = nearest_fitting(
+        plan.model,
+        plan.cluster,
+        train=plan.train,
+        roll=plan.rollout,
+        work=plan.work,
+        assume=assume,
+    )
     if alt is None:
         print(
             f"  no layout of {plan.cluster.nodes} nodes fits; try more nodes (--nodes)",

@@ -125,7 +125,7 @@ def derived_signal_lead(
 
 
 def choose_signal_lead(
-    args: argparse.Namespace, cfg: Config, nodes: int, gpus_per_node: int, time_limit: str
+    args: argparse.Namespace, cfg: Config, *, nodes: int, gpus_per_node: int, time_limit: str
 ) -> tuple[int, list[str]]:
     """The job's signal lead in seconds and what to tell the user about it: the
     configured one (`--signal-lead`, else `slurm.signal_lead_s` when > 0), with a warning
@@ -170,7 +170,9 @@ def request_from_args(args: argparse.Namespace) -> slurm.SubmitRequest:
     gpus = _pick(args.gpus_per_node, cfg.slurm.gpus_per_node)
     nodes = _pick(args.nodes, cfg.slurm.nodes)
     time_limit = _pick(args.time, cfg.slurm.time)
-    lead, notes = choose_signal_lead(args, cfg, nodes, gpus, time_limit)
+    lead, notes = choose_signal_lead(
+        args, cfg, nodes=nodes, gpus_per_node=gpus, time_limit=time_limit
+    )
     env: dict[str, str] = {}
     for item in args.env:
         name, sep, value = item.partition("=")

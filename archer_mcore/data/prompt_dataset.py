@@ -39,7 +39,7 @@ class ChatTokenizer(Protocol):
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptExample:
     """One tokenised prompt.
 
@@ -78,7 +78,7 @@ class BadRow:
         object.__setattr__(self, "reason", shorten(self.reason, MAX_REASON_CHARS))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataReport:
     """What loading did: counts, and every malformed row's location and reason."""
 

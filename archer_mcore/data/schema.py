@@ -27,7 +27,7 @@ class MalformedRow(ValueError):
     """A row that does not follow the schema; the message names the bad field."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptRow:
     """One prompt of a data set, before tokenisation.
 
@@ -111,4 +111,11 @@ def parse_row(row: Any, default_data_source: str = "") -> PromptRow:
     ability = row.get("ability") or ""
     if not isinstance(ability, str):
         raise MalformedRow(f"'ability' must be a string, got {type(ability).__name__}")
-    return PromptRow(messages, ground_truth, data_source, str(style), dict(extra), ability)
+    return PromptRow(
+        messages=messages,
+        ground_truth=ground_truth,
+        data_source=data_source,
+        reward_style=str(style),
+        extra_info=dict(extra),
+        ability=ability,
+    )

@@ -23,7 +23,7 @@ DATA_SOURCE = "synthetic_arithmetic"
 PROMPT_PREFIX = "Compute "
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ArithmeticTaskConfig:
     """Difficulty knobs: operand count range, operand value range, operators used."""
 

@@ -43,7 +43,7 @@ class SubmitError(ValueError):
     """A bad submit request; the message names the flag or config key."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SubmitRequest:
     """Everything a rendered script depends on (resolved: no None left but optional
     strings, which are empty when unset)."""

@@ -98,6 +98,7 @@ class MetricsExporter:
         self,
         run: str,
         job: str,
+        *,
         host: str = "127.0.0.1",
         port: int = 0,
         pushgateway: str | None = None,

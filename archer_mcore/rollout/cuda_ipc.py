@@ -52,14 +52,18 @@ def device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
-def with_device_uuid(reduced: tuple[Callable[..., Any], tuple[Any, ...]],
-                     uuid_of: Callable[[int], str] | None = None) -> tuple[Callable[..., Any], tuple[Any, ...]]:  # fmt: skip
+def with_device_uuid(
+    reduced: tuple[Callable[..., Any], tuple[Any, ...]], uuid_of: Callable[[int], str] | None = None
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """A tensor's reduction with the device index of a CUDA rebuild replaced by the
     device's UUID (uuid_of, default `device_uuid`); any other reduction (CPU, meta, an
     argument already a UUID) as is."""
     fn, args = reduced
-    if (fn is not reductions.rebuild_cuda_tensor or len(args) != CUDA_REBUILD_ARGS
-            or not isinstance(args[DEVICE_ARG], int)):  # fmt: skip
+    if (
+        fn is not reductions.rebuild_cuda_tensor
+        or len(args) != CUDA_REBUILD_ARGS
+        or not isinstance(args[DEVICE_ARG], int)
+    ):
         return fn, args
     uuid = (uuid_of or device_uuid)(args[DEVICE_ARG])
     return fn, (*args[:DEVICE_ARG], uuid, *args[DEVICE_ARG + 1 :])

@@ -17,7 +17,7 @@ import httpx2
 from archer_mcore.rollout.types import RolloutError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClientConfig:
     """max_concurrency: requests in flight at once (all servers together).
     request_timeout_s: per request, connect to last byte of the answer.
@@ -40,9 +40,13 @@ class RequestFailed(RolloutError):
     answer (connection refused/reset, timeout), False for an HTTP error status."""
 
     def __init__(
-        self, message: str, url: str, transport: bool, timed_out: bool = False,
+        self,
+        message: str,
+        url: str,
+        transport: bool,
+        timed_out: bool = False,
         status: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.transport = transport
@@ -75,11 +79,12 @@ class AsyncJsonClient:
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._client = httpx2.AsyncClient(
             timeout=httpx2.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
-            limits=httpx2.Limits(max_connections=cfg.max_concurrency,
-                                 max_keepalive_connections=cfg.max_concurrency),
+            limits=httpx2.Limits(
+                max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency
+            ),
             trust_env=False,
             headers=auth_headers(cfg.api_key),
-        )  # fmt: skip
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -102,16 +107,23 @@ class AsyncJsonClient:
             try:
                 r = await self._client.request(method, url, json=json, timeout=timeout)
             except httpx2.TimeoutException as e:
-                raise RequestFailed(f"{method} {url} timed out ({type(e).__name__})", url,
-                                    transport=True, timed_out=True) from e  # fmt: skip
+                raise RequestFailed(
+                    f"{method} {url} timed out ({type(e).__name__})",
+                    url,
+                    transport=True,
+                    timed_out=True,
+                ) from e
             except httpx2.TransportError as e:
-                raise RequestFailed(f"{method} {url} failed: {type(e).__name__}: {e}", url,
-                                    transport=True) from e  # fmt: skip
+                raise RequestFailed(
+                    f"{method} {url} failed: {type(e).__name__}: {e}", url, transport=True
+                ) from e
         if r.status_code >= 400:
             raise RequestFailed(
-                f"{method} {url} answered HTTP {r.status_code}: {r.text[:500]}", url,
-                transport=False, status=r.status_code,
-            )  # fmt: skip
+                f"{method} {url} answered HTTP {r.status_code}: {r.text[:500]}",
+                url,
+                transport=False,
+                status=r.status_code,
+            )
         try:
             return r.json()
         except ValueError:

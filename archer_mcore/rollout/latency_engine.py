@@ -68,7 +68,9 @@ class LatencyModelEngine:
     def weight_version(self) -> int:
         return self.inner.weight_version if self.inner is not None else self._version
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> RolloutBatch:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+    ) -> RolloutBatch:
         start = time.perf_counter()
         if self.inner is not None:
             batch = self.inner.generate(prompts, n, params)
@@ -81,7 +83,9 @@ class LatencyModelEngine:
         self.calls.append((self.weight_version, tokens, time.perf_counter() - start))
         return batch
 
-    def _synthesise(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> RolloutBatch:
+    def _synthesise(
+        self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+    ) -> RolloutBatch:
         stops = set(params.stop_token_ids)
         allowed = torch.tensor([t for t in range(self.vocab_size) if t not in stops])
         lo = max(1, params.max_new_tokens // 2)
@@ -90,14 +94,28 @@ class LatencyModelEngine:
         for i, p in enumerate(prompts):
             group = []
             for j in range(n):
-                length = int(torch.randint(lo, params.max_new_tokens + 1, (1,), generator=self._gen))
+                length = int(
+                    torch.randint(lo, params.max_new_tokens + 1, (1,), generator=self._gen)
+                )
                 pick = torch.randint(0, len(allowed), (length,), generator=self._gen)
                 ids = allowed[pick].tolist()
-                group.append(Sample(i, j, list(map(int, p)), ids, [logp] * length, "length", self._version))
+                group.append(
+                    Sample(
+                        prompt_index=i,
+                        sample_index=j,
+                        prompt_ids=list(map(int, p)),
+                        token_ids=ids,
+                        logprobs=[logp] * length,
+                        finish_reason="length",
+                        weight_version=self._version,
+                    )
+                )
             groups.append(group)
         return RolloutBatch(groups)
 
-    def update_weights(self, buckets: Iterable[NamedTensorBucket], version: int | None = None) -> None:
+    def update_weights(
+        self, buckets: Iterable[NamedTensorBucket], version: int | None = None
+    ) -> None:
         if self.inner is not None:
             self.inner.update_weights(buckets, version=version)
             return

@@ -49,6 +49,7 @@ class LocalEngine:
     def __init__(
         self,
         config: PretrainedConfig | Mapping[str, Any] | str | Path,
+        *,
         state_dict: Mapping[str, Tensor] | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -148,13 +149,13 @@ class LocalEngine:
             groups.append(
                 [
                     Sample(
-                        i,
-                        j,
-                        list(map(int, p)),
-                        tokens[i * n + j],
-                        logprobs[i * n + j],
-                        reasons[i * n + j],
-                        self._version,
+                        prompt_index=i,
+                        sample_index=j,
+                        prompt_ids=list(map(int, p)),
+                        token_ids=tokens[i * n + j],
+                        logprobs=logprobs[i * n + j],
+                        finish_reason=reasons[i * n + j],
+                        weight_version=self._version,
                     )
                     for j in range(n)
                 ]

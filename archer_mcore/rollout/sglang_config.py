@@ -60,8 +60,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_master_address(configured: str, server_urls: Sequence[str],
-                           env: Mapping[str, str] | None = None) -> str:  # fmt: skip
+def resolve_master_address(
+    configured: str, server_urls: Sequence[str], env: Mapping[str, str] | None = None
+) -> str:
     """The address the servers join the weight-update group at: this host's, where the
     trainer's rank 0 runs (this is called there).
 
@@ -93,8 +94,12 @@ def client_config(s: Any, api_key: str | None = None) -> ClientConfig:
     sent on every request. The health probe after a failed request gets request_timeout_s
     too: SGLang's /health_generate makes a token and waits behind running batches and
     weight updates, so a short probe would mark a busy server dead."""
-    return ClientConfig(max_concurrency=s.max_concurrency, request_timeout_s=s.request_timeout_s,
-                        max_retries=s.max_retries, api_key=api_key)  # fmt: skip
+    return ClientConfig(
+        max_concurrency=s.max_concurrency,
+        request_timeout_s=s.request_timeout_s,
+        max_retries=s.max_retries,
+        api_key=api_key,
+    )
 
 
 def launch_key_file(configured: str) -> str:
@@ -114,22 +119,34 @@ def disaggregated_api_key(configured: str) -> str | None:
     warning) when the setting is empty."""
     if configured:
         return read_api_key(configured)
-    log.warning("rollout.sglang.api_key_file is empty: the SGLang servers are used without "
-                "an API key, and anyone who can reach them can change their weights")  # fmt: skip
+    log.warning(
+        "rollout.sglang.api_key_file is empty: the SGLang servers are used without "
+        "an API key, and anyone who can reach them can change their weights"
+    )
     return None
 
 
-def sync_config(rollout: Any, output_dir: str | Path, base_model_dir: str | Path | None,
-                master_address: str, device: str) -> WeightSyncConfig:  # fmt: skip
+def sync_config(
+    rollout: Any,
+    output_dir: str | Path,
+    *,
+    base_model_dir: str | Path | None,
+    master_address: str,
+    device: str,
+) -> WeightSyncConfig:
     """rollout.weight_sync and rollout.sglang.{sync_backend, sync_timeout_s}."""
     s = rollout.sglang
     mode = "distributed" if rollout.weight_sync in ("distributed", "nccl") else rollout.weight_sync
     return WeightSyncConfig(
-        mode=mode, backend=s.sync_backend, master_address=master_address,
-        device="cpu" if s.sync_backend == "gloo" else device, disk_dir=str(Path(output_dir) / "weight_sync"),
+        mode=mode,
+        backend=s.sync_backend,
+        master_address=master_address,
+        device="cpu" if s.sync_backend == "gloo" else device,
+        disk_dir=str(Path(output_dir) / "weight_sync"),
         base_model_dir=None if base_model_dir is None else str(base_model_dir),
-        timeout_s=s.sync_timeout_s, fp8=bool(rollout.fp8),
-    )  # fmt: skip
+        timeout_s=s.sync_timeout_s,
+        fp8=bool(rollout.fp8),
+    )
 
 
 def expected_server_fields(s: Any, fp8: bool = False) -> dict[str, tuple[str, Any]]:
@@ -163,8 +180,9 @@ def write_server_model_dir(hf_config: Mapping[str, Any], out: Path, fp8: bool) -
     return out
 
 
-def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | Path,
-                        device: str = "cuda") -> SGLangEngine:  # fmt: skip
+def build_sglang_engine(
+    cfg: Any, hf_config: Mapping[str, Any], work_dir: str | Path, device: str = "cuda"
+) -> SGLangEngine:
     """The engine of rollout.engine = sglang (see the module docstring)."""
     r, s = cfg.rollout, cfg.rollout.sglang
     work = Path(work_dir)
@@ -178,15 +196,28 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
         from archer_mcore.rollout.sglang_servers import ServerHandle
 
         tps = list(s.server_tp_sizes) or [None] * len(s.server_urls)
-        servers = [ServerHandle(u, tp or 1, num_gpus_from_config=tp is not None)
-                   for u, tp in zip(s.server_urls, tps)]  # fmt: skip
+        servers = [
+            ServerHandle(url=u, num_gpus=tp or 1, num_gpus_from_config=tp is not None)
+            for u, tp in zip(s.server_urls, tps)
+        ]
         master = resolve_master_address(s.master_address, s.server_urls)
-        sync = sync_config(r, cfg.train.output_dir, cfg.model.path or None, master, device)
+        sync = sync_config(
+            r,
+            cfg.train.output_dir,
+            base_model_dir=cfg.model.path or None,
+            master_address=master,
+            device=device,
+        )
         client = client_config(s, disaggregated_api_key(s.api_key_file))
-        return SGLangEngine(servers, router_url=s.router_url or None, client=client,
-                            weight_sync=sync, health_deadline_s=s.health_timeout_s,
-                            health_probe_timeout_s=s.request_timeout_s,
-                            expect_server=expect)  # fmt: skip
+        return SGLangEngine(
+            servers,
+            router_url=s.router_url or None,
+            client=client,
+            weight_sync=sync,
+            health_deadline_s=s.health_timeout_s,
+            health_probe_timeout_s=s.request_timeout_s,
+            expect_server=expect,
+        )
     # colocated: launch on this host
     model_dir = write_server_model_dir(hf_config, work / "sglang_model", bool(r.fp8))
     launch = tuple(s.server_command) or (sys.executable, "-m", "sglang.launch_server")
@@ -195,23 +226,47 @@ def build_sglang_engine(cfg: Any, hf_config: Mapping[str, Any], work_dir: str | 
     key_file = launch_key_file(s.api_key_file)
     client = client_config(s, read_api_key(key_file))
     args = [
-        SGLangServerArgs(model_path=str(model_dir), port=p, host=s.host, tp_size=s.tp_size,
-                         mem_fraction_static=s.mem_fraction_static, dtype=s.dtype,
-                         random_seed=cfg.train.seed, load_format="dummy",
-                         # torch-memory-saver preloads a CUDA hook (needs libcuda): GPU
-                         # only; on CPU release/resume answer 200 and change nothing
-                         enable_memory_saver=device != "cpu",
-                         cuda_visible_devices=None if device == "cpu" else ",".join(
-                             str(k * s.tp_size + g) for g in range(s.tp_size)),
-                         extra_args=tuple(s.extra_server_args), api_key_file=key_file)
+        SGLangServerArgs(
+            model_path=str(model_dir),
+            port=p,
+            host=s.host,
+            tp_size=s.tp_size,
+            mem_fraction_static=s.mem_fraction_static,
+            dtype=s.dtype,
+            random_seed=cfg.train.seed,
+            load_format="dummy",
+            # torch-memory-saver preloads a CUDA hook (needs libcuda): GPU
+            # only; on CPU release/resume answer 200 and change nothing
+            enable_memory_saver=device != "cpu",
+            cuda_visible_devices=None
+            if device == "cpu"
+            else ",".join(str(k * s.tp_size + g) for g in range(s.tp_size)),
+            extra_args=tuple(s.extra_server_args),
+            api_key_file=key_file,
+        )
         for k, p in enumerate(ports)
-    ]  # fmt: skip
-    router = RouterArgs(tuple(a.url for a in args), port=s.router_port, host=s.host,
-                        policy=s.router_policy, api_key_file=key_file)  # fmt: skip
+    ]
+    router = RouterArgs(
+        worker_urls=tuple(a.url for a in args),
+        port=s.router_port,
+        host=s.host,
+        policy=s.router_policy,
+        api_key_file=key_file,
+    )
     master = resolve_master_address(s.master_address or "127.0.0.1", [a.url for a in args])
-    sync = sync_config(r, cfg.train.output_dir, model_dir, master, device)
-    return SGLangEngine.launch(args, work / "logs", router=router, server_launch=launch,
-                               router_launch=router_launch, health_deadline_s=s.health_timeout_s,
-                               client=client, weight_sync=sync, memory_saver=True,
-                               health_probe_timeout_s=s.request_timeout_s,
-                               expect_server=expect)  # fmt: skip
+    sync = sync_config(
+        r, cfg.train.output_dir, base_model_dir=model_dir, master_address=master, device=device
+    )
+    return SGLangEngine.launch(
+        args,
+        work / "logs",
+        router=router,
+        server_launch=launch,
+        router_launch=router_launch,
+        health_deadline_s=s.health_timeout_s,
+        client=client,
+        weight_sync=sync,
+        memory_saver=True,
+        health_probe_timeout_s=s.request_timeout_s,
+        expect_server=expect,
+    )

@@ -84,6 +84,7 @@ class SGLangEngine(WeightSyncClient):
     def __init__(
         self,
         servers: Sequence[ServerHandle | str],
+        *,
         router_url: str | None = None,
         router_process: ManagedProcess | None = None,
         client: ClientConfig | None = None,
@@ -106,7 +107,7 @@ class SGLangEngine(WeightSyncClient):
         cache."""
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
-        self.servers = [s if isinstance(s, ServerHandle) else ServerHandle(s) for s in servers]
+        self.servers = [s if isinstance(s, ServerHandle) else ServerHandle(url=s) for s in servers]
         self.router_url = router_url
         self.router_process = router_process
         self.client_cfg = client or ClientConfig()
@@ -130,8 +131,9 @@ class SGLangEngine(WeightSyncClient):
         # the last weight-update calls, in order (tests read it)
         self.session_log: collections.deque[str] = collections.deque(maxlen=256)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sglang-engine", daemon=True
+        )
         self._thread.start()
         self._client: AsyncJsonClient = self._run(self._make_client())
         self._closed = False
@@ -148,6 +150,7 @@ class SGLangEngine(WeightSyncClient):
         cls,
         server_args: Sequence[SGLangServerArgs],
         log_dir: str | Path,
+        *,
         router: RouterArgs | Literal["auto"] | None = "auto",
         server_launch: Sequence[str] = SGLANG_SERVER_LAUNCH,
         router_launch: Sequence[str] = SGLANG_ROUTER_LAUNCH,
@@ -169,18 +172,31 @@ class SGLangEngine(WeightSyncClient):
                         "server per replica instead"
                     )
             for k, a in enumerate(server_args):
-                p = ManagedProcess(build_server_command(a, server_launch), server_env(a),
-                                   log_dir / f"sglang_server_{k}_{a.port}.log")  # fmt: skip
+                p = ManagedProcess(
+                    build_server_command(a, server_launch),
+                    server_env(a),
+                    log_dir / f"sglang_server_{k}_{a.port}.log",
+                )
                 p.start()
-                handles.append(ServerHandle(a.url, a.tp_size, p, num_gpus_from_config=True))
+                handles.append(
+                    ServerHandle(
+                        url=a.url, num_gpus=a.tp_size, process=p, num_gpus_from_config=True
+                    )
+                )
             for h in handles:
                 wait_healthy(h.url, health_deadline_s, h.process)
             router_url = None
             if router is not None:
-                ra = router if isinstance(router, RouterArgs) else RouterArgs(
-                    tuple(h.url for h in handles), port=free_port())  # fmt: skip
-                router_proc = ManagedProcess(build_router_command(ra, router_launch), None,
-                                             log_dir / f"sglang_router_{ra.port}.log")  # fmt: skip
+                ra = (
+                    router
+                    if isinstance(router, RouterArgs)
+                    else RouterArgs(worker_urls=tuple(h.url for h in handles), port=free_port())
+                )
+                router_proc = ManagedProcess(
+                    build_router_command(ra, router_launch),
+                    None,
+                    log_dir / f"sglang_router_{ra.port}.log",
+                )
                 router_proc.start()
                 wait_healthy(ra.url, health_deadline_s, router_proc)
                 router_url = ra.url
@@ -191,8 +207,13 @@ class SGLangEngine(WeightSyncClient):
             if router_proc is not None:
                 router_proc.stop()
             raise
-        return cls(handles, router_url=router_url, router_process=router_proc,
-                   health_deadline_s=health_deadline_s, **kwargs)  # fmt: skip
+        return cls(
+            handles,
+            router_url=router_url,
+            router_process=router_proc,
+            health_deadline_s=health_deadline_s,
+            **kwargs,
+        )
 
     # -- loop plumbing ----------------------------------------------------------------
     async def _make_client(self) -> AsyncJsonClient:
@@ -222,7 +243,9 @@ class SGLangEngine(WeightSyncClient):
         step = uuid.uuid4().hex[:12]
         results: dict[tuple[int, int], Sample] = {}
         tasks = [
-            asyncio.create_task(self._one_sample(step, i, j, prompts[i], params, results))
+            asyncio.create_task(
+                self._one_sample(step, i, j, prompt=prompts[i], params=params, results=results)
+            )
             for i in range(len(prompts))
             for j in range(n)
         ]
@@ -237,13 +260,29 @@ class SGLangEngine(WeightSyncClient):
         groups = [[results[(i, j)] for j in range(n)] for i in range(len(prompts))]
         return RolloutBatch(groups)
 
-    async def _one_sample(self, step: str, i: int, j: int, prompt: list[int],
-                          params: SamplingParams, results: dict[tuple[int, int], Sample]) -> None:  # fmt: skip
+    async def _one_sample(
+        self,
+        step: str,
+        i: int,
+        j: int,
+        *,
+        prompt: list[int],
+        params: SamplingParams,
+        results: dict[tuple[int, int], Sample],
+    ) -> None:
         last_error = ""
         for attempt in range(self.client_cfg.max_retries + 1):
             if attempt > 0 and self._paused.is_set():
                 # paused mid-step: the slot ends as aborted instead of being retried
-                results[(i, j)] = Sample(i, j, prompt, [], [], "abort", self._version)
+                results[(i, j)] = Sample(
+                    prompt_index=i,
+                    sample_index=j,
+                    prompt_ids=prompt,
+                    token_ids=[],
+                    logprobs=[],
+                    finish_reason="abort",
+                    weight_version=self._version,
+                )
                 return
             base, server = self._pick_target()
             rid = f"{step}-{i}-{j}-{attempt}"
@@ -264,7 +303,7 @@ class SGLangEngine(WeightSyncClient):
                     last_error += self._dead_summary()
                 await asyncio.sleep(backoff_delay(attempt + 1, self.client_cfg))
                 continue
-            sample = parse_generate_reply(reply, i, j, prompt, self._version)
+            sample = parse_generate_reply(reply, i, j, prompt, default_version=self._version)
             if (i, j) in results:  # cannot happen: one task per slot; guard the invariant
                 raise RolloutError(f"sample ({i}, {j}) answered twice")
             sample.request_id = rid

@@ -68,8 +68,11 @@ ROUTER_KEY_WRAPPER = (
 
 def without_torchrun_env(env: Mapping[str, str]) -> dict[str, str]:
     """`env` without torchrun's variables (TORCHRUN_ENV_VARS, TORCHELASTIC_*)."""
-    return {k: v for k, v in env.items()
-            if k not in TORCHRUN_ENV_VARS and not k.startswith(TORCHRUN_ENV_PREFIXES)}  # fmt: skip
+    return {
+        k: v
+        for k, v in env.items()
+        if k not in TORCHRUN_ENV_VARS and not k.startswith(TORCHRUN_ENV_PREFIXES)
+    }
 
 
 def new_api_key() -> str:
@@ -113,7 +116,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SGLangServerArgs:
     """Flags of one `python -m sglang.launch_server`.
 
@@ -208,7 +211,7 @@ def server_env(args: SGLangServerArgs, base: Mapping[str, str] | None = None) ->
     return env
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RouterArgs:
     """Flags of `python -m sglang_router.launch_router` in front of worker_urls.
     api_key_file: a file from `write_api_key_file`; the router then sends the key to the
@@ -310,8 +313,13 @@ class ManagedProcess:
     command line carries or points at an API key (`secrets_in_argv`) writes its output
     through a pipe that replaces the key by REDACTED; its log file is created 0600."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: Path,
-                 cwd: str | Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        log_path: Path,
+        cwd: str | Path | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.env = dict(env) if env is not None else without_torchrun_env(os.environ)
         self.secrets = [s.encode() for s in secrets_in_argv(self.argv) if s]
@@ -328,18 +336,31 @@ class ManagedProcess:
         if self.secrets:
             os.close(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
             self.proc = subprocess.Popen(
-                argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
-            )  # fmt: skip
-            threading.Thread(target=_copy_redacted, name=f"log-{self.log_path.name}",
-                             args=(self.proc.stdout, self.log_path, self.secrets),
-                             daemon=True).start()  # fmt: skip
+                argv,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.cwd,
+            )
+            threading.Thread(
+                target=_copy_redacted,
+                name=f"log-{self.log_path.name}",
+                args=(self.proc.stdout, self.log_path, self.secrets),
+                daemon=True,
+            ).start()
         else:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd,
-                )  # fmt: skip
+                    argv,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=self.cwd,
+                )
         self.starts += 1
 
     @property

@@ -25,7 +25,8 @@ SUPPORTED_SGLANG = ((0, 5, 21), (0, 5, 23))
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """"0.5.23" -> (0, 5, 23); suffixes such as "rc1" or "+cu12" are ignored."""
+    """The version tuple: "0.5.23" -> (0, 5, 23); suffixes such as "rc1" or "+cu12" are
+    ignored."""
     out = []
     for part in str(text).split("+")[0].split("."):
         digits = re.match(r"\d+", part)
@@ -46,7 +47,7 @@ def check_server_version(url: str, version: str) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightSyncConfig:
     """mode: "distributed" (broadcast from the trainer), "tensor" (colocated servers,
     /update_weights_from_tensor) or "disk" (checkpoint + /update_weights_from_disk).
@@ -81,8 +82,9 @@ def _finish_reason(meta: dict[str, Any]) -> str:
     raise RolloutError(f"unexpected finish_reason {fr!r} in SGLang reply")
 
 
-def parse_generate_reply(reply: Any, prompt_index: int, sample_index: int, prompt: list[int],
-                         default_version: int) -> Sample:  # fmt: skip
+def parse_generate_reply(
+    reply: Any, prompt_index: int, sample_index: int, prompt: list[int], *, default_version: int
+) -> Sample:
     """A Sample from one SGLang /generate answer ({"output_ids", "meta_info"})."""
     if isinstance(reply, list):
         if len(reply) != 1:
@@ -112,9 +114,16 @@ def parse_generate_reply(reply: Any, prompt_index: int, sample_index: int, promp
         version = int(version) if version is not None else default_version
     except (TypeError, ValueError):
         version = default_version
-    return Sample(prompt_index, sample_index, list(prompt), ids,
-                  [float(t[0]) for t in triples], _finish_reason(meta), version,
-                  request_id=str(meta.get("id", "")))  # type: ignore[arg-type]  # fmt: skip
+    return Sample(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        prompt_ids=list(prompt),
+        token_ids=ids,
+        logprobs=[float(t[0]) for t in triples],
+        finish_reason=_finish_reason(meta),  # type: ignore[arg-type]
+        weight_version=version,
+        request_id=str(meta.get("id", "")),
+    )
 
 
 def generate_payload(prompt: Sequence[int], params: SamplingParams, rid: str) -> dict[str, Any]:
@@ -178,8 +187,10 @@ def redact_secrets(value: Any, known: Sequence[str] = ()) -> Any:
     """A copy of a JSON value with every SECRET_FIELDS entry (at any depth) replaced, and
     every `known` secret replaced inside strings."""
     if isinstance(value, dict):
-        return {k: (REDACTED if k in SECRET_FIELDS and v else redact_secrets(v, known))
-                for k, v in value.items()}  # fmt: skip
+        return {
+            k: (REDACTED if k in SECRET_FIELDS and v else redact_secrets(v, known))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact_secrets(v, known) for v in value]
     if isinstance(value, str):

@@ -39,7 +39,7 @@ log = logging.getLogger("archer.rollout")
 QUANTIZATION_FIELD = "quantization"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerQuantization:
     """The quantization a server's linear layers run. method: SGLang's name ("fp8", ...)
     or None (unquantized); block: the checkpoint's weight_block_size (block-wise FP8),
@@ -59,9 +59,13 @@ def _quant_of(cfg: Any, source: str) -> ServerQuantization | None:
         return None
     method = str(qc.get("quant_method") or "unknown").lower()
     block = qc.get("weight_block_size")
-    return ServerQuantization(method, tuple(int(b) for b in block) if block else None, True,
-                              f"{source} quantization_config (quant_method {method!r}"
-                              f"{f', weight_block_size {list(block)}' if block else ''})")  # fmt: skip
+    return ServerQuantization(
+        method=method,
+        block=tuple(int(b) for b in block) if block else None,
+        known=True,
+        source=f"{source} quantization_config (quant_method {method!r}"
+        f"{f', weight_block_size {list(block)}' if block else ''})",
+    )
 
 
 def server_quantization(info: Mapping[str, Any]) -> ServerQuantization:
@@ -98,16 +102,24 @@ def server_quantization(info: Mapping[str, Any]) -> ServerQuantization:
         method = str(flag).lower()
         block = ckpt.block if ckpt is not None and ckpt.method == method else None
         extra = f", {ckpt.source}" if ckpt is not None else ""
-        return ServerQuantization(method, block, True, f"--quantization {flag}{extra}")
+        return ServerQuantization(
+            method=method, block=block, known=True, source=f"--quantization {flag}{extra}"
+        )
     if ckpt is not None:
         return ckpt
     if known:
-        return ServerQuantization(None, None, True,
-                                  f"checkpoint {config} without quantization_config, "
-                                  "no --quantization")  # fmt: skip
-    return ServerQuantization(None, None, False,
-                              f"no --quantization; checkpoint {model_path!r} not readable "
-                              "on this host")  # fmt: skip
+        return ServerQuantization(
+            method=None,
+            block=None,
+            known=True,
+            source=f"checkpoint {config} without quantization_config, no --quantization",
+        )
+    return ServerQuantization(
+        method=None,
+        block=None,
+        known=False,
+        source=f"no --quantization; checkpoint {model_path!r} not readable on this host",
+    )
 
 
 def check_quantization(url: str, info: Mapping[str, Any], key: str, fp8: bool) -> None:
@@ -119,8 +131,14 @@ def check_quantization(url: str, info: Mapping[str, Any], key: str, fp8: bool) -
     quantization cannot be read here is accepted with a warning."""
     q = server_quantization(info)
     if not q.known:
-        log.warning("SGLang server %s: could not tell whether it runs FP8 (%s); %s = %s is "
-                    "not checked against it", url, q.source, key, fp8)  # fmt: skip
+        log.warning(
+            "SGLang server %s: could not tell whether it runs FP8 (%s); %s = %s is "
+            "not checked against it",
+            url,
+            q.source,
+            key,
+            fp8,
+        )
         return
     from archer_mcore.rollout.fp8_export import DEFAULT_BLOCK
 
@@ -142,7 +160,7 @@ def check_quantization(url: str, info: Mapping[str, Any], key: str, fp8: bool) -
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerHandle:
     """One SGLang server: url, GPUs it adds to the weight group, its process if we
     launched it, and its state. `stale`: alive but weights older than the engine's."""
@@ -202,15 +220,21 @@ class ServerPool:
         (check_quantization: rollout.fp8 against the server's quantization)."""
         for s in self.servers:
             try:
-                info = await self._client.request("GET", s.url + "/server_info",
-                                                  timeout_s=self.health_probe_timeout_s)  # fmt: skip
+                info = await self._client.request(
+                    "GET", s.url + "/server_info", timeout_s=self.health_probe_timeout_s
+                )
             except RequestFailed as e:
                 if e.status != 404:
-                    raise RolloutError(f"SGLang server {s.url}: GET /server_info failed: {e}") from e
-                info = await self._client.request("GET", s.url + "/get_server_info",
-                                                  timeout_s=self.health_probe_timeout_s)  # fmt: skip
+                    raise RolloutError(
+                        f"SGLang server {s.url}: GET /server_info failed: {e}"
+                    ) from e
+                info = await self._client.request(
+                    "GET", s.url + "/get_server_info", timeout_s=self.health_probe_timeout_s
+                )
             if not isinstance(info, dict):
-                raise RolloutError(f"SGLang server {s.url}: malformed /server_info {str(info)[:200]}")
+                raise RolloutError(
+                    f"SGLang server {s.url}: malformed /server_info {str(info)[:200]}"
+                )
             # it reports the server's --api-key, also inside launch_command
             info = redact_secrets(info, [self._client.cfg.api_key or ""])
             check_server_version(s.url, str(info.get("version", "")))
@@ -232,8 +256,11 @@ class ServerPool:
                     check_quantization(s.url, info, key, bool(want))
                     continue
                 got = info.get(fld)
-                same = (abs(float(got) - float(want)) < 1e-9 if isinstance(want, float)
-                        and got is not None else got == want)  # fmt: skip
+                same = (
+                    abs(float(got) - float(want)) < 1e-9
+                    if isinstance(want, float) and got is not None
+                    else got == want
+                )
                 if not same:
                     raise RolloutError(
                         f"SGLang server {s.url} runs {fld} = {got!r} but {key} = {want!r}; "
@@ -246,8 +273,10 @@ class ServerPool:
             return self.router_url, None
         live = [s for s in self.servers if s.usable]
         if not live:
-            detail = "; ".join(f"{s.url}: {s.last_error or ('stale weights' if s.stale else 'down')}"
-                               for s in self.servers)  # fmt: skip
+            detail = "; ".join(
+                f"{s.url}: {s.last_error or ('stale weights' if s.stale else 'down')}"
+                for s in self.servers
+            )
             raise RolloutError(
                 f"no live SGLang server left ({len(self.servers)} configured): {detail}"
             )
@@ -261,15 +290,17 @@ class ServerPool:
         targets = [server] if server is not None else [s for s in self.servers if not s.dead]
         for s in targets:
             with contextlib.suppress(RequestFailed):
-                await self._client.request_once("POST", s.url + "/abort_request",
-                                                json={"rid": rid}, timeout_s=10.0)  # fmt: skip
+                await self._client.request_once(
+                    "POST", s.url + "/abort_request", json={"rid": rid}, timeout_s=10.0
+                )
 
     async def _check_workers(self, error: str) -> None:
         """After a failed routed request: probe every live worker (concurrently) and mark
         those that do not answer dead (and out of the router)."""
         live = [s for s in self.servers if not s.dead]
-        await asyncio.gather(*(self._on_server_failure(s, f"routed request failed: {error}")
-                               for s in live))  # fmt: skip
+        await asyncio.gather(
+            *(self._on_server_failure(s, f"routed request failed: {error}") for s in live)
+        )
 
     def _dead_summary(self) -> str:
         dead = [f"{s.url} ({s.last_error[:200]})" for s in self.servers if s.dead]
@@ -279,8 +310,9 @@ class ServerPool:
         if server.process is not None and not server.process.alive:
             return False
         try:
-            await self._client.request_once("GET", server.url + server.probe_path,
-                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+            await self._client.request_once(
+                "GET", server.url + server.probe_path, timeout_s=self.health_probe_timeout_s
+            )
             return True
         except RequestFailed:
             return False
@@ -298,8 +330,9 @@ class ServerPool:
         server.dead = True
         server.last_error = error
         live = sum(not s.dead for s in self.servers)
-        log.warning("SGLang server %s is down (%s); %d live server(s) left", server.url,
-                    error[:300], live)  # fmt: skip
+        log.warning(
+            "SGLang server %s is down (%s); %d live server(s) left", server.url, error[:300], live
+        )
         await self._router_remove(server)
         running = self._restarts.get(server.url)
         if (
@@ -317,8 +350,9 @@ class ServerPool:
         await asyncio.to_thread(proc.stop)
         proc.start()
         try:
-            await asyncio.to_thread(wait_healthy, server.url, self.health_deadline_s, proc,
-                                    server.health_path)  # fmt: skip
+            await asyncio.to_thread(
+                wait_healthy, server.url, self.health_deadline_s, proc, server.health_path
+            )
         except RolloutError as e:
             server.last_error = f"restart failed: {e}"
             return
@@ -351,9 +385,10 @@ class ServerPool:
             for w in listing.get("workers", []) if isinstance(listing, dict) else []:
                 if w.get("url") == server.url and "id" in w:
                     await self._client.request_once(
-                        "DELETE", f"{self.router_url}/workers/{w['id']}",
+                        "DELETE",
+                        f"{self.router_url}/workers/{w['id']}",
                         timeout_s=self.health_probe_timeout_s,
-                    )  # fmt: skip
+                    )
         except RequestFailed as e:
             server.last_error += f"; router removal failed: {e}"
 
@@ -367,8 +402,12 @@ class ServerPool:
         if self._client.cfg.api_key:
             body["api_key"] = self._client.cfg.api_key
         try:
-            await self._client.request_once("POST", self.router_url + "/workers", json=body,
-                                            timeout_s=self.health_probe_timeout_s)  # fmt: skip
+            await self._client.request_once(
+                "POST",
+                self.router_url + "/workers",
+                json=body,
+                timeout_s=self.health_probe_timeout_s,
+            )
         except RequestFailed as e:
             server.last_error = f"router re-admission failed: {e}"
 
@@ -382,8 +421,9 @@ class ServerPool:
         """Release or resume GPU memory of every live server (colocated mode,
         --enable-memory-saver; on CPU SGLang 0.5.23 answers 200 and does nothing)."""
         self.session_log.append(f"{path.strip('/')}:{'+'.join(tags)}")
-        await self._fanout("POST", path, {"tags": tags}, quiet=False,
-                           timeout_s=self.sync_cfg.timeout_s)  # fmt: skip
+        await self._fanout(
+            "POST", path, {"tags": tags}, quiet=False, timeout_s=self.sync_cfg.timeout_s
+        )
         if path == "/release_memory_occupation":
             self._released |= set(tags)
         else:
@@ -392,15 +432,26 @@ class ServerPool:
     async def _abort_all(self, quiet: bool) -> None:
         await self._fanout("POST", "/abort_request", {"abort_all": True}, quiet=quiet)
 
-    async def _fanout(self, method: str, path: str, body: dict[str, Any] | None,
-                      quiet: bool, servers: Sequence[ServerHandle] | None = None,
-                      timeout_s: float | None = None) -> list[Any]:  # fmt: skip
+    async def _fanout(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        quiet: bool,
+        servers: Sequence[ServerHandle] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
         targets = [s for s in (servers if servers is not None else self.servers) if not s.dead]
         replies = await asyncio.gather(
-            *(self._client.request(method, s.url + path, json=body, timeout_s=timeout_s, retries=0)
-              for s in targets),
+            *(
+                self._client.request(
+                    method, s.url + path, json=body, timeout_s=timeout_s, retries=0
+                )
+                for s in targets
+            ),
             return_exceptions=True,
-        )  # fmt: skip
+        )
         for s, r in zip(targets, replies):
             if isinstance(r, BaseException) and not quiet:
                 raise RolloutError(f"{method} {s.url}{path} failed: {r}") from r
@@ -420,8 +471,9 @@ class ServerPool:
             lines.append(f"{s.url}: {state}{' (' + s.last_error + ')' if s.last_error else ''}")
         if self.router_url is not None:
             try:
-                await self._client.request_once("GET", self.router_url + "/health",
-                                                timeout_s=self.health_probe_timeout_s)  # fmt: skip
+                await self._client.request_once(
+                    "GET", self.router_url + "/health", timeout_s=self.health_probe_timeout_s
+                )
                 lines.append(f"router {self.router_url}: healthy")
             except RequestFailed as e:
                 ok = False

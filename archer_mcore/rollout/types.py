@@ -34,7 +34,7 @@ class EnginePausedError(RolloutError):
     """`generate` was called between `pause()` and `resume()`."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """Sampling parameters, one set for a whole `generate` call.
 

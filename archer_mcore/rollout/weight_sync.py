@@ -76,22 +76,38 @@ def bind_rendezvous(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-def _group_store(master_address: str, master_port: int, rank: int, world_size: int,
-                 timeout: timedelta, listener: socket.socket | None) -> dist.TCPStore:  # fmt: skip
+def _group_store(
+    master_address: str,
+    master_port: int,
+    *,
+    rank: int,
+    world_size: int,
+    timeout: timedelta,
+    listener: socket.socket | None,
+) -> dist.TCPStore:
     """Rank 0: the store server on `listener` (bound here when None); other ranks: a
     client of it. Independent of torchrun's TORCHELASTIC_USE_AGENT_STORE."""
     if rank != 0:
-        return dist.TCPStore(master_address, master_port, world_size, is_master=False,
-                             timeout=timeout)  # fmt: skip
+        return dist.TCPStore(
+            master_address, master_port, world_size, is_master=False, timeout=timeout
+        )
     sock = listener if listener is not None else bind_rendezvous(master_address, master_port)
     port = int(sock.getsockname()[1])
     # the store takes the descriptor over (and closes it): detach it from the socket object
-    return dist.TCPStore(master_address, port, world_size, is_master=True, timeout=timeout,
-                         wait_for_workers=False, master_listen_fd=sock.detach())  # fmt: skip
+    return dist.TCPStore(
+        master_address,
+        port,
+        world_size,
+        is_master=True,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+    )
 
 
 def init_weight_update_group(
     backend: str,
+    *,
     master_address: str,
     master_port: int,
     rank: int,
@@ -112,15 +128,28 @@ def init_weight_update_group(
     )
 
     timeout = timedelta(seconds=timeout_s)
-    base = _group_store(master_address, master_port, rank, world_size, timeout, listener)
+    base = _group_store(
+        master_address,
+        master_port,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        listener=listener,
+    )
     base.set_timeout(timeout)
     store = PrefixStore(group_name, base)
     params = inspect.signature(_new_process_group_helper).parameters
     options_kw = "backend_options" if "backend_options" in params else "pg_options"
     pg, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), store, group_name=group_name,
-        timeout=timeout, **{options_kw: None},
-    )  # fmt: skip
+        world_size,
+        rank,
+        [],
+        Backend(backend),
+        store,
+        group_name=group_name,
+        timeout=timeout,
+        **{options_kw: None},
+    )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 G = TypeVar("G")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingOutcome(Generic[G]):
     """The groups to train on and what it cost to get them."""
 
@@ -75,7 +75,9 @@ def collect_groups(
             log.warning(
                 "dynamic sampling: only %d of %d groups have mixed outcomes after %d "
                 "generation batches (the cap); training on those",
-                len(kept), target, batches,
+                len(kept),
+                target,
+                batches,
             )
             break
     full = mode != "refill" or len(kept) >= target

@@ -28,7 +28,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 METRIC_KINDS = ("avg", "pass")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalRecipe:
     """One benchmark's evaluation settings (a file under configs/eval/)."""
 

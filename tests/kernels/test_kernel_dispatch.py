@@ -56,7 +56,9 @@ def test_vocab_parallel_single_rank_with_padding(mode):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(4, 80, generator=g).requires_grad_()
     y = torch.randint(0, 70, (4,), generator=g)
-    h, lp = dispatch.vocab_parallel_entropy_and_logprob(z, y, 0, None, 1.0, 70, mode=mode)
+    h, lp = dispatch.vocab_parallel_entropy_and_logprob(
+        z, y, 0, None, temperature=1.0, vocab_size=70, mode=mode
+    )
     lp.sum().backward()
     h64, lp64 = entropy_logprob64(z.detach()[:, :70].double(), y, 1.0)
     assert rel_err(h, h64) < 1e-5 and rel_err(lp, lp64) < 1e-5
@@ -95,7 +97,17 @@ def test_token_terms_paths_match_float64(mode):
     adv = torch.randn(n, generator=g)
     ref = logp.detach() + torch.randn(n, generator=g)
     eps = torch.where(torch.rand(n, generator=g) < 0.5, 0.2, 0.5)
-    t = dispatch.token_terms(logp, old, adv, eps, eps, 3.0, ref, "k3", mode=mode)
+    t = dispatch.token_terms(
+        logp,
+        old,
+        adv,
+        eps_low=eps,
+        eps_high=eps,
+        clip_c=3.0,
+        ref_logp=ref,
+        kl_estimator="k3",
+        mode=mode,
+    )
     assert isinstance(t, TokenTerms)
     (t.pg_loss + 0.1 * t.kl).sum().backward()
     lp64 = logp.detach().double().requires_grad_()

@@ -48,7 +48,7 @@ def test_key_file_is_private_and_refused_when_others_can_read_it(tmp_path: Path)
 
 def test_router_key_stays_off_the_command_line_of_a_python_module(tmp_path: Path) -> None:
     key_file = write_api_key_file(tmp_path / "api_key.yaml", "s3cret")
-    ra = RouterArgs(("http://127.0.0.1:1",), port=2, api_key_file=str(key_file))
+    ra = RouterArgs(worker_urls=("http://127.0.0.1:1",), port=2, api_key_file=str(key_file))
     argv = build_router_command(ra, ("py", "-m", "sglang_router.launch_router"))
     assert argv[:5] == ["py", "-c", ROUTER_KEY_WRAPPER, str(key_file),
                         "sglang_router.launch_router"]  # fmt: skip

@@ -106,10 +106,12 @@ def test_weight_sync_and_backend_keys_select_the_sync(tmp_path):
                         ("disk", "disk")):  # fmt: skip
         cfg = _cfg(tmp_path, ["http://127.0.0.1:1"], rollout={"weight_sync": value},
                    sync_backend="gloo", sync_timeout_s=7.0)  # fmt: skip
-        sc = sync_config(cfg.rollout, "out", None, "a", "cuda")
+        sc = sync_config(cfg.rollout, "out", base_model_dir=None, master_address="a", device="cuda")
         assert (sc.mode, sc.backend, sc.device, sc.timeout_s) == (mode, "gloo", "cpu", 7.0)
     cfg = _cfg(tmp_path, ["http://127.0.0.1:1"], rollout={"fp8": True})
-    assert sync_config(cfg.rollout, "out", None, "a", "cuda").fp8
+    assert sync_config(
+        cfg.rollout, "out", base_model_dir=None, master_address="a", device="cuda"
+    ).fp8
 
 
 def test_config_refuses_dp_servers_and_bad_combinations(tmp_path):

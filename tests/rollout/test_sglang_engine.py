@@ -290,14 +290,14 @@ def test_reply_parsing_rejects_inconsistent_answers():
         "meta_info": {"finish_reason": {"type": "length", "length": 2}},
     }
     with pytest.raises(RolloutError, match="2 output ids but 0 logprobs"):
-        parse_generate_reply(no_logprobs, 0, 1, [1], 0)
+        parse_generate_reply(no_logprobs, 0, 1, [1], default_version=0)
     swapped = {"output_ids": [4, 9], "meta_info": {"finish_reason": {"type": "length", "length": 2},
                "output_token_logprobs": [[-0.5, 9, None], [-1.5, 4, None]]}}  # fmt: skip
     with pytest.raises(RolloutError, match="logprob 0 is for token 9"):
-        parse_generate_reply(swapped, 0, 1, [1], 0)
+        parse_generate_reply(swapped, 0, 1, [1], default_version=0)
     weird = {
         "output_ids": [],
         "meta_info": {"finish_reason": {"type": "exploded"}, "output_token_logprobs": []},
     }
     with pytest.raises(RolloutError, match="finish_reason"):
-        parse_generate_reply(weird, 0, 0, [1], 0)
+        parse_generate_reply(weird, 0, 0, [1], default_version=0)

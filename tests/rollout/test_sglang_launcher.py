@@ -54,7 +54,7 @@ def test_server_env_forces_tempered_logprobs_and_gpus():
 
 
 def test_router_command_line_exact():
-    ra = RouterArgs(("http://a:1", "http://b:2"), port=30000, policy="round_robin",
+    ra = RouterArgs(worker_urls=("http://a:1", "http://b:2"), port=30000, policy="round_robin",
                     health_check_interval_secs=3, extra_args=("--log-level", "warn"))  # fmt: skip
     assert build_router_command(ra) == [
         sys.executable, "-m", "sglang_router.launch_router",
@@ -66,7 +66,7 @@ def test_router_command_line_exact():
         "--log-level", "warn",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="policy"):
-        RouterArgs(("http://a:1",), port=1, policy="fastest")
+        RouterArgs(worker_urls=("http://a:1",), port=1, policy="fastest")
 
 
 def test_bad_server_args_rejected():

@@ -141,7 +141,7 @@ def test_killed_server_is_restarted_and_reloads_disk_weights(tmp_path):
 )
 def test_real_sglang_router_in_front_of_fake_workers(tmp_path):
     a, b = FakeSGLangServer().start(), FakeSGLangServer().start()
-    ra = RouterArgs((a.url, b.url), port=free_port(), policy="round_robin",
+    ra = RouterArgs(worker_urls=(a.url, b.url), port=free_port(), policy="round_robin",
                     health_check_interval_secs=1)  # fmt: skip
     router = ManagedProcess(build_router_command(ra), None, tmp_path / "router.log")
     engine = None

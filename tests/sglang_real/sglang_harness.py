@@ -174,7 +174,7 @@ class RealServers:
 
     def start_router(self, policy: str = "round_robin", deadline_s: float = 120.0,
                      api_key_file: str | None = None) -> str:  # fmt: skip
-        ra = RouterArgs(tuple(self.urls), port=free_port(), policy=policy,
+        ra = RouterArgs(worker_urls=tuple(self.urls), port=free_port(), policy=policy,
                         api_key_file=api_key_file)  # fmt: skip
         p = ManagedProcess(build_router_command(ra, router_launch()), None,
                            self.log_dir / f"router_{ra.port}.log")  # fmt: skip

@@ -66,12 +66,21 @@ def cases() -> dict[str, Any]:
     odd = _group(13, 2, 2, [1, 1])
     odd.samples[0].token_ids[0] = "x"  # not a number: the whole object as one pickle
     kept = [groups[0], groups[2], shared]
-    outcome = SamplingOutcome(kept, 2, 7, 4, True, all_groups=[*groups, shared])
+    outcome = SamplingOutcome(
+        groups=kept,
+        generation_batches=2,
+        generated_groups=7,
+        dropped_groups=4,
+        full=True,
+        all_groups=[*groups, shared],
+    )
     return {
         "groups": groups,
         "zero groups": [],
         "outcome": outcome,
-        "empty outcome": SamplingOutcome([], 1, 0, 0, False),
+        "empty outcome": SamplingOutcome(
+            groups=[], generation_batches=1, generated_groups=0, dropped_groups=0, full=False
+        ),
         "shared list": [shared],
         "wide arrays": [wide, special],
         "logprobs None": [none_lp, groups[3]],

@@ -73,7 +73,7 @@ class Record:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Conversion:
     """The rows a converter made, and what it left out (counted, with the reasons)."""
 
