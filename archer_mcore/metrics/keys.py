@@ -352,6 +352,27 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         "accuracy of the groups kept for the update (after the group filter)",
     ),
     KeySpec(
+        "reward/graded_fraction",
+        "gauge",
+        "archer_reward_graded_ratio",
+        "ratio 0-1",
+        "share of the step's responses scored by a graded reward kind (logged only when > 0)",
+    ),
+    KeySpec(
+        "reward/score_mean",
+        "gauge",
+        "archer_reward_score_mean",
+        "score 0-1",
+        "mean graded score of the step's graded responses (logged only with graded kinds)",
+    ),
+    KeySpec(
+        "reward/score_std",
+        "gauge",
+        "archer_reward_score_std",
+        "score 0-1",
+        "population std of the step's graded scores (logged only with graded kinds)",
+    ),
+    KeySpec(
         "eval/accuracy",
         "gauge",
         "archer_eval_accuracy_ratio",

@@ -89,12 +89,13 @@ def collect_with(
     cfg: Config, generate: Callable[[int], list[ScoredGroup]]
 ) -> SamplingOutcome[ScoredGroup]:
     """`train.prompts_per_step` groups of `rollout.n_samples_per_prompt` samples from
-    `generate(k)` (k prompts' scored groups), filtered by `algorithm.group_filter`
-    (refilled from at most `algorithm.max_generation_batches` generation batches)."""
+    `generate(k)` (k prompts' scored groups), filtered by `algorithm.group_filter` on
+    each group's reward signal (its graded scores, else its correctness; refilled from
+    at most `algorithm.max_generation_batches` generation batches)."""
     t, a = cfg.train, cfg.algorithm
     return collect_groups(
         generate,
-        lambda g: g.correct,
+        lambda g: g.reward_signal,
         t.prompts_per_step,
         a.group_filter,
         a.max_generation_batches,

@@ -43,7 +43,7 @@ from typing import Any
 from archer_mcore.actor.checkpoint_store import latest_valid_checkpoint
 from archer_mcore.config import AlgorithmConfig, Config
 from archer_mcore.parallel.ranks import any_rank
-from archer_mcore.train.advantage_batch import ScoredGroup, build_batch
+from archer_mcore.train.advantage_batch import AdvantageSettings, ScoredGroup, build_batch
 from archer_mcore.train.components import Components, build_components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.held_out import evaluate_held_out
@@ -150,7 +150,7 @@ def rl_step(
     say_if_partial(cfg, outcome, step)
 
     # 2. Rewards and advantages (GRPO; DAPO's overlong shaping when enabled).
-    batch = build_batch(outcome.groups, *advantage_settings(a), c.pad_id)
+    batch = build_batch(outcome.groups, settings=advantage_settings(a), pad_id=c.pad_id)
 
     # 3. Old and reference log-probs, forward only (colocated: the engine yields).
     c.hand_devices_to_training()
@@ -189,14 +189,17 @@ def rl_step(
 
 
 # ----------------------------------------------------------------------------- phases
-def advantage_settings(
-    a: AlgorithmConfig,
-) -> tuple[float, float, bool, tuple[int, int] | None]:
-    """`build_batch`'s reward and advantage settings: (reward_correct,
-    reward_incorrect, norm_adv_by_std, overlong = (max_length, cache_length) when DAPO's
-    overlong shaping is on, else None)."""
+def advantage_settings(a: AlgorithmConfig) -> AdvantageSettings:
+    """`build_batch`'s reward and advantage settings: reward_correct, reward_incorrect,
+    norm_adv_by_std, and overlong = (max_length, cache_length) when DAPO's overlong
+    shaping is on, else None."""
     overlong = (a.overlong_max_length, a.overlong_cache_length) if a.overlong_shaping else None
-    return a.reward_correct, a.reward_incorrect, a.norm_adv_by_std, overlong
+    return AdvantageSettings(
+        reward_correct=a.reward_correct,
+        reward_incorrect=a.reward_incorrect,
+        norm_adv_by_std=a.norm_adv_by_std,
+        overlong=overlong,
+    )
 
 
 def say_if_partial(cfg: Config, outcome: SamplingOutcome[ScoredGroup], step: int) -> None:
@@ -211,9 +214,7 @@ def say_if_partial(cfg: Config, outcome: SamplingOutcome[ScoredGroup], step: int
         )
 
 
-def resume_run(
-    c: Components, resume: bool, summary: TrainSummary
-) -> tuple[int, dict[str, Any]]:
+def resume_run(c: Components, resume: bool, summary: TrainSummary) -> tuple[int, dict[str, Any]]:
     """With `resume`: policy, optimizer, RNG and the data position from the newest
     valid checkpoint (damaged ones are skipped and named). Returns the step done and
     the checkpoint's extra state ({} when starting fresh)."""

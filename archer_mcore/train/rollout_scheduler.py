@@ -59,6 +59,7 @@ def groups_to_state(groups: Sequence[ScoredGroup]) -> list[dict[str, Any]]:
     return [
         {
             "correct": [float(c) for c in g.correct],
+            "scores": None if g.scores is None else [float(x) for x in g.scores],
             "data_source": g.data_source,
             "samples": [
                 {
@@ -85,6 +86,7 @@ def groups_from_state(state: Sequence[dict[str, Any]]) -> list[ScoredGroup]:
             samples=[Sample(**s) for s in g["samples"]],
             correct=list(g["correct"]),
             data_source=g["data_source"],
+            scores=None if g.get("scores") is None else list(g["scores"]),
         )
         for g in state
     ]

@@ -19,7 +19,8 @@ def score_groups(
     batch: RolloutBatch,
 ) -> list[ScoredGroup]:
     """Decode every response (without its eos) and score the whole batch in one call;
-    group i answers prompts[i] and holds its n verdicts (1.0 correct, 0.0 not)."""
+    group i answers prompts[i] and holds its n verdicts (1.0 correct, 0.0 not), and
+    when its reward kind is graded the n scores in [0, 1] (a fault's: 0.0)."""
     eos = tokenizer.eos_token_id
     requests = [
         RewardRequest(
@@ -36,11 +37,16 @@ def score_groups(
         for s in group
     ]
     results = iter(scorer.score_batch(requests))
-    return [
-        ScoredGroup(
-            samples=list(group),
-            correct=[float(next(results).correct) for _ in group],
-            data_source=prompt.data_source,
+    groups = []
+    for prompt, group in zip(prompts, batch.groups):
+        verdicts = [next(results) for _ in group]
+        graded = any(r.graded for r in verdicts)
+        groups.append(
+            ScoredGroup(
+                samples=list(group),
+                correct=[float(r.correct) for r in verdicts],
+                data_source=prompt.data_source,
+                scores=[r.score if r.graded else 0.0 for r in verdicts] if graded else None,
+            )
         )
-        for prompt, group in zip(prompts, batch.groups)
-    ]
+    return groups

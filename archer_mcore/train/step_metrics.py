@@ -15,7 +15,7 @@ from torch import Tensor
 
 from archer_mcore.algo.rollout_correction import mismatch_metrics
 from archer_mcore.metrics.repetition import mean_ngram_repetition_rate
-from archer_mcore.train.advantage_batch import ScoredGroup, TrainBatch
+from archer_mcore.train.advantage_batch import ScoredGroup, TrainBatch, graded_metrics
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.progress import PhaseTimer
 
@@ -122,6 +122,7 @@ def step_metrics(r: StepResults, timer: PhaseTimer) -> dict[str, float]:
     return {
         **sampling_metrics(r.outcome, r.reward_failures),
         **rollout_metrics(r.outcome.groups, r.outcome.all_groups, r.batch),
+        **graded_metrics(r.outcome.all_groups),
         **mismatch_step_metrics(
             r.old_logp, r.batch.rollout_logp, r.batch.policy.response_mask, r.tis_cap
         ),
