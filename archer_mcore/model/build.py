@@ -1,4 +1,5 @@
-"""Build a megatron-core GPTModel for a Qwen2/Qwen3 `ModelShape` from the config's
+"""Build a megatron-core GPTModel for a `ModelShape` (any registered family,
+`model/families/`) from the config's
 `model` and `parallel` sections (read directly; no copy of them).
 
 Every choice the builder makes is taken once, by `resolve_build_choices`, a pure
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from archer_mcore.config import ModelConfig, ParallelConfig
+from archer_mcore.model.families import family_of
 from archer_mcore.model.fp8 import PrecisionChoices, choose_precision, detect_environment, warn_once
 from archer_mcore.model.hf_config import ModelShape
 
@@ -77,9 +79,16 @@ def choices_on_this_machine(model: ModelConfig, parallel: ParallelConfig) -> Bui
 
 
 def transformer_config(
-    shape: ModelShape, model: ModelConfig, choices: BuildChoices, tp: int, pp: int
+    shape: ModelShape,
+    model: ModelConfig,
+    choices: BuildChoices,
+    tp: int,
+    pp: int,
+    parallel: ParallelConfig | None = None,
 ) -> Any:
-    """megatron's TransformerConfig for the shape (TP/PP sizes as given)."""
+    """megatron's TransformerConfig for the shape (TP/PP sizes as given): the fields
+    every family shares here, the family's own (`ModelFamily.transformer_config`:
+    attention bias and norms, MoE) on top. `parallel` default: TP/PP as given."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = choices.params_dtype
@@ -96,6 +105,12 @@ def transformer_config(
     elif model.recompute != "none":
         raise ValueError(f"model.recompute {model.recompute!r}: use none, selective or full")
     kw.update(choices.precision.transformer_config_kwargs())
+    if parallel is None:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    fields: dict[str, Any] = dict(
+        moe_token_dispatcher_type="alltoall",  # the default one rejects variable lengths
+    )
+    fields.update(family_of(shape.model_type).transformer_config(shape, model, parallel))
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -115,8 +130,6 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=shape.qkv_bias,
-        qk_layernorm=shape.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=shape.initializer_range,
@@ -128,7 +141,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=True,  # micro-batches differ in length (token budget)
-        moe_token_dispatcher_type="alltoall",  # the default one rejects variable lengths
+        **fields,
         **kw,
     )
 
@@ -232,11 +245,12 @@ def _replace_module(spec: Any, old: type, new: type) -> Any:
 
 
 def layer_spec_for(choices: BuildChoices, shape: ModelShape, config: Any) -> Any:
-    """The decoder's spec: `PrecisionChoices.build_layer_spec`; for the local spec, core
+    """The decoder's spec: the family's (`ModelFamily.layer_spec`, built by
+    `PrecisionChoices.build_layer_spec`); for the local spec, core
     attention that takes packed sequences (`_packed_local_attention`), and under
     sequence parallelism a whole-block spec whose torch RMSNorms (layers, q/k norms,
     the final norm) are `SequenceParallelRMSNorm`."""
-    spec = choices.precision.build_layer_spec(shape.qk_norm)
+    spec = family_of(shape.model_type).layer_spec(choices.precision, shape)
     if choices.precision.spec != "local":
         return spec
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -336,7 +350,7 @@ def build_gpt_model(
     if choices is None:
         choices = choices_on_this_machine(model, parallel)
     warn_once(choices.precision)
-    config = transformer_config(shape, model, choices, tp, pp)
+    config = transformer_config(shape, model, choices, tp, pp, parallel)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec_for(choices, shape, config),

@@ -1,4 +1,6 @@
-"""HF <-> megatron-core weight conversion for Qwen2/Qwen3, TP and PP aware.
+"""HF <-> megatron-core weight conversion, TP and PP aware; each family's decoder-layer
+rules are in its module (`model/families/`), the embedding / final norm / output layer
+rules and the tensor math here.
 
 Pure functions over name -> tensor mappings; no process groups here (the live-model
 export in `export.py` gathers shards and calls these).
@@ -28,70 +30,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from archer_mcore.model.hf_config import ModelShape, RopeScaling
-
-Kind = Literal["replicated", "row", "col", "qkv", "gate_up", "vocab"]
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    """One megatron parameter and the HF tensors it is made of.
-
-    kind: replicated (copied to every TP rank); row (split dim 0); col (split dim 1);
-    qkv (q/k/v interleaved per query group, split by groups); gate_up (gate/up fused per
-    rank); vocab (zero-padded rows, split dim 0).
-    """
-
-    mcore: str
-    hf: tuple[str, ...]
-    kind: Kind
+from archer_mcore.model.families import ParamRule, family_of
+from archer_mcore.model.shape import ModelShape, RopeScaling
 
 
 def layer_rules(shape: ModelShape, te_names: bool = False) -> list[ParamRule]:
     """Rules for one decoder layer, names relative to the layer prefix
-    (``decoder.layers.{j}.`` / ``model.layers.{i}.``), in HF parameter order."""
-    attn_norm = (
-        "self_attention.linear_qkv.layer_norm_weight" if te_names else "input_layernorm.weight"
-    )
-    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te_names else "pre_mlp_layernorm.weight"
-    rules = [ParamRule(attn_norm, ("input_layernorm.weight",), "replicated")]
-    rules.append(
-        ParamRule(
-            "self_attention.linear_qkv.weight",
-            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-            "qkv",
-        )
-    )
-    if shape.qkv_bias:
-        rules.append(
-            ParamRule(
-                "self_attention.linear_qkv.bias",
-                ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-                "qkv",
-            )
-        )
-    rules.append(
-        ParamRule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "col")
-    )
-    if shape.qk_norm:
-        rules.append(
-            ParamRule(
-                "self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "replicated"
-            )
-        )
-        rules.append(
-            ParamRule(
-                "self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "replicated"
-            )
-        )
-    rules.append(ParamRule(mlp_norm, ("post_attention_layernorm.weight",), "replicated"))
-    rules.append(
-        ParamRule(
-            "mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"
-        )
-    )
-    rules.append(ParamRule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "col"))
-    return rules
+    (``decoder.layers.{j}.`` / ``model.layers.{i}.``), in HF parameter order: the
+    family's (`ModelFamily.layer_rules`)."""
+    return family_of(shape.model_type).layer_rules(shape, te_names)
 
 
 def embedding_rule() -> ParamRule:

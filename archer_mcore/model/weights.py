@@ -22,6 +22,7 @@ from archer_mcore.model.convert import (
     stage_layers,
     stage_rules,
 )
+from archer_mcore.model.families import family_of
 from archer_mcore.model.fp8 import dequantized, load_param_
 from archer_mcore.model.hf_config import ModelShape
 
@@ -85,31 +86,8 @@ def load_hf_weights(model: nn.Module, get_hf: Callable[[str], Tensor], shape: Mo
 
 
 def hf_tensor_shape(name: str, shape: ModelShape) -> tuple[int, ...]:
-    """Shape of an HF Qwen2/Qwen3 tensor, from its name."""
-    h, hd, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
-    q, kv = shape.num_heads * hd, shape.num_kv_heads * hd
-    table = {
-        "embed_tokens.weight": (shape.vocab_size, h),
-        "lm_head.weight": (shape.vocab_size, h),
-        "q_proj.weight": (q, h),
-        "k_proj.weight": (kv, h),
-        "v_proj.weight": (kv, h),
-        "q_proj.bias": (q,),
-        "k_proj.bias": (kv,),
-        "v_proj.bias": (kv,),
-        "o_proj.weight": (h, q),
-        "q_norm.weight": (hd,),
-        "k_norm.weight": (hd,),
-        "gate_proj.weight": (f, h),
-        "up_proj.weight": (f, h),
-        "down_proj.weight": (h, f),
-        "layernorm.weight": (h,),
-        "norm.weight": (h,),
-    }
-    for suffix, s in table.items():
-        if name.endswith(suffix):
-            return s
-    raise KeyError(f"unknown HF tensor name {name!r}")
+    """Shape of an HF tensor of the shape's family, from its name."""
+    return family_of(shape.model_type).hf_tensor_shape(name, shape)
 
 
 def _gather_tp(t: Tensor, rule: ParamRule, tp: int) -> list[Tensor]:

@@ -1,7 +1,8 @@
 """Per-GPU memory formulas, each one short function of the model shape and layout:
 parameter counts, activation bytes per token (Korthikanti et al., arXiv 2205.05198,
 table 2, generalised), logits/entropy buffers by kernel path, the parameters of a
-pipeline stage, context-parallel ring buffers and the KV cache. Sizes in bytes.
+pipeline stage, context-parallel ring buffers and the KV cache. Sizes in bytes. The MLP
+figures are the model family's (`ModelFamily.counts`, `model/families/`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from archer_mcore.model.families import family_of
 from archer_mcore.model.hf_config import ModelShape
 from archer_mcore.plan.specs import Assumptions, LogitsPath, RecomputeMode, TrainLayout
 
@@ -25,7 +27,8 @@ def attention_params(m: ModelShape) -> int:
 
 
 def mlp_params(m: ModelShape, gated: bool = True) -> int:
-    return (3 if gated else 2) * m.hidden_size * m.ffn_hidden_size
+    """One layer's MLP block, as its family counts it (`PlannerCounts.mlp_params`)."""
+    return family_of(m.model_type).counts.mlp_params(m, gated)
 
 
 def layer_params(m: ModelShape, gated: bool = True) -> int:
@@ -42,7 +45,8 @@ def total_params(m: ModelShape, vocab: int | None = None, gated: bool = True) ->
 def matmul_params_per_token(m: ModelShape) -> int:
     """Weights one token multiplies through: all layer matmuls and the LM head."""
     a, g, d, h = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size
-    per_layer = h * d * (a + 2 * g) + a * d * h + 3 * h * m.ffn_hidden_size
+    mlp = family_of(m.model_type).counts.mlp_active_matmul_params(m)
+    per_layer = h * d * (a + 2 * g) + a * d * h + mlp
     return m.num_layers * per_layer + m.vocab_size * h
 
 
@@ -65,7 +69,7 @@ def layer_activation_bytes_per_token(
     flash attention keeps a fp32 log-sum-exp per head instead. Full recompute keeps
     only each layer's input (2h).
     """
-    a, g, d, h, f = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size, m.ffn_hidden_size
+    a, g, d, h = m.num_heads, m.num_kv_heads, m.head_dim, m.hidden_size
     sp_div = tp if sequence_parallel else 1
     if recompute == "full":
         return 2 * h / sp_div
@@ -73,7 +77,7 @@ def layer_activation_bytes_per_token(
     split = 2 * (a + 2 * g) * d + 2 * a * d  # q, k, v and the attention output
     if m.qk_norm:
         split += 2 * (a + g) * d
-    split += 2 * f * (2 if assume.gated_mlp else 1) + 2 * f  # fc1 output, fc2 input
+    split += family_of(m.model_type).counts.mlp_activation_bytes(m, assume.gated_mlp)
     if assume.flash_attention:
         split += 0 if recompute == "selective" else 4 * a
     elif recompute != "selective":
@@ -197,7 +201,7 @@ def rollout_weight_bytes(m: ModelShape, tp: int, fp8: bool) -> float:
     matmuls = m.num_layers * (
         m.hidden_size * m.head_dim * (m.num_heads + 2 * m.num_kv_heads)
         + m.num_heads * m.head_dim * m.hidden_size
-        + 3 * m.hidden_size * m.ffn_hidden_size
+        + family_of(m.model_type).counts.mlp_matmul_params(m)
     )
     rest = total_params(m) - matmuls
     return (matmuls * (1 if fp8 else 2) + rest * 2) / tp

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from archer_mcore.model import families
 from archer_mcore.model.hf_config import read_hf_config
 from archer_mcore.model.hf_io import write_hf_checkpoint
 from archer_mcore.rollout.types import NamedTensorBucket
@@ -42,14 +42,12 @@ Backend = Literal["torch", "modelopt"]
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 DEFAULT_BLOCK = (128, 128)
-#: HF names of the linear weights SGLang runs in FP8 (Qwen2/Qwen3 decoder layers).
-FP8_LINEAR = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$"
-)
 
 
 def is_fp8_linear(name: str) -> bool:
-    return FP8_LINEAR.match(name) is not None
+    """Whether SGLang runs this HF weight in FP8: the decoder layers' linear weights, as
+    each model family names them (`ModelFamily.fp8_linear`, `model/families/`)."""
+    return families.is_fp8_linear(name)
 
 
 def scale_name(weight_name: str, scheme: Scheme) -> str:
