@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from archer_mcore.actor.checkpoint_store import CheckpointError
     from archer_mcore.parallel.distributed import single_process_rendezvous
+    from archer_mcore.train.log import launch_rank
     from archer_mcore.train.loop import NonFiniteLossError, train
     from archer_mcore.train.preflight import check_metrics_endpoint, preflight
     from archer_mcore.train.run_dir import (
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         RunDirLock,
         check_fresh_start,
         check_run_files,
-        launch_rank,
     )
     from archer_mcore.utils.safe_files import UnsafePathError
 

@@ -26,13 +26,13 @@ import contextlib
 import errno
 import fcntl
 import os
-import sys
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from archer_mcore.parallel.ranks import any_rank
+from archer_mcore.train.log import log
 from archer_mcore.utils.safe_files import (
     UnsafePathError,
     check_plain_entry,
@@ -49,16 +49,6 @@ class RunDirError(RuntimeError):
 
 class NonFiniteParametersError(RuntimeError):
     """An optimizer step left non-finite weights; nothing after it was saved."""
-
-
-def launch_rank() -> int:
-    """This process's global rank from the launcher's environment (torchrun: RANK,
-    srun: SLURM_PROCID); 0 when started alone."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -101,10 +91,9 @@ class RunDirLock:
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
             self.stale_pid = int(previous)
-            print(
+            log.info(
                 f"archer: {self.path}: stale lock of pid {previous} (no longer running) taken over",
-                file=sys.stderr,
-                flush=True,
+                stderr=True,
             )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -209,10 +198,9 @@ def check_fresh_start(
     ]
     if delete:
         _delete(doomed)
-        print(
+        log.info(
             f"archer: --overwrite: deleted {len(found)} checkpoint(s) under {checkpoint_root}",
-            file=sys.stderr,
-            flush=True,
+            stderr=True,
         )
     return doomed
 
