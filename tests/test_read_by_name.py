@@ -50,6 +50,7 @@ PENDING_DEFS: set[tuple[str, str]] = {
     ("model/build.py", "build_gpt_model"),
     ("model/build.py", "transformer_config"),
     ("model/convert.py", "hf_to_mcore_shard"),
+    ("model/convert.py", "mcore_shards_to_hf"),
     ("model/convert_dirs.py", "hf_to_mcore_dir"),
     ("parallel/batch_transport.py", "receive.<locals>.rebuild"),
     ("plan/formulas.py", "layer_activation_bytes_per_token"),

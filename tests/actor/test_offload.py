@@ -39,7 +39,7 @@ from archer_mcore.actor.policy import MegatronPolicy
 from archer_mcore.actor.policy_batch import PolicyBatch, with_fields
 from archer_mcore.actor.policy_config import PolicyConfig
 from archer_mcore.algo.losses import LossConfig
-from archer_mcore.config import ModelConfig, OptimizerConfig
+from archer_mcore.config import ArcherRuleConfig, ModelConfig, OptimizerConfig
 
 out_dir = sys.argv[1]
 hf = AutoConfig.for_model("qwen3", vocab_size=50, hidden_size=32, intermediate_size=48,
@@ -54,7 +54,7 @@ cfg = PolicyConfig(model=ModelConfig(params_dtype="bfloat16"),
 a = MegatronPolicy.from_hf(out_dir + "/hf", cfg)
 b = MegatronPolicy.from_hf(out_dir + "/hf", cfg, init_dist=False)
 
-loss_cfg = LossConfig(token_rule="archer", clip_ratio_c=3.0)
+loss_cfg = LossConfig(token_rule=ArcherRuleConfig(), clip_ratio_c=3.0)
 
 def batch(seed):
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +96,7 @@ res["grads_nonzero"] = any(bool(g.abs().sum() > 0) for g in snap_grad)
 ptrs = [t.data_ptr() for t in before]
 views = [(q, q.main_grad.data_ptr()) for q in a.unwrapped().parameters()]
 
-off = TrainerOffload(a.model, a.optimizer, copy_grads=True)
+off = TrainerOffload(model=a.model, optimizer=a.optimizer, copy_grads=True)
 counts = off.offload()
 res["counts"] = [counts.optimizer_bytes, counts.grad_bytes]
 res["expected_bytes"] = [sum(t.numel() * t.element_size() for t in before),
@@ -129,7 +129,7 @@ for p in (a, b):
 res["step2_params_equal"] = same(params(a), params(b))
 res["step2_optimizer_equal"] = same(opt_tensors(a), opt_tensors(b))
 # the default: gradients are dropped, not copied; they come back as zeros
-off2 = TrainerOffload(a.model, a.optimizer)
+off2 = TrainerOffload(model=a.model, optimizer=a.optimizer)
 off2.offload()
 off2.reload()
 res["default_grads_zero"] = all(bool((g == 0).all()) for g in grads(a))
