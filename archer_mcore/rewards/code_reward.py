@@ -100,7 +100,8 @@ def _run_stdio(
     for k, case in enumerate(cases):
         if time.monotonic() > deadline:
             return passed, note or f"time budget exhausted after {k} cases"
-        run = _checked(sandbox.run_python(program, stdin=case.stdin.encode()))
+        stdin = case.stdin.encode("utf-8", "surrogatepass")  # JSON may hold "\\ud800"
+        run = _checked(sandbox.run_python(program, stdin=stdin))
         ok = (
             run.exit_code == 0
             and not run.output_overflow
@@ -153,6 +154,15 @@ def _run_calls(
     return passed, note
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text with lone surrogates, which no file or interpreter can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def score_code(
     response: str,
     ground_truth: Any,
@@ -173,6 +183,9 @@ def score_code(
         cases = parse_test_cases(ground_truth, fn_name)
     except BadTestCases as err:
         return RewardResult.failed(BAD_GROUND_TRUTH, str(err))
+    if not _is_utf8(program):
+        detail = f"0/{len(cases)} cases; the program is not valid UTF-8 (lone surrogates): not run"
+        return RewardResult.failed(TESTS_FAILED, detail, fraction_passed=0.0)
     limits: SandboxLimits = sandbox.limits
     budget = max_total_s if max_total_s is not None else 3 * limits.wall_s
     stdio = [c for c in cases if isinstance(c, StdioCase)]
