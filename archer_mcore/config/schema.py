@@ -47,12 +47,22 @@ class ModelConfig:
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     fp8: Literal["none", "delayed", "tensorwise", "blockwise"] = "none"
     recompute: Literal["none", "selective", "full"] = "none"
+    # MoE models (Qwen3-MoE; model/families/qwen3_moe.py): load balancing is off for RL
+    # by default (slime's and verl's megatron recipes); > 0 turns megatron's aux loss /
+    # router z-loss on with that coefficient
+    moe_aux_loss_coeff: float = _f(0.0, ge=0)
+    moe_z_loss_coeff: float = _f(0.0, ge=0)
+    # how tokens reach their experts' EP ranks: megatron's all-to-all, or "flex"
+    # (DeepEP's fused all-to-all; GPUs with DeepEP only)
+    moe_token_dispatcher: Literal["alltoall", "flex"] = "alltoall"
 
 
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, ge=1)
     pipeline_model_parallel_size: int = _f(1, ge=1)
+    # MoE: the routed experts split over this many ranks (EP; divides num_experts)
+    expert_model_parallel_size: int = _f(1, ge=1)
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     micro_batch_tokens: int = _f(8192, gt=0)  # token budget of one micro-batch

@@ -323,6 +323,17 @@ def install_cpu_yarn(model, config, shape: ModelShape) -> None:
     model.position_embedding_type = "yarn"
 
 
+def allow_moe_router_without_te() -> None:
+    """megatron-core 0.16.1's router matmul (`moe_utils.RouterGatingLinearFunction`)
+    tests ``te_general_gemm is not None``, a name its module imports only with
+    Transformer Engine: without TE every MoE forward raises NameError. Define it as
+    None there (then the router runs its torch.mm branch); no-op when TE defined it."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_gpt_model(
     shape: ModelShape,
     model: ModelConfig | None = None,
@@ -340,16 +351,33 @@ def build_gpt_model(
     model = model or ModelConfig()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     if parallel is None:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) != (tp, pp):
+        parallel = ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+        )
+    said = (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.expert_model_parallel_size,
+    )
+    if said != (tp, pp, ep):
         raise ValueError(
-            f"parallel says TP{parallel.tensor_model_parallel_size} "
-            f"PP{parallel.pipeline_model_parallel_size}; megatron's groups are TP{tp} PP{pp}"
+            f"parallel says TP{said[0]} PP{said[1]} EP{said[2]}; megatron's groups are "
+            f"TP{tp} PP{pp} EP{ep}"
+        )
+    if ep > 1 and not shape.is_moe:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size {ep} needs an MoE model; "
+            f"{shape.model_type} has no experts"
         )
     if choices is None:
         choices = choices_on_this_machine(model, parallel)
     warn_once(choices.precision)
+    if shape.is_moe:
+        allow_moe_router_without_te()
     config = transformer_config(shape, model, choices, tp, pp, parallel)
     gpt = GPTModel(
         config=config,

@@ -6,7 +6,8 @@ Pure functions over name -> tensor mappings; no process groups here (the live-mo
 export in `export.py` gathers shards and calls these).
 
 megatron layout (per TP rank r of tp, per PP stage holding global layers
-[s * L/pp, (s+1) * L/pp), renumbered from 0 locally):
+[s * L/pp, (s+1) * L/pp), renumbered from 0 locally, per EP rank holding routed experts
+[q * E/ep, (q+1) * E/ep), renumbered from 0 locally):
 
 - ``linear_qkv`` [ng/tp * (q_per_group + 2) * head_dim, hidden]: for each local query
   group g, its q heads, then its k head, then its v head (bias likewise, Qwen2).
@@ -170,6 +171,32 @@ def from_tp_shards(rule: ParamRule, shards: list[Tensor], shape: ModelShape) -> 
 
 
 # ------------------------------------------------------------------ whole-model maps
+def experts_per_rank(shape: ModelShape, ep: int) -> int:
+    """Routed experts on one EP rank (E / EP); ValueError when EP does not divide E."""
+    if shape.num_experts % ep != 0:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size {ep} does not divide num_experts "
+            f"{shape.num_experts}"
+        )
+    return shape.num_experts // ep
+
+
+def expert_rank(rule: ParamRule, shape: ModelShape, ep: int) -> int | None:
+    """The EP rank holding a routed expert's rule (experts [r E/EP, (r+1) E/EP) on rank
+    r, megatron's layout); None for any other rule (held by every EP rank)."""
+    if rule.expert is None:
+        return None
+    return rule.expert // experts_per_rank(shape, ep)
+
+
+def mcore_name(rule: ParamRule, prefix: str, shape: ModelShape, ep: int) -> str:
+    """The megatron state-dict name of a rule on its rank: a routed expert's weight
+    carries its local index on its EP rank (global index mod E / EP)."""
+    if rule.expert is None:
+        return prefix + rule.mcore
+    return prefix + rule.mcore.format(local=rule.expert % experts_per_rank(shape, ep))
+
+
 def hf_to_mcore_shard(
     get_hf: Callable[[str], Tensor],
     shape: ModelShape,
@@ -179,31 +206,40 @@ def hf_to_mcore_shard(
     pp_rank: int,
     padded_vocab: int,
     te_names: bool = False,
+    ep: int = 1,
+    ep_rank: int = 0,
 ) -> dict[str, Tensor]:
-    """The megatron state dict of one (tp_rank, pp_rank) model shard.
+    """The megatron state dict of one (tp_rank, pp_rank, ep_rank) model shard (MoE: the
+    EP rank's experts only; expert TP = TP).
 
     `get_hf(name)` returns one HF tensor (lets the caller read lazily from safetensors);
     KeyError from it is re-raised naming the missing HF tensor.
     """
     out: dict[str, Tensor] = {}
     for rule, prefix, layer in stage_rules(shape, pp, pp_rank, te_names):
+        owner = expert_rank(rule, shape, ep)
+        if owner is not None and owner != ep_rank:
+            continue
         names = hf_names(rule, layer)
         try:
             tensors = [get_hf(n) for n in names]
         except KeyError as e:
             raise KeyError(f"HF checkpoint is missing tensor {e.args[0]!r}") from None
-        out[prefix + rule.mcore] = to_tp_shards(rule, tensors, shape, tp, padded_vocab)[tp_rank]
+        shards = to_tp_shards(rule, tensors, shape, tp, padded_vocab)
+        out[mcore_name(rule, prefix, shape, ep)] = shards[tp_rank]
     return out
 
 
 def mcore_shards_to_hf(
-    shards: Mapping[tuple[int, int], Mapping[str, Tensor]],
+    shards: Mapping[tuple[int, ...], Mapping[str, Tensor]],
     shape: ModelShape,
     tp: int,
     pp: int,
     te_names: bool = False,
+    ep: int = 1,
 ) -> dict[str, Tensor]:
-    """Merge all (tp_rank, pp_rank) megatron state dicts into one HF state dict.
+    """Merge all megatron state dicts into one HF state dict: keys (tp_rank, pp_rank),
+    or (tp_rank, pp_rank, ep_rank) when ep > 1.
 
     Tied models get no ``lm_head.weight`` (as transformers saves them)."""
     out: dict[str, Tensor] = {}
@@ -211,11 +247,15 @@ def mcore_shards_to_hf(
         for rule, prefix, layer in stage_rules(shape, pp, stage, te_names):
             if rule.mcore == "output_layer.weight" and shape.tie_embeddings:
                 continue
-            key = prefix + rule.mcore
+            key = mcore_name(rule, prefix, shape, ep)
+            owner = expert_rank(rule, shape, ep) or 0
             try:
-                parts = [shards[(r, stage)][key] for r in range(tp)]
+                parts = [
+                    shards[(r, stage) if ep == 1 else (r, stage, owner)][key] for r in range(tp)
+                ]
             except KeyError:
-                raise KeyError(f"megatron shard (pp={stage}) is missing {key!r}") from None
+                where = f"pp={stage}" + (f", ep={owner}" if ep > 1 else "")
+                raise KeyError(f"megatron shard ({where}) is missing {key!r}") from None
             for name, t in zip(hf_names(rule, layer), from_tp_shards(rule, parts, shape)):
                 out[name] = t
     return out

@@ -93,16 +93,21 @@ class PrecisionChoices:
         """Keyword arguments for megatron's `DistributedDataParallelConfig`."""
         return {"fp8_param_gather": self.fp8_param_gather}
 
-    def build_layer_spec(self, qk_layernorm: bool) -> Any:
+    def build_layer_spec(self, qk_layernorm: bool, num_experts: int | None = None) -> Any:
         """The megatron-core `ModuleSpec` of one decoder layer (RMSNorm, SwiGLU).
 
         The TE spec takes its norm type from `TransformerConfig.normalization`; the
-        local spec is told RMSNorm here."""
+        local spec is told RMSNorm here. `num_experts`: an MoE layer (megatron's
+        `MoELayer`) with that many routed experts, each its own SwiGLU MLP
+        (`SequentialMLP`; grouped GEMM is not used), else the dense MLP."""
         specs = importlib.import_module("megatron.core.models.gpt.gpt_layer_specs")
         fn = getattr(specs, self.spec_function)
+        moe: dict[str, Any] = {}
+        if num_experts:
+            moe = {"num_experts": num_experts, "moe_grouped_gemm": False}
         if self.spec == "local":
-            return fn(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-        return fn(qk_layernorm=qk_layernorm)
+            return fn(qk_layernorm=qk_layernorm, normalization="RMSNorm", **moe)
+        return fn(qk_layernorm=qk_layernorm, **moe)
 
 
 def _version(text: str) -> Version:

@@ -67,10 +67,14 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Architecture of a Qwen2/Qwen3 decoder.
+    """Architecture of a decoder (the families of `model/families/`).
 
     qkv_bias: Qwen2 has biases on q/k/v projections; Qwen3 does not.
     qk_norm: Qwen3 applies a per-head RMSNorm (weight [head_dim]) to q and k.
+    num_experts > 0 (Qwen3-MoE): every layer's MLP is `num_experts` routed SwiGLU
+    experts of intermediate size `moe_ffn_hidden_size`, each token taking the
+    `moe_top_k` of highest router softmax probability, weighted by those
+    probabilities (renormalised to sum 1 when `norm_topk_prob`).
     """
 
     model_type: str
@@ -89,10 +93,18 @@ class ModelShape:
     max_position_embeddings: int
     initializer_range: float = 0.02
     rope_scaling: RopeScaling | None = None  # None: plain RoPE
+    num_experts: int = 0  # routed experts per layer; 0: dense MLP
+    moe_ffn_hidden_size: int = 0  # one expert's intermediate size
+    moe_top_k: int = 0  # experts per token
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum 1
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):  # from to_dict() / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:

@@ -1,9 +1,9 @@
-"""Move weights between HF checkpoints and a live (TP/PP-sharded) megatron GPTModel.
+"""Move weights between HF checkpoints and a live (TP/PP/EP-sharded) megatron GPTModel.
 
 `load_hf_weights` fills this rank's shard from an HF checkpoint; `iter_hf_tensors` /
 `iter_hf_buckets` stream the whole model back out under HF names. The export is a
-collective over the TP and PP groups: every rank of a model replica must iterate it
-in step, and every one of them yields the same full tensors.
+collective over the TP, PP and (MoE) EP groups: every rank of a model replica must
+iterate it in step, and every one of them yields the same full tensors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from archer_mcore.model.convert import (
     ParamRule,
+    expert_rank,
     from_tp_shards,
     hf_names,
     hf_to_mcore_shard,
+    mcore_name,
     stage_layers,
     stage_rules,
 )
@@ -51,6 +53,13 @@ def _parallel_info() -> tuple[int, int, int, int]:
     )
 
 
+def _expert_info() -> tuple[int, int]:
+    """(EP size, this rank's EP rank)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+
+
 def _check_layer_numbers(model: nn.Module, shape: ModelShape, pp: int, pp_rank: int) -> None:
     expected = list(stage_layers(shape, pp, pp_rank))
     got = [layer.layer_number - 1 for layer in model.decoder.layers]
@@ -68,8 +77,20 @@ def load_hf_weights(model: nn.Module, get_hf: Callable[[str], Tensor], shape: Mo
     """
     m = unwrap(model)
     tp, pp, tp_rank, pp_rank = _parallel_info()
+    ep, ep_rank = _expert_info()
     _check_layer_numbers(m, shape, pp, pp_rank)
-    sd = hf_to_mcore_shard(get_hf, shape, tp, pp, tp_rank, pp_rank, m.vocab_size, uses_te_names(m))
+    sd = hf_to_mcore_shard(
+        get_hf,
+        shape,
+        tp=tp,
+        pp=pp,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        padded_vocab=m.vocab_size,
+        te_names=uses_te_names(m),
+        ep=ep,
+        ep_rank=ep_rank,
+    )
     own = {k: v for k, v in m.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
     unknown = sorted(set(own) - set(sd))
     if unknown:
@@ -91,12 +112,19 @@ def hf_tensor_shape(name: str, shape: ModelShape) -> tuple[int, ...]:
 
 
 def _gather_tp(t: Tensor, rule: ParamRule, tp: int) -> list[Tensor]:
+    """The TP shards of a rule's parameter (routed experts: over the expert-TP group,
+    of the same size as TP)."""
     from megatron.core import parallel_state as ps
 
     if tp == 1 or rule.kind == "replicated":
         return [t]
+    group = (
+        ps.get_tensor_model_parallel_group()
+        if rule.expert is None
+        else ps.get_expert_tensor_parallel_group()
+    )
     parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(parts, t.contiguous(), group=group)
     return parts
 
 
@@ -115,6 +143,7 @@ def iter_hf_tensors(
 
     m = unwrap(model)
     tp, pp, _, pp_rank = _parallel_info()
+    ep, ep_rank = _expert_info()
     te = uses_te_names(m)
     own = m.state_dict(keep_vars=True)
     device = next(m.parameters()).device
@@ -125,9 +154,11 @@ def iter_hf_tensors(
             if rule.mcore == "output_layer.weight" and shape.tie_embeddings:
                 continue
             names = hf_names(rule, layer)
-            if stage == pp_rank:
+            owner = expert_rank(rule, shape, ep)  # None: every EP rank holds it
+            if stage == pp_rank and owner in (None, ep_rank):
                 # a TE FP8 parameter has no storage to gather: dequantize it first
-                local = dequantized(own[prefix + rule.mcore].detach(), out_dtype)
+                param = own[mcore_name(rule, prefix, shape, ep)].detach()
+                local = dequantized(param, out_dtype)
                 tensors = from_tp_shards(rule, _gather_tp(local, rule, tp), shape)
                 tensors = [t.to(out_dtype).contiguous() for t in tensors]
             else:
@@ -135,6 +166,10 @@ def iter_hf_tensors(
                     torch.empty(hf_tensor_shape(n, shape), dtype=out_dtype, device=device)
                     for n in names
                 ]
+            if owner is not None and ep > 1 and stage == pp_rank:
+                group = ps.get_expert_model_parallel_group()
+                for t in tensors:
+                    dist.broadcast(t, group=group, group_src=owner)
             if pp > 1:
                 group = ps.get_pipeline_model_parallel_group()
                 for t in tensors:

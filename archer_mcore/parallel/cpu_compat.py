@@ -9,7 +9,10 @@ layer here maps all of that to the CPU:
   ``torch.device`` objects and bare device indices) to ``cpu``, makes ``.cuda()`` and
   ``pin_memory`` no-ops, and reports CPU tensors' ``.type()`` as the CUDA type name
   (megatron's optimizers dispatch on those names);
-- ``torch.cuda.current_device/synchronize/...`` get CPU stand-ins;
+- ``torch.cuda.current_device/synchronize/...`` get CPU stand-ins, and so do
+  ``torch.cuda.Stream/Event/current_stream/stream`` (megatron's MoE all-to-all token
+  dispatcher copies its split sizes to the host on a side stream): the CPU has one
+  in-order stream, so waits and synchronisations are no-ops;
 - megatron's ``_get_cuda_rng_state``/``_set_cuda_rng_state`` and the tracker's
   ``torch.cuda.get_rng_state/manual_seed`` are mapped onto the CPU default generator.
 
@@ -161,10 +164,78 @@ def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
     return stand_in
 
 
+class _CpuEvent:
+    """torch.cuda.Event's calls megatron makes, for CPU work (already finished when
+    recorded: the CPU runs one stream, in order)."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def record(self, stream: Any = None) -> None:
+        return None
+
+
+class _CpuStream:
+    """torch.cuda.Stream's calls megatron's MoE all-to-all dispatcher makes (a side
+    stream for its device-to-host copies, `token_dispatcher.py`), for the CPU's one
+    in-order stream: waits and synchronisations are no-ops."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> _CpuEvent:
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CURRENT_STREAM = _CpuStream()
+
+
+def _current_stream(*_args: Any, **_kwargs: Any) -> _CpuStream:
+    return _CURRENT_STREAM
+
+
+def _stream_context(stream: Any = None) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext(stream)
+
+
+def _host_copy(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's `moe_utils.maybe_move_tensor_to_cpu` for tensors that already are on
+    the host: the same result as its device-to-host copy (a numpy array when
+    `as_numpy`; the all-to-all's split sizes must be host numbers). Its own version
+    only converts CUDA tensors, so on the CPU the split sizes stayed tensors and
+    `all_to_all_single` refused them."""
+    if torch.is_tensor(tensor):
+        host = tensor.detach().clone()
+        return host.numpy() if as_numpy else host
+    return tensor
+
+
 def _patch_table() -> list[tuple[Any, str, Callable[..., Any]]]:
     """(owner, attribute, replacement) for every patched attribute."""
     import megatron.core.models.gpt  # noqa: F401  (import-time torch.compile before patching)
     import megatron.core.tensor_parallel.random as mrandom
+    import megatron.core.transformer.moe.token_dispatcher as moe_dispatch
 
     table: list[tuple[Any, str, Callable[..., Any]]] = [
         (torch.cuda, "current_device", _current_device),
@@ -177,12 +248,19 @@ def _patch_table() -> list[tuple[Any, str, Callable[..., Any]]]:
         (torch.cuda, "manual_seed_all", _noop),  # torch.manual_seed already seeded the CPU
         (torch.cuda, "memory_allocated", _mem_zero),
         (torch.cuda, "max_memory_allocated", _mem_zero),
+        (torch.cuda, "current_stream", _current_stream),
+        (torch.cuda, "stream", _stream_context),
         (torch.cuda.random, "get_rng_state", _get_rng_state),
         (torch.cuda.random, "set_rng_state", _set_rng_state),
         (mrandom, "_get_cuda_rng_state", _get_rng_state),
         (mrandom, "_set_cuda_rng_state", _set_rng_state),
+        (moe_dispatch, "maybe_move_tensor_to_cpu", _host_copy),
     ]
-    return [(owner, name, _fresh(fn)) for owner, name, fn in table]
+    classes: list[tuple[Any, str, Any]] = [  # types: annotations use `torch.cuda.Stream | None`
+        (torch.cuda, "Stream", _CpuStream),
+        (torch.cuda, "Event", _CpuEvent),
+    ]
+    return [(owner, name, _fresh(fn)) for owner, name, fn in table] + classes
 
 
 class _QuietRngFork(logging.Filter):

@@ -105,18 +105,26 @@ def init_process_group(
     return env
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """megatron's TP/PP/DP groups plus its model-parallel RNG seeds."""
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
+    """megatron's TP/PP/DP groups (and EP: the MoE experts split over `ep` ranks of the
+    data-parallel x TP ranks, expert TP = TP) plus its model-parallel RNG seeds."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if world % (tp * pp * ep) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tp*pp*ep = {tp}*{pp}*{ep} "
+            "(parallel.expert_model_parallel_size)"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from archer_mcore.model.families.base import ModelFamily, ParamRule, PlannerCounts
 from archer_mcore.model.families.qwen import QWEN2, QWEN3
+from archer_mcore.model.families.qwen3_moe import QWEN3_MOE
 
-_FAMILIES: tuple[ModelFamily, ...] = (QWEN2, QWEN3)
+_FAMILIES: tuple[ModelFamily, ...] = (QWEN2, QWEN3, QWEN3_MOE)
 
 FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in _FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
