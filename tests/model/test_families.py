@@ -163,3 +163,17 @@ def test_moe_active_weights_per_token_by_hand():
     shape = shape_from_hf_config(TINY_MOE)
     per_layer = 32 * 16 * 8 + 4 * 16 * 32 + 4 * 32 + 2 * 3 * 32 * 24
     assert matmul_params_per_token(shape) == 2 * per_layer + 100 * 32
+
+
+def test_archer_convert_round_trips_a_moe_checkpoint(tmp_path):
+    """`archer convert`'s directory functions (TP 2, EP 1: every expert in each shard)
+    write a Qwen3-MoE checkpoint back bitwise."""
+    from safetensors.torch import load_file
+
+    from archer_mcore.model.convert_dirs import hf_to_mcore_dir, mcore_dir_to_hf
+
+    hf = _saved_state(TINY_MOE, tmp_path / "hf")
+    mc = hf_to_mcore_dir(tmp_path / "hf", tmp_path / "mc", tp=2, pp=2)
+    back = load_file(str(mcore_dir_to_hf(mc, tmp_path / "back") / "model.safetensors"))
+    assert sorted(back) == sorted(hf)
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
