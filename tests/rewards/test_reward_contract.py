@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import time
 from typing import Any
 
@@ -107,8 +108,9 @@ def _limit_s(kind: RewardKind) -> float:
 
 def _verdict(r: RewardResult) -> tuple[Any, ...]:
     """What must not change between two scorings of the same input (the elapsed time
-    may, and so may a timeout's message)."""
-    detail = "" if r.failure == TIMEOUT else r.detail
+    may, and so may a timeout's message and the seconds a detail quotes, as in "wall-time
+    limit exceeded (2.1s)")."""
+    detail = "" if r.failure == TIMEOUT else re.sub(r"\d+(\.\d+)?s\b", "<t>s", r.detail)
     return (r.score, r.correct, r.fraction_passed, r.failure, r.graded, detail)
 
 
