@@ -170,9 +170,16 @@ class MegatronPolicy:
     ) -> MegatronPolicy:
         """From an HF model directory (config.json + safetensors), or from a config dict
         (random initialisation). Initialises torch.distributed and megatron's groups
-        unless `init_dist` is False (then they must exist already)."""
+        (TP, PP and, for MoE, EP = parallel.expert_model_parallel_size) unless
+        `init_dist` is False (then they must exist already)."""
         if init_dist:
-            init_distributed(cfg.tp, cfg.pp, cfg.seed, timeout_s=cfg.parallel.collective_timeout_s)
+            init_distributed(
+                cfg.tp,
+                cfg.pp,
+                cfg.seed,
+                timeout_s=cfg.parallel.collective_timeout_s,
+                ep=cfg.parallel.expert_model_parallel_size,
+            )
         shape = shape_from_hf_config(source)
         hf_dir = None if isinstance(source, Mapping) else Path(source)
         return cls(shape, cfg, hf_dir)

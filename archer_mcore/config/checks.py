@@ -180,6 +180,7 @@ def validate_config(cfg: Config, source: str) -> None:
             f"{source}: model.arch.num_attention_heads must be a multiple of "
             "model.arch.num_key_value_heads"
         )
+    _validate_moe(cfg, source)
     cp = cfg.parallel.context_parallel_size
     if cp > 1 and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(
@@ -190,6 +191,35 @@ def validate_config(cfg: Config, source: str) -> None:
     if not cfg.model.path:  # the inline model's positions are known now
         check_position_limit(
             cfg, arch.max_position_embeddings, "model.arch.max_position_embeddings", source
+        )
+
+
+def _validate_moe(cfg: Config, source: str) -> None:
+    """The inline MoE architecture and expert parallelism (a `model.path` model's
+    experts are checked when the model is built, model/families/qwen3_moe.py)."""
+    arch = cfg.model.arch
+    ep = cfg.parallel.expert_model_parallel_size
+    if cfg.model.path:
+        return
+    if arch.family != "qwen3_moe":
+        if ep > 1:
+            raise ConfigError(
+                f"{_at(source, 'parallel.expert_model_parallel_size')}: "
+                f"parallel.expert_model_parallel_size = {ep} needs an MoE model; "
+                f"model.arch.family is {arch.family!r} (use qwen3_moe, or 1)"
+            )
+        return
+    if arch.num_experts_per_tok > arch.num_experts:
+        raise ConfigError(
+            f"{_at(source, 'model.arch.num_experts_per_tok')}: model.arch.num_experts_per_tok"
+            f" = {arch.num_experts_per_tok} must be at most model.arch.num_experts = "
+            f"{arch.num_experts}"
+        )
+    if arch.num_experts % ep:
+        raise ConfigError(
+            f"{_at(source, 'parallel.expert_model_parallel_size')}: "
+            f"parallel.expert_model_parallel_size = {ep} must divide model.arch.num_experts"
+            f" = {arch.num_experts} (each EP rank holds num_experts / EP experts)"
         )
 
 

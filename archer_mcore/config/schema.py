@@ -24,7 +24,7 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, **checks: Any
 class ArchConfig:
     """Architecture of an inline model (used when `model.path` is empty), HF names."""
 
-    family: Literal["qwen2", "qwen3"] = "qwen3"
+    family: Literal["qwen2", "qwen3", "qwen3_moe"] = "qwen3"
     vocab_size: int = _f(64, gt=0)
     hidden_size: int = _f(64, gt=0)
     intermediate_size: int = _f(192, gt=0)
@@ -36,6 +36,13 @@ class ArchConfig:
     rms_norm_eps: float = _f(1e-6, gt=0)
     max_position_embeddings: int = _f(2048, gt=0)  # >= data.max_prompt_length + max_new_tokens
     tie_word_embeddings: bool = True
+    # family qwen3_moe only (written to its config.json; the dense families ignore them):
+    # routed experts per layer, experts each token goes through (top-k), each expert's
+    # SwiGLU width, and whether the top-k routing weights are renormalised to sum 1
+    num_experts: int = _f(8, gt=0)
+    num_experts_per_tok: int = _f(2, gt=0)
+    moe_intermediate_size: int = _f(64, gt=0)
+    norm_topk_prob: bool = True
 
 
 @dataclass

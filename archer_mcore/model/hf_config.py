@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from archer_mcore.config import ConfigError, ModelConfig
-from archer_mcore.model.families import SUPPORTED_MODEL_TYPES, family_of
+from archer_mcore.model.families import FAMILIES, SUPPORTED_MODEL_TYPES, family_of
 from archer_mcore.model.shape import (
     SUPPORTED_ROPE_TYPES,
     ModelShape,
@@ -70,7 +70,8 @@ def model_hf_config(
     With `model.path`: the ``config.json`` in that directory, tried as given, then
     under each of `search_dirs` in turn (the first found wins). Without: the inline
     `model.arch` written out as the builder's HF config (every `arch` field under its
-    HF name, ``model_type`` = family, the family's `inline_config`: SwiGLU, q/k/v
+    HF name but those only other families write, e.g. the MoE fields for a dense
+    family; ``model_type`` = family, the family's `inline_config`: SwiGLU, q/k/v
     biases for Qwen2), with
     `token_ids` (pad/eos/bos token ids from the tokenizer) added before
     ``torch_dtype``; `token_ids` is not used with `model.path`.
@@ -86,7 +87,8 @@ def model_hf_config(
         raise ConfigError(f"model.path = {model.path!r}: no config.json found there")
     a = model.arch
     family = family_of(a.family)
-    d = {k: v for k, v in asdict(a).items() if k != "family"}
+    others = {k for f in FAMILIES.values() for k in f.arch_fields} - set(family.arch_fields)
+    d = {k: v for k, v in asdict(a).items() if k != "family" and k not in others}
     d.update(
         model_type=a.family,
         architectures=[family.architecture],

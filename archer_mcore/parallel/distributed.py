@@ -131,8 +131,13 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1)
 
 
 def init_distributed(
-    tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None,
-    timeout_s: float = 1800.0, ep: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    *,
+    backend: str | None = None,
+    timeout_s: float = 1800.0,
+    ep: int = 1,
 ) -> DistEnv:
     """Both of the above: the one call a training process makes at start-up.
     `timeout_s`: the default group's (`parallel.collective_timeout_s`); `ep`:

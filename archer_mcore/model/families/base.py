@@ -75,6 +75,8 @@ class ModelFamily:
       for options the trainer does not support.
     inline_config: config.json keys the family implies for an inline `model.arch`
       (hidden_act, attention_bias, ...), written after the arch fields.
+    arch_fields: the `model.arch` fields only this family writes to its config.json
+      (the MoE ones for Qwen3-MoE); every other family leaves them out.
     transformer_config(shape, model, parallel): the family's megatron
       TransformerConfig fields (q/k/v bias, q/k norm, MoE router and experts).
     layer_spec(precision, shape): megatron-core ModuleSpec of one decoder layer.
@@ -96,3 +98,4 @@ class ModelFamily:
     fp8_linear: re.Pattern[str]
     counts: PlannerCounts
     inline_config: Mapping[str, Any] = field(default_factory=dict)
+    arch_fields: tuple[str, ...] = ()

@@ -80,7 +80,9 @@ def attention_config(shape: ModelShape) -> dict[str, Any]:
     return {"add_qkv_bias": shape.qkv_bias, "qk_layernorm": shape.qk_norm}
 
 
-def _dense_config(shape: ModelShape, model: ModelConfig, parallel: ParallelConfig) -> dict[str, Any]:
+def _dense_config(
+    shape: ModelShape, model: ModelConfig, parallel: ParallelConfig
+) -> dict[str, Any]:
     return attention_config(shape)
 
 

@@ -208,4 +208,5 @@ QWEN3_MOE = ModelFamily(
         mlp_activation_bytes=_mlp_activation_bytes,
     ),
     inline_config={"hidden_act": "silu", "attention_bias": False},
+    arch_fields=("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
 )
