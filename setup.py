@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.11",
     packages=_packages,
     package_dir={"archer_mcore.kernels": "kernels/src"},
-    package_data={"archer_mcore": ["py.typed"]},
+    package_data={"archer_mcore": ["py.typed", "config/recipes/*.yaml"]},
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",

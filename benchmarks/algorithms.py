@@ -163,7 +163,11 @@ def build_sections(regime: Sequence[str]) -> dict[str, list[Variant]]:
         ),
         Variant(
             "archer-rclip",
-            (*archer, "algorithm.reasoning_clip_low=0.2", "algorithm.reasoning_clip_high=0.2"),
+            (
+                *archer,
+                "algorithm.token_rule.reasoning_clip_low=0.2",
+                "algorithm.token_rule.reasoning_clip_high=0.2",
+            ),
             "archer, reasoning clip = knowledge clip (0.2): no dual-token clip",
             "archer",
         ),
@@ -479,7 +483,7 @@ def generated_samples(run: RunResult, prompts_per_step: int, n: int) -> int:
 
 def groups_of(variant: Variant, cfg_for: Any) -> tuple[str, ...]:
     """`all` and the token groups of the variant's token rule."""
-    return ("all", *RULE_GROUPS.get(cfg_for(variant).algorithm.token_rule, ()))
+    return ("all", *RULE_GROUPS.get(cfg_for(variant).algorithm.token_rule.name, ()))
 
 
 def per_seed(runs: Sequence[RunResult], fn: Any) -> dict[int, float]:

@@ -109,7 +109,13 @@ def run_path(mode: str, fused: bool, args: argparse.Namespace, hf: dict, batch, 
     from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
-    from archer_mcore.config import KernelsConfig, ModelConfig, OptimizerConfig, ParallelConfig
+    from archer_mcore.config import (
+        ArcherRuleConfig,
+        KernelsConfig,
+        ModelConfig,
+        OptimizerConfig,
+        ParallelConfig,
+    )
     from archer_mcore.parallel.distributed import init_model_parallel
 
     cfg = PolicyConfig(
@@ -122,7 +128,7 @@ def run_path(mode: str, fused: bool, args: argparse.Namespace, hf: dict, batch, 
     )
     init_model_parallel(1, 1, cfg.seed)  # re-seeded: every path starts from the same weights
     policy = MegatronPolicy.from_hf(hf, cfg, init_dist=False)
-    loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean")
+    loss_cfg = LossConfig(token_rule=ArcherRuleConfig(), agg_mode="token-mean")
     tokens = batch.size * args.seq
     first_logp = None
     score_s = train_s = 0.0

@@ -30,7 +30,7 @@ import typing
 from collections import defaultdict
 from pathlib import Path
 
-from archer_mcore.config import Config
+from archer_mcore.config import BUILTIN_TOKEN_RULES, Config, TokenRuleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "archer_mcore"
@@ -39,8 +39,8 @@ EXCLUDED = {*(PACKAGE / "config").glob("*.py"), *(PACKAGE / "plan").glob("*.py")
 #: Fields read only at load time (config/) or by the planner (`archer plan`), on
 #: purpose, with the reason.
 LOAD_OR_PLAN_ONLY: dict[str, str] = {
-    "algorithm.name": "selects the preset at load time (config.ALGORITHM_PRESETS); its effect "
-    "is the preset's field values, which the loss and loop read (tests/test_config.py)",
+    "algorithm.name": "selects the recipe at load time (archer_mcore/config/recipes/); its "
+    "effect is the recipe's field values, which the loss and loop read (tests/test_config.py)",
     "parallel.context_parallel_size": "sized by the planner; the trainer refuses values > 1 "
     "(config.check_context_parallel, called by build_components: it does not split "
     "micro-batches over CP ranks yet, tests/longctx/test_context_parallel.py)",
@@ -48,7 +48,15 @@ LOAD_OR_PLAN_ONLY: dict[str, str] = {
     "Slurm grants, so the trainer has nothing to do with the name",
 }
 
+
 # ------------------------------------------------------------------ the config tree
+def _variants(cls: type) -> list[type]:
+    """The classes a section of type `cls` may hold: `algorithm.token_rule` is a tagged
+    union, each built-in rule's settings class one variant (a leaf read by any of them
+    counts)."""
+    return [cls, *BUILTIN_TOKEN_RULES.values()] if cls is TokenRuleConfig else [cls]
+
+
 def _leaves() -> dict[str, tuple[str, str]]:
     """dotted key -> (section name, field name) for every leaf of `Config`."""
     out: dict[str, tuple[str, str]] = {}
@@ -57,7 +65,8 @@ def _leaves() -> dict[str, tuple[str, str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.", f.name)
+                for variant in _variants(hints[f.name]):
+                    walk(variant, f"{prefix}{f.name}.", f.name)
             else:
                 out[prefix + f.name] = (section, f.name)
 
@@ -73,8 +82,9 @@ def _section_classes() -> dict[str, str]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
-                out[hints[f.name].__name__] = f.name
-                walk(hints[f.name])
+                for variant in _variants(hints[f.name]):
+                    out[variant.__name__] = f.name
+                    walk(variant)
 
     walk(Config)
     return out
@@ -92,7 +102,7 @@ ANNOTATIONS["LossConfig"] = "algorithm"  # archer_mcore.algo.losses: the same cl
 # ------------------------------------------------------------------ the scan
 #: The section each section hangs under ("" is the root `Config`).
 PARENT: dict[str, str] = {s: "" for s in SECTIONS}
-PARENT.update(sglang="rollout", arch="model", synthetic="data")
+PARENT.update(sglang="rollout", arch="model", synthetic="data", token_rule="algorithm")
 ANNOTATIONS["Config"] = ""
 # actor/policy_config.py's PolicyConfig embeds the model, parallel, optimizer and kernels sections
 # whole, under their own names: for the scan it is a root that holds those sections.

@@ -1,13 +1,10 @@
-"""One policy-loss function for GRPO, DAPO, Archer and forking tokens.
+"""One policy-loss function for GRPO, DAPO, Archer, forking tokens and any other
+token rule.
 
-The algorithms differ only in a *token-group rule* and per-group constants:
-
-- ``none``    every valid token is in one group, ``all``.
-- ``archer``  per response, tokens strictly above the response's entropy quantile are
-              ``reasoning`` tokens, the rest ``knowledge`` tokens; all are updated, each
-              group under its own clip range and KL coefficient.
-- ``forking`` only the top-rho entropy tokens (``forking``) carry policy gradient; the
-              rest (``other``) carry none.
+The algorithms differ only in a *token rule* (`algo.token_rules`: none, archer,
+forking, or a class named by import path) that gives the token groups, each group's
+clip range and KL coefficient, the tokens that carry policy gradient and the tokens
+the token-mean loss divides by. This module asks the rule and does the rest.
 
 Shapes: B responses, L response positions; `mask` [B, L] is True on valid tokens.
 Log-probs are natural-log, per token, fp32.
@@ -23,20 +20,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from archer_mcore.algo.kl import kl_estimate
-from archer_mcore.algo.token_groups import archer_reasoning_mask, forking_k, forking_mask
-from archer_mcore.config import AlgorithmConfig
-
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-TOKEN_RULES: tuple[str, ...] = ("none", "archer", "forking")
-
+from archer_mcore.algo.token_rules import TokenRule, token_rule_for
+from archer_mcore.config.algorithm import AGG_MODES, AlgorithmConfig
 
 #: The loss reads the config's `algorithm` section itself (`archer_mcore.config`), so no
 #: field can be lost in a copy: `LossConfig` is that class under the name the loss's
-#: callers use. Fields read here: token_rule, clip_low/high, reasoning_clip_low/high,
-#: clip_ratio_c (dual-clip cap for A < 0; None disables it), kl_coef, reasoning_kl_coef,
-#: kl_estimator, entropy_coef, agg_mode, archer_quantile, forking_rho,
-#: forking_normalizer. Clip/KL fields without a prefix apply to all tokens (rule
-#: ``none``/``forking``) or to knowledge tokens (rule ``archer``).
+#: callers use. Read here: token_rule (through the rule it names), clip_ratio_c
+#: (dual-clip cap for A < 0; None disables it), kl_estimator, entropy_coef, agg_mode;
+#: the rule reads clip_low/high and kl_coef.
 LossConfig = AlgorithmConfig
 
 
@@ -125,29 +116,22 @@ def token_group_masks(
     cfg: LossConfig,
     dp_group: dist.ProcessGroup | None = None,
     selection: Tensor | None = None,
+    rule: TokenRule | None = None,
 ) -> dict[str, Tensor]:
-    """The rule's groups as boolean masks [B, L] (padding in none), plus ``all``.
+    """``all`` (= `mask`) and the rule's groups, boolean masks [B, L] (padding in none).
 
-    For ``forking``, `selection` (if given) is a precomputed forking mask, e.g. chosen over
-    a whole mini-batch; otherwise the top-rho tokens of this call's tensors (with
-    `dp_group`: of the union over that group) are selected.
+    `selection` is the rule's mini-batch selection for these rows (e.g. forking tokens
+    chosen over a whole mini-batch), `dp_group` the data-parallel group a rule may
+    select over (`TokenRule.token_groups`). `rule`: `token_rule_for(cfg)` if not given.
     """
-    groups = {"all": mask}
-    if cfg.token_rule == "archer":
-        reasoning = archer_reasoning_mask(entropy, mask, cfg.archer_quantile)
-        groups["knowledge"] = mask & ~reasoning
-        groups["reasoning"] = reasoning
-    elif cfg.token_rule == "forking":
-        fork = (
-            selection & mask
-            if selection is not None
-            else forking_mask(entropy, mask, cfg.forking_rho, dp_group)
+    rule = token_rule_for(cfg) if rule is None else rule
+    own = rule.token_groups(entropy.detach(), mask, dp_group, selection)
+    if set(own) != set(rule.groups):
+        raise ValueError(
+            f"token rule {cfg.token_rule.name!r} returned the groups {sorted(own)}, "
+            f"but declares {list(rule.groups)}"
         )
-        groups["forking"] = fork
-        groups["other"] = mask & ~fork
-    elif cfg.token_rule != "none":
-        raise ValueError(f"unknown token rule {cfg.token_rule!r}; choose one of {TOKEN_RULES}")
-    return groups
+    return {"all": mask, **{name: own[name].bool() & mask for name in rule.groups}}
 
 
 def policy_loss(
@@ -189,31 +173,20 @@ def policy_loss(
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logp)
-    groups = token_group_masks(entropy, mask, cfg, dp_group, selection)
-
-    eps_low: Tensor | float = cfg.clip_low
-    eps_high: Tensor | float = cfg.clip_high
-    if cfg.token_rule == "archer":
-        reasoning = groups["reasoning"]
-        eps_low = torch.full_like(logp, cfg.clip_low).masked_fill(reasoning, cfg.reasoning_clip_low)
-        eps_high = torch.full_like(logp, cfg.clip_high).masked_fill(
-            reasoning, cfg.reasoning_clip_high
-        )
+    rule = token_rule_for(cfg)
+    groups = token_group_masks(entropy, mask, cfg, dp_group, selection, rule)
+    eps_low, eps_high = clip_bounds(rule.clip_ranges(), groups, logp, cfg)
     terms = token_terms(
         logp, old_logp, advantages, eps_low, eps_high, cfg.clip_ratio_c, ref_logp, cfg.kl_estimator
     )
 
-    if cfg.token_rule == "forking":
-        pg_mask = groups["forking"]
-        denom = pg_mask if cfg.forking_normalizer == "selected" else mask
-    else:
-        pg_mask = denom = mask
+    pg_mask, denom = rule.gradient_mask(groups), rule.normalizer_mask(groups)
     pg_terms = terms.pg_loss
     if token_weights is not None:
         pg_terms = pg_terms * token_weights.detach().to(pg_terms.dtype)
     pg = aggregate(pg_terms, pg_mask, cfg.agg_mode, denom)
 
-    kl_total = logp.new_zeros(()) if ref_logp is None else kl_term(terms.kl, groups, cfg)
+    kl_total = logp.new_zeros(()) if ref_logp is None else kl_term(terms.kl, groups, cfg, rule)
     ent_total = logp.new_zeros(())
     if cfg.entropy_coef != 0.0:
         ent_total = -cfg.entropy_coef * aggregate(entropy, mask, cfg.agg_mode)
@@ -231,16 +204,32 @@ def policy_loss(
     return loss, metrics
 
 
-def kl_term(kl: Tensor, groups: dict[str, Tensor], cfg: LossConfig) -> Tensor:
-    """The KL penalty: sum over groups of coef * the group's aggregated per-token KL
-    [B, L] (Archer: knowledge and reasoning groups with their own coefficients; else
-    kl_coef over all tokens); a coefficient of 0 adds nothing."""
-    if cfg.token_rule == "archer":
-        coefs = {"knowledge": cfg.kl_coef, "reasoning": cfg.reasoning_kl_coef}
-    else:
-        coefs = {"all": cfg.kl_coef}
+def clip_bounds(
+    ranges: dict[str, tuple[float, float]], groups: dict[str, Tensor], like: Tensor, cfg: LossConfig
+) -> tuple[Tensor | float, Tensor | float]:
+    """(eps_low, eps_high) of each token: the rule's per-group ranges (`TokenRule.
+    clip_ranges`) as [B, L] tensors the dtype of `like`, the algorithm's clip_low /
+    clip_high where no listed group covers a token; floats when one range covers all."""
+    if set(ranges) == {"all"}:
+        return ranges["all"]
+    low = torch.full_like(like, cfg.clip_low)
+    high = torch.full_like(like, cfg.clip_high)
+    for name, (lo, hi) in ranges.items():
+        low = low.masked_fill(groups[name], lo)
+        high = high.masked_fill(groups[name], hi)
+    return low, high
+
+
+def kl_term(
+    kl: Tensor, groups: dict[str, Tensor], cfg: LossConfig, rule: TokenRule | None = None
+) -> Tensor:
+    """The KL penalty: sum over the rule's groups of coef * the group's aggregated
+    per-token KL [B, L] (`TokenRule.kl_coefs`: Archer's knowledge and reasoning groups
+    with their own coefficients; else kl_coef over all tokens); a coefficient of 0 adds
+    nothing."""
+    rule = token_rule_for(cfg) if rule is None else rule
     total = kl.new_zeros(())
-    for name, coef in coefs.items():
+    for name, coef in rule.kl_coefs().items():
         if coef != 0.0:
             total = total + coef * aggregate(kl, groups[name], cfg.agg_mode)
     return total
@@ -288,21 +277,14 @@ def normalizer_units(
     microbatch_masks: Sequence[Tensor] = (),
 ) -> float:
     """The normalising units of these rows (one rank's share of a mini-batch), as
-    `policy_loss` counts them: valid tokens for token-mean (forking with
-    forking_normalizer "selected": the selected tokens, those of `selection` [B, L], or
-    without a mini-batch selection forking_k(N) per micro-batch of N valid tokens,
-    `microbatch_masks` [b, Lm] each); responses for the seq-mean modes."""
+    `policy_loss` counts them: for token-mean the tokens of the rule's normaliser
+    (`TokenRule.normalizer_tokens`: the valid tokens, or e.g. forking's selected tokens,
+    from the mini-batch's `selection` [B, L] or the micro-batches' masks
+    `microbatch_masks` [b, Lm] each); for the seq-mean modes the responses."""
     mask = mask.bool()
-    denom = mask
-    if (
-        cfg.agg_mode == "token-mean"
-        and cfg.token_rule == "forking"
-        and cfg.forking_normalizer == "selected"
-    ):
-        if selection is None:  # micro-batch scope: forking_k(N) tokens per micro-batch
-            return float(sum(forking_k(int(m.sum()), cfg.forking_rho) for m in microbatch_masks))
-        denom = selection.bool() & mask
-    return float(unit_count(mask, denom, cfg.agg_mode))
+    if cfg.agg_mode != "token-mean":
+        return float(unit_count(mask, mask, cfg.agg_mode))
+    return token_rule_for(cfg).normalizer_tokens(mask, selection, microbatch_masks)
 
 
 def accumulation_normalizer(global_units: float, dp_size: int) -> float:

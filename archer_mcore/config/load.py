@@ -14,9 +14,16 @@ from typing import Any, Literal
 
 import yaml
 
+from archer_mcore.config.algorithm import (
+    AlgorithmConfig,
+    TokenRuleConfig,
+    expand_algorithm,
+    token_rule_settings_class,
+)
 from archer_mcore.config.checks import validate_config
 from archer_mcore.config.errors import ConfigError, _at, _Origin, clip, shorten
-from archer_mcore.config.schema import ALGORITHM_PRESETS, AlgorithmConfig, Config
+from archer_mcore.config.fields import field_docs
+from archer_mcore.config.schema import Config
 
 
 def _describe(tp: Any) -> str:
@@ -46,6 +53,11 @@ def _yaml11_float(value: Any) -> bool:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against annotation `tp`; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
+    if tp is TokenRuleConfig:  # a tagged union: the name picks the settings class
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_at(source, key)}: {key} must be a mapping, got {clip(value)}")
+        rule = token_rule_settings_class(value.get("name", "none"), key, source)
+        return _build(rule, value, key + ".", source)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{_at(source, key)}: {key} must be a mapping, got {clip(value)}")
@@ -117,14 +129,8 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str, source: s
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    if cls is AlgorithmConfig:
-        name = raw.get("name", AlgorithmConfig.name)
-        if name not in ALGORITHM_PRESETS:
-            raise ConfigError(
-                f"{_at(source, prefix + 'name')}: {prefix}name must be one of "
-                f"{', '.join(ALGORITHM_PRESETS)}, got {clip(name)}"
-            )
-        raw = {**ALGORITHM_PRESETS[name], **raw}
+    if cls is AlgorithmConfig:  # the recipe under the keys, the old flat keys moved
+        raw = expand_algorithm(raw, prefix, source)
     kwargs = {}
     for key, value in raw.items():
         dotted = prefix + str(key)
@@ -133,7 +139,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
         value = _coerce(value, hints[key], dotted, source)
         _check_range(value, fields[key].metadata, dotted, source)
         kwargs[key] = value
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if cls is AlgorithmConfig:
+        built.token_rule.check(built, source)
+    return built
 
 
 def _unknown(prefix: str, key: Any, fields: typing.Iterable[str]) -> str:
@@ -320,6 +329,28 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_yaml(cfg: Config) -> str:
-    """The fully resolved config as YAML (loads back to an equal config)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+def dump_yaml(cfg: Config, docs: bool = False) -> str:
+    """The fully resolved config as YAML (loads back to an equal config); with `docs`,
+    each documented field (an attribute docstring, `config.fields.field_docs`) has its
+    documentation as comments above it."""
+    if not docs:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return "".join(_documented(cfg, ""))
+
+
+def _documented(obj: Any, indent: str) -> list[str]:
+    """The YAML lines of dataclass `obj` with its fields' docs as comments."""
+    lines: list[str] = []
+    docs = field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in docs:
+            lines += [f"{indent}# {line}".rstrip() + "\n" for line in docs[f.name].splitlines()]
+        if dataclasses.is_dataclass(value):
+            lines += [f"{indent}{f.name}:\n", *_documented(value, indent + "  ")]
+        else:
+            if isinstance(value, list):  # e.g. a list of sections: plain mappings
+                value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+            text = yaml.safe_dump({f.name: value}, default_flow_style=False, width=10**6)
+            lines += [indent + line + "\n" for line in text.splitlines()]
+    return lines

@@ -1,22 +1,17 @@
 """The config tree: one dataclass per section, every field with a default.
 
 Range checks (gt, ge, lt, le) ride on each field's metadata (`_f`); `config.load`
-enforces them. `ALGORITHM_PRESETS` are the papers' recipes that `algorithm.name`
-selects.
+enforces them. The `algorithm` section, its token rules' settings and the papers'
+recipes that `algorithm.name` selects are in `config.algorithm`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-
-def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, **checks: Any) -> Any:
-    """A dataclass field with range checks: gt, ge, lt, le (numbers), nonempty (str)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=checks)
-    return field(default=default, metadata=checks)
+from archer_mcore.config.algorithm import AlgorithmConfig
+from archer_mcore.config.fields import checked as _f
 
 
 # --------------------------------------------------------------------------- sections
@@ -157,82 +152,6 @@ class RolloutConfig:
     # background thread while step k trains (one version stale; train/rollout_scheduler.py)
     async_steps: int = _f(0, ge=0, le=1)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
-
-
-@dataclass
-class AlgorithmConfig:
-    """The RL objective. Clip/KL fields without a `reasoning_` prefix apply to all tokens,
-    or to knowledge tokens when `token_rule` is archer."""
-
-    name: Literal["grpo", "dapo", "archer", "archer_code", "archer_math", "forking"] = "grpo"
-    norm_adv_by_std: bool = True
-    token_rule: Literal["none", "archer", "forking"] = "none"
-    clip_low: float = _f(0.2, ge=0.0, lt=1.0)
-    clip_high: float = _f(0.2, ge=0.0)
-    reasoning_clip_low: float = _f(0.2, ge=0.0, lt=1.0)
-    reasoning_clip_high: float = _f(0.2, ge=0.0)
-    clip_ratio_c: float | None = _f(3.0, gt=1.0)
-    kl_coef: float = _f(0.0, ge=0.0)
-    reasoning_kl_coef: float = _f(0.0, ge=0.0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: float = _f(0.0, ge=0.0)
-    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    archer_quantile: float = _f(0.8, gt=0.0, lt=1.0)
-    forking_rho: float = _f(0.2, gt=0.0, le=1.0)
-    forking_scope: Literal["micro_batch", "mini_batch"] = "micro_batch"
-    forking_normalizer: Literal["selected", "all"] = "selected"
-    reward_correct: float = 1.0
-    reward_incorrect: float = 0.0
-    overlong_shaping: bool = False
-    overlong_max_length: int = _f(20480, gt=0)
-    overlong_cache_length: int = _f(4096, gt=0)
-    group_filter: Literal["none", "drop", "refill"] = "none"
-    max_generation_batches: int = _f(10, ge=1)
-
-
-_DAPO: dict[str, Any] = {
-    "clip_low": 0.2,
-    "clip_high": 0.28,
-    "clip_ratio_c": 10.0,
-    "kl_coef": 0.0,
-    "agg_mode": "token-mean",
-    "reward_correct": 1.0,
-    "reward_incorrect": -1.0,
-    "overlong_shaping": True,
-    "overlong_max_length": 20480,
-    "overlong_cache_length": 4096,
-    "group_filter": "refill",
-    "max_generation_batches": 10,
-}
-_ARCHER_CODE: dict[str, Any] = {
-    "token_rule": "archer",
-    "clip_low": 0.2,
-    "clip_high": 0.2,
-    "reasoning_clip_low": 0.5,
-    "reasoning_clip_high": 0.5,
-    "clip_ratio_c": 10.0,
-    "kl_coef": 0.001,
-    "reasoning_kl_coef": 0.0,
-    "kl_estimator": "k3",
-    "agg_mode": "seq-mean-token-mean",
-    "archer_quantile": 0.8,
-    "group_filter": "drop",
-}
-#: The papers' recipes (docs/design.md, README); a YAML's `algorithm:` keys override them.
-ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": {},
-    "dapo": _DAPO,
-    "archer_code": _ARCHER_CODE,
-    "archer": _ARCHER_CODE,  # the code recipe; `archer_math` widens the reasoning clip
-    "archer_math": {**_ARCHER_CODE, "reasoning_clip_low": 0.4, "reasoning_clip_high": 0.4},
-    "forking": {
-        **_DAPO,
-        "token_rule": "forking",
-        "forking_rho": 0.2,
-        "forking_scope": "micro_batch",
-        "forking_normalizer": "selected",
-    },
-}
 
 
 @dataclass

@@ -5,7 +5,8 @@ This module is the single catalogue of the accepted keys; docs/metrics.md shows 
 same table. Patterns expand over:
 
 - `<group>`: token groups `knowledge`, `reasoning` (Archer's split), `forking`, `other`
-  (the forking rule's top-rho / remaining tokens) and `all`;
+  (the forking rule's top-rho / remaining tokens) and `all`, and any group a token rule
+  declares (`TokenRule.groups`, a name matching `config.algorithm.GROUP_NAME`);
 - `<bound>`: clip bounds `low`, `high` (the PPO clip range) and `dual` (dual clip, A < 0);
 - `<phase>`: step phases `rollout`, `reward`, `logprobs`, `update`, `sync`, `eval`,
   `checkpoint`, `step` (`step` = the whole step, wall clock);
@@ -25,6 +26,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+from archer_mcore.config.algorithm import GROUP_NAME
 
 TOKEN_GROUPS: tuple[str, ...] = ("knowledge", "reasoning", "forking", "other", "all")
 CLIP_BOUNDS: tuple[str, ...] = ("low", "high", "dual")
@@ -456,25 +459,34 @@ def expand_keys() -> dict[str, tuple[KeySpec, dict[str, str]]]:
 ACCEPTED_KEYS: dict[str, tuple[KeySpec, dict[str, str]]] = expand_keys()
 
 
-def _open_regex(pattern: str) -> re.Pattern[str]:
-    """Regex of a pattern whose placeholders are open-ended positive integers."""
-    parts = re.split(r"<(\w+)>", pattern)  # literal, name, literal, name, ...
-    return re.compile(
-        "".join(
-            re.escape(p) if i % 2 == 0 else f"(?P<{p}>[1-9][0-9]*)" for i, p in enumerate(parts)
-        )
-    )
+def _open_regex(spec: KeySpec) -> re.Pattern[str]:
+    """Regex of a pattern with open-ended placeholders: positive integers (<k>) and the
+    names of token groups (<group>: any token rule's, GROUP_NAME); the others match
+    their listed values."""
+    parts = re.split(r"<(\w+)>", spec.pattern)  # literal, name, literal, name, ...
+    out = []
+    for i, p in enumerate(parts):
+        if i % 2 == 0:
+            out.append(re.escape(p))
+        elif p == "group":
+            out.append(f"(?P<group>{GROUP_NAME.pattern})")
+        elif _values(spec, p) is None:
+            out.append(f"(?P<{p}>[1-9][0-9]*)")
+        else:
+            out.append(f"(?P<{p}>{'|'.join(map(re.escape, _values(spec, p) or ()))})")
+    return re.compile("".join(out))
 
 
 _OPEN_SPECS: tuple[tuple[re.Pattern[str], KeySpec], ...] = tuple(
-    (_open_regex(spec.pattern), spec)
+    (_open_regex(spec), spec)
     for spec in KEY_SPECS
-    if any(_values(spec, lab) is None for lab in spec.labels if "=" not in lab)
+    if any(_values(spec, lab) is None or lab == "group" for lab in spec.labels if "=" not in lab)
 )
 
 
 def resolve_key(key: str) -> tuple[KeySpec, dict[str, str]] | None:
-    """(spec, label values) for an accepted key, else None."""
+    """(spec, label values) for an accepted key (a custom token rule's groups
+    included), else None."""
     hit = ACCEPTED_KEYS.get(key)
     if hit is not None:
         return hit

@@ -72,7 +72,10 @@ def shape_from_config(cfg: Config, config_path: str | Path | None = None) -> Mod
 
 
 def workload_from_config(cfg: Config) -> Workload:
-    a = cfg.algorithm
+    """The run's workload; the token rule says whether the loss needs a reference
+    model (its KL coefficients)."""
+    from archer_mcore.algo.token_rules import token_rule_for  # torch: only when planning
+
     return Workload(
         prompts_per_step=cfg.train.prompts_per_step,
         samples_per_prompt=cfg.rollout.n_samples_per_prompt,
@@ -80,7 +83,7 @@ def workload_from_config(cfg: Config) -> Workload:
         ppo_epochs=cfg.train.ppo_epochs,
         max_prompt_tokens=cfg.data.max_prompt_length,
         max_new_tokens=cfg.rollout.max_new_tokens,
-        needs_reference=a.kl_coef > 0 or a.reasoning_kl_coef > 0,
+        needs_reference=token_rule_for(cfg.algorithm).needs_reference(),
     )
 
 

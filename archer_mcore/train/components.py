@@ -219,10 +219,11 @@ def _policy_config(cfg: Config) -> Any:
     """The policy's settings: its config sections whole, plus what it needs from the
     rest (seed, rollout temperature, whether the loss needs a reference, LR decay span)."""
     from archer_mcore.actor.policy_config import PolicyConfig
+    from archer_mcore.algo.token_rules import token_rule_for
 
     a = cfg.algorithm
     t = cfg.train
-    needs_ref = a.kl_coef > 0 or (a.token_rule == "archer" and a.reasoning_kl_coef > 0)
+    needs_ref = token_rule_for(a).needs_reference()  # the rule's KL coefficients
     return PolicyConfig(
         model=cfg.model,
         parallel=cfg.parallel,

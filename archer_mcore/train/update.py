@@ -18,7 +18,7 @@ from torch import Tensor
 from archer_mcore.actor.policy_batch import PolicyBatch, with_fields
 from archer_mcore.actor.protocol import Policy
 from archer_mcore.algo.rollout_correction import truncated_is_weights
-from archer_mcore.algo.token_groups import forking_mask_of_rows
+from archer_mcore.algo.token_rules import token_rule_for
 from archer_mcore.config import AlgorithmConfig, TrainConfig
 from archer_mcore.train.advantage_batch import TrainBatch, group_rows
 
@@ -73,18 +73,17 @@ def minibatch_rows(groups: int, group_size: int, t: TrainConfig, step: int) -> I
 def minibatch_selection(
     a: AlgorithmConfig, entropy: Tensor, mask: Tensor, rows: Tensor
 ) -> Tensor | None:
-    """The forking-token mask [B, L] for the mini-batch `rows`, or None.
+    """The token rule's selection [B, L] for the mini-batch `rows`, or None
+    (`TokenRule.minibatch_selection`).
 
-    `algorithm.forking_scope` = mini_batch: the top-rho tokens of the whole mini-batch
-    (the rows of every data-parallel rank together), ranked by `entropy` [B, L], the
-    entropies the old policy gave in the scoring pass (for the first mini-batch of the
-    first epoch that is the policy being updated). micro_batch (or a token rule other
-    than forking): None, and the loss selects within each micro-batch by the current
-    policy's entropies.
+    Forking tokens with `algorithm.token_rule.scope` mini_batch: the top-rho tokens of
+    the whole mini-batch (the rows of every data-parallel rank together), ranked by
+    `entropy` [B, L], the entropies the old policy gave in the scoring pass (for the
+    first mini-batch of the first epoch that is the policy being updated). micro_batch
+    (and the rules without a mini-batch selection): None, and the loss selects within
+    each micro-batch by the current policy's entropies.
     """
-    if a.token_rule != "forking" or a.forking_scope != "mini_batch":
-        return None
-    return forking_mask_of_rows(entropy, mask, rows, a.forking_rho)
+    return token_rule_for(a).minibatch_selection(entropy, mask, rows)
 
 
 def update_skipped(update: dict[str, float]) -> bool:

@@ -19,6 +19,7 @@ from archer_mcore.algo.token_groups import (
     forking_k,
     forking_mask,
 )
+from archer_mcore.config import ArcherRuleConfig, ForkingRuleConfig
 
 PAD = 0.0
 
@@ -154,14 +155,13 @@ def test_archer_policy_loss_by_hand():
     # seq-mean-token-mean: (4 * -1.2 - 1.4) / 5 = -1.24.
     # KL: logp = log 1.4, ref = logp - 0.5 -> k1 = 0.5 per token; knowledge mean 0.5 * 0.001.
     cfg = LossConfig(
-        token_rule="archer",
+        token_rule=ArcherRuleConfig(
+            reasoning_clip_low=0.5, reasoning_clip_high=0.5, reasoning_kl_coef=0.0
+        ),
         clip_low=0.2,
         clip_high=0.2,
-        reasoning_clip_low=0.5,
-        reasoning_clip_high=0.5,
         clip_ratio_c=10.0,
         kl_coef=0.001,
-        reasoning_kl_coef=0.0,
         kl_estimator="k1",
         agg_mode="seq-mean-token-mean",
     )
@@ -187,7 +187,7 @@ def test_forking_normalizers_by_hand():
     m = torch.tensor([[True, True, True, False], [True, True, True, True]])
     z = torch.zeros(2, 4)
     for norm, want in (("selected", -1.0), ("all", -2.0 / 7.0)):
-        cfg = LossConfig(token_rule="forking", forking_rho=0.2, forking_normalizer=norm)
+        cfg = LossConfig(token_rule=ForkingRuleConfig(rho=0.2, normalizer=norm))
         loss, met = policy_loss(z, z, torch.ones(2), m, e, None, cfg)
         assert loss.item() == pytest.approx(want)
         assert met["tokens/forking"].item() == 2.0

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from archer_mcore.algo.losses import LossConfig, policy_loss
 from archer_mcore.algo.token_groups import archer_reasoning_mask, forking_k, forking_mask
+from archer_mcore.config import BUILTIN_TOKEN_RULES, ArcherRuleConfig
 
 entropies = st.lists(st.floats(0.0, 5.0, allow_nan=False, width=32), min_size=1, max_size=12)
 
@@ -83,7 +84,10 @@ def test_padding_never_changes_the_loss(rows, extra, rule, agg, seed):
     logp = old + torch.randn(b, w1, generator=g, dtype=torch.float64) * 0.3
     ref = old + torch.randn(b, w1, generator=g, dtype=torch.float64) * 0.2
     adv = torch.randn(b, generator=g, dtype=torch.float64)
-    cfg = LossConfig(token_rule=rule, agg_mode=agg, kl_coef=0.05, reasoning_kl_coef=0.02)
+    settings = BUILTIN_TOKEN_RULES[rule]()
+    if rule == "archer":
+        settings = ArcherRuleConfig(reasoning_kl_coef=0.02)
+    cfg = LossConfig(token_rule=settings, agg_mode=agg, kl_coef=0.05)
     a, ma = policy_loss(logp, old, adv, m1, e1.double(), ref, cfg)
     # Padding slots get garbage values (large log-probs, huge entropies): must not matter.
     b_loss, mb = policy_loss(

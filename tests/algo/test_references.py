@@ -10,6 +10,7 @@ import torch
 from archer_mcore.algo.advantages import grpo_advantages
 from archer_mcore.algo.entropy import entropy_and_logprob
 from archer_mcore.algo.losses import LossConfig, policy_loss
+from archer_mcore.config import ArcherRuleConfig, ForkingRuleConfig
 
 
 def _entropy_logprob_f64(logits: torch.Tensor, tokens: torch.Tensor, t: float):
@@ -78,15 +79,14 @@ def _rand_batch(seed: int, b: int = 4, seq: int = 9, dtype=torch.float64):
 ALL_RULES = [
     LossConfig(agg_mode="token-mean", kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
     LossConfig(
-        token_rule="archer",
-        reasoning_clip_low=0.5,
-        reasoning_clip_high=0.5,
+        token_rule=ArcherRuleConfig(
+            reasoning_clip_low=0.5, reasoning_clip_high=0.5, reasoning_kl_coef=0.1
+        ),
         kl_coef=0.3,
-        reasoning_kl_coef=0.1,
         agg_mode="seq-mean-token-mean",
         clip_ratio_c=10.0,
     ),
-    LossConfig(token_rule="forking", forking_normalizer="all", agg_mode="seq-mean-token-sum"),
+    LossConfig(token_rule=ForkingRuleConfig(normalizer="all"), agg_mode="seq-mean-token-sum"),
 ]
 
 
@@ -109,11 +109,9 @@ def test_archer_with_equal_clips_and_no_kl_equals_plain_loss(agg):
     logp, old, adv, mask, ent, ref = _rand_batch(5)
     plain = LossConfig(clip_low=0.2, clip_high=0.28, agg_mode=agg, clip_ratio_c=10.0)
     archer = LossConfig(
-        token_rule="archer",
+        token_rule=ArcherRuleConfig(reasoning_clip_low=0.2, reasoning_clip_high=0.28),
         clip_low=0.2,
         clip_high=0.28,
-        reasoning_clip_low=0.2,
-        reasoning_clip_high=0.28,
         agg_mode=agg,
         clip_ratio_c=10.0,
     )
@@ -126,7 +124,7 @@ def test_archer_with_equal_clips_and_no_kl_equals_plain_loss(agg):
 def test_forking_with_rho_one_equals_unmasked(agg):
     logp, old, adv, mask, ent, ref = _rand_batch(7)
     plain = LossConfig(agg_mode=agg)
-    fork = LossConfig(token_rule="forking", forking_rho=1.0, agg_mode=agg)
+    fork = LossConfig(token_rule=ForkingRuleConfig(rho=1.0), agg_mode=agg)
     a, _ = policy_loss(logp, old, adv, mask, ent, ref, plain)
     b, met = policy_loss(logp, old, adv, mask, ent, ref, fork)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

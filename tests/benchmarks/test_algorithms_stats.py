@@ -63,15 +63,20 @@ def test_variants_are_one_factor_overrides(algorithms_bench):
     assert [v.name for v in sections["algorithms"]] == ["grpo", "dapo", "archer", "forking"]
     cfg = {v.name: load_config(DEMO, list(v.overrides)) for vs in sections.values() for v in vs}
     arch = cfg["archer"].algorithm
-    assert (arch.agg_mode, arch.kl_coef, arch.clip_low, arch.reasoning_clip_low) == (
+    assert (arch.agg_mode, arch.kl_coef, arch.clip_low, arch.token_rule.reasoning_clip_low) == (
         "seq-mean-token-mean",
         0.001,
         0.2,
         0.5,
     )
 
+    def flat(name: str) -> dict[str, object]:
+        a = dict(vars(cfg[name].algorithm))
+        rule = vars(a.pop("token_rule"))
+        return {**a, **{f"token_rule.{k}": v for k, v in rule.items()}}
+
     def changed(name: str, ref: str) -> dict[str, tuple]:
-        a, b = vars(cfg[name].algorithm), vars(cfg[ref].algorithm)
+        a, b = flat(name), flat(ref)
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     # each ablation moves exactly its factor, nothing else
@@ -81,8 +86,8 @@ def test_variants_are_one_factor_overrides(algorithms_bench):
     assert changed("archer-kl0", "archer") == {"kl_coef": (0.0, 0.001)}
     assert changed("archer-kclip", "archer") == {"clip_low": (0.5, 0.2), "clip_high": (0.5, 0.2)}
     assert changed("archer-rclip", "archer") == {
-        "reasoning_clip_low": (0.2, 0.5),
-        "reasoning_clip_high": (0.2, 0.5),
+        "token_rule.reasoning_clip_low": (0.2, 0.5),
+        "token_rule.reasoning_clip_high": (0.2, 0.5),
     }
     assert changed("archer-nofilter", "archer") == {"group_filter": ("none", "drop")}
     assert changed("grpo-seqmean", "grpo") == {"agg_mode": ("seq-mean-token-mean", "token-mean")}

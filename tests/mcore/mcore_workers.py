@@ -208,11 +208,11 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from archer_mcore.actor.policy import MegatronPolicy
-    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import config_from_dict
     from archer_mcore.model.weights import iter_hf_tensors
 
     expected = load_file(payload["expected"])
-    loss_cfg = LossConfig(**payload["loss"])
+    loss_cfg = config_from_dict({"algorithm": payload["loss"]}).algorithm
     out: dict[str, Any] = {}
     for tp, pp, recompute in payload["layouts"]:
         policy = MegatronPolicy.from_hf(payload["hf_dir"], _policy_cfg(payload, tp, pp, recompute))
@@ -275,7 +275,7 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
     from archer_mcore.actor.policy import MegatronPolicy
     from archer_mcore.actor.policy_config import PolicyConfig
     from archer_mcore.algo.losses import LossConfig
-    from archer_mcore.config import OptimizerConfig, ParallelConfig
+    from archer_mcore.config import ArcherRuleConfig, OptimizerConfig, ParallelConfig
     from archer_mcore.model.weights import iter_hf_tensors
 
     cfg = PolicyConfig(
@@ -290,7 +290,7 @@ def resume(payload: dict[str, Any]) -> dict[str, Any]:
         lr_decay_steps=6,
     )
     policy = MegatronPolicy.from_hf(payload["hf_dir"], cfg)
-    loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean", kl_coef=0.01)
+    loss_cfg = LossConfig(token_rule=ArcherRuleConfig(), agg_mode="token-mean", kl_coef=0.01)
     root = payload["ckpt_root"]
     mode = payload["mode"]
     start = 0
@@ -406,11 +406,10 @@ def kernel_paths(payload: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import replace
 
     from archer_mcore.actor.policy import MegatronPolicy
-    from archer_mcore.algo.losses import LossConfig
-    from archer_mcore.config import KernelsConfig
+    from archer_mcore.config import KernelsConfig, config_from_dict
     from archer_mcore.model.weights import iter_hf_tensors
 
-    loss_cfg = LossConfig(**payload["loss"])
+    loss_cfg = config_from_dict({"algorithm": payload["loss"]}).algorithm
     full = _policy_batch(payload["batch"])
     out: dict[str, Any] = {}
     for tp in payload["tps"]:
@@ -450,13 +449,12 @@ def sequence_parallel(payload: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
     from archer_mcore.actor.policy import MegatronPolicy
-    from archer_mcore.algo.losses import LossConfig
-    from archer_mcore.config import KernelsConfig
+    from archer_mcore.config import KernelsConfig, config_from_dict
     from archer_mcore.model.pipeline import causal_positions
     from archer_mcore.model.weights import iter_hf_tensors
 
     tp = dist.get_world_size()
-    loss_cfg = LossConfig(**payload["loss"])
+    loss_cfg = config_from_dict({"algorithm": payload["loss"]}).algorithm
     full = _policy_batch(payload["batch"])
     out: dict[str, Any] = {}
     for sp, fused in ((False, False), (True, False), (True, True)):

@@ -45,7 +45,7 @@ def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool
     (log-probs, entropies, metrics; on this rank: gradients and updated weights by
     megatron parameter name) and the shapes of its micro-batches."""
     from archer_mcore.actor.policy import MegatronPolicy
-    from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import config_from_dict
 
     policy = MegatronPolicy.from_hf(
         payload["hf_dir"], _policy_cfg(payload, budget, pack, sp, fused)
@@ -53,7 +53,7 @@ def _run(payload: dict[str, Any], budget: int, pack: bool, sp: bool, fused: bool
     batch = mcore_workers._policy_batch(payload["batch"])
     mbs = policy._microbatches(batch)
     logp, ent = policy.compute_logprobs(batch)
-    metrics = policy.train_step(batch, LossConfig(**payload["loss"]))
+    metrics = policy.train_step(batch, config_from_dict({"algorithm": payload["loss"]}).algorithm)
     grads, weights = {}, {}
     for name, p in policy.model.module.named_parameters():
         grads[name] = p.main_grad.detach().clone().float()

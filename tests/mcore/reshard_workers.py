@@ -44,8 +44,9 @@ def _policy(hf_dir: str, tp: int, pp: int, dist_opt: bool = True):
 def _train(policy, steps: range) -> None:
     """The resume test's data and loss: a deterministic batch per step, split over DP."""
     from archer_mcore.algo.losses import LossConfig
+    from archer_mcore.config import ArcherRuleConfig
 
-    loss_cfg = LossConfig(token_rule="archer", agg_mode="token-mean", kl_coef=0.0)
+    loss_cfg = LossConfig(token_rule=ArcherRuleConfig(), agg_mode="token-mean", kl_coef=0.0)
     for step in steps:
         batch = mcore_workers._step_batch(step, 100)
         old, _ = policy.compute_logprobs(batch)  # the whole batch (sharded over DP inside)

@@ -10,7 +10,8 @@ from conftest import save_tiny_hf, spawn, tiny_hf_config
 from safetensors.torch import save_file
 
 from archer_mcore.algo.entropy import entropy_and_logprob
-from archer_mcore.algo.losses import LossConfig, policy_loss
+from archer_mcore.algo.losses import policy_loss
+from archer_mcore.config import config_from_dict
 
 TEMPERATURE = 0.9
 # Adam's first step is lr * g / (|g| + eps): with eps = 1e-8 a gradient entry near 1e-8
@@ -66,7 +67,9 @@ def reference_step(hf_dir, b: dict[str, torch.Tensor]):
     old = torch.where(mask, lp0 + 0.3 * torch.randn(lp0.shape, generator=g), torch.zeros_like(lp0))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.7])
     ent, lp = entropy_and_logprob(_response_logits(model, ids, prompt, lmax), tg, TEMPERATURE)
-    loss, _ = policy_loss(lp, old, adv, mask, ent, lp0, LossConfig(**LOSS))
+    loss, _ = policy_loss(
+        lp, old, adv, mask, ent, lp0, config_from_dict({"algorithm": LOSS}).algorithm
+    )
     loss.backward()
     params = [p for p in model.parameters()]
     norm = torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_grad"])

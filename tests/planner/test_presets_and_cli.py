@@ -49,7 +49,7 @@ def test_qwen3_presets_follow_dapo_recipe(path):
     assert (a.overlong_max_length, a.overlong_cache_length) == (20480, 4096)
     algo = path.stem.split("_")[-1]
     assert a.name == {"dapo": "dapo", "forking": "forking", "archer": "archer_math"}[algo]
-    assert a.token_rule == {"dapo": "none", "forking": "forking", "archer": "archer"}[algo]
+    assert a.token_rule.name == {"dapo": "none", "forking": "forking", "archer": "archer"}[algo]
 
 
 def test_archer_preset_follows_the_paper():

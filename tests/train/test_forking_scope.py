@@ -1,4 +1,5 @@
-"""`algorithm.forking_scope`: forking tokens chosen per micro-batch or per mini-batch.
+"""`algorithm.token_rule.scope` of the forking rule: forking tokens chosen per micro-batch
+or per mini-batch.
 
 A hand-made batch of three responses, five tokens each. Rows 0 and 1 form the
 mini-batch; each is its own micro-batch. Entropies:
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from archer_mcore.algo.losses import policy_loss
-from archer_mcore.config import load_config
+from archer_mcore.config import ConfigDeprecationWarning, ConfigError, load_config
 from archer_mcore.train.update import minibatch_selection
 
 ENTROPY = torch.tensor(
@@ -60,7 +62,7 @@ def _pg_tokens(a, row: torch.Tensor, selection: torch.Tensor | None) -> list[lis
 
 
 def test_mini_batch_scope_selects_over_the_whole_mini_batch(tmp_path):
-    a = _algorithm(tmp_path, "algorithm.forking_scope=mini_batch")
+    a = _algorithm(tmp_path, "algorithm.token_rule.scope=mini_batch")
     sel = minibatch_selection(a, ENTROPY, MASK, MINI_BATCH)
     assert sel is not None
     assert sel[:2].tolist() == BY_MINI_BATCH and not sel[2].any()
@@ -71,7 +73,7 @@ def test_mini_batch_scope_selects_over_the_whole_mini_batch(tmp_path):
 
 
 def test_micro_batch_scope_selects_within_each_micro_batch(tmp_path):
-    a = _algorithm(tmp_path, "algorithm.forking_scope=micro_batch")
+    a = _algorithm(tmp_path, "algorithm.token_rule.scope=micro_batch")
     assert minibatch_selection(a, ENTROPY, MASK, MINI_BATCH) is None
     got = [_pg_tokens(a, torch.tensor([r]), None)[0] for r in (0, 1)]
     assert got == BY_MICRO_BATCH
@@ -79,7 +81,13 @@ def test_micro_batch_scope_selects_within_each_micro_batch(tmp_path):
 
 
 def test_scope_is_ignored_by_other_token_rules(tmp_path):
+    # Only the forking rule has a scope; the old flat key still loads under another rule,
+    # ignored as it always was, with a message naming the new key.
     path = tmp_path / "c.yaml"
     path.write_text("algorithm: {name: archer, forking_scope: mini_batch}\n")
-    a = load_config(path).algorithm
+    with pytest.warns(ConfigDeprecationWarning, match="algorithm.token_rule.scope now"):
+        a = load_config(path).algorithm
     assert minibatch_selection(a, ENTROPY, MASK, MINI_BATCH) is None
+    path.write_text("algorithm: {name: archer, token_rule: {scope: mini_batch}}\n")
+    with pytest.raises(ConfigError, match="unknown key algorithm.token_rule.scope"):
+        load_config(path)

@@ -1,6 +1,7 @@
 """Settings through `archer train` as a user runs it (the console script, a subprocess,
 no warning options of its own): a quiet start, `data.eval_files` with synthetic training
-data, `train.log_every`, and `algorithm.forking_scope` in the real trainer.
+data, `train.log_every`, and the forking rule's `algorithm.token_rule.scope` in the real
+trainer.
 
 The runs use the demo config shrunk by overrides (a 20-step warm start, 8 prompts x 8
 samples, one update per step), so each takes seconds of compute plus start-up.
@@ -144,7 +145,7 @@ def test_forking_scope_in_the_trainer(scope, cache, tmp_path):
         out,
         cache,
         "algorithm.name=forking",
-        f"algorithm.forking_scope={scope}",
+        f"algorithm.token_rule.scope={scope}",
         "algorithm.group_filter=none",
         "parallel.micro_batch_tokens=256",
         "train.steps=1",

@@ -31,6 +31,7 @@ with socket.socket() as s:
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from archer_mcore.algo.losses import LossConfig
+from archer_mcore.config import ArcherRuleConfig
 from archer_mcore.actor.policy_batch import with_fields
 from archer_mcore.actor.policy_batch import PolicyBatch
 from archer_mcore.config import OptimizerConfig
@@ -62,7 +63,7 @@ poisoned = {
     "inf": torch.tensor([1.0, -1.0, float("inf"), -0.5]),
 }[sys.argv[2]]
 bad = with_fields(batch, old_logp=old, advantages=poisoned)
-loss_cfg = LossConfig(token_rule="archer", clip_ratio_c=3.0)
+loss_cfg = LossConfig(token_rule=ArcherRuleConfig(), clip_ratio_c=3.0)
 
 def params(p):
     return {k: v.detach().clone() for k, v in p.unwrapped().state_dict().items()
