@@ -36,8 +36,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from archer_mcore.model.families.base import ModelFamily, ParamRule, PlannerCounts
 from archer_mcore.model.families.qwen import (
     ATTENTION_FP8,
@@ -97,6 +95,8 @@ def transformer_config(
             f"model.moe_token_dispatcher {model.moe_token_dispatcher!r}: use one of "
             f"{TOKEN_DISPATCHERS}"
         )
+    import torch  # here, not at module level: `archer --help` and `config show` load no torch
+
     if model.moe_token_dispatcher == "flex" and not torch.cuda.is_available():
         raise ValueError(
             "model.moe_token_dispatcher 'flex' needs GPUs with DeepEP installed; use "
