@@ -114,6 +114,7 @@ def _layout() -> dict[str, int]:
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
     }
 
 
@@ -529,16 +530,18 @@ def _restore_state(policy: CheckpointablePolicy, loaded: dict[str, Any]) -> None
 
 def _log_resharded(step_dir: Path, manifest: dict[str, Any], layout: dict[str, int]) -> None:
     log.warning(
-        "checkpoint %s was saved at world_size=%s TP=%s PP=%s and is resumed at "
-        "world_size=%s TP=%s PP=%s: model and optimizer state resharded; the per-rank "
+        "checkpoint %s was saved at world_size=%s TP=%s PP=%s%s and is resumed at "
+        "world_size=%s TP=%s PP=%s%s: model and optimizer state resharded; the per-rank "
         "RNG states are not restored (this run's seeded generators are kept)",
         step_dir,
         manifest.get("world_size"),
         manifest.get("tp"),
         manifest.get("pp"),
+        f" EP={manifest['ep']}" if manifest.get("ep", 1) != 1 else "",
         layout["world_size"],
         layout["tp"],
         layout["pp"],
+        f" EP={layout['ep']}" if layout["ep"] != 1 else "",
     )
 
 
@@ -588,7 +591,8 @@ def load_checkpoint(
     step_dir, manifest = resolve_checkpoint(ckpt, checksums, only=())  # the manifest only
     sharding = _check_loadable(policy, step_dir, manifest)
     layout = _layout()
-    same_layout = all(manifest.get(k) == v for k, v in layout.items())
+    # a manifest written before EP was recorded was saved at EP 1
+    same_layout = all(manifest.get(k, 1 if k == "ep" else None) == v for k, v in layout.items())
     rng_rel = f"rng/rank_{_rank():05d}.pt"
     files = manifest["files"]
     # Each rank verifies what it reads: the shared files and its RNG file now, its

@@ -99,6 +99,12 @@ class MegatronPolicy:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.shape, self.cfg = shape, cfg
+        if shape.is_moe and cfg.tp > 1 and not cfg.parallel.sequence_parallel:
+            raise ValueError(
+                "parallel.sequence_parallel must be true for an MoE model at "
+                f"parallel.tensor_model_parallel_size = {cfg.tp} (megatron-core's "
+                "MoELayer refuses to train with TP > 1 without sequence parallelism)"
+            )
         self.choices = resolve_policy_choices(cfg, *detect_environment(), torch.cuda.is_available())
         self.kernel_path = self.choices.kernel_path
         kernel_dispatch.say_once(self.kernel_path)

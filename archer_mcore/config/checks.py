@@ -221,6 +221,13 @@ def _validate_moe(cfg: Config, source: str) -> None:
             f"parallel.expert_model_parallel_size = {ep} must divide model.arch.num_experts"
             f" = {arch.num_experts} (each EP rank holds num_experts / EP experts)"
         )
+    tp = cfg.parallel.tensor_model_parallel_size
+    if tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            f"{_at(source, 'parallel.sequence_parallel')}: parallel.sequence_parallel must be "
+            f"true for an MoE model at parallel.tensor_model_parallel_size = {tp} "
+            "(megatron-core's MoELayer refuses to train with TP > 1 without it)"
+        )
 
 
 def check_context_parallel(cfg: Config, te_importable: bool, cuda: bool) -> None:

@@ -334,6 +334,23 @@ def allow_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def experts_outside_data_parallel_allreduce(gpt: torch.nn.Module) -> int:
+    """Mark the routed experts' weights ``allreduce = False`` at every EP, as megatron
+    marks them only at EP > 1 (`tensor_parallel/layers.py`: ``not (is_expert and
+    expert_parallel)``). Their gradients then always go through the expert
+    data-parallel buffers (at EP 1 the expert DP group is the DP group: the same sums)
+    and `get_megatron_optimizer` always builds the two-optimizer `ChainedOptimizer`
+    (dense, experts), so a checkpoint's optimizer state has the same keys
+    (``chained_0.`` / ``chained_1.``) at every EP and reshards between EP 1 and EP 2.
+    Returns the number of parameters marked."""
+    marked = 0
+    for name, param in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+            marked += 1
+    return marked
+
+
 def build_gpt_model(
     shape: ModelShape,
     model: ModelConfig | None = None,
@@ -392,6 +409,8 @@ def build_gpt_model(
         **rope_arguments(config, shape),
     )
     install_cpu_yarn(gpt, config, shape)
+    if shape.is_moe:
+        experts_outside_data_parallel_allreduce(gpt)
     if torch.cuda.is_available():
         gpt = gpt.cuda(torch.cuda.current_device())
     return gpt, config, choices

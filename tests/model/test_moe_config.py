@@ -56,6 +56,11 @@ def test_dense_family_leaves_the_moe_fields_out() -> None:
             [*MOE, "parallel.expert_model_parallel_size=4"],
             r"expert_model_parallel_size = 4 must divide model.arch.num_experts = 6",
         ),
+        (
+            [*MOE, "parallel.tensor_model_parallel_size=2"],
+            r"parallel.sequence_parallel must be true for an MoE model at "
+            r"parallel.tensor_model_parallel_size = 2",
+        ),
     ],
 )
 def test_moe_checks_name_the_key(overrides: list[str], match: str) -> None:
