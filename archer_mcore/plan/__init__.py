@@ -32,6 +32,10 @@ Conventions (all sizes in bytes, per GPU, for the most loaded rank):
   The first pipeline stage holds min(PP, micro-batches) micro-batches in flight (1F1B).
 * The last stage also holds the logits of one micro-batch (vocab-parallel, V / TP
   columns per rank) and what the entropy / log-prob computation keeps for backward.
+* MoE models (`model/families/qwen3_moe.py`): FLOPs count the active parameters (the
+  router and each token's top-k experts), memory all of them; the routed experts are
+  divided by EP x expert-TP and their optimizer states sharded over the expert
+  data-parallel group; the step adds the EP all-to-alls (`steptime.ep_comm_bytes`).
 * Time estimates are roofline-style: matmul FLOPs at an assumed model-FLOPs
   utilisation, decode steps bounded by HBM bandwidth. They are for sizing a run, not
   a benchmark.
@@ -46,11 +50,13 @@ plan` command line is archer_mcore/cli/plan.py.
 from __future__ import annotations
 
 from archer_mcore.plan.formulas import (
+    active_params,
     attention_params,
     cp_kv_bytes_per_token,
     cp_ring_buffer_bytes,
     cp_tokens_per_gpu,
     embedding_activation_bytes_per_token,
+    expert_layer_params,
     kv_bytes_per_token,
     layer_activation_bytes_per_token,
     layer_params,
@@ -58,6 +64,7 @@ from archer_mcore.plan.formulas import (
     matmul_params_per_token,
     mlp_params,
     rollout_weight_bytes,
+    stage_expert_params,
     stage_params,
     total_params,
 )
@@ -104,7 +111,13 @@ from archer_mcore.plan.specs import (
     TrainLayout,
     Workload,
 )
-from archer_mcore.plan.steptime import StepTime, cp_comm_bytes, forward_flops_per_token, step_time
+from archer_mcore.plan.steptime import (
+    StepTime,
+    cp_comm_bytes,
+    ep_comm_bytes,
+    forward_flops_per_token,
+    step_time,
+)
 from archer_mcore.plan.stop import (
     CHECKPOINT_BYTES_PER_PARAM,
     SignalLead,
@@ -135,6 +148,7 @@ __all__ = [
     "TrainLayout",
     "TrainingMemory",
     "Workload",
+    "active_params",
     "assumed_sequence_lengths",
     "attention_params",
     "candidate_layouts",
@@ -147,6 +161,8 @@ __all__ = [
     "cp_ring_buffer_bytes",
     "cp_tokens_per_gpu",
     "embedding_activation_bytes_per_token",
+    "ep_comm_bytes",
+    "expert_layer_params",
     "format_plan",
     "forward_flops_per_token",
     "kv_bytes_per_token",
@@ -170,6 +186,7 @@ __all__ = [
     "rollout_weight_bytes",
     "shape_from_config",
     "signal_lead",
+    "stage_expert_params",
     "stage_params",
     "step_time",
     "total_params",

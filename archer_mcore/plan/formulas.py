@@ -31,6 +31,11 @@ def mlp_params(m: ModelShape, gated: bool = True) -> int:
     return family_of(m.model_type).counts.mlp_params(m, gated)
 
 
+def expert_layer_params(m: ModelShape, gated: bool = True) -> int:
+    """One layer's routed-expert parameters (0 for a dense family), part of `mlp_params`."""
+    return family_of(m.model_type).counts.expert_params(m, gated)
+
+
 def layer_params(m: ModelShape, gated: bool = True) -> int:
     """One decoder layer: attention, MLP and its two RMSNorm weights."""
     return attention_params(m) + mlp_params(m, gated) + 2 * m.hidden_size
@@ -40,6 +45,16 @@ def total_params(m: ModelShape, vocab: int | None = None, gated: bool = True) ->
     v = m.vocab_size if vocab is None else vocab
     embed = v * m.hidden_size * (1 if m.tie_embeddings else 2)
     return m.num_layers * layer_params(m, gated) + embed + m.hidden_size
+
+
+def active_params(m: ModelShape) -> int:
+    """Parameters one token goes through: `total_params` less, in every layer, the
+    routed experts it is not sent to ((E - k) / E of them; all of them count for a
+    dense model)."""
+    if not m.is_moe:
+        return total_params(m)
+    idle = expert_layer_params(m) * (m.num_experts - m.moe_top_k) // m.num_experts
+    return total_params(m) - m.num_layers * idle
 
 
 def matmul_params_per_token(m: ModelShape) -> int:
@@ -152,11 +167,12 @@ def logits_bytes(
 
 
 def stage_params(m: ModelShape, tp: int, pp: int, stage: Literal["first", "last"]) -> int:
-    """Parameters one TP rank of a pipeline stage holds (first: + embedding;
-    last: + final norm and output layer; PP=1: all). Vocab padded as megatron does."""
+    """Parameters one TP rank of a pipeline stage holds outside the routed experts
+    (first: + embedding; last: + final norm and output layer; PP=1: all). Vocab padded
+    as megatron does. A dense model has no routed experts: this is all of it."""
     vocab = m.padded_vocab_size(tp)
     embed = vocab * m.hidden_size
-    layers = (m.num_layers // pp) * layer_params(m)
+    layers = (m.num_layers // pp) * (layer_params(m) - expert_layer_params(m))
     if pp == 1:
         n = layers + embed + (0 if m.tie_embeddings else embed) + m.hidden_size
     elif stage == "first":
@@ -164,6 +180,13 @@ def stage_params(m: ModelShape, tp: int, pp: int, stage: Literal["first", "last"
     else:  # the last stage holds an output layer even when tied (a copy kept in sync)
         n = layers + embed + m.hidden_size
     return math.ceil(n / tp)
+
+
+def stage_expert_params(m: ModelShape, tp: int, pp: int, ep: int) -> int:
+    """Routed-expert parameters on one GPU of a pipeline stage: the stage's layers'
+    experts split over EP (E / EP experts each) and each expert over expert-TP (= TP,
+    megatron's default). 0 for a dense model."""
+    return math.ceil((m.num_layers // pp) * expert_layer_params(m) / (tp * ep))
 
 
 def cp_tokens_per_gpu(layout: TrainLayout) -> int:

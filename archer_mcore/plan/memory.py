@@ -19,6 +19,7 @@ from archer_mcore.plan.formulas import (
     layer_activation_bytes_per_token,
     logits_bytes,
     rollout_weight_bytes,
+    stage_expert_params,
     stage_params,
 )
 from archer_mcore.plan.specs import (
@@ -59,6 +60,7 @@ class StageMemory:
     activations: float
     logits: float  # the log-prob path's peak (formulas.logits_bytes: its buffer list)
     reference: float = 0.0  # a frozen bf16 copy of the stage's weights, when a KL term needs it
+    expert_params: int = 0  # of `params`, the routed experts' (MoE: split over EP)
 
     @property
     def total(self) -> float:
@@ -164,17 +166,22 @@ def training_memory(
         return held + cp_ring_buffer_bytes(m, layout)
 
     grad_bytes, weight_bytes = 4.0, 2.0
-    # megatron's distributed optimizer shards over the data-parallel group with CP
+    # megatron's distributed optimizer shards over the data-parallel group with CP; the
+    # routed experts' states over the expert data-parallel group
     opt_bytes = 12.0 / (layout.dp * layout.cp) if layout.distributed_optimizer else 12.0
+    expert_opt = 12.0 / max(layout.expert_dp, 1) if layout.distributed_optimizer else 12.0
 
     def stage(which: Literal["first", "last"]) -> StageMemory:
-        n = stage_params(m, tp, pp, which)
+        experts = stage_expert_params(m, tp, pp, layout.ep)
+        dense = stage_params(m, tp, pp, which)
+        n = dense + experts
         has_logits = which == "last"
         return StageMemory(
             params=n,
+            expert_params=experts,
             weights=n * weight_bytes,
             gradients=n * grad_bytes,
-            optimizer=n * opt_bytes,
+            optimizer=dense * opt_bytes + experts * expert_opt,
             activations=acts(which, layout.recompute),
             logits=logits_bytes(m, t, tp, layout.logits_path, assume) if has_logits else 0.0,
             reference=n * weight_bytes if work.needs_reference else 0.0,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from archer_mcore.plan.formulas import cp_tokens_per_gpu, total_params
+from archer_mcore.plan.formulas import active_params, cp_tokens_per_gpu, total_params
 from archer_mcore.plan.memory import MicroBatchEstimate
 from archer_mcore.plan.search import Plan
 from archer_mcore.plan.specs import DEFAULT_ASSUMPTIONS, GIB, KIB, Assumptions, TrainLayout
-from archer_mcore.plan.steptime import cp_comm_bytes
+from archer_mcore.plan.steptime import cp_comm_bytes, ep_comm_bytes
 
 
 def _layout_diff(old: Plan, new: Plan) -> list[str]:
@@ -24,6 +24,7 @@ def _layout_diff(old: Plan, new: Plan) -> list[str]:
         "micro_batch_tokens": "parallel.micro_batch_tokens",
         "logits_path": "kernels (logits path)",
         "cp": "parallel.context_parallel_size",
+        "ep": "parallel.expert_model_parallel_size",
     }
     out = [
         f"{name}={getattr(new.train, k)!r}"
@@ -96,8 +97,10 @@ def _step_line(plan: Plan, assume: Assumptions) -> str:
 def format_plan(plan: Plan, assume: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
     m, c, g = plan.model, plan.cluster, plan.cluster.spec
     tm = plan.training
+    active = f" ({active_params(m) / 1e9:.2f} B active per token)" if m.is_moe else ""
+    experts = f", {m.num_experts} experts (top {m.moe_top_k})" if m.is_moe else ""
     lines = [
-        f"model: {m.model_type}, {total_params(m) / 1e9:.2f} B parameters, "
+        f"model: {m.model_type}, {total_params(m) / 1e9:.2f} B parameters{active}{experts}, "
         f"{m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_heads}/{m.num_kv_heads}",
         f"cluster: {c.nodes} nodes x {c.gpus_per_node} {g.name} "
         f"({c.rollout_nodes} rollout nodes), usable {_gib(g.memory_bytes * assume.usable_memory_fraction)}"
@@ -118,14 +121,23 @@ def format_plan(plan: Plan, assume: Assumptions = DEFAULT_ASSUMPTIONS) -> str:
             f"{cp_comm_bytes(m, plan.train, plan.work, assume) / GIB:.1f} GiB per GPU per step "
             f"({plan.time.cp_comm_s:.1f} s, counted in training, not overlapped)"
         )
+    if plan.train.ep > 1:
+        lines.append(
+            f"  expert parallel EP{plan.train.ep}: {m.num_experts // plan.train.ep} of the "
+            f"{m.num_experts} experts per GPU, expert DP {plan.train.expert_dp}; the "
+            f"all-to-alls send {ep_comm_bytes(m, plan.train, plan.work, assume) / GIB:.1f} GiB "
+            f"per GPU per step ({plan.time.ep_comm_s:.1f} s, counted in training, not "
+            "overlapped)"
+        )
     stages = (
         [("each GPU", tm.first)]
         if tm.last is tm.first
         else [("first stage", tm.first), ("last stage", tm.last)]
     )
     for label, s in stages:
+        of_experts = f" ({s.expert_params / 1e9:.3f} B in experts)" if s.expert_params else ""
         lines += [
-            f"  {label}: {s.params / 1e9:.3f} B params per GPU",
+            f"  {label}: {s.params / 1e9:.3f} B params per GPU{of_experts}",
             f"    weights (bf16)           {_gib(s.weights)}",
             f"    gradients (fp32)         {_gib(s.gradients)}",
             f"    {'optimizer (fp32 x3' + ('/DP)' if plan.train.distributed_optimizer else ')'):25}"
@@ -185,6 +197,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "weight_sync": plan.time.weight_sync_s,
             "training": plan.time.training_s,
             "context_parallel_comm": plan.time.cp_comm_s,
+            "expert_parallel_comm": plan.time.ep_comm_s,
             "overlapped": plan.time.overlapped,
             "total": plan.time.total_s,
         },

@@ -176,6 +176,7 @@ def layouts_from_config(
         fp8=choices.build.precision.fp8_enabled,
         cp=p.context_parallel_size,
         pack_sequences=p.pack_sequences,
+        ep=p.expert_model_parallel_size,
     )
     s = cfg.rollout.sglang
     roll = RolloutLayout(
@@ -224,6 +225,7 @@ def check_layout(
         )
     if train.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    errs += _moe_layout_problems(m, train)
     if train.micro_batch_tokens < work.max_sequence_tokens:
         errs.append(
             f"parallel.micro_batch_tokens = {train.micro_batch_tokens} is below the longest "
@@ -248,6 +250,35 @@ def check_layout(
         )
     if roll.tp > cluster.gpus_per_node:
         errs.append(f"rollout.sglang.tp_size {roll.tp} spans more than one node")
+    return errs
+
+
+def _moe_layout_problems(m: ModelShape, train: TrainLayout) -> list[str]:
+    """Expert parallelism's constraints, each naming the config key."""
+    ep, tp, pp = train.ep, train.tp, train.pp
+    if not m.is_moe:
+        if ep > 1:
+            return [
+                f"parallel.expert_model_parallel_size = {ep} needs an MoE model; "
+                f"{m.model_type} has no experts"
+            ]
+        return []
+    errs = []
+    if m.num_experts % ep:
+        errs.append(
+            f"parallel.expert_model_parallel_size = {ep} must divide the {m.num_experts} experts"
+        )
+    if train.gpus % (tp * ep * pp):
+        errs.append(
+            f"{train.gpus} training GPUs are not a multiple of TP x EP x PP = {tp * ep * pp} "
+            "(parallel.expert_model_parallel_size: the expert groups)"
+        )
+    if tp > 1 and not train.sequence_parallel:
+        errs.append(
+            "parallel.sequence_parallel must be true for an MoE model at "
+            f"parallel.tensor_model_parallel_size = {tp} (megatron's MoE layer trains at "
+            "TP > 1 only with it)"
+        )
     return errs
 
 
@@ -325,6 +356,7 @@ _TRAIN_KEYS = (
     "logits_path",
     "distributed_optimizer",
     "micro_batch_tokens",
+    "ep",
 )
 
 
@@ -359,11 +391,20 @@ def _train_candidates(
                 )
                 d = sum(getattr(cand, k) != getattr(train, k) for k in _TRAIN_KEYS)
                 trains.append((d, cand))
-    return [
+    with_cp = [
         (d + (cp != train.cp), dataclasses.replace(t, cp=cp))
         for d, t in trains
         for cp in sorted({1, 2, 4, train.cp})
         if train.gpus % (t.tp * t.pp * cp) == 0
+    ]
+    if not m.is_moe:  # dense: EP stays as configured (1)
+        return with_cp
+    eps = sorted({e for e in (1, 2, 4, 8, 16, 32, 64) if m.num_experts % e == 0} | {train.ep})
+    return [
+        (d + (ep != train.ep), dataclasses.replace(t, ep=ep))
+        for d, t in with_cp
+        for ep in eps
+        if train.gpus % (t.tp * ep * t.pp) == 0
     ]
 
 

@@ -81,6 +81,14 @@ class TrainLayout:
     fp8: bool = False
     cp: int = 1  # context parallel: a micro-batch's tokens split over cp GPUs
     pack_sequences: bool = True
+    ep: int = 1  # expert parallel (MoE): the routed experts split over ep GPUs
+
+    @property
+    def expert_dp(self) -> int:
+        """The expert data-parallel size: GPUs / (expert-TP (= TP) x EP x PP), the
+        group the routed experts' gradients are reduced and their optimizer states
+        sharded over."""
+        return self.gpus // (self.tp * self.ep * self.pp)
 
     @property
     def dp(self) -> int:
@@ -102,8 +110,9 @@ class TrainLayout:
 
     def describe(self) -> str:
         cp = f" CP{self.cp}" if self.cp > 1 else ""
+        ep = f" EP{self.ep}" if self.ep > 1 else ""
         return (
-            f"TP{self.tp} PP{self.pp}{cp} DP{self.dp}, "
+            f"TP{self.tp} PP{self.pp}{cp}{ep} DP{self.dp}, "
             f"SP {'on' if self.sequence_parallel else 'off'}, "
             f"recompute {self.recompute}, distributed optimizer "
             f"{'on' if self.distributed_optimizer else 'off'}, micro-batch "

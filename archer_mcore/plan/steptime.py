@@ -37,6 +37,7 @@ class StepTime:
     decode_step_s: float
     concurrency: int  # sequences decoding together per server
     cp_comm_s: float = 0.0  # ring-attention K/V traffic, part of training_s
+    ep_comm_s: float = 0.0  # MoE expert-parallel all-to-all traffic, part of training_s
     overlapped: bool = False  # rollout runs while the trainer trains (async, disaggregated)
 
     @property
@@ -82,6 +83,34 @@ def cp_comm_bytes(
         (m.num_layers // train.pp) * tokens_per_gpu * (cp - 1) * cp_kv_bytes_per_token(m, train.tp)
     )
     return per_pass * (forwards + 2 * backwards)
+
+
+def ep_comm_bytes(
+    m: ModelShape, train: TrainLayout, work: Workload, assume: Assumptions = DEFAULT_ASSUMPTIONS
+) -> float:
+    """Bytes one GPU sends per RL step in megatron's expert-parallel all-to-alls (0 at
+    EP 1 or for a dense model).
+
+    Per MoE layer, a forward dispatches each of the GPU's tokens to its k experts (a
+    bf16 hidden vector, 2h bytes, per expert) and combines the k results back: 2 x k x
+    2h bytes per token, of which the share (EP - 1) / EP goes to other ranks (uniform
+    routing). A backward sends the same again (the gradients of both). The GPU's
+    tokens: the step's tokens (sequences x mean length) over the GPUs of one pipeline
+    stage (DP x CP x TP: under TP the MoE layer sees its sequence-parallel shard), its
+    layers L / PP; passes as in `cp_comm_bytes`."""
+    ep = train.ep
+    if ep <= 1 or not m.is_moe:
+        return 0.0
+    seq = min(assume.mean_prompt_tokens, work.max_prompt_tokens) + (
+        assume.mean_response_fraction * work.max_new_tokens
+    )
+    tokens_per_gpu = work.sequences * seq / (train.dp * train.cp * train.tp)
+    forwards = 1 + (1 if work.needs_reference else 0)
+    forwards += work.ppo_epochs * (1 + (1 if train.recompute == "full" else 0))
+    backwards = work.ppo_epochs
+    per_token = 2 * m.moe_top_k * 2 * m.hidden_size * (ep - 1) / ep
+    per_pass = (m.num_layers // train.pp) * tokens_per_gpu * per_token
+    return per_pass * (forwards + backwards)
 
 
 def step_time(
@@ -132,6 +161,18 @@ def step_time(
     )
     cp_comm_s = cp_comm_bytes(m, train, work, assume) / cp_link
     training_s += cp_comm_s
+    # EP: the all-to-alls, not overlapped (megatron can overlap them with the shared
+    # experts' or the other micro-batch's compute; Qwen3-MoE has no shared experts).
+    # NVLink while the TP x EP ranks of an expert group share a node.
+    ep_comm_s = 0.0
+    if train.ep > 1:
+        ep_link = (
+            gpu.nvlink_bytes_per_s
+            if train.tp * train.ep <= gpus_per_node
+            else gpu.network_bytes_per_s
+        )
+        ep_comm_s = ep_comm_bytes(m, train, work, assume) / ep_link
+        training_s += ep_comm_s
     # Weight sync: the bf16 weights leave the trainer through one link (the bucketed
     # broadcast from the gathering rank; NVLink/IPC when colocated, the NIC otherwise).
     link = gpu.nvlink_bytes_per_s if roll.colocated else gpu.network_bytes_per_s
@@ -144,5 +185,6 @@ def step_time(
         decode_step_s=decode_step,
         concurrency=conc,
         cp_comm_s=cp_comm_s,
+        ep_comm_s=ep_comm_s,
         overlapped=roll.overlaps_training,
     )

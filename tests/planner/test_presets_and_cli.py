@@ -15,8 +15,10 @@ from archer_mcore.config import load_config
 from archer_mcore.plan import GIB, plan_config, shape_from_config, total_params
 
 ROOT = Path(__file__).resolve().parents[2]
-QWEN3 = sorted((ROOT / "configs").glob("qwen3_*.yaml"))
-PRESETS = [ROOT / "configs" / "r1_distill_1p5b_archer.yaml", *QWEN3]
+MOE = [ROOT / "configs" / f"{s}.yaml" for s in
+       ("qwen3_30b_a3b_archer", "qwen3_30b_a3b_dapo", "qwen3_235b_a22b_archer")]  # fmt: skip
+QWEN3 = sorted(p for p in (ROOT / "configs").glob("qwen3_*.yaml") if p not in MOE)
+PRESETS = [ROOT / "configs" / "r1_distill_1p5b_archer.yaml", *QWEN3, *MOE]
 
 
 def test_all_nine_qwen3_presets_exist():
@@ -39,7 +41,27 @@ def test_preset_fits_its_named_cluster(path):
     assert plan.training.peak.total < 0.92 * 81559 * 2**20
 
 
-@pytest.mark.parametrize("path", QWEN3, ids=lambda p: p.stem)
+def test_moe_presets_exist_with_the_public_sizes():
+    """Qwen3-30B-A3B: 30.5 B parameters, 3.3 B activated; Qwen3-235B-A22B: 235 B, 22 B
+    (the model cards); the expert parallel size of each preset divides the experts."""
+    from archer_mcore.plan.formulas import active_params
+
+    assert all(p.is_file() for p in MOE)
+    sizes = {}
+    for path in MOE:
+        cfg = load_config(path)
+        m = shape_from_config(cfg, path)
+        assert m.num_experts % cfg.parallel.expert_model_parallel_size == 0
+        assert cfg.parallel.expert_model_parallel_size == 8
+        sizes[path.stem] = (round(total_params(m) / 1e9, 2), round(active_params(m) / 1e9, 2))
+    assert sizes == {
+        "qwen3_30b_a3b_archer": (30.53, 3.35),
+        "qwen3_30b_a3b_dapo": (30.53, 3.35),
+        "qwen3_235b_a22b_archer": (235.09, 22.19),
+    }
+
+
+@pytest.mark.parametrize("path", QWEN3 + MOE, ids=lambda p: p.stem)
 def test_qwen3_presets_follow_dapo_recipe(path):
     cfg = load_config(path)
     assert (cfg.train.prompts_per_step, cfg.rollout.n_samples_per_prompt) == (512, 16)

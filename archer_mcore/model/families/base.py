@@ -56,12 +56,16 @@ class PlannerCounts:
       (dense: all of them; MoE: its top-k experts and the router), for FLOPs.
     mlp_activation_bytes(m, gated): bytes one token leaves saved for backward in one
       layer's MLP (16-bit), the part split over TP (Korthikanti et al., table 2).
+    expert_params(m, gated): the part of `mlp_params` in routed experts, which megatron
+      splits over EP x expert-TP ranks and whose optimizer states the distributed
+      optimizer shards over the expert data-parallel group (0 for a dense family).
     """
 
     mlp_params: Callable[[ModelShape, bool], int]
     mlp_matmul_params: Callable[[ModelShape], int]
     mlp_active_matmul_params: Callable[[ModelShape], int]
     mlp_activation_bytes: Callable[[ModelShape, bool], float]
+    expert_params: Callable[[ModelShape, bool], int] = lambda m, gated: 0
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,11 @@ def _mlp_params(m: ModelShape, gated: bool = True) -> int:
     return m.num_experts * per_expert + m.num_experts * m.hidden_size
 
 
+def _expert_params(m: ModelShape, gated: bool = True) -> int:
+    """The routed experts alone: E x (2 or 3) x hidden x moe_ffn."""
+    return m.num_experts * (3 if gated else 2) * m.hidden_size * m.moe_ffn_hidden_size
+
+
 def _mlp_matmul_params(m: ModelShape) -> int:
     return m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size + m.num_experts * m.hidden_size
 
@@ -206,6 +211,7 @@ QWEN3_MOE = ModelFamily(
         mlp_matmul_params=_mlp_matmul_params,
         mlp_active_matmul_params=_mlp_active_matmul_params,
         mlp_activation_bytes=_mlp_activation_bytes,
+        expert_params=_expert_params,
     ),
     inline_config={"hidden_act": "silu", "attention_bias": False},
     arch_fields=("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
