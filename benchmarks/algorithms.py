@@ -254,7 +254,9 @@ def prepare_shared_start(
 
     w = cfg.warmstart
     train_data = PromptDataset.from_files(train_files, tokenizer, cfg.data.max_prompt_length)
-    examples = warmstart_examples(train_data, tokenizer, w.examples, w.noise, cfg.train.seed)
+    examples = warmstart_examples(
+        train_data, tokenizer, count=w.examples, noise=w.noise, seed=cfg.train.seed
+    )
     key = cache_key(
         hf_config_dict(cfg, tokenizer),
         examples,

@@ -93,7 +93,17 @@ def make_outcome(prompts: int, n: int, max_new: int, max_prompt: int, seed: int)
             ids = ((rng.zipf(1.2, length) - 1) % VOCAB).tolist()
             lps = (-rng.exponential(0.3, length)).astype(np.float32).tolist()
             reason = "length" if length == max_new else "stop"
-            samples.append(Sample(g, j, list(prompt), ids, lps, reason, 3, rng.bytes(16).hex()))
+            sample = Sample(
+                prompt_index=g,
+                sample_index=j,
+                prompt_ids=list(prompt),
+                token_ids=ids,
+                logprobs=lps,
+                finish_reason=reason,
+                weight_version=3,
+                request_id=rng.bytes(16).hex(),
+            )
+            samples.append(sample)
         correct = rng.integers(0, 2, n).astype(float).tolist()
         groups.append(ScoredGroup(samples, correct, data_source="math_dapo"))
     return SamplingOutcome(

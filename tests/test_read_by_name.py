@@ -3,7 +3,8 @@
 
 - no function or method takes more than five parameters positionally (`self` and
   `cls` not counted, as ruff's PLR0917); the later ones go after a `*`, so every call
-  names them;
+  names them. The `forward` of a `torch.autograd.Function` is exempt: `Function.apply`
+  passes its arguments on by position only (it takes no keyword arguments);
 - no dataclass with more than three fields takes more than three of them positionally:
   `@dataclass(kw_only=True)` (or fields after a `KW_ONLY` marker, or `field(kw_only=True)`).
 
@@ -26,23 +27,6 @@ MAX_POSITIONAL_FIELDS = 3
 # parameters, pending in files that other work of this session (issue 25) was changing,
 # grouped by that work; the last ones are held up by a caller in those files.
 PENDING_DEFS: set[tuple[str, str]] = {
-    # token rules (algo/, config/, train/update.py, train/components.py, metrics/keys.py)
-    ("algo/entropy.py", "_VocabParallelEntropyLogprob.forward"),
-    ("algo/entropy.py", "vocab_parallel_entropy_and_logprob"),
-    ("algo/losses.py", "policy_loss"),
-    ("algo/losses.py", "token_group_masks"),
-    ("algo/losses.py", "token_terms"),
-    ("train/components.py", "_warm_start"),
-    ("train/update.py", "update_policy"),
-    # rewards (rewards/, train/advantage_batch.py, train/collect.py, train/loop.py,
-    # data/prepare.py, data/sources/report.py)
-    ("data/prepare.py", "warmstart_examples"),
-    ("rewards/sandbox.py", "_launch_spec"),
-    ("rewards/scorer.py", "RewardScorer.__init__"),
-    ("train/loop.py", "finish_step"),
-    ("train/loop.py", "rl_step"),
-    ("train/loop.py", "save_before_step"),
-    ("train/loop.py", "save_checkpoint"),
     # model families (model/, plan/, parallel/, rollout/fp8_export.py,
     # rollout/sglang_weights.py)
     ("model/build.py", "SequenceParallelRMSNorm.__init__"),
@@ -61,42 +45,16 @@ PENDING_DEFS: set[tuple[str, str]] = {
     ("plan/search.py", "plan_config"),
     ("plan/steptime.py", "step_time"),
     ("rollout/fp8_export.py", "export_fp8_checkpoint"),
-    # in this work's files, held up by a caller in the files above:
-    # its one caller, train/components.py _warm_start, passes eight arguments positionally
-    ("train/warmstart.py", "supervised_warmstart"),
+    # in the token-rule work's files, held up by callers in the model-families work's
+    # tests: tests/mcore/mcore_workers.py passes vocab_size as a sixth positional
+    # argument, tests/mcore/test_train_step.py passes policy_loss seven
+    ("algo/entropy.py", "vocab_parallel_entropy_and_logprob"),
+    ("algo/losses.py", "policy_loss"),
 }
 
 # (file under archer_mcore/, class): dataclasses with more than three positional fields,
 # pending the same way.
 PENDING_DATACLASSES: set[tuple[str, str]] = {
-    # token rules (algo/, config/, train/update.py, train/components.py, metrics/keys.py)
-    ("algo/losses.py", "TokenTerms"),
-    ("config/schema.py", "ArchConfig"),
-    ("config/schema.py", "CheckpointConfig"),
-    ("config/schema.py", "Config"),
-    ("config/schema.py", "DataConfig"),
-    ("config/schema.py", "EvalConfig"),
-    ("config/schema.py", "MetricsConfig"),
-    ("config/schema.py", "ModelConfig"),
-    ("config/schema.py", "OptimizerConfig"),
-    ("config/schema.py", "ParallelConfig"),
-    ("config/schema.py", "RewardsConfig"),
-    ("config/schema.py", "RolloutConfig"),
-    ("config/schema.py", "SGLangConfig"),
-    ("config/schema.py", "SlurmConfig"),
-    ("config/schema.py", "SyntheticTaskConfig"),
-    ("config/schema.py", "TrainConfig"),
-    ("config/schema.py", "WarmstartConfig"),
-    ("metrics/keys.py", "KeySpec"),
-    ("train/components.py", "Components"),
-    # rewards (rewards/, train/advantage_batch.py, train/collect.py, train/loop.py,
-    # data/prepare.py, data/sources/report.py)
-    ("data/sources/report.py", "FileReport"),
-    ("rewards/sandbox.py", "Isolation"),
-    ("rewards/sandbox.py", "SandboxLimits"),
-    ("rewards/sandbox.py", "SandboxRun"),
-    ("rewards/types.py", "RewardRequest"),
-    ("train/loop.py", "TrainSummary"),
     # model families (model/, plan/, parallel/, rollout/fp8_export.py,
     # rollout/sglang_weights.py)
     ("model/build.py", "BuildChoices"),
@@ -122,13 +80,6 @@ PENDING_DATACLASSES: set[tuple[str, str]] = {
     ("plan/specs.py", "Workload"),
     ("plan/steptime.py", "StepTime"),
     ("plan/stop.py", "SignalLead"),
-    # in this work's files, held up by a caller in the files above:
-    # built with positional fields by train/advantage_batch.py build_batch
-    ("actor/policy_batch.py", "PolicyBatch"),
-    # built with positional fields by parallel/batch_transport.py receive
-    ("rollout/types.py", "Sample"),
-    # built with positional fields by train/loop.py rl_step
-    ("train/step_metrics.py", "StepResults"),
 }
 
 
@@ -198,16 +149,28 @@ def positional_fields(cls: ast.ClassDef) -> int | None:
     return count
 
 
+def apply_only(tree: ast.AST) -> set[str]:
+    """Qualified names of the `forward` of each `torch.autograd.Function` subclass:
+    `Function.apply` takes positional arguments only, so these stay positional."""
+    return {
+        f"{name}.forward"
+        for name, node in _walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and any(ast.unparse(b).rpartition(".")[2] == "Function" for b in node.bases)
+    }
+
+
 def _violations() -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
     defs: dict[tuple[str, str], int] = {}
     classes: dict[tuple[str, str], int] = {}
     for rel, tree in _sources():
+        exempt = apply_only(tree)
         for name, node in _walk(tree):
             if isinstance(node, ast.ClassDef):
                 n = positional_fields(node)
                 if n is not None and n > MAX_POSITIONAL_FIELDS:
                     classes[(rel, name)] = n
-            elif positional_params(node) > MAX_POSITIONAL_PARAMS:
+            elif name not in exempt and positional_params(node) > MAX_POSITIONAL_PARAMS:
                 defs[(rel, name)] = positional_params(node)
     return defs, classes
 
@@ -250,8 +213,12 @@ def test_the_scan_counts_as_the_rules_say() -> None:
         "@dataclass\nclass M:\n    a: int\n    _: KW_ONLY\n    b: int\n    c: int\n    d: int\n"
         "@dataclass\nclass F:\n    a: int\n    b: int\n    c: int\n"
         "    d: int = field(default=0, kw_only=True)\n"
+        "class A(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, a, b, c, d, e, f): ...\n"
     )
     found = dict(_walk(tree))
+    assert apply_only(tree) == {"A.forward"}
     assert positional_params(found["C.m"]) == 5
     assert positional_params(found["g"]) == 6
     assert [positional_fields(found[c]) for c in ("P", "K", "M", "F")] == [4, 0, 1, 3]

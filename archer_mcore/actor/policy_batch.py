@@ -13,7 +13,7 @@ in one row, attention confined to each sequence and positions restarting per seq
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class PolicyBatch:
     input_ids: Tensor
     prompt_lengths: Tensor
     response_mask: Tensor
+    _: KW_ONLY  # the optional tensors by name
     old_logp: Tensor | None = None
     advantages: Tensor | None = None
     ref_logp: Tensor | None = None

@@ -201,11 +201,9 @@ def entropy_and_logprob(
     entropy, logprob = vocab_parallel_entropy_and_logprob(
         logits.reshape(-1, logits.shape[-1]),
         tokens.reshape(-1),
-        0,
-        None,
-        temperature,
-        None,
-        chunk_rows,
-        False,
+        vocab_start=0,
+        tp_group=None,
+        temperature=temperature,
+        chunk_rows=chunk_rows,
     )
     return entropy.reshape(lead), logprob.reshape(lead)

@@ -31,7 +31,7 @@ from archer_mcore.config.algorithm import AGG_MODES, AlgorithmConfig
 LossConfig = AlgorithmConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TokenTerms:
     """Per-token pieces of the loss, all the shape of `logp`."""
 
@@ -47,6 +47,7 @@ def token_terms(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
+    *,
     eps_low: Tensor | float,
     eps_high: Tensor | float,
     clip_c: float | None,
@@ -114,6 +115,7 @@ def token_group_masks(
     entropy: Tensor,
     mask: Tensor,
     cfg: LossConfig,
+    *,
     dp_group: dist.ProcessGroup | None = None,
     selection: Tensor | None = None,
     rule: TokenRule | None = None,
@@ -174,10 +176,19 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logp)
     rule = token_rule_for(cfg)
-    groups = token_group_masks(entropy, mask, cfg, dp_group, selection, rule)
+    groups = token_group_masks(
+        entropy, mask, cfg, dp_group=dp_group, selection=selection, rule=rule
+    )
     eps_low, eps_high = clip_bounds(rule.clip_ranges(), groups, logp, cfg)
     terms = token_terms(
-        logp, old_logp, advantages, eps_low, eps_high, cfg.clip_ratio_c, ref_logp, cfg.kl_estimator
+        logp,
+        old_logp,
+        advantages,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        clip_c=cfg.clip_ratio_c,
+        ref_logp=ref_logp,
+        kl_estimator=cfg.kl_estimator,
     )
 
     pg_mask, denom = rule.gradient_mask(groups), rule.normalizer_mask(groups)

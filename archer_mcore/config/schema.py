@@ -15,7 +15,7 @@ from archer_mcore.config.fields import checked as _f
 
 
 # --------------------------------------------------------------------------- sections
-@dataclass
+@dataclass(kw_only=True)
 class ArchConfig:
     """Architecture of an inline model (used when `model.path` is empty), HF names."""
 
@@ -40,7 +40,7 @@ class ArchConfig:
     norm_topk_prob: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     path: str = ""  # HF model dir (config.json [+ safetensors]); empty: `arch`, random init
     tokenizer: str = ""  # tokenizer dir; empty: `path`, or the synthetic task's tokenizer
@@ -59,7 +59,7 @@ class ModelConfig:
     moe_token_dispatcher: Literal["alltoall", "flex"] = "alltoall"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, ge=1)
     pipeline_model_parallel_size: int = _f(1, ge=1)
@@ -82,7 +82,7 @@ class ParallelConfig:
     rollout_wait_timeout_s: float = _f(21600.0, gt=0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SGLangConfig:
     """The SGLang rollout engine (rollout.engine = sglang); docs/sglang.md.
 
@@ -126,7 +126,7 @@ class SGLangConfig:
     api_key_file: str = ""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["local", "sglang"] = "local"
     mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -154,7 +154,7 @@ class RolloutConfig:
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimizerConfig:
     lr: float = _f(1e-6, gt=0)
     min_lr: float = _f(0.0, ge=0)
@@ -167,7 +167,7 @@ class OptimizerConfig:
     clip_grad: float = _f(1.0, ge=0)  # 0: off
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SyntheticTaskConfig:
     """The synthetic arithmetic task used when `data.train_files` is empty."""
 
@@ -178,7 +178,7 @@ class SyntheticTaskConfig:
     operators: str = "+-*"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     train_files: list[str] = _f(factory=list)  # JSONL/Parquet; empty: the synthetic task
     eval_files: list[str] = _f(factory=list)
@@ -222,7 +222,7 @@ class RewardKindConfig:
     override: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RewardsConfig:
     # Bounded so that every accepted value makes a working sandbox / worker (a limit
     # the kernel refuses, e.g. code_timeout_s: 1e30, failed every run's setup); the
@@ -238,7 +238,7 @@ class RewardsConfig:
     kinds: list[RewardKindConfig] = _f(factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     run_name: str = "archer"
     output_dir: str = "runs/archer"
@@ -252,7 +252,7 @@ class TrainConfig:
     log_every: int = _f(1, ge=1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WarmstartConfig:
     """A short supervised phase before RL (the CPU demo), cached after the first run.
 
@@ -271,7 +271,7 @@ class WarmstartConfig:
     cache_dir: str = ".cache/archer/warmstart"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig:
     every: int = _f(0, ge=0)  # 0: off
     n_samples: int = _f(16, ge=1)  # k of avg@k / pass@k
@@ -280,7 +280,7 @@ class EvalConfig:
     max_new_tokens: int = _f(1024, gt=0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str = ""  # empty: <train.output_dir>/checkpoints
     save_every: int = _f(50, ge=0)  # 0: only at the end and on signals
@@ -295,7 +295,7 @@ class CheckpointConfig:
     write_gb_per_s: float = _f(2.0, gt=0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MetricsConfig:
     enabled: bool = True
     # where rank 0 serves /metrics (read-only GET); "auto": this host's own address,
@@ -326,7 +326,7 @@ class MetricsConfig:
     mlflow_tracking_uri: str = ""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SlurmConfig:
     partition: str = ""
     account: str = ""
@@ -342,13 +342,13 @@ class SlurmConfig:
     extra_sbatch: list[str] = _f(factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KernelsConfig:
     mode: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch elsewhere
     fused_lm_head: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -166,7 +166,13 @@ class PromptStream:
 
 
 def warmstart_examples(
-    dataset: PromptDataset, tokenizer: Any, count: int, noise: float, seed: int, copies: int = 4
+    dataset: PromptDataset,
+    tokenizer: Any,
+    *,
+    count: int,
+    noise: float,
+    seed: int,
+    copies: int = 4,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, solution ids + eos) pairs from the first `count` prompts.
 

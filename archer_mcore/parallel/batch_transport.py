@@ -254,8 +254,16 @@ def receive(recv: Callable[[int, torch.dtype], torch.Tensor]) -> Any:
 
     def rebuild(prompt_index: int, sample_index: int, prompt: int, tokens: int, logprobs: int,
                 finish_reason: Any, weight_version: int, request_id: str) -> Sample:  # fmt: skip
-        return Sample(prompt_index, sample_index, int_list(prompt), int_list(tokens),
-                      float_lists[logprobs], finish_reason, weight_version, request_id)  # fmt: skip
+        return Sample(
+            prompt_index=prompt_index,
+            sample_index=sample_index,
+            prompt_ids=int_list(prompt),
+            token_ids=int_list(tokens),
+            logprobs=float_lists[logprobs],
+            finish_reason=finish_reason,
+            weight_version=weight_version,
+            request_id=request_id,
+        )
 
     return _Unpickler(io.BytesIO(meta), rebuild).load()
 

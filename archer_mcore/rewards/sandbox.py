@@ -35,7 +35,6 @@ import ctypes
 import functools
 import itertools
 import json
-import math
 import os
 import shutil
 import signal
@@ -45,11 +44,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from archer_mcore.rewards import sandbox_launcher
+
+# the value types, re-exported: importers name them from this module
+from archer_mcore.rewards.sandbox_types import LIMIT_RANGES as LIMIT_RANGES
+from archer_mcore.rewards.sandbox_types import NAMESPACES, Isolation, SandboxLimits, SandboxRun
 
 _LAUNCHER = Path(sandbox_launcher.__file__).resolve()
 #: What a sandboxed program sees of the host, read-only (when a mount namespace is
@@ -74,112 +77,6 @@ SETUP_FAILED_EXIT = sandbox_launcher.SETUP_FAILED_EXIT
 
 class SandboxUnavailableError(RuntimeError):
     """Code execution was refused because the required isolation is not available."""
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Per-run limits.
-
-    wall_s: wall-clock seconds before the run is killed.
-    cpu_s: CPU seconds (RLIMIT_CPU; SIGXCPU then SIGKILL).
-    memory_mb: address-space cap of each process (RLIMIT_AS), MiB.
-    file_size_mb: largest file the program may write, stdout included (RLIMIT_FSIZE).
-    tmpfs_mb: size of the writable work directory, MiB.
-    max_processes: processes and threads of the run's uid (RLIMIT_NPROC). Memory is
-        capped per process, so a run can use up to max_processes * memory_mb.
-    max_open_files: RLIMIT_NOFILE.
-    max_output_bytes: stdout/stderr bytes read back; more is flagged as an overflow.
-    """
-
-    wall_s: float = 10.0
-    cpu_s: float = 10.0
-    memory_mb: int = 1024
-    file_size_mb: int = 16
-    tmpfs_mb: int = 64
-    max_processes: int = 8
-    max_open_files: int = 64
-    max_output_bytes: int = 4 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        for name, (low, high) in LIMIT_RANGES.items():
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not (math.isfinite(value) and low <= value <= high):
-                raise ValueError(
-                    f"SandboxLimits.{name} = {value!r} is out of range: must be a number in "
-                    f"[{low}, {high}] (a limit the kernel refuses would fail every run's setup)"
-                )
-
-
-#: Accepted range of each `SandboxLimits` field (beyond it the kernel refuses the
-#: rlimit, or the value is nonsense: a wall limit of 1e30 s, RLIMIT_NOFILE above
-#: fs.nr_open's default).
-LIMIT_RANGES: dict[str, tuple[float, float]] = {
-    "wall_s": (0.05, 86_400.0),
-    "cpu_s": (0.05, 86_400.0),
-    "memory_mb": (1, 1 << 30),
-    "file_size_mb": (1, 1 << 30),
-    "tmpfs_mb": (1, 1 << 20),
-    "max_processes": (1, 1 << 22),
-    "max_open_files": (3, 1 << 20),
-    "max_output_bytes": (1, 1 << 40),
-}
-
-
-@dataclass(frozen=True)
-class Isolation:
-    """Which protections this machine supports (probed once per process)."""
-
-    net: bool
-    mount: bool
-    pid: bool
-    detail: str = ""
-    ipc: bool = False
-    uts: bool = False
-    cgroup: bool = False
-    time: bool = False
-
-
-#: The namespaces `probe_isolation` tries, each an `Isolation` field.
-NAMESPACES: tuple[str, ...] = ("net", "mount", "pid", "ipc", "uts", "cgroup", "time")
-
-
-@dataclass(frozen=True)
-class SandboxRun:
-    """What one run did. exit_code: the program's exit status (128 + signal if killed)."""
-
-    exit_code: int | None
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-    output_overflow: bool
-    setup_failed: bool
-    wall_s: float
-    setup_error: str = ""  # the launcher's report when setup_failed
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not (
-            self.timed_out or self.output_overflow or self.setup_failed
-        )
-
-    def describe(self) -> str:
-        if self.setup_failed:
-            return "sandbox setup failed: " + self.setup_error[-300:]
-        if self.timed_out:
-            return f"wall-time limit exceeded ({self.wall_s:.1f}s)"
-        if self.output_overflow:
-            return "output limit exceeded"
-        if self.exit_code is not None and self.exit_code > 128:
-            try:
-                name = signal.Signals(self.exit_code - 128).name
-            except ValueError:
-                name = str(self.exit_code - 128)
-            return f"killed by {name}"
-        if self.exit_code:
-            tail = self.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            return f"exit code {self.exit_code}: {tail[0][:300]}"
-        return "ok"
 
 
 def _world_executable(path: Path) -> bool:
@@ -371,7 +268,9 @@ class Sandbox:
         self.scratch_root = scratch_root
         self.can_setuid = os.geteuid() == 0
         self.isolation = (
-            probe_isolation() if self.can_setuid else Isolation(False, False, False, "not root")
+            probe_isolation()
+            if self.can_setuid
+            else Isolation(net=False, mount=False, pid=False, detail="not root")
         )
         if not self.isolation.net and not allow_unsandboxed:
             raise SandboxUnavailableError(
@@ -409,8 +308,18 @@ class Sandbox:
                 os.chown(work, uid, gid)
             inner = INNER_WORKDIR if self.isolation.mount else str(work)
             (scratch / "root").mkdir(mode=0o700)
-            spec = _launch_spec(scratch, work, inner, self.root_binds, argv,
-                                scrubbed_env(inner), uid, gid, limits, self.isolation)  # fmt: skip
+            spec = _launch_spec(
+                scratch,
+                work,
+                inner=inner,
+                root_binds=self.root_binds,
+                argv=argv,
+                env=scrubbed_env(inner),
+                uid=uid,
+                gid=gid,
+                limits=limits,
+                isolation=self.isolation,
+            )
             return _launch(spec, stdin, limits, scratch)
         finally:
             if not self.isolation.pid and self.can_setuid:
@@ -435,13 +344,30 @@ class Sandbox:
 
 
 #: The isolation probe's trivial run (`env true`): generous process and file limits.
-PROBE_LIMITS = SandboxLimits(wall_s=30, cpu_s=5, memory_mb=256, file_size_mb=1, tmpfs_mb=1,
-                             max_processes=10_000, max_open_files=64)  # fmt: skip
+PROBE_LIMITS = SandboxLimits(
+    wall_s=30,
+    cpu_s=5,
+    memory_mb=256,
+    file_size_mb=1,
+    tmpfs_mb=1,
+    max_processes=10_000,
+    max_open_files=64,
+)
 
 
-def _launch_spec(scratch: Path, work: Path, inner: str, root_binds: list[str],
-                 argv: list[str], env: dict[str, str], uid: int, gid: int,
-                 limits: SandboxLimits, isolation: Isolation) -> dict[str, Any]:  # fmt: skip
+def _launch_spec(
+    scratch: Path,
+    work: Path,
+    *,
+    inner: str,
+    root_binds: list[str],
+    argv: list[str],
+    env: dict[str, str],
+    uid: int,
+    gid: int,
+    limits: SandboxLimits,
+    isolation: Isolation,
+) -> dict[str, Any]:
     """The JSON spec sandbox_launcher reads: paths, identity, namespaces, rlimits."""
     return {
         "parent_pid": os.getpid(),
@@ -497,8 +423,18 @@ def probe_isolation() -> Isolation:
             work.mkdir()
             (scratch / "root").mkdir(mode=0o700)
             probe = Isolation(**{n: n == name for n in NAMESPACES})  # type: ignore[arg-type]
-            spec = _launch_spec(scratch, work, INNER_WORKDIR, list(SYSTEM_DIRS),
-                                ["/usr/bin/env", "true"], {}, 0, 0, PROBE_LIMITS, probe)  # fmt: skip
+            spec = _launch_spec(
+                scratch,
+                work,
+                inner=INNER_WORKDIR,
+                root_binds=list(SYSTEM_DIRS),
+                argv=["/usr/bin/env", "true"],
+                env={},
+                uid=0,
+                gid=0,
+                limits=PROBE_LIMITS,
+                isolation=probe,
+            )
             run = _launch(spec, b"", PROBE_LIMITS, scratch)
             results[name] = run.exit_code == 0
             if not results[name]:

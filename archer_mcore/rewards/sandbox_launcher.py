@@ -159,7 +159,7 @@ def _clear_uid_keyrings() -> None:
 
 
 def _mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+    source: str | None, target: str, fstype: str | None, flags: int, *, data: str | None = None
 ) -> None:
     enc = lambda s: None if s is None else s.encode()  # noqa: E731
     _check(
@@ -220,7 +220,7 @@ def _setup_mounts(spec: dict) -> None:
             files[name] = f.read()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = spec["new_root"]
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, data="size=1m,nr_inodes=1024,mode=0755")
     for path in spec["root_binds"]:
         if not os.path.lexists(path):
             continue
@@ -243,7 +243,7 @@ def _setup_mounts(spec: dict) -> None:
         os.makedirs(root + "/proc", exist_ok=True)
         # hidepid=2: a process sees only its own uid's entries, so not PID 1 (this
         # supervisor, root), whose command line is the launcher's.
-        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_RDONLY, "hidepid=2")
+        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_RDONLY, data="hidepid=2")
     inner = root + spec["inner_workdir"]
     os.makedirs(inner, exist_ok=True)
     uid, gid = spec["uid"], spec["gid"]
@@ -252,7 +252,7 @@ def _setup_mounts(spec: dict) -> None:
         inner,
         "tmpfs",
         MS_NOSUID | MS_NODEV,
-        f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}",
+        data=f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}",
     )
     for name, data in files.items():
         path = os.path.join(inner, name)

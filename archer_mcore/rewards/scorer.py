@@ -89,6 +89,7 @@ class RewardScorer:
     def __init__(
         self,
         registry: RewardRegistry | None = None,
+        *,
         num_workers: int = 4,
         process_timeout_s: float = 5.0,
         code_limits: SandboxLimits | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 # Failure reasons. Answer-level ones say the response was judged and is wrong; the
@@ -60,11 +60,13 @@ class RewardRequest:
     data_source: the dataset row's `data_source`; the registry maps it to a reward kind.
     kind: optional explicit reward kind ("math", "code", ...) overriding the data source.
     extra: free-form per-row information passed through to the reward function.
+    kind and extra are passed by name.
     """
 
     response: str
     ground_truth: Any
     data_source: str = ""
+    _: KW_ONLY
     kind: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -81,7 +81,7 @@ class SamplingParams:
         return 1.0 if self.greedy else self.temperature
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sample:
     """One generated response.
 

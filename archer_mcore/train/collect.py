@@ -27,6 +27,7 @@ log = logging.getLogger("archer.train")
 def rollout_and_score(
     c: Components,
     prompts: list[PromptExample],
+    *,
     n: int,
     params: SamplingParams,
     timer: PhaseTimer,
@@ -41,7 +42,7 @@ def rollout_and_score(
 
 
 def generate_scored_groups(
-    c: Components, n_prompts: int, n: int, params: SamplingParams, timer: PhaseTimer
+    c: Components, n_prompts: int, *, n: int, params: SamplingParams, timer: PhaseTimer
 ) -> list[ScoredGroup]:
     """Rank 0 generates `n` samples for each of the next `n_prompts` prompts and scores
     them (phases "rollout" and "reward"); every rank gets the groups."""
@@ -49,7 +50,7 @@ def generate_scored_groups(
     groups = None
     if c.is_main:
         try:
-            groups = rollout_and_score(c, prompts, n, params, timer)
+            groups = rollout_and_score(c, prompts, n=n, params=params, timer=timer)
         except RolloutError as exc:
             # Slurm's pre-emption SIGTERM reaches every process of the job, the rollout
             # servers too: once this rank has a stop signal, a rollout that failed is
@@ -67,6 +68,7 @@ def collect_step_groups(
     c: Components,
     params: SamplingParams,
     timer: PhaseTimer,
+    *,
     boundary: Callable[[str], None] | None = None,
 ) -> SamplingOutcome[ScoredGroup]:
     """The step's groups to train on, generated now (see `collect_with`).
@@ -77,7 +79,7 @@ def collect_step_groups(
     n = cfg.rollout.n_samples_per_prompt
 
     def generate(k: int) -> list[ScoredGroup]:
-        groups = generate_scored_groups(c, k, n, params, timer)
+        groups = generate_scored_groups(c, k, n=n, params=params, timer=timer)
         if boundary is not None:
             boundary("rollout")
         return groups
@@ -98,5 +100,5 @@ def collect_with(
         lambda g: g.reward_signal,
         t.prompts_per_step,
         a.group_filter,
-        a.max_generation_batches,
+        max_generation_batches=a.max_generation_batches,
     )

@@ -10,7 +10,6 @@ batch and broadcasts it to the other ranks. Data preparation is in
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from archer_mcore.model.hf_config import model_hf_config, shape_from_hf_config
 from archer_mcore.parallel.ranks import destroy_control_group, init_control_group, rank
 from archer_mcore.rewards.registry import RewardRegistry
 from archer_mcore.rollout.types import RolloutEngine
+from archer_mcore.train.log import log as user_log
 from archer_mcore.train.progress import PhaseTimer, ProgressBar, prints_step_line, step_line
 from archer_mcore.train.protocols import (
     MetricsSink,
@@ -50,7 +50,7 @@ from archer_mcore.utils.safe_files import append_line
 
 
 # ----------------------------------------------------------------------------- the bundle
-@dataclass
+@dataclass(kw_only=True)
 class Components:
     """What one RL run holds: on every rank the policy and the prompt stream; on rank
     0 only (None elsewhere) the engine, the reward scorer and the metrics exporter."""
@@ -156,7 +156,7 @@ class Components:
             return
         t = self.cfg.train
         if prints_step_line(step, t.steps, t.log_every, row):
-            print(step_line(step, t.steps, row), flush=True)
+            user_log.info(step_line(step, t.steps, row))
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         append_line(out / "metrics.jsonl", json.dumps(row) + "\n")  # never through a link
@@ -248,8 +248,12 @@ def build_engine(cfg: Config, hf_config: Mapping[str, Any], pad_id: int) -> Roll
     from archer_mcore.rollout.sglang_config import SGLangConfigError, build_sglang_engine
 
     try:
-        return build_sglang_engine(cfg, hf_config, Path(cfg.train.output_dir) / "sglang",
-                                   device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+        return build_sglang_engine(
+            cfg,
+            hf_config,
+            Path(cfg.train.output_dir) / "sglang",
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
     except SGLangConfigError as e:
         raise ConfigError(str(e)) from e
 
@@ -272,6 +276,7 @@ def _warm_start(
     cfg: Config,
     train_data: PromptDataset,
     tokenizer: Tokenizer,
+    *,
     hf_config: dict[str, Any],
     cache: Path,
     pad_id: int,
@@ -280,7 +285,9 @@ def _warm_start(
     from archer_mcore.train.warmstart import supervised_warmstart
 
     w = cfg.warmstart
-    examples = warmstart_examples(train_data, tokenizer, w.examples, w.noise, cfg.train.seed)
+    examples = warmstart_examples(
+        train_data, tokenizer, count=w.examples, noise=w.noise, seed=cfg.train.seed
+    )
 
     bar = ProgressBar("warm start", w.steps)  # drawn only on a terminal
 
@@ -288,18 +295,18 @@ def _warm_start(
         bar.update()
         if step % 100 == 0 or step == w.steps:
             bar.close()
-            print(f"warm start {step}/{w.steps} | sft loss {loss:.4f}", flush=True)
+            user_log.info(f"warm start {step}/{w.steps} | sft loss {loss:.4f}")
 
     return str(
         supervised_warmstart(
             hf_config,
             examples,
             cache,
-            w.steps,
-            w.batch_size,
-            w.lr,
-            cfg.train.seed,
-            pad_id,
+            steps=w.steps,
+            batch_size=w.batch_size,
+            lr=w.lr,
+            seed=cfg.train.seed,
+            pad_id=pad_id,
             on_progress=progress,
         )
     )
@@ -325,7 +332,7 @@ def _rank0_services(
 
         exporter = MetricsExporter.from_config(cfg.metrics, run=cfg.train.run_name)
         exporter.start()
-        print(f"metrics: {exporter.url}", file=sys.stderr, flush=True)
+        user_log.info(f"metrics: {exporter.url}", stderr=True)
         exporter.record_values(train_data.report.metrics())  # data/* counters
     from archer_mcore.metrics.trackers import with_trackers  # metrics.trackers, rank 0
 
@@ -359,7 +366,9 @@ def build_components(cfg: Config) -> Components:
 
     source: Any = cfg.model.path or hf_config
     if cfg.warmstart.steps > 0:
-        source = _warm_start(cfg, train_data, tokenizer, hf_config, cache, pad_id)
+        source = _warm_start(
+            cfg, train_data, tokenizer, hf_config=hf_config, cache=cache, pad_id=pad_id
+        )
     policy = MegatronPolicy.from_hf(source, _policy_config(cfg))  # initialises torch.distributed
     # how long the ranks wait for rank 0's rollout: its group, made while all are here
     init_control_group(cfg.parallel.rollout_wait_timeout_s)

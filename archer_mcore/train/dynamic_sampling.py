@@ -43,6 +43,7 @@ def collect_groups(
     correctness: Callable[[G], Sequence[float]],
     target: int,
     mode: Literal["none", "drop", "refill"],
+    *,
     max_generation_batches: int = 10,
 ) -> SamplingOutcome[G]:
     """Generate and filter groups until `target` are kept (mode refill) or once.

@@ -47,6 +47,7 @@ from archer_mcore.train.advantage_batch import AdvantageSettings, ScoredGroup, b
 from archer_mcore.train.components import Components, build_components
 from archer_mcore.train.dynamic_sampling import SamplingOutcome
 from archer_mcore.train.held_out import evaluate_held_out
+from archer_mcore.train.log import log as user_log
 from archer_mcore.train.progress import PhaseTimer
 from archer_mcore.train.protocols import RolloutScheduler
 from archer_mcore.train.rollout_scheduler import make_rollout_scheduler
@@ -64,7 +65,7 @@ from archer_mcore.train.update import (
 log = logging.getLogger("archer.train")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSummary:
     """What a run did: its last step, why it stopped, skipped updates, held-out
     accuracy per evaluated step and the newest checkpoint."""
@@ -100,13 +101,31 @@ def train(cfg: Config, resume: bool = False, components: Components | None = Non
                     timer = PhaseTimer()
                     step_start = time.perf_counter()
                     try:
-                        metrics = rl_step(cfg, c, rollout, step, timer, guard, summary, stop)
+                        metrics = rl_step(
+                            cfg,
+                            c,
+                            rollout,
+                            step,
+                            timer=timer,
+                            guard=guard,
+                            summary=summary,
+                            stop=stop,
+                        )
                     except StepAbandoned as abandoned:
-                        save_before_step(cfg, c, rollout, summary, abandoned, stop)
+                        save_before_step(cfg, c, rollout, summary, abandoned=abandoned, stop=stop)
                         break
                     # 6. Eval, checkpoint, report.
-                    if finish_step(cfg, c, rollout, summary, step, metrics, timer, step_start,
-                                   stop):  # fmt: skip
+                    if finish_step(
+                        cfg,
+                        c,
+                        rollout,
+                        summary,
+                        step=step,
+                        metrics=metrics,
+                        timer=timer,
+                        step_start=step_start,
+                        stop=stop,
+                    ):
                         break
         finally:
             rollout.close()
@@ -123,6 +142,7 @@ def rl_step(
     c: Components,
     rollout: RolloutScheduler,
     step: int,
+    *,
     timer: PhaseTimer,
     guard: NonFiniteGuard,
     summary: TrainSummary,
@@ -165,9 +185,16 @@ def rl_step(
     # 4. The update: ppo_epochs passes over mini-batches of whole groups.
     with timer("update"):
         updates, skipped = update_policy(
-            c.policy, old, len(outcome.groups), cfg.rollout.n_samples_per_prompt,
-            a, t, step, guard, summary.last_checkpoint,
-        )  # fmt: skip
+            c.policy,
+            old,
+            groups=len(outcome.groups),
+            group_size=cfg.rollout.n_samples_per_prompt,
+            algorithm=a,
+            train=t,
+            step=step,
+            guard=guard,
+            last_checkpoint=summary.last_checkpoint,
+        )
     summary.skipped_updates += skipped
     ensure_finite_parameters(c, step, summary)
 
@@ -182,9 +209,16 @@ def rl_step(
     c.hand_devices_to_rollout()
 
     results = StepResults(
-        outcome, failures, batch, old.logp, cfg.rollout.tis_cap,
-        updates, skipped, t.ppo_epochs, sent,
-    )  # fmt: skip
+        outcome=outcome,
+        reward_failures=failures,
+        batch=batch,
+        old_logp=old.logp,
+        tis_cap=cfg.rollout.tis_cap,
+        updates=updates,
+        skipped_updates=skipped,
+        ppo_epochs=t.ppo_epochs,
+        sync_bytes=sent,
+    )
     return step_metrics(results, timer)
 
 
@@ -206,11 +240,10 @@ def say_if_partial(cfg: Config, outcome: SamplingOutcome[ScoredGroup], step: int
     """Dynamic sampling that hit its cap trains on fewer groups than a full step: say so."""
     if not outcome.full:
         a, t = cfg.algorithm, cfg.train
-        print(
+        user_log.info(
             f"step {step}: dynamic sampling hit its cap of {a.max_generation_batches} "
             f"generation batches; training on {len(outcome.groups)} of "
-            f"{t.prompts_per_step} groups",
-            flush=True,
+            f"{t.prompts_per_step} groups"
         )
 
 
@@ -222,13 +255,11 @@ def resume_run(c: Components, resume: bool, summary: TrainSummary) -> tuple[int,
         return 0, {}
 
     def skipped(path: Path, reason: str) -> None:
-        if c.is_main:
-            print(f"--resume: skipping damaged checkpoint {path.name}: {reason}", flush=True)
+        user_log.info(f"--resume: skipping damaged checkpoint {path.name}: {reason}")
 
     latest = latest_valid_checkpoint(c.checkpoint_root, report=skipped)
     if latest is None:
-        if c.is_main:
-            print(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh", flush=True)
+        user_log.info(f"--resume: no checkpoint under {c.checkpoint_root}; starting fresh")
         return 0, {}
     state = c.policy.load_checkpoint(latest)
     start = int(state["step"])
@@ -237,8 +268,7 @@ def resume_run(c: Components, resume: bool, summary: TrainSummary) -> tuple[int,
     summary.skipped_updates = int(state.get("skipped_updates", 0))
     summary.last_checkpoint = str(latest)
     summary.saved_step = start
-    if c.is_main:
-        print(f"resumed from {latest} (step {start})", flush=True)
+    user_log.info(f"resumed from {latest} (step {start})")
     return start, state
 
 
@@ -247,8 +277,7 @@ def evaluate_baseline(cfg: Config, c: Components, summary: TrainSummary) -> None
     ev = evaluate_held_out(cfg, c, 0)
     if "eval/accuracy" in ev:
         summary.eval_history.append((0, ev["eval/accuracy"]))
-        if c.is_main:
-            print(f"step 0/{cfg.train.steps} | eval acc {ev['eval/accuracy']:.3f}", flush=True)
+        user_log.info(f"step 0/{cfg.train.steps} | eval acc {ev['eval/accuracy']:.3f}")
 
 
 def ensure_finite_parameters(c: Components, step: int, summary: TrainSummary) -> None:
@@ -265,6 +294,7 @@ def save_checkpoint(
     c: Components,
     rollout: RolloutScheduler,
     summary: TrainSummary,
+    *,
     step: int,
     rollout_state: dict[str, Any] | None = None,
 ) -> None:
@@ -287,6 +317,7 @@ def save_before_step(
     c: Components,
     rollout: RolloutScheduler,
     summary: TrainSummary,
+    *,
     abandoned: StepAbandoned,
     stop: StopCheck,
 ) -> None:
@@ -301,20 +332,18 @@ def save_before_step(
     if summary.saved_step != done and done > 0:
         state = rollout.state_before(k)
         t0 = time.monotonic()
-        save_checkpoint(cfg, c, rollout, summary, done, rollout_state=state)
+        save_checkpoint(cfg, c, rollout, summary, step=done, rollout_state=state)
         summary.last_save_s = time.monotonic()
         log.info("checkpoint of step %d written in %.1f s", done, summary.last_save_s - t0)
-    if c.is_main:
-        where = (
-            f"checkpoint written at step {done} ({summary.last_checkpoint})"
-            if summary.saved_step == done
-            else "no step trained yet, nothing to save"
-        )
-        print(
-            f"received {summary.stopped_by}: {where}; step {k} dropped before its "
-            f"update (stopped after {abandoned.phase}); exiting",
-            flush=True,
-        )
+    where = (
+        f"checkpoint written at step {done} ({summary.last_checkpoint})"
+        if summary.saved_step == done
+        else "no step trained yet, nothing to save"
+    )
+    user_log.info(
+        f"received {summary.stopped_by}: {where}; step {k} dropped before its "
+        f"update (stopped after {abandoned.phase}); exiting"
+    )
 
 
 def finish_step(
@@ -322,6 +351,7 @@ def finish_step(
     c: Components,
     rollout: RolloutScheduler,
     summary: TrainSummary,
+    *,
     step: int,
     metrics: dict[str, float],
     timer: PhaseTimer,
@@ -349,28 +379,25 @@ def finish_step(
     )
     if stopping or periodic or timed or step == cfg.train.steps:
         with timer("checkpoint"):
-            save_checkpoint(cfg, c, rollout, summary, step)
+            save_checkpoint(cfg, c, rollout, summary, step=step)
         summary.last_save_s = time.monotonic()
     metrics.update(rollout.step_metrics(step, timer, step_start, time.perf_counter()))
     metrics["time/step"] = time.perf_counter() - step_start
     c.report(step, metrics, timer)
     if stopping:
         summary.stopped_by = stop.signal_name
-        if c.is_main:
-            print(
-                f"received {summary.stopped_by}: checkpoint written at step {step} "
-                f"({summary.last_checkpoint}); exiting",
-                flush=True,
-            )
+        user_log.info(
+            f"received {summary.stopped_by}: checkpoint written at step {step} "
+            f"({summary.last_checkpoint}); exiting"
+        )
     return stopping
 
 
 def report_eval_change(c: Components, summary: TrainSummary) -> None:
     """The held-out accuracy's change from the first to the last evaluation."""
-    if c.is_main and len(summary.eval_history) >= 2:
+    if len(summary.eval_history) >= 2:
         (s0, a0), (s1, a1) = summary.eval_history[0], summary.eval_history[-1]
-        print(
+        user_log.info(
             f"held-out accuracy: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1} "
-            f"({100 * (a1 - a0):+.1f} points)",
-            flush=True,
+            f"({100 * (a1 - a0):+.1f} points)"
         )

@@ -167,7 +167,7 @@ class SyncRollout:
         the step). The data position and sampling RNG before the step are kept for
         `state_before`."""
         self._before = (step, SyncRollout.checkpoint_state(self, step - 1))
-        outcome = collect_step_groups(self.cfg, self.c, self.params, timer, boundary)
+        outcome = collect_step_groups(self.cfg, self.c, self.params, timer, boundary=boundary)
         self._versions = check_staleness(outcome.groups, self.synced, None)
         return outcome
 
@@ -421,7 +421,7 @@ class AsyncRollout(SyncRollout):
         with self._engine_lock:
             t0 = time.perf_counter()
             prompts = self.c.prompts.next_batch(k)
-            groups = rollout_and_score(self.c, prompts, self.n, self.params, timer)
+            groups = rollout_and_score(self.c, prompts, n=self.n, params=self.params, timer=timer)
             t1 = time.perf_counter()
         with self._cond:
             self._busy.append((t0, t1))

@@ -102,7 +102,7 @@ def throughput_metrics(
     }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepResults:
     """What the phases of one trained step returned, for `step_metrics`."""
 

@@ -121,10 +121,11 @@ class NonFiniteGuard:
 def update_policy(
     policy: Policy,
     old: OldPolicyScores,
+    *,
     groups: int,
     group_size: int,
-    a: AlgorithmConfig,
-    t: TrainConfig,
+    algorithm: AlgorithmConfig,
+    train: TrainConfig,
     step: int,
     guard: NonFiniteGuard,
     last_checkpoint: str | None,
@@ -135,11 +136,11 @@ def update_policy(
     updates: list[dict[str, float]] = []
     skipped = 0
     mask = old.batch.response_mask
-    for rows in minibatch_rows(groups, group_size, t, step):
+    for rows in minibatch_rows(groups, group_size, train, step):
         share = rows[policy.dp_rank :: policy.dp_size]
-        selection = minibatch_selection(a, old.entropy, mask, rows)
+        selection = minibatch_selection(algorithm, old.entropy, mask, rows)
         mini = old.batch if selection is None else with_fields(old.batch, selection=selection)
-        m = policy.train_step(mini.rows(share), a)
+        m = policy.train_step(mini.rows(share), algorithm)
         updates.append(m)
         skipped += guard.record(m, step, last_checkpoint)
     return updates, skipped

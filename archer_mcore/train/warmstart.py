@@ -55,6 +55,7 @@ def supervised_warmstart(
     hf_config: Mapping[str, Any],
     examples: Sequence[Example],
     out_dir: str | Path,
+    *,
     steps: int,
     batch_size: int = 64,
     lr: float = 3e-3,

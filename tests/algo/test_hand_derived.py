@@ -55,7 +55,8 @@ def test_archer_ties_and_single_token_go_to_knowledge():
 def _tok_loss(a: float, r: float, lo: float, hi: float, c: float | None = None) -> float:
     logp = torch.tensor([math.log(r)], dtype=torch.float64)
     old = torch.zeros(1, dtype=torch.float64)
-    return token_terms(logp, old, torch.tensor([a], dtype=torch.float64), lo, hi, c).pg_loss.item()
+    adv = torch.tensor([a], dtype=torch.float64)
+    return token_terms(logp, old, adv, eps_low=lo, eps_high=hi, clip_c=c).pg_loss.item()
 
 
 def test_token_loss_knowledge_and_reasoning_clips():

@@ -73,18 +73,18 @@ def test_matches_float64_reference(n, estimator, clip_c, per_token_eps, with_ref
 @pytest.mark.parametrize("clip_c", [10.0, None])
 def test_matches_torch_token_terms(estimator, clip_c):
     logp, old, adv, ref, eps_low, eps_high, up = _inputs(257, seed=4)
-    args = (
-        old.float(),
-        adv.float(),
-        eps_low.float(),
-        eps_high.float(),
-        clip_c,
-        ref.float(),
-        estimator,
-    )
+    args = (old.float(), adv.float())
+    kwargs = {
+        "eps_low": eps_low.float(),
+        "eps_high": eps_high.float(),
+        "clip_c": clip_c,
+        "ref_logp": ref.float(),
+        "kl_estimator": estimator,
+    }
     lp_a = logp.float().requires_grad_()
     lp_b = logp.float().requires_grad_()
-    got, want = vars(fused_token_terms(lp_a, *args)), vars(token_terms(lp_b, *args))
+    got = vars(fused_token_terms(lp_a, *args, **kwargs))
+    want = vars(token_terms(lp_b, *args, **kwargs))
     for key in ("pg_loss", "kl", "ratio"):
         assert torch.allclose(got[key], want[key], rtol=1e-6, atol=1e-6), key
     for key in FLAGS:

@@ -104,7 +104,14 @@ def test_rows_route_by_style_ability_or_default_and_are_then_scored(tmp_path, to
     from archer_mcore.rollout.types import Sample
 
     def sample(p: int, k: int, toks: list[int]) -> Sample:
-        return Sample(p, k, list(routed[p].prompt_ids), toks, [0.0] * len(toks), "stop")
+        return Sample(
+            prompt_index=p,
+            sample_index=k,
+            prompt_ids=list(routed[p].prompt_ids),
+            token_ids=toks,
+            logprobs=[0.0] * len(toks),
+            finish_reason="stop",
+        )
 
     batch = RolloutBatch(groups=[[sample(p, 0, i), sample(p, 1, bad)] for p, i in enumerate(ids)])
     with RewardScorer.from_config(cfg.rewards) as scorer:

@@ -39,21 +39,36 @@ def _f32(x: float) -> float:
 def _group(g: int, n: int, prompt_len: int, lengths: list[int]) -> ScoredGroup:
     prompt = [(7 * g + i) % 151_936 for i in range(prompt_len)]
     samples = [
-        Sample(g, j, list(prompt),  # equal but distinct prompt lists, as SGLangEngine's
-               [(1000 * g + 37 * j + t) % 151_936 for t in range(lengths[j])],
-               [_f32(-0.01 * (t + 1) * (j + 1)) for t in range(lengths[j])],
-               "abort" if lengths[j] == 0 else ("length" if j % 2 else "stop"),
-               weight_version=g // 2, request_id=f"req-{g}-{j}")
+        Sample(
+            prompt_index=g,
+            sample_index=j,
+            prompt_ids=list(prompt),  # equal but distinct prompt lists, as SGLangEngine's
+            token_ids=[(1000 * g + 37 * j + t) % 151_936 for t in range(lengths[j])],
+            logprobs=[_f32(-0.01 * (t + 1) * (j + 1)) for t in range(lengths[j])],
+            finish_reason="abort" if lengths[j] == 0 else ("length" if j % 2 else "stop"),
+            weight_version=g // 2,
+            request_id=f"req-{g}-{j}",
+        )
         for j in range(n)
     ]
     return ScoredGroup(samples, [float(j % 2) for j in range(n)], data_source=f"src{g % 3}")
+
+
+def _empty_sample() -> Sample:
+    return Sample(
+        prompt_index=0, sample_index=0, prompt_ids=[1], token_ids=[], logprobs=[],
+        finish_reason="abort",
+    )
 
 
 def cases() -> dict[str, Any]:
     """name -> rank 0's object (built the same on every rank, to compare against)."""
     groups = [_group(g, 4, 3 + 5 * g, [(g * 13 + j * 7) % 40 for j in range(4)])
               for g in range(6)]  # fmt: skip
-    groups[1].samples[2] = Sample(1, 2, [5, 6], [], [], "abort")  # empty response
+    groups[1].samples[2] = Sample(  # empty response
+        prompt_index=1, sample_index=2, prompt_ids=[5, 6], token_ids=[], logprobs=[],
+        finish_reason="abort",
+    )
     shared = _group(9, 3, 4, [2, 3, 0])
     shared.samples[1].prompt_ids = shared.samples[0].prompt_ids  # one list object twice
     wide = _group(10, 2, 2, [3, 2])
@@ -85,7 +100,7 @@ def cases() -> dict[str, Any]:
         "wide arrays": [wide, special],
         "logprobs None": [none_lp, groups[3]],
         "not numbers": [odd],
-        "one empty sample": [ScoredGroup([Sample(0, 0, [1], [], [], "abort")], [0.0])],
+        "one empty sample": [ScoredGroup([_empty_sample()], [0.0])],
     }
 
 

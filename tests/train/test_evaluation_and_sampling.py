@@ -58,7 +58,9 @@ def test_refill_until_full_then_truncate():
 
 def test_refill_cap_trains_on_what_it_has(caplog):
     flat = [[[1, 1], [0, 0]]] * 3
-    out = collect_groups(_gen_factory([*flat, [[0, 1]]]), lambda g: g, 2, "refill", 3)
+    out = collect_groups(
+        _gen_factory([*flat, [[0, 1]]]), lambda g: g, 2, "refill", max_generation_batches=3
+    )
     assert out.groups == [] and not out.full and out.generation_batches == 3
     assert "after 3 generation batches" in caplog.text
 

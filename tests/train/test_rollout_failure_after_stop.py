@@ -36,14 +36,14 @@ def _components() -> SimpleNamespace:
 
 def test_without_a_stop_signal_the_failure_is_raised() -> None:
     with StopRequest(), pytest.raises(RolloutError, match="servers down"):
-        generate_scored_groups(_components(), 2, 4, None, PhaseTimer())
+        generate_scored_groups(_components(), 2, n=4, params=None, timer=PhaseTimer())
 
 
 def test_after_a_stop_signal_the_rollout_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     with StopRequest():
         os.kill(os.getpid(), signal.SIGTERM)  # the handler sets the flag
         assert stop_requested()
-        groups = generate_scored_groups(_components(), 2, 4, None, PhaseTimer())
+        groups = generate_scored_groups(_components(), 2, n=4, params=None, timer=PhaseTimer())
     assert groups == []
     assert "rollout failed after a stop signal, dropped" in caplog.text
     assert not stop_requested()  # outside the StopRequest: no stop

@@ -41,7 +41,16 @@ def test_async_is_refused_where_it_cannot_work():
 
 
 def _sample(version: int, i: int = 0, j: int = 0) -> Sample:
-    return Sample(i, j, [3, 4], [5, 6, 7], [-0.5, -1.25, -2.0], "stop", version, f"r{i}{j}")
+    return Sample(
+        prompt_index=i,
+        sample_index=j,
+        prompt_ids=[3, 4],
+        token_ids=[5, 6, 7],
+        logprobs=[-0.5, -1.25, -2.0],
+        finish_reason="stop",
+        weight_version=version,
+        request_id=f"r{i}{j}",
+    )
 
 
 def test_groups_survive_a_weights_only_checkpoint_round_trip():

@@ -26,7 +26,7 @@ FIRST_BUCKET = 64
 MAX_LISTED = 20
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FileReport:
     """Counts and lengths of one or more prompt files (module docstring)."""
 
