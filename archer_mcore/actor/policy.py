@@ -42,6 +42,7 @@ from torch import Tensor
 
 from archer_mcore.actor import kernel_dispatch
 from archer_mcore.actor.checkpoint import load_checkpoint, save_checkpoint
+from archer_mcore.actor.moe_load import RouterLoad
 from archer_mcore.actor.policy_batch import (
     PolicyBatch,
     build_microbatches,
@@ -112,6 +113,12 @@ class MegatronPolicy:
         model, self.config, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
         if hf_dir is not None:
             load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
+        self.router_load = (
+            RouterLoad(model, num_layers=shape.num_layers, num_experts=shape.num_experts,
+                       top_k=shape.moe_top_k)
+            if shape.is_moe
+            else None
+        )  # fmt: skip
         self.reference = None
         if cfg.with_reference:
             ref, _, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
@@ -418,9 +425,13 @@ class MegatronPolicy:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.router_load is not None:
+            self.router_load.reset()
         with self._hidden_states_out(self.model):
             outs = run_microbatches(self.model, mbs, loss_fn, forward_only=False)
         metrics = self._reduce_metrics(outs)  # the same on every rank
+        if self.router_load is not None:  # MoE: expert load of this step's forwards
+            metrics.update(self.router_load.metrics(_comm_device()))
         ok, grad_norm = self._optimizer_step(math.isfinite(metrics.get("loss", 0.0)))
         if ok:
             self.scheduler.step(increment=1)

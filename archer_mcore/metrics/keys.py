@@ -12,6 +12,7 @@ same table. Patterns expand over:
   `checkpoint`, `step` (`step` = the whole step, wall clock);
 - `<term>`: loss terms `pg`, `kl`, `entropy`;
 - `<k>`: any positive integer (pass@k).
+- `<layer>`: a MoE layer's number, 1-based as megatron numbers it (actor/moe_load.py).
 
 The key `step` is ignored (the step number is record_step's argument).
 
@@ -272,6 +273,30 @@ KEY_SPECS: tuple[KeySpec, ...] = (
         description="mean |log p_train - log p_rollout| over response tokens (engine mismatch)",
     ),
     KeySpec(
+        "moe/layer/<layer>/load_max_over_mean",
+        "gauge",
+        "archer_moe_expert_load_max_over_mean",
+        unit="ratio",
+        description="MoE layer's most loaded expert's tokens / the mean over its experts in "
+        "the step's training forwards (1 = balanced)",
+        labels=("layer",),
+    ),
+    KeySpec(
+        "moe/load_max_over_mean",
+        "gauge",
+        "archer_moe_expert_load_max_over_mean_worst",
+        unit="ratio",
+        description="the largest per-layer max/mean expert load of the step (MoE)",
+    ),
+    KeySpec(
+        "moe/tokens_dropped_fraction",
+        "gauge",
+        "archer_moe_tokens_dropped_fraction",
+        unit="fraction",
+        description="dropped token-to-expert assignments / (tokens x top-k) in the step's "
+        "training forwards (0 with dropless routing, the trainer's)",
+    ),
+    KeySpec(
         "sampling/generation_batches",
         "gauge",
         "archer_dynamic_sampling_generation_batches",
@@ -432,6 +457,7 @@ _PLACEHOLDER_VALUES: dict[str, tuple[str, ...] | None] = {
     "phase": PHASES,
     "term": LOSS_TERMS,
     "k": None,  # open-ended: matched by regex (digits)
+    "layer": None,  # open-ended: a MoE layer's 1-based number
 }
 
 

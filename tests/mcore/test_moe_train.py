@@ -39,6 +39,28 @@ def per_expert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_router_load(hf_dir: Path, b: dict[str, torch.Tensor]) -> dict[int, float]:
+    """Per layer (1-based): the most loaded expert's tokens / the mean over experts, from
+    transformers' router logits (top-k) over each row's prompt and response tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    k, e = model.config.num_experts_per_tok, model.config.num_experts
+    counts = torch.zeros(model.config.num_hidden_layers, e)
+    lengths = (
+        b["prompt_lengths"]
+        + b["response_mask"].shape[1]
+        - b["response_mask"].flip(1).int().argmax(1)
+    )
+    for i, n in enumerate(lengths.tolist()):
+        with torch.no_grad():
+            out = model(input_ids=b["input_ids"][i : i + 1, :n], output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            top = logits.reshape(n, e).topk(k, dim=-1).indices
+            counts[layer] += torch.bincount(top.flatten(), minlength=e).float()
+    return {j + 1: float(c.max() / c.mean()) for j, c in enumerate(counts)}
+
+
 def _spawn(task: str, payload: dict[str, Any], tmp: Path) -> dict[str, Any]:
     result = tmp / f"{task}_result.json"
     mp.start_processes(
@@ -84,6 +106,19 @@ def test_one_step_at_ep2_equals_ep1_and_transformers(tmp_path: Path) -> None:
         assert abs(r["metrics"]["loss"] - ref_loss) < 1e-5, (name, r["metrics"], ref_loss)
         assert abs(r["metrics"]["grad_norm"] - ref_norm) < 1e-5 * max(1.0, ref_norm), (name, r)
     assert ep2["vs_first"] < 1e-5, ep2
+    # router load (issue 23 item 7): each MoE layer's max/mean expert load over the
+    # step's training forward equals the one of transformers' own router on the same
+    # tokens (its top-k of the router logits), at EP 1 and EP 2; nothing dropped
+    want = hf_router_load(hf_dir, b)
+    assert len(want) == 2 and max(want.values()) > 1.0  # unbalanced: the check can fail
+    for name, r in res.items():
+        m = r["metrics"]
+        for layer, ratio in want.items():
+            # float32 on the way back; one token more or less moves it by > 1e-2
+            assert abs(m[f"moe/layer/{layer}/load_max_over_mean"] - ratio) < 1e-6, (name, m)
+        assert m["moe/load_max_over_mean"] == max(m[f"moe/layer/{n}/load_max_over_mean"]
+                                                  for n in want)  # fmt: skip
+        assert m["moe/tokens_dropped_fraction"] == 0.0
     assert abs(ep2["metrics"]["loss"] - ep1["metrics"]["loss"]) < 1e-5
     assert abs(ep2["metrics"]["grad_norm"] - ep1["metrics"]["grad_norm"]) < 1e-5
 

@@ -98,6 +98,11 @@ def standin_step_metrics(
         "overlap/fraction": 0.85,
         "eval/accuracy": accuracy * 0.9,
         "eval/pass@4": min(1.0, accuracy * 1.3),
+        # a MoE policy's router load (actor/moe_load.py): two layers, dropless
+        "moe/layer/1/load_max_over_mean": 1.4,
+        "moe/layer/2/load_max_over_mean": 1.8 if bad else 1.2,
+        "moe/load_max_over_mean": 1.8 if bad else 1.4,
+        "moe/tokens_dropped_fraction": 0.0,
         "step": float(step),
     }
     for group in ("knowledge", "reasoning", "all"):
