@@ -2,14 +2,20 @@
 qwen3_moe`, issue 23) and the local engine: the run completes, every synced tensor
 reaches the engine's fused experts (sync bytes = transformers' parameter bytes), and
 the engine's log-probs equal the trainer's after the update was synced (the rollout
-mismatch metric stays at float32 noise while the weights moved)."""
+mismatch metric stays at float32 noise while the weights moved). Under torchrun with two
+ranks at parallel.expert_model_parallel_size 2 (each rank holds 2 of the 4 experts) the
+first step's loss and grad norm equal those at EP 1 on the same two ranks, and the
+experts gathered over the EP group reach the engine whole."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import ArcherRunner, read_metrics
+from conftest import REPO, ArcherRunner, child_env, read_metrics
 
 MOE = (
     "model.arch.family=qwen3_moe",
@@ -57,3 +63,32 @@ def test_two_steps_of_a_tiny_moe_train_and_sync(archer: ArcherRunner, tmp_path: 
         assert r["rollout/logprob_abs_diff"] < 1e-5, r["rollout/logprob_abs_diff"]
     assert rows[1]["kl/all"] > 0  # step 1's update moved the policy from the reference
     assert (out / "checkpoints" / "step_00000002").is_dir()
+
+
+def _torchrun(archer: ArcherRunner, out: Path, ep: int) -> list[dict[str, float]]:
+    cmd = archer.command("train", [*MOE, f"train.output_dir={out}",
+                                   f"parallel.expert_model_parallel_size={ep}"])  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]  # fmt: skip
+    proc = subprocess.run([*torchrun, *cmd[1:]], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300, start_new_session=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return read_metrics(out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_at_ep2_train_as_at_ep1(archer: ArcherRunner, tmp_path: Path) -> None:
+    ep1 = _torchrun(archer, tmp_path / "ep1", 1)
+    ep2 = _torchrun(archer, tmp_path / "ep2", 2)
+    assert [int(r["step"]) for r in ep2] == [1, 2]
+    a, b = ep1[0], ep2[0]  # the same rollout (same seed, same weights): the same step
+    for key in ("train/loss", "train/grad_norm", "entropy/all"):
+        assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    for r in ep2:
+        assert r["sync/bytes"] == ep1[0]["sync/bytes"]  # every expert, from both EP ranks
+        assert r["rollout/logprob_abs_diff"] < 1e-5, r["rollout/logprob_abs_diff"]
+    manifest = json.loads(
+        (tmp_path / "ep2" / "checkpoints" / "step_00000002" / "MANIFEST.json").read_text()
+    )
+    assert (manifest["ep"], manifest["world_size"]) == (2, 2)
