@@ -13,6 +13,7 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,19 +89,28 @@ def default_backend() -> str:
 def init_process_group(
     env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 1800.0
 ) -> DistEnv:
-    """Initialise torch.distributed (idempotent) and, on CPU, the compatibility layer."""
+    """Initialise torch.distributed (idempotent) and, on CPU, the compatibility layer.
+
+    A world of one rank rendezvouses through an in-process store (`dist.HashStore`)
+    and opens no port: a free port picked by `single_process_rendezvous` can be taken
+    by another process before the TCP store binds it (EADDRINUSE, seen in CI)."""
     env = read_dist_env() if env is None else env
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:
         cpu_compat.activate()
     if not dist.is_initialized():
+        rendezvous: dict[str, Any] = (
+            {"store": dist.HashStore()}
+            if env.world_size == 1
+            else {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
+        )
         dist.init_process_group(
             backend=backend or default_backend(),
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
+            **rendezvous,
         )
     return env
 
