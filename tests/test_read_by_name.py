@@ -54,33 +54,7 @@ PENDING_DEFS: set[tuple[str, str]] = {
 
 # (file under archer_mcore/, class): dataclasses with more than three positional fields,
 # pending the same way.
-PENDING_DATACLASSES: set[tuple[str, str]] = {
-    # model families (model/, plan/, parallel/, rollout/fp8_export.py,
-    # rollout/sglang_weights.py)
-    ("model/build.py", "BuildChoices"),
-    ("model/families/base.py", "ModelFamily"),
-    ("model/families/base.py", "ParamRule"),
-    ("model/families/base.py", "PlannerCounts"),
-    ("model/fp8.py", "PrecisionChoices"),
-    ("model/pipeline.py", "MicroBatch"),
-    ("model/shape.py", "ModelShape"),
-    ("model/shape.py", "RopeScaling"),
-    ("parallel/batch_transport.py", "Split"),
-    ("parallel/distributed.py", "DistEnv"),
-    ("plan/memory.py", "MicroBatchEstimate"),
-    ("plan/memory.py", "RolloutMemory"),
-    ("plan/memory.py", "StageMemory"),
-    ("plan/memory.py", "TrainingMemory"),
-    ("plan/search.py", "Cluster"),
-    ("plan/search.py", "Plan"),
-    ("plan/specs.py", "Assumptions"),
-    ("plan/specs.py", "GpuSpec"),
-    ("plan/specs.py", "RolloutLayout"),
-    ("plan/specs.py", "TrainLayout"),
-    ("plan/specs.py", "Workload"),
-    ("plan/steptime.py", "StepTime"),
-    ("plan/stop.py", "SignalLead"),
-}
+PENDING_DATACLASSES: set[tuple[str, str]] = set()
 
 
 def _sources() -> list[tuple[str, ast.Module]]:

@@ -33,7 +33,7 @@ from archer_mcore.model.hf_config import ModelShape
 FP8_TOKEN_MULTIPLE = 16  # TE FP8 GEMMs: the token dimension must be a multiple of 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BuildChoices:
     """What the builder does for a config on a machine (see the module docstring)."""
 
@@ -69,7 +69,9 @@ def resolve_build_choices(
     multiple = (tp if sp else 1) * (FP8_TOKEN_MULTIPLE if precision.fp8_enabled else 1)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     dtype = dtypes.get(model.params_dtype, torch.bfloat16 if cuda else torch.float32)
-    return BuildChoices(precision, sp, multiple, dtype)
+    return BuildChoices(
+        precision=precision, sequence_parallel=sp, seq_multiple=multiple, params_dtype=dtype
+    )
 
 
 def choices_on_this_machine(model: ModelConfig, parallel: ParallelConfig) -> BuildChoices:

@@ -53,7 +53,7 @@ MIN_TE_FOR_RECIPE: dict[str, str] = {
 DELAYED_AMAX_HISTORY_LEN = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrecisionChoices:
     """What the model builder should do. `fp8_format` / `fp8_recipe` are None in BF16."""
 

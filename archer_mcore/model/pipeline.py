@@ -10,7 +10,7 @@ is one row of several sequences with `cu_seqlens` (see `MicroBatch`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,7 @@ class MicroBatch:
     input_ids: Tensor
     position_ids: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    _: KW_ONLY
     cu_seqlens: Tensor | None = None
     max_seqlen: int | None = None
 

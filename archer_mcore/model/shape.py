@@ -23,7 +23,7 @@ def yarn_default_attention_factor(factor: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """YaRN rope scaling (arXiv 2309.00071) with every value resolved as transformers
     resolves a Qwen3 config's ``rope_scaling`` / ``rope_parameters`` entry.
@@ -65,7 +65,7 @@ class RopeScaling:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelShape:
     """Architecture of a decoder (the families of `model/families/`).
 

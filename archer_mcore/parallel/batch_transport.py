@@ -74,7 +74,7 @@ def _rebuild_sample(*args: Any) -> Sample:  # pragma: no cover - replaced when l
     raise pickle.UnpicklingError("a Sample from batch_transport needs its arrays to load")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Split:
     """Rank 0's object, pickled without its Samples' lists, and those lists."""
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from archer_mcore.parallel import cpu_compat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistEnv:
     """Where this process sits in the job."""
 
@@ -64,7 +64,11 @@ def read_dist_env(env: dict[str, str] | None = None, default_port: int = 29500) 
             master_port=int(env.get("MASTER_PORT", default_port)),
         )
     return DistEnv(
-        0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port))
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", default_port)),
     )
 
 

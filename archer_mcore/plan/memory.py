@@ -33,7 +33,7 @@ from archer_mcore.plan.specs import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MicroBatchEstimate:
     """One data-parallel rank's micro-batches for one mini-batch of the assumed length
     mix, as the trainer's batching code forms them."""
@@ -49,7 +49,7 @@ class MicroBatchEstimate:
         return 1.0 - self.tokens / max(self.tokens_run, 1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageMemory:
     """Bytes on one GPU of one pipeline stage."""
 
@@ -74,7 +74,7 @@ class StageMemory:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingMemory:
     """Per-GPU training memory: the chosen layout's figures plus the alternatives."""
 
@@ -133,7 +133,13 @@ def _estimate(
     from archer_mcore.actor.policy_batch import plan_microbatches
 
     plan = plan_microbatches(torch.tensor(lengths), budget, seq_multiple=multiple, pack=pack)
-    return MicroBatchEstimate(pack, len(plan.rows), len(lengths), sum(lengths), sum(plan.tokens()))
+    return MicroBatchEstimate(
+        packed=pack,
+        count=len(plan.rows),
+        sequences=len(lengths),
+        tokens=sum(lengths),
+        tokens_run=sum(plan.tokens()),
+    )
 
 
 def microbatches_per_rank(layout: TrainLayout, work: Workload, assume: Assumptions) -> int:
@@ -205,7 +211,7 @@ def training_memory(
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RolloutMemory:
     weights: float
     kv_pool: float  # the KV cache SGLang can allocate on one GPU

@@ -27,7 +27,7 @@ from archer_mcore.plan.specs import (
 from archer_mcore.plan.steptime import StepTime, step_time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cluster:
     nodes: int
     gpus_per_node: int
@@ -39,7 +39,7 @@ class Cluster:
         return GPU_SPECS[self.gpu]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     model: ModelShape
     cluster: Cluster
@@ -337,7 +337,16 @@ def make_plan(
         assume,
         gpus_per_node=cluster.gpus_per_node,
     )
-    plan = Plan(m, cluster, train, roll, work, tmem, rmem, tt)
+    plan = Plan(
+        model=m,
+        cluster=cluster,
+        train=train,
+        rollout=roll,
+        work=work,
+        training=tmem,
+        rollout_mem=rmem,
+        time=tt,
+    )
     plan.problems = check_layout(m, cluster, train, roll, work)
     plan.problems += memory_problems(plan, assume)
     return plan

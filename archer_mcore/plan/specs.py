@@ -15,7 +15,7 @@ LogitsPath = Literal["unfused", "chunked", "fused", "fused_lm_head"]
 
 
 # --------------------------------------------------------------------------- hardware
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GpuSpec:
     """Datasheet figures of one GPU (dense tensor-core peaks, one direction links)."""
 
@@ -31,13 +31,37 @@ class GpuSpec:
 
 GPU_SPECS: dict[str, GpuSpec] = {
     # nvidia-smi reports 81559 MiB for the 80 GB parts and 143771 MiB for H200.
-    "h800": GpuSpec("H800 SXM5 80GB", 81559 * MIB, 989.4e12, 1978.9e12, 3.35e12, 200e9, 50e9),
-    "h100": GpuSpec("H100 SXM5 80GB", 81559 * MIB, 989.4e12, 1978.9e12, 3.35e12, 450e9, 50e9),
-    "h200": GpuSpec("H200 SXM 141GB", 143771 * MIB, 989.4e12, 1978.9e12, 4.8e12, 450e9, 50e9),
+    "h800": GpuSpec(
+        name="H800 SXM5 80GB",
+        memory_bytes=81559 * MIB,
+        bf16_flops=989.4e12,
+        fp8_flops=1978.9e12,
+        hbm_bytes_per_s=3.35e12,
+        nvlink_bytes_per_s=200e9,
+        network_bytes_per_s=50e9,
+    ),
+    "h100": GpuSpec(
+        name="H100 SXM5 80GB",
+        memory_bytes=81559 * MIB,
+        bf16_flops=989.4e12,
+        fp8_flops=1978.9e12,
+        hbm_bytes_per_s=3.35e12,
+        nvlink_bytes_per_s=450e9,
+        network_bytes_per_s=50e9,
+    ),
+    "h200": GpuSpec(
+        name="H200 SXM 141GB",
+        memory_bytes=143771 * MIB,
+        bf16_flops=989.4e12,
+        fp8_flops=1978.9e12,
+        hbm_bytes_per_s=4.8e12,
+        nvlink_bytes_per_s=450e9,
+        network_bytes_per_s=50e9,
+    ),
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Assumptions:
     """Knobs of the estimate that the config does not say.
 
@@ -66,7 +90,7 @@ DEFAULT_ASSUMPTIONS = Assumptions()
 
 
 # --------------------------------------------------------------------------- layouts
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainLayout:
     """How the trainer splits the policy over its GPUs."""
 
@@ -122,7 +146,7 @@ class TrainLayout:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutLayout:
     """SGLang servers: `num_servers` x `tp` GPUs, static memory fraction per GPU.
 
@@ -153,7 +177,7 @@ class RolloutLayout:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Workload:
     """One RL step: what is generated and trained on."""
 

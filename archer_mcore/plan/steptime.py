@@ -25,7 +25,7 @@ from archer_mcore.plan.specs import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepTime:
     """One RL step's phases in seconds (`train_flops` in FLOP, `decode_step_s` for one
     decode step of `concurrency` sequences per server)."""

@@ -49,7 +49,7 @@ def checkpoint_save_s(m: ModelShape, write_gb_per_s: float) -> float:
     return checkpoint_bytes(m) / (write_gb_per_s * 1e9)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SignalLead:
     """The derived lead and its parts (seconds)."""
 

@@ -82,7 +82,10 @@ def test_hand_computed_mix_packed_and_padded():
 
 
 def test_assumed_lengths_follow_the_stated_lognormal():
-    work = Workload(1, 1, 1, 1, max_prompt_tokens=512, max_new_tokens=20000, needs_reference=False)
+    work = Workload(
+        prompts_per_step=1, samples_per_prompt=1, mini_batch_prompts=1, ppo_epochs=1,
+        max_prompt_tokens=512, max_new_tokens=20000, needs_reference=False
+    )
     assume = Assumptions(
         mean_prompt_tokens=256, mean_response_fraction=0.2, response_length_sigma=0.5
     )
@@ -96,7 +99,10 @@ def test_assumed_lengths_follow_the_stated_lognormal():
 
 
 def test_pack_sequences_changes_the_plan():
-    work = Workload(64, 8, 64, 1, 512, 8192, False)
+    work = Workload(
+        prompts_per_step=64, samples_per_prompt=8, mini_batch_prompts=64, ppo_epochs=1,
+        max_prompt_tokens=512, max_new_tokens=8192, needs_reference=False
+    )
     layout = TrainLayout(gpus=8, tp=8, micro_batch_tokens=16384, sequence_parallel=True)
     packed = microbatch_estimate(layout, work, Assumptions())
     padded = microbatch_estimate(

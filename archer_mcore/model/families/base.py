@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from archer_mcore.model.shape import ModelShape
@@ -41,10 +41,11 @@ class ParamRule:
     mcore: str
     hf: tuple[str, ...]
     kind: Kind
+    _: KW_ONLY
     expert: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlannerCounts:
     """A family's per-decoder-layer figures for the planner (`plan/formulas.py`); the
     attention, norms, embedding and LM head are counted there, the same for all.
@@ -68,7 +69,7 @@ class PlannerCounts:
     expert_params: Callable[[ModelShape, bool], int] = lambda m, gated: 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelFamily:
     """Everything the trainer knows about one HF ``model_type`` (torchtitan's TrainSpec
     pattern: a frozen record of functions).
