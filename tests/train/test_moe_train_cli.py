@@ -13,9 +13,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import REPO, ArcherRunner, child_env, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 MOE = (
     "model.arch.family=qwen3_moe",
@@ -41,7 +43,7 @@ MOE = (
 
 
 @pytest.mark.timeout(180)
-def test_two_steps_of_a_tiny_moe_train_and_sync(archer: ArcherRunner, tmp_path: Path) -> None:
+def test_two_steps_of_a_tiny_moe_train_and_sync(archer: Any, helpers: Any, tmp_path: Path) -> None:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,7 +53,7 @@ def test_two_steps_of_a_tiny_moe_train_and_sync(archer: ArcherRunner, tmp_path: 
     out = tmp_path / "run"
     proc = archer.run("train", [*MOE, f"train.output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = read_metrics(out)
+    rows = helpers.read_metrics(out)
     assert [int(r["step"]) for r in rows] == [1, 2]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml", MOE)
     hf = AutoConfig.for_model(**model_hf_config(cfg.model))
@@ -65,22 +67,22 @@ def test_two_steps_of_a_tiny_moe_train_and_sync(archer: ArcherRunner, tmp_path: 
     assert (out / "checkpoints" / "step_00000002").is_dir()
 
 
-def _torchrun(archer: ArcherRunner, out: Path, ep: int) -> list[dict[str, float]]:
+def _torchrun(archer: Any, helpers: Any, out: Path, ep: int) -> list[dict[str, float]]:
     cmd = archer.command("train", [*MOE, f"train.output_dir={out}",
                                    f"parallel.expert_model_parallel_size={ep}"])  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2"]  # fmt: skip
-    proc = subprocess.run([*torchrun, *cmd[1:]], cwd=REPO, env=child_env(), capture_output=True,
+    proc = subprocess.run([*torchrun, *cmd[1:]], cwd=REPO, env=helpers.child_env(), capture_output=True,
                           text=True, timeout=300, start_new_session=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return read_metrics(out)
+    return helpers.read_metrics(out)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_two_ranks_at_ep2_train_as_at_ep1(archer: ArcherRunner, tmp_path: Path) -> None:
-    ep1 = _torchrun(archer, tmp_path / "ep1", 1)
-    ep2 = _torchrun(archer, tmp_path / "ep2", 2)
+def test_two_ranks_at_ep2_train_as_at_ep1(archer: Any, helpers: Any, tmp_path: Path) -> None:
+    ep1 = _torchrun(archer, helpers, tmp_path / "ep1", 1)
+    ep2 = _torchrun(archer, helpers, tmp_path / "ep2", 2)
     assert [int(r["step"]) for r in ep2] == [1, 2]
     a, b = ep1[0], ep2[0]  # the same rollout (same seed, same weights): the same step
     for key in ("train/loss", "train/grad_norm", "entropy/all"):
