@@ -1,6 +1,7 @@
-"""`archer train configs/demo_cpu.yaml` in disaggregated mode against two real SGLang
-0.5.23 servers behind the real sglang-router: 3 RL steps, a gloo weight sync before
-each rollout, metrics exported; and one server SIGKILLed mid-run."""
+"""`archer train configs/demo_cpu.yaml` against two real SGLang 0.5.23 servers: in
+disaggregated mode behind the real sglang-router, 3 RL steps with a gloo weight sync
+before each rollout and one server SIGKILLed mid-run; in colocated mode with servers the
+trainer launches, synced by tensor."""
 
 from __future__ import annotations
 
@@ -85,30 +86,13 @@ def _metrics(tmp: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_archer_train_disaggregated_against_real_servers(tmp_path, kernel_calls):
-    model = _server_model(tmp_path)
-    rs = RealServers(tmp_path / "logs", kernel_calls)
-    try:
-        rs.start(model, 2, extra=("--load-format", "dummy"))
-        rs.start_router()
-        run = _train(tmp_path, _overrides(tmp_path, rs), tmp_path / "train.log")
-    finally:
-        rs.stop()
-    assert run.returncode == 0, run.stdout[-4000:]
-    rows = _metrics(tmp_path)
-    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
-    for r in rows:
-        # every rollout ran on the weights of the last sync: the servers' sampling
-        # log-probs equal the trainer's recomputation (fp32 both sides)
-        assert r["rollout/logprob_abs_diff"] < 1e-5, r  # measured 2.6e-7-2.8e-7
-        assert r["sync/bytes"] > 0
-    assert "weight sync in progress" not in run.stdout
-
-
 def test_sigkill_of_one_server_mid_run(tmp_path, kernel_calls):
-    """A server SIGKILLed while the trainer runs: the engine names it as down, takes it
-    out of the router and the weight-update group, and the run finishes on the other
-    server (disaggregated servers are not the trainer's to restart)."""
+    """3 steps of `archer train` against two real servers behind the real router, a
+    gloo weight sync before each rollout; one server SIGKILLed once step 1 is done: the
+    engine names it as down, takes it out of the router and the weight-update group,
+    and the run finishes on the other server (disaggregated servers are not the
+    trainer's to restart). (The run without a kill, 40 steps under Slurm with 2 ranks,
+    is tests/cluster/test_rehearsal.py; this test once had a twin without the kill.)"""
     model = _server_model(tmp_path)
     rs = RealServers(tmp_path / "logs", kernel_calls)
     try:
@@ -121,9 +105,14 @@ def test_sigkill_of_one_server_mid_run(tmp_path, kernel_calls):
         rs.stop()
     assert run.returncode == 0, run.stdout[-4000:]
     assert f"SGLang server {killed} is down" in run.stdout
+    assert "weight sync in progress" not in run.stdout
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
+    # step 1 ran on both servers with the weights of the last sync: their sampling
+    # log-probs equal the trainer's recomputation (fp32 both sides; measured 2.6e-7)
+    assert rows[0]["rollout/logprob_abs_diff"] < 1e-5, rows[0]
     assert all(r["rollout/logprob_abs_diff"] < 1e-4 for r in rows)
+    assert all(r["sync/bytes"] > 0 for r in rows)
 
 
 def test_archer_train_colocated_launches_servers_and_syncs_by_tensor(tmp_path, kernel_calls):
