@@ -261,7 +261,7 @@ def logits_memory(smoke: bool) -> dict[str, Any]:
             base = torch.cuda.memory_allocated()
         ent, lp = fn(hidden, weight, tokens, 1.0, vocab_start=0, vocab_size=vocab)
         (ent.float().sum() + lp.float().sum()).backward()
-        planned = logits_bytes(shape, n, 1, planned_path, Assumptions(),
+        planned = logits_bytes(shape, n, 1, path=planned_path, assume=Assumptions(),
                                element_bytes=torch.finfo(dtype).bits // 8)  # fmt: skip
         out[f"{label}_planned_GB"] = planned / 1e9
         if cuda:

@@ -37,13 +37,6 @@ PENDING_DEFS: set[tuple[str, str]] = {
     ("model/convert.py", "mcore_shards_to_hf"),
     ("model/convert_dirs.py", "hf_to_mcore_dir"),
     ("parallel/batch_transport.py", "receive.<locals>.rebuild"),
-    ("plan/formulas.py", "layer_activation_bytes_per_token"),
-    ("plan/formulas.py", "logits_bytes"),
-    ("plan/memory.py", "rollout_memory"),
-    ("plan/search.py", "make_plan"),
-    ("plan/search.py", "nearest_fitting"),
-    ("plan/search.py", "plan_config"),
-    ("plan/steptime.py", "step_time"),
     ("rollout/fp8_export.py", "export_fp8_checkpoint"),
     # in the token-rule work's files, held up by callers in the model-families work's
     # tests: tests/mcore/mcore_workers.py passes vocab_size as a sixth positional

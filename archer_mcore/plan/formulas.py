@@ -68,6 +68,7 @@ def matmul_params_per_token(m: ModelShape) -> int:
 def layer_activation_bytes_per_token(
     m: ModelShape,
     tp: int,
+    *,
     sequence_parallel: bool,
     recompute: RecomputeMode,
     seq_len: int,
@@ -119,6 +120,7 @@ def logits_bytes(
     m: ModelShape,
     tokens: int,
     tp: int,
+    *,
     path: LogitsPath,
     assume: Assumptions,
     element_bytes: int = 2,

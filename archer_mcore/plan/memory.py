@@ -158,7 +158,12 @@ def training_memory(
 
     def acts(stage: str, recompute: RecomputeMode) -> float:
         per_layer = layer_activation_bytes_per_token(
-            m, tp, layout.sequence_parallel, recompute, seq, assume
+            m,
+            tp,
+            sequence_parallel=layout.sequence_parallel,
+            recompute=recompute,
+            seq_len=seq,
+            assume=assume,
         )
         layers = m.num_layers // pp
         per_mb = layers * per_layer
@@ -167,7 +172,12 @@ def training_memory(
         held = t * per_mb * (in_flight if stage == "first" else 1)
         if recompute == "full":  # one layer's activations live again during its backward
             held += t * layer_activation_bytes_per_token(
-                m, tp, layout.sequence_parallel, "none", seq, assume
+                m,
+                tp,
+                sequence_parallel=layout.sequence_parallel,
+                recompute="none",
+                seq_len=seq,
+                assume=assume,
             )
         return held + cp_ring_buffer_bytes(m, layout)
 
@@ -189,7 +199,9 @@ def training_memory(
             gradients=n * grad_bytes,
             optimizer=dense * opt_bytes + experts * expert_opt,
             activations=acts(which, layout.recompute),
-            logits=logits_bytes(m, t, tp, layout.logits_path, assume) if has_logits else 0.0,
+            logits=logits_bytes(m, t, tp, path=layout.logits_path, assume=assume)
+            if has_logits
+            else 0.0,
             reference=n * weight_bytes if work.needs_reference else 0.0,
         )
 
@@ -202,7 +214,7 @@ def training_memory(
         last=last,
         activations_by_recompute={r: acts("first", r) for r in ("none", "selective", "full")},
         logits_by_path={
-            p: logits_bytes(m, t, tp, p, assume)
+            p: logits_bytes(m, t, tp, path=p, assume=assume)
             for p in ("unfused", "chunked", "fused", "fused_lm_head")
         },
         microbatches=nmb,
@@ -231,6 +243,7 @@ def rollout_memory(
     layout: RolloutLayout,
     work: Workload,
     gpu: GpuSpec,
+    *,
     assume: Assumptions = DEFAULT_ASSUMPTIONS,
     reserved_by_trainer: float = 0.0,
 ) -> RolloutMemory:

@@ -314,6 +314,7 @@ def make_plan(
     train: TrainLayout,
     roll: RolloutLayout,
     work: Workload,
+    *,
     assume: Assumptions = DEFAULT_ASSUMPTIONS,
 ) -> Plan:
     tmem = training_memory(m, train, work, assume) if train.gpus > 0 and train.dp > 0 else None
@@ -325,7 +326,7 @@ def make_plan(
     if roll.colocated:  # the trainer's weights, gradients and optimizer stay resident
         p = tmem.peak
         reserved = p.weights + p.gradients + p.optimizer
-    rmem = rollout_memory(m, roll, work, cluster.spec, assume, reserved)
+    rmem = rollout_memory(m, roll, work, cluster.spec, assume=assume, reserved_by_trainer=reserved)
     servers = max(1, roll.num_servers)
     tt = step_time(
         m,
@@ -333,8 +334,8 @@ def make_plan(
         dataclasses.replace(roll, num_servers=servers),
         work,
         cluster.spec,
-        rmem,
-        assume,
+        rmem=rmem,
+        assume=assume,
         gpus_per_node=cluster.gpus_per_node,
     )
     plan = Plan(
@@ -459,6 +460,7 @@ def nearest_fitting(
     train: TrainLayout,
     roll: RolloutLayout,
     work: Workload,
+    *,
     assume: Assumptions = DEFAULT_ASSUMPTIONS,
 ) -> Plan | None:
     """The fitting layout that changes the fewest settings (ties: the fastest step)."""
@@ -466,7 +468,7 @@ def nearest_fitting(
     for d, t, r in candidate_layouts(m, cluster, train, roll, work):
         if best is not None and d > best[0]:
             continue
-        plan = make_plan(m, cluster, t, r, work, assume)
+        plan = make_plan(m, cluster, t, r, work, assume=assume)
         if not plan.fits:
             continue
         # among equally near layouts, one the trainer can run (no new CP) wins
@@ -479,6 +481,7 @@ def nearest_fitting(
 def plan_config(
     cfg: Config,
     config_path: str | Path | None = None,
+    *,
     nodes: int | None = None,
     gpus_per_node: int | None = None,
     gpu: str | None = None,
@@ -493,7 +496,7 @@ def plan_config(
     except ValueError as e:  # e.g. model.fp8 with model.transformer_impl: local
         raise ConfigError(str(e)) from None
     train, roll = layouts_from_config(cfg, cluster, assume, choices)
-    plan = make_plan(m, cluster, train, roll, workload_from_config(cfg), assume)
+    plan = make_plan(m, cluster, train, roll, workload_from_config(cfg), assume=assume)
     if cfg.rollout.engine != "sglang":
         plan.notes.append(
             f"rollout.engine = {cfg.rollout.engine}: the rollout figures assume SGLang servers "

@@ -119,6 +119,7 @@ def step_time(
     roll: RolloutLayout,
     work: Workload,
     gpu: GpuSpec,
+    *,
     rmem: RolloutMemory,
     assume: Assumptions = DEFAULT_ASSUMPTIONS,
     gpus_per_node: int = 8,

@@ -276,7 +276,7 @@ def test_logits_path_peak_against_the_planner(monkeypatch):
     counts = {f"{p}/{'train' if t else 'score'}": round(v / buffer, 2) for (p, t), v in got.items()}
     print("peak bytes", got, "in logits-sized buffers", counts)
     assume = Assumptions(torch_chunk_rows=chunk_rows)
-    planned = logits_bytes(shape, n_taken, 1, "chunked", assume, element_bytes=4)
+    planned = logits_bytes(shape, n_taken, 1, path="chunked", assume=assume, element_bytes=4)
     # 4 x 126 x V_p (logits, gradient in place) + max(12 x 8 x V_p, 4 x 16 x V_p)
     assert planned == (4 * 126 + 12 * 8) * v_pad
     assert abs(got["new", True] - planned) <= 0.25 * planned, (got["new", True], planned)

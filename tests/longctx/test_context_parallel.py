@@ -100,14 +100,14 @@ def test_step_time_adds_the_traffic_over_the_right_link():
     rmem = rollout_memory(m, roll, WORK, gpu)
     cp2 = TrainLayout(gpus=4, cp=2, micro_batch_tokens=512)
     cp1 = dataclasses.replace(cp2, cp=1)  # same 4 GPUs as DP 4: same FLOPs per GPU
-    t2 = step_time(m, cp2, roll, WORK, gpu, rmem, gpus_per_node=8)
-    t1 = step_time(m, cp1, roll, WORK, gpu, rmem, gpus_per_node=8)
+    t2 = step_time(m, cp2, roll, WORK, gpu, rmem=rmem, gpus_per_node=8)
+    t1 = step_time(m, cp1, roll, WORK, gpu, rmem=rmem, gpus_per_node=8)
     assert t2.cp_comm_s == pytest.approx(163840 * 4 / gpu.nvlink_bytes_per_s)
     assert t2.training_s - t1.training_s == pytest.approx(t2.cp_comm_s)
     assert t2.rollout_s == t1.rollout_s
     # TP2 x CP2 = 4 ranks across 2-GPU nodes: the NIC carries it
     wide = dataclasses.replace(cp2, tp=2, gpus=8)
-    tw = step_time(m, wide, roll, WORK, gpu, rmem, gpus_per_node=2)
+    tw = step_time(m, wide, roll, WORK, gpu, rmem=rmem, gpus_per_node=2)
     assert tw.cp_comm_s == pytest.approx(cp_comm_bytes(m, wide, WORK) / gpu.network_bytes_per_s)
 
 

@@ -81,16 +81,46 @@ def test_layer_activations_by_hand():
     # split: q,k,v 2(4+2x2)16 = 256, attention out 2x4x16 = 128, q/k-norm inputs
     # 2(4+2)16 = 192, gate/up out 2x2x128 = 512, down input 2x128 = 256, lse 4x4 = 16
     # -> 512 + 1360 = 1872 bytes per token
-    assert layer_activation_bytes_per_token(m, 1, False, "none", 512, a) == 1872
+    assert (
+        layer_activation_bytes_per_token(
+            m, 1, sequence_parallel=False, recompute="none", seq_len=512, assume=a
+        )
+        == 1872
+    )
     # TP2 without SP: 512 + 1360 / 2 = 1192; with SP: (512 + 1360) / 2 = 936
-    assert layer_activation_bytes_per_token(m, 2, False, "none", 512, a) == 1192
-    assert layer_activation_bytes_per_token(m, 2, True, "none", 512, a) == 936
+    assert (
+        layer_activation_bytes_per_token(
+            m, 2, sequence_parallel=False, recompute="none", seq_len=512, assume=a
+        )
+        == 1192
+    )
+    assert (
+        layer_activation_bytes_per_token(
+            m, 2, sequence_parallel=True, recompute="none", seq_len=512, assume=a
+        )
+        == 936
+    )
     # selective recompute drops the flash log-sum-exp (1872 - 16); full keeps the input 2h
-    assert layer_activation_bytes_per_token(m, 1, False, "selective", 512, a) == 1856
-    assert layer_activation_bytes_per_token(m, 1, False, "full", 512, a) == 128
+    assert (
+        layer_activation_bytes_per_token(
+            m, 1, sequence_parallel=False, recompute="selective", seq_len=512, assume=a
+        )
+        == 1856
+    )
+    assert (
+        layer_activation_bytes_per_token(
+            m, 1, sequence_parallel=False, recompute="full", seq_len=512, assume=a
+        )
+        == 128
+    )
     # unfused attention keeps the softmax, 2 a s = 2 x 4 x 512 bytes more (no lse)
     eager = Assumptions(flash_attention=False)
-    assert layer_activation_bytes_per_token(m, 1, False, "none", 512, eager) == 1856 + 4096
+    assert (
+        layer_activation_bytes_per_token(
+            m, 1, sequence_parallel=False, recompute="none", seq_len=512, assume=eager
+        )
+        == 1856 + 4096
+    )
 
 
 def test_training_memory_by_hand():
@@ -126,15 +156,18 @@ def test_logits_paths_by_hand():
     a = Assumptions(torch_chunk_rows=100, lm_head_chunk_rows=300)
     # TP4: 256 columns per rank. fused: bf16 logits of the 1000 taken tokens (their
     # gradient in place) + the output weight's bf16 gradient [256, H = 64].
-    assert logits_bytes(m, 1000, 4, "fused", a) == 2 * 1000 * 256 + 2 * 64 * 256
+    assert logits_bytes(m, 1000, 4, path="fused", assume=a) == 2 * 1000 * 256 + 2 * 64 * 256
     # chunked: the same logits + the larger of the torch reference's fp32 scratch over
     # one 100-row chunk (12 B per element: three fp32 tensors, measured in
     # tests/actor/test_logits_memory.py) and the weight gradient (2 x 64 x 256 is less).
-    assert logits_bytes(m, 1000, 4, "chunked", a) == 2 * 1000 * 256 + 12 * 100 * 256
+    assert logits_bytes(m, 1000, 4, path="chunked", assume=a) == 2 * 1000 * 256 + 12 * 100 * 256
     # fp32 parameters (the CPU default) double the logits and the weight gradient
-    assert logits_bytes(m, 1000, 4, "fused", a, element_bytes=4) == 4 * 1000 * 256 + 4 * 64 * 256
-    assert logits_bytes(m, 1000, 4, "fused_lm_head", a) == 6 * 300 * 256
-    assert logits_bytes(m, 1000, 4, "unfused", a) == 18 * 1000 * 256
+    assert (
+        logits_bytes(m, 1000, 4, path="fused", assume=a, element_bytes=4)
+        == 4 * 1000 * 256 + 4 * 64 * 256
+    )
+    assert logits_bytes(m, 1000, 4, path="fused_lm_head", assume=a) == 6 * 300 * 256
+    assert logits_bytes(m, 1000, 4, path="unfused", assume=a) == 18 * 1000 * 256
 
 
 def test_rollout_side_by_hand():

@@ -80,7 +80,7 @@ def offloaded_step(plan: Any, assume: Any) -> Any:
         plan.rollout,
         plan.work,
         plan.cluster.spec,
-        assume,
+        assume=assume,
         reserved_by_trainer=peak.weights + peak.reference,
     )
     return step_time(
@@ -89,8 +89,8 @@ def offloaded_step(plan: Any, assume: Any) -> Any:
         plan.rollout,
         plan.work,
         plan.cluster.spec,
-        rmem,
-        assume,
+        rmem=rmem,
+        assume=assume,
         gpus_per_node=plan.cluster.gpus_per_node,
     )
 
