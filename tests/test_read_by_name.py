@@ -8,7 +8,7 @@
 - no dataclass with more than three fields takes more than three of them positionally:
   `@dataclass(kw_only=True)` (or fields after a `KW_ONLY` marker, or `field(kw_only=True)`).
 
-What is still positional is listed below, each entry with the file that holds it up.
+What stays positional is listed below, each entry with its reason.
 The lists can only shrink: an entry that no longer breaks the rule fails the test until
 it is removed, so a fixed def or dataclass cannot become positional again unnoticed.
 """
@@ -24,29 +24,17 @@ MAX_POSITIONAL_PARAMS = 5
 MAX_POSITIONAL_FIELDS = 3
 
 # (file under archer_mcore/, qualified name): defs with more than five positional
-# parameters, pending in files that other work of this session (issue 25) was changing,
-# grouped by that work; the last ones are held up by a caller in those files.
+# parameters that stay so, each with the reason.
 PENDING_DEFS: set[tuple[str, str]] = {
-    # model families (model/, plan/, parallel/, rollout/fp8_export.py,
-    # rollout/sglang_weights.py)
-    ("model/build.py", "SequenceParallelRMSNorm.__init__"),
-    ("model/build.py", "_packed_local_attention.<locals>.PackedDotProductAttention.forward"),
-    ("model/build.py", "build_gpt_model"),
-    ("model/build.py", "transformer_config"),
-    ("model/convert.py", "hf_to_mcore_shard"),
-    ("model/convert.py", "mcore_shards_to_hf"),
-    ("model/convert_dirs.py", "hf_to_mcore_dir"),
+    # pickle's REDUCE calls it with the positional tuple `_Pickler.reducer_override` writes
     ("parallel/batch_transport.py", "receive.<locals>.rebuild"),
-    ("rollout/fp8_export.py", "export_fp8_checkpoint"),
-    # in the token-rule work's files, held up by callers in the model-families work's
-    # tests: tests/mcore/mcore_workers.py passes vocab_size as a sixth positional
-    # argument, tests/mcore/test_train_step.py passes policy_loss seven
+    # pending: held up by positional callers in tests/ (tests/mcore/mcore_workers.py
+    # passes vocab_size sixth, tests/mcore/test_train_step.py passes policy_loss seven)
     ("algo/entropy.py", "vocab_parallel_entropy_and_logprob"),
     ("algo/losses.py", "policy_loss"),
 }
 
-# (file under archer_mcore/, class): dataclasses with more than three positional fields,
-# pending the same way.
+# (file under archer_mcore/, class): dataclasses with more than three positional fields.
 PENDING_DATACLASSES: set[tuple[str, str]] = set()
 
 

@@ -110,7 +110,7 @@ class MegatronPolicy:
         self.kernel_path = self.choices.kernel_path
         kernel_dispatch.say_once(self.kernel_path)
         build = self.choices.build
-        model, self.config, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
+        model, self.config, _ = build_gpt_model(shape, cfg.model, cfg.parallel, choices=build)
         if hf_dir is not None:
             load_hf_weights(model, HFCheckpointReader(hf_dir), shape)
         self.router_load = (
@@ -121,7 +121,7 @@ class MegatronPolicy:
         )  # fmt: skip
         self.reference = None
         if cfg.with_reference:
-            ref, _, _ = build_gpt_model(shape, cfg.model, cfg.parallel, build)
+            ref, _, _ = build_gpt_model(shape, cfg.model, cfg.parallel, choices=build)
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
             self.reference = ref

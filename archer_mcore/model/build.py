@@ -84,6 +84,7 @@ def transformer_config(
     shape: ModelShape,
     model: ModelConfig,
     choices: BuildChoices,
+    *,
     tp: int,
     pp: int,
     parallel: ParallelConfig | None = None,
@@ -177,6 +178,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         config: Any,
         hidden_size: int,
         eps: float = 1e-5,
+        *,
         persist_layer_norm: bool = False,
         zero_centered_gamma: bool = False,
         normalization: str = "RMSNorm",
@@ -211,21 +213,36 @@ def _packed_local_attention() -> type:
             key,
             value,
             attention_mask,
+            *,
             attn_mask_type=None,
             attention_bias=None,
             packed_seq_params=None,
         ):
             if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
                 return super().forward(
-                    query, key, value, attention_mask, attn_mask_type, attention_bias,
-                    packed_seq_params,
-                )  # fmt: skip
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    attn_mask_type=attn_mask_type,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                )
             # THD: [t, heads, d]; each segment as a [len, 1, heads, d] causal batch
             outs = []
             for start, end in itertools.pairwise(packed_seq_params.cu_seqlens_q.tolist()):
                 if end > start:
                     q, k, v = (x[start:end].unsqueeze(1) for x in (query, key, value))
-                    outs.append(super().forward(q, k, v, None, attn_mask_type, attention_bias))
+                    outs.append(
+                        super().forward(
+                            q,
+                            k,
+                            v,
+                            None,
+                            attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias,
+                        )
+                    )
             return torch.cat(outs, dim=0)  # [t, 1, heads * d]; megatron reshapes it
 
     return PackedDotProductAttention
@@ -357,6 +374,7 @@ def build_gpt_model(
     shape: ModelShape,
     model: ModelConfig | None = None,
     parallel: ParallelConfig | None = None,
+    *,
     choices: BuildChoices | None = None,
     make_vocab_size_divisible_by: int = 128,
     seq_length: int | None = None,
@@ -397,7 +415,7 @@ def build_gpt_model(
     warn_once(choices.precision)
     if shape.is_moe:
         allow_moe_router_without_te()
-    config = transformer_config(shape, model, choices, tp, pp, parallel)
+    config = transformer_config(shape, model, choices, tp=tp, pp=pp, parallel=parallel)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec_for(choices, shape, config),

@@ -200,6 +200,7 @@ def mcore_name(rule: ParamRule, prefix: str, shape: ModelShape, ep: int) -> str:
 def hf_to_mcore_shard(
     get_hf: Callable[[str], Tensor],
     shape: ModelShape,
+    *,
     tp: int,
     pp: int,
     tp_rank: int,
@@ -233,6 +234,7 @@ def hf_to_mcore_shard(
 def mcore_shards_to_hf(
     shards: Mapping[tuple[int, ...], Mapping[str, Tensor]],
     shape: ModelShape,
+    *,
     tp: int,
     pp: int,
     te_names: bool = False,

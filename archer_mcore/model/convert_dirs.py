@@ -42,6 +42,7 @@ def shard_dir(root: Path, tp_rank: int, pp_rank: int) -> Path:
 def hf_to_mcore_dir(
     hf_dir: str | Path,
     out_dir: str | Path,
+    *,
     tp: int = 1,
     pp: int = 1,
     te_names: bool = False,
@@ -56,7 +57,16 @@ def hf_to_mcore_dir(
     out.mkdir(parents=True, exist_ok=True)
     for p in range(pp):
         for t in range(tp):
-            sd = hf_to_mcore_shard(reader.get, shape, tp, pp, t, p, padded, te_names)
+            sd = hf_to_mcore_shard(
+                reader.get,
+                shape,
+                tp=tp,
+                pp=pp,
+                tp_rank=t,
+                pp_rank=p,
+                padded_vocab=padded,
+                te_names=te_names,
+            )
             d = shard_dir(out, t, p)
             d.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
@@ -95,7 +105,7 @@ def mcore_dir_to_hf(
             if not f.is_file():
                 raise FileNotFoundError(f"missing megatron shard {f}")
             shards[(t, p)] = load_file(str(f))
-    hf = mcore_shards_to_hf(shards, shape, tp, pp, bool(meta.get("te_names", False)))
+    hf = mcore_shards_to_hf(shards, shape, tp=tp, pp=pp, te_names=bool(meta.get("te_names", False)))
     shards = bucketize(hf.items(), shard_bytes)
     write_hf_checkpoint(shards, out, config=meta["hf_config"], single_file=True)
     for name in HF_SIDE_FILES:

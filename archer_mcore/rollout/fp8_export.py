@@ -168,6 +168,7 @@ def fp8_config_json(hf_config: Mapping[str, Any], scheme: Scheme, block: tuple[i
 def export_fp8_checkpoint(
     buckets: Iterable[NamedTensorBucket],
     out_dir: str | Path,
+    *,
     base_model_dir: str | Path | None = None,
     hf_config: Mapping[str, Any] | None = None,
     scheme: Scheme = "block",

@@ -44,7 +44,7 @@ def test_megatron_receives_the_chosen_recipe(preset, fp8):
             fp8, cfg.model.transformer_impl, p.use_distributed_optimizer, te_version, capability
         )
         assert choices.precision == expected
-        tc = transformer_config(shape, cfg.model, choices, tp, pp)  # megatron validates it
+        tc = transformer_config(shape, cfg.model, choices, tp=tp, pp=pp)  # megatron validates it
         ddp = ddp_config(choices, p)
         assert tc.sequence_parallel is (p.sequence_parallel and tp > 1)
         assert ddp.use_distributed_optimizer is p.use_distributed_optimizer

@@ -103,7 +103,7 @@ def test_moe_settings_reach_the_transformer_config():
     no_norm = dataclasses.replace(shape, norm_topk_prob=False)
     assert fam.transformer_config(no_norm, ModelConfig(), ParallelConfig())["moe_router_pre_softmax"]
     choices = resolve_build_choices(ModelConfig(), ParallelConfig(), None, None, False)
-    tc = transformer_config(shape, on, choices, 1, 1)
+    tc = transformer_config(shape, on, choices, tp=1, pp=1)
     assert tc.moe_aux_loss_coeff == 0.01 and tc.moe_token_dispatcher_type == "alltoall"
     with pytest.raises(ValueError, match="does not divide num_experts"):
         fam.transformer_config(shape, ModelConfig(), ParallelConfig(expert_model_parallel_size=3))
@@ -124,7 +124,7 @@ def test_moe_conversion_round_trip_is_bit_exact(tmp_path, tp, pp, ep):
         )
         for t in range(tp) for p in range(pp) for e in range(ep)
     }  # fmt: skip
-    back = mcore_shards_to_hf(shards, shape, tp, pp, ep=ep)
+    back = mcore_shards_to_hf(shards, shape, tp=tp, pp=pp, ep=ep)
     assert sorted(back) == sorted(hf)
     assert all(torch.equal(back[k], hf[k]) for k in hf)
     # EP rank e holds experts [e E/ep, (e+1) E/ep) under local indices; TP splits rows
