@@ -28,10 +28,6 @@ MAX_POSITIONAL_FIELDS = 3
 PENDING_DEFS: set[tuple[str, str]] = {
     # pickle's REDUCE calls it with the positional tuple `_Pickler.reducer_override` writes
     ("parallel/batch_transport.py", "receive.<locals>.rebuild"),
-    # pending: held up by positional callers in tests/ (tests/mcore/mcore_workers.py
-    # passes vocab_size sixth, tests/mcore/test_train_step.py passes policy_loss seven)
-    ("algo/entropy.py", "vocab_parallel_entropy_and_logprob"),
-    ("algo/losses.py", "policy_loss"),
 }
 
 # (file under archer_mcore/, class): dataclasses with more than three positional fields.

@@ -138,6 +138,7 @@ def vocab_parallel_entropy_and_logprob(
     tokens: Tensor,
     vocab_start: int,
     tp_group: dist.ProcessGroup | None,
+    *,
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_rows: int = 4096,

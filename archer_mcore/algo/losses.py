@@ -142,6 +142,7 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     entropy: Tensor,
+    *,
     ref_logp: Tensor | None,
     cfg: LossConfig,
     dp_group: dist.ProcessGroup | None = None,

@@ -144,7 +144,13 @@ def old_path(
     # `out` stays alive until the loss is made (the schedule's output tensor)
     rows = out.reshape(-1, out.shape[-1]).index_select(0, pos.reshape(-1))
     ent, lp = torch_entropy.vocab_parallel_entropy_and_logprob(
-        rows, targets.reshape(-1), 0, None, TEMPERATURE, vocab, chunk_rows
+        rows,
+        targets.reshape(-1),
+        0,
+        None,
+        temperature=TEMPERATURE,
+        vocab_size=vocab,
+        chunk_rows=chunk_rows,
     )
     return ent.reshape(b, lm), lp.reshape(b, lm)
 
@@ -218,7 +224,14 @@ def test_inplace_backward_is_bitwise_the_same_gradient(dtype):
         x = z.clone().requires_grad_()
         y = x * 1  # a non-leaf, like the matmul output, whose memory may be reused
         ent, lp = torch_entropy.vocab_parallel_entropy_and_logprob(
-            y, tokens, 0, None, 0.7, 60, chunk_rows=8, inplace_backward=inplace
+            y,
+            tokens,
+            0,
+            None,
+            temperature=0.7,
+            vocab_size=60,
+            chunk_rows=8,
+            inplace_backward=inplace,
         )
         torch.autograd.backward([ent, lp], [ge.to(ent.dtype), gl.to(lp.dtype)])
         grads.append(x.grad)

@@ -151,7 +151,7 @@ def test_the_loss_matches_a_float64_reference():
         kl_coef=0.05,
         clip_ratio_c=3.0,
     )
-    loss, met = policy_loss(logp, old, adv, mask, ent, ref, cfg)
+    loss, met = policy_loss(logp, old, adv, mask, ent, ref_logp=ref, cfg=cfg)
     want = _reference_f64(logp, old, adv, mask, ent, ref, 0.2, 0.05, 3.0, 0.05)
     assert loss.item() == pytest.approx(want, rel=1e-12, abs=1e-12)
     n = int(mask.sum())  # 26 valid tokens: k = ceil(5.2) = 6
@@ -159,7 +159,7 @@ def test_the_loss_matches_a_float64_reference():
     # the policy gradient reaches the low tokens only (those inside their clip range)
     low = BottomEntropyRule(cfg).token_groups(ent, mask)["low"]
     lp = logp.clone().requires_grad_()
-    policy_loss(lp, old, adv, mask, ent, None, cfg)[0].backward()
+    policy_loss(lp, old, adv, mask, ent, ref_logp=None, cfg=cfg)[0].backward()
     assert (lp.grad != 0).any() and not ((lp.grad != 0) & ~low).any()
 
 

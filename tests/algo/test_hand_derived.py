@@ -170,7 +170,13 @@ def test_archer_policy_loss_by_hand():
     h = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]], dtype=torch.float64)
     m = torch.ones(1, 5, dtype=torch.bool)
     loss, met = policy_loss(
-        logp, torch.zeros_like(logp), torch.ones(1, dtype=torch.float64), m, h, logp - 0.5, cfg
+        logp,
+        torch.zeros_like(logp),
+        torch.ones(1, dtype=torch.float64),
+        m,
+        h,
+        ref_logp=logp - 0.5,
+        cfg=cfg,
     )
     assert met["loss/pg"].item() == pytest.approx(-1.24)
     assert met["loss/kl"].item() == pytest.approx(0.0005)
@@ -189,7 +195,7 @@ def test_forking_normalizers_by_hand():
     z = torch.zeros(2, 4)
     for norm, want in (("selected", -1.0), ("all", -2.0 / 7.0)):
         cfg = LossConfig(token_rule=ForkingRuleConfig(rho=0.2, normalizer=norm))
-        loss, met = policy_loss(z, z, torch.ones(2), m, e, None, cfg)
+        loss, met = policy_loss(z, z, torch.ones(2), m, e, ref_logp=None, cfg=cfg)
         assert loss.item() == pytest.approx(want)
         assert met["tokens/forking"].item() == 2.0
 
@@ -200,8 +206,12 @@ def test_normalizer_rescales_to_minibatch_mean():
     # normalizer = 3 the micro-batch losses (-1 * 2/3 and -3 * 1/3) sum to it.
     cfg = LossConfig()
     z1, z2 = torch.zeros(1, 2), torch.zeros(1, 1)
-    l1, _ = policy_loss(z1, z1, torch.tensor([1.0]), z1 == 0, z1, None, cfg, normalizer=3)
-    l2, _ = policy_loss(z2, z2, torch.tensor([3.0]), z2 == 0, z2, None, cfg, normalizer=3)
+    l1, _ = policy_loss(
+        z1, z1, torch.tensor([1.0]), z1 == 0, z1, ref_logp=None, cfg=cfg, normalizer=3
+    )
+    l2, _ = policy_loss(
+        z2, z2, torch.tensor([3.0]), z2 == 0, z2, ref_logp=None, cfg=cfg, normalizer=3
+    )
     assert (l1 + l2).item() == pytest.approx(-5.0 / 3.0)
 
 
@@ -211,6 +221,8 @@ def test_token_weights_scale_the_policy_gradient_only():
     z = torch.zeros(1, 2, dtype=torch.float64)
     cfg = LossConfig(kl_coef=0.1, kl_estimator="k1")
     w = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
-    loss, met = policy_loss(z, z, torch.ones(1), z == 0, z, z - 0.5, cfg, token_weights=w)
+    loss, met = policy_loss(
+        z, z, torch.ones(1), z == 0, z, ref_logp=z - 0.5, cfg=cfg, token_weights=w
+    )
     assert met["loss/pg"].item() == pytest.approx(-1.25)
     assert loss.item() == pytest.approx(-1.25 + 0.05)

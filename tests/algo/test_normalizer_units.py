@@ -57,12 +57,12 @@ def test_microbatch_losses_sum_to_the_minibatch_loss(agg, rule):
     sel = None
     if rule == "forking":  # a mini-batch scope selection, fixed for all micro-batches
         sel = (ent > 0.5) & mask
-    whole, _ = policy_loss(logp, old, adv, mask, ent, None, cfg, selection=sel)
+    whole, _ = policy_loss(logp, old, adv, mask, ent, ref_logp=None, cfg=cfg, selection=sel)
     norm = accumulation_normalizer(normalizer_units(mask, cfg, selection=sel), 1)
     total = torch.zeros((), dtype=torch.float64)
     for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
         part, _ = policy_loss(
-            logp[rows], old[rows], adv[rows], mask[rows], ent[rows], None, cfg,
+            logp[rows], old[rows], adv[rows], mask[rows], ent[rows], ref_logp=None, cfg=cfg,
             normalizer=norm, selection=None if sel is None else sel[rows],
         )  # fmt: skip
         total = total + part
@@ -80,10 +80,10 @@ def test_forking_selected_normalizer_with_a_seq_mean_mode_is_refused(tmp_path, a
     sel = torch.zeros_like(mask)
     sel[0, :2] = True
     cfg = LossConfig(token_rule=ForkingRuleConfig(normalizer="selected"), agg_mode=agg)
-    whole, _ = policy_loss(logp, old, adv, mask, ent, None, cfg, selection=sel)
+    whole, _ = policy_loss(logp, old, adv, mask, ent, ref_logp=None, cfg=cfg, selection=sel)
     norm = accumulation_normalizer(normalizer_units(mask, cfg, selection=sel), 1)
     parts = [
-        policy_loss(logp[r], old[r], adv[r], mask[r], ent[r], None, cfg, normalizer=norm,
+        policy_loss(logp[r], old[r], adv[r], mask[r], ent[r], ref_logp=None, cfg=cfg, normalizer=norm,
                     selection=sel[r])[0]
         for r in (slice(0, 1), slice(1, 2))
     ]  # fmt: skip

@@ -88,10 +88,16 @@ def test_padding_never_changes_the_loss(rows, extra, rule, agg, seed):
     if rule == "archer":
         settings = ArcherRuleConfig(reasoning_kl_coef=0.02)
     cfg = LossConfig(token_rule=settings, agg_mode=agg, kl_coef=0.05)
-    a, ma = policy_loss(logp, old, adv, m1, e1.double(), ref, cfg)
+    a, ma = policy_loss(logp, old, adv, m1, e1.double(), ref_logp=ref, cfg=cfg)
     # Padding slots get garbage values (large log-probs, huge entropies): must not matter.
     b_loss, mb = policy_loss(
-        widen(logp, 7.0), widen(old, -9.0), adv, m2, widen(e1.double(), 55.0), widen(ref, 3.0), cfg
+        widen(logp, 7.0),
+        widen(old, -9.0),
+        adv,
+        m2,
+        widen(e1.double(), 55.0),
+        ref_logp=widen(ref, 3.0),
+        cfg=cfg,
     )
     torch.testing.assert_close(a, b_loss, rtol=0, atol=1e-10)
     for key in ma:

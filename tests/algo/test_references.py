@@ -99,7 +99,7 @@ def test_policy_loss_gradcheck(cfg):
 
     def f(*xs):
         e = xs[1] if len(xs) > 1 else ent
-        return policy_loss(xs[0], old, adv, mask, e, ref, cfg)[0]
+        return policy_loss(xs[0], old, adv, mask, e, ref_logp=ref, cfg=cfg)[0]
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -115,8 +115,8 @@ def test_archer_with_equal_clips_and_no_kl_equals_plain_loss(agg):
         agg_mode=agg,
         clip_ratio_c=10.0,
     )
-    a, _ = policy_loss(logp, old, adv, mask, ent, ref, plain)
-    b, _ = policy_loss(logp, old, adv, mask, ent, ref, archer)
+    a, _ = policy_loss(logp, old, adv, mask, ent, ref_logp=ref, cfg=plain)
+    b, _ = policy_loss(logp, old, adv, mask, ent, ref_logp=ref, cfg=archer)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -125,8 +125,8 @@ def test_forking_with_rho_one_equals_unmasked(agg):
     logp, old, adv, mask, ent, ref = _rand_batch(7)
     plain = LossConfig(agg_mode=agg)
     fork = LossConfig(token_rule=ForkingRuleConfig(rho=1.0), agg_mode=agg)
-    a, _ = policy_loss(logp, old, adv, mask, ent, ref, plain)
-    b, met = policy_loss(logp, old, adv, mask, ent, ref, fork)
+    a, _ = policy_loss(logp, old, adv, mask, ent, ref_logp=ref, cfg=plain)
+    b, met = policy_loss(logp, old, adv, mask, ent, ref_logp=ref, cfg=fork)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert met["tokens/forking"].item() == mask.sum().item()
 

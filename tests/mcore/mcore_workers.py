@@ -142,8 +142,8 @@ def vocab_parallel(payload: dict[str, Any]) -> dict[str, Any]:
         tokens,
         rank * v_local,
         dist.group.WORLD,
-        payload["temperature"],
-        payload["vocab_size"],
+        temperature=payload["temperature"],
+        vocab_size=payload["vocab_size"],
         chunk_rows=3,
     )
     ((ent * g_ent).sum() + (lp * g_lp).sum()).backward()

@@ -68,7 +68,7 @@ def reference_step(hf_dir, b: dict[str, torch.Tensor]):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.7])
     ent, lp = entropy_and_logprob(_response_logits(model, ids, prompt, lmax), tg, TEMPERATURE)
     loss, _ = policy_loss(
-        lp, old, adv, mask, ent, lp0, config_from_dict({"algorithm": LOSS}).algorithm
+        lp, old, adv, mask, ent, ref_logp=lp0, cfg=config_from_dict({"algorithm": LOSS}).algorithm
     )
     loss.backward()
     params = [p for p in model.parameters()]

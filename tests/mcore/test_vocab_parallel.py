@@ -29,7 +29,7 @@ def test_unsharded_equals_reference_and_ignores_padding():
     g_ent, g_lp = torch.randn(7), torch.randn(7)
     z = logits.clone().requires_grad_(True)
     ent, lp = vocab_parallel_entropy_and_logprob(
-        z, tokens, 0, None, 0.7, vocab_size=33, chunk_rows=2
+        z, tokens, 0, None, temperature=0.7, vocab_size=33, chunk_rows=2
     )
     ((ent * g_ent).sum() + (lp * g_lp).sum()).backward()
     r_ent, r_lp, r_grad = _reference(logits, tokens, 33, 0.7, g_ent, g_lp)
@@ -44,7 +44,7 @@ def test_float64_gradcheck():
     tokens = torch.tensor([0, 3, 7, 5])  # column 8 is padding
 
     def f(x):
-        return vocab_parallel_entropy_and_logprob(x, tokens, 0, None, 1.3, vocab_size=8)
+        return vocab_parallel_entropy_and_logprob(x, tokens, 0, None, temperature=1.3, vocab_size=8)
 
     assert torch.autograd.gradcheck(f, (z,))
 

@@ -53,8 +53,8 @@ def _pg_tokens(a, row: torch.Tensor, selection: torch.Tensor | None) -> list[lis
         torch.ones(len(row)),
         MASK[row],
         ENTROPY[row],
-        None,
-        a,
+        ref_logp=None,
+        cfg=a,
         selection=None if selection is None else selection[row],
     )
     loss.backward()
