@@ -106,9 +106,11 @@ class TokenRuleBase:
     settings_class: ClassVar[type[TokenRuleConfig]] = TokenRuleConfig
     groups: ClassVar[tuple[str, ...]] = ()
     algorithm: AlgorithmConfig
+    settings: TokenRuleConfig  # algorithm.token_rule, an instance of `settings_class`
 
     def __init__(self, algorithm: AlgorithmConfig) -> None:
         self.algorithm = algorithm
+        self.settings = algorithm.token_rule
 
     def token_groups(
         self,
@@ -158,10 +160,6 @@ class ArcherRule(TokenRuleBase):
     groups = ("knowledge", "reasoning")
     settings: ArcherRuleConfig
 
-    def __init__(self, algorithm: AlgorithmConfig) -> None:
-        super().__init__(algorithm)
-        self.settings = algorithm.token_rule  # type: ignore[assignment]
-
     def token_groups(
         self,
         entropy: Tensor,
@@ -191,10 +189,6 @@ class ForkingRule(TokenRuleBase):
     settings_class = ForkingRuleConfig
     groups = ("forking", "other")
     settings: ForkingRuleConfig
-
-    def __init__(self, algorithm: AlgorithmConfig) -> None:
-        super().__init__(algorithm)
-        self.settings = algorithm.token_rule  # type: ignore[assignment]
 
     def token_groups(
         self,
