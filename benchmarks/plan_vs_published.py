@@ -110,6 +110,7 @@ class PublishedRun:
     train_global_batch: int = 512  # sequences per optimizer step (T-GBS)
     max_seq_tokens: int = 4096  # T-Max Sequence Length
     micro_batch_tokens: int = 4096  # sequence_packing.train_mb_tokens = 4096 x 1
+    train_ep: int = 1  # expert_model_parallel_size (MoE models)
 
 
 PUBLISHED: tuple[PublishedRun, ...] = (
@@ -236,6 +237,8 @@ NOT_COMPARED: tuple[dict[str, str], ...] = (
 
 
 def model_section(run: PublishedRun) -> dict[str, Any]:
+    if run.model == "Qwen3-30B-A3B":  # tests/planner/test_plan_vs_nemo_rl_moe.py
+        return {"path": str(ROOT / "configs" / "hf" / "Qwen3-30B-A3B")}
     return dict(QWEN3_32B if run.model == "Qwen3-32B" else LLAMA31_8B)
 
 
@@ -258,6 +261,7 @@ def config_dict(run: PublishedRun, prompt_tokens: int) -> dict[str, Any]:
             "tensor_model_parallel_size": run.train_tp,
             "pipeline_model_parallel_size": run.train_pp,
             "context_parallel_size": run.train_cp,
+            "expert_model_parallel_size": run.train_ep,
             "sequence_parallel": run.train_tp > 1,
             "use_distributed_optimizer": True,
             "micro_batch_tokens": run.micro_batch_tokens,

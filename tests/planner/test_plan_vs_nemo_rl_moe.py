@@ -42,27 +42,14 @@ ROW = pvp.PublishedRun(
     mean_seq_tokens=3203,
     tokens_per_s_per_gpu=1102,
     step_time_s=192,
+    train_ep=8,
 )
-EP = 8
+EP = ROW.train_ep
 
 
 def plan_row(mean_prompt: int = 128, prompt_cap: int = 256) -> dict:
-    cfg = pvp.config_dict(ROW, prompt_cap)
-    cfg["model"] = {**cfg["model"], "path": str(ROOT / "configs" / "hf" / "Qwen3-30B-A3B")}
-    cfg["model"].pop("arch", None)
-    cfg["parallel"]["expert_model_parallel_size"] = EP
+    plan, cfg = pvp.plan_run(ROW, prompt_cap, mean_prompt, pvp.Assumptions.mfu_train)
     assume = pvp.assumptions_for(ROW, prompt_cap, mean_prompt, pvp.Assumptions.mfu_train)
-    import tempfile
-
-    import yaml
-
-    from archer_mcore.config import load_config
-    from archer_mcore.plan import plan_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "grpo-qwen3-30ba3b-4n8g.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        plan = plan_config(load_config(path), path, assume=assume)
     return pvp.row_of(ROW, plan, cfg, assume) | {"plan": plan}
 
 
