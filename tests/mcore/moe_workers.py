@@ -1,38 +1,15 @@
 """Code that runs inside the spawned gloo processes of the Qwen3-MoE tests
-(tests/mcore/test_moe.py): build megatron's MoE GPTModel for each layout, load the HF
-checkpoint, compare logits and log-probs with transformers' and export the weights back."""
+(tests/mcore/test_moe.py, a task of `mcore_workers.TASKS`): build megatron's MoE
+GPTModel for each layout, load the HF checkpoint, compare logits and log-probs with
+transformers' and export the weights back."""
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+import mcore_workers
 import torch
 import torch.distributed as dist
-
-
-def entry(
-    rank: int, world: int, port: int, payload: dict[str, Any], result_path: str
-) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    from archer_mcore.parallel.distributed import destroy_distributed, init_process_group
-
-    init_process_group()
-    try:
-        out = moe_parity(payload)
-        if rank == 0:
-            with open(result_path, "w") as f:
-                json.dump(out, f)
-    finally:
-        destroy_distributed()
 
 
 def _max_over_world(value: float) -> float:
@@ -112,3 +89,14 @@ def moe_parity(payload: dict[str, Any]) -> dict[str, Any]:
             "local_experts": len(model.decoder.layers[0].mlp.experts.local_experts),
         }
     return out
+
+
+mcore_workers.TASKS["moe_parity"] = moe_parity
+
+
+def entry(
+    rank: int, world: int, port: int, task: str, payload: dict[str, Any], result_path: str
+) -> None:
+    """`mcore_workers.entry`, from this module so that the spawned process imports it
+    (and so registers the task above)."""
+    mcore_workers.entry(rank, world, port, task, payload, result_path)

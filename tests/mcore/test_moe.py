@@ -69,7 +69,7 @@ def spawn_moe(world: int, payload: dict[str, Any], tmp: Path) -> dict[str, Any]:
     result = tmp / "moe_result.json"
     mp.start_processes(
         moe_workers.entry,
-        args=(world, free_port(), payload, str(result)),
+        args=(world, free_port(), "moe_parity", payload, str(result)),
         nprocs=world,
         join=True,
         start_method="spawn",
