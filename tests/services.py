@@ -488,3 +488,58 @@ def _user_name() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def scrape_metrics(url: str) -> dict[str, dict[tuple, float]]:
+    """One scrape of a Prometheus text endpoint: sample name -> {sorted labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_get(url).decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def read_train_and_scrape(
+    proc: subprocess.Popen, wait_s: float = 60.0
+) -> tuple[str, str, dict[str, dict[tuple, float]] | None]:
+    """Read a running `archer train` (stdout and stderr piped, text, its own session) to
+    its end; once it prints step 1, scrape its exporter (the URL of its "metrics: http"
+    line on stderr) until `archer_step` reaches 1, for up to 30 s. The process group is
+    killed afterwards whatever happened. Returns (stdout, stderr, the scrape or None)."""
+    import threading
+
+    out: list[str] = []
+    err: list[str] = []
+    url: list[str] = []
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("metrics: http"):
+                url.append(line.split()[1])
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    scrape = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if scrape is None and line.startswith("step 1/") and url:
+                deadline = time.monotonic() + 30
+                while scrape is None and time.monotonic() < deadline:
+                    s = scrape_metrics(url[0])
+                    if s.get("archer_step") and max(s["archer_step"].values()) >= 1:
+                        scrape = s
+                    else:
+                        time.sleep(0.2)
+        proc.wait(timeout=wait_s)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    return "".join(out), "".join(err), scrape

@@ -11,16 +11,11 @@ none. The normaliser stays the valid tokens (TokenRuleBase's default).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,17 +159,6 @@ def test_the_loss_matches_a_float64_reference():
 
 
 # ------------------------------------------------------------------ the real trainer
-def _scrape(url: str) -> dict[str, dict[tuple, float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out: dict[str, dict[tuple, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
 def _series(scrape: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
     hits = [v for k, v in scrape.get(name, {}).items() if labels.items() <= dict(k).items()]
     assert len(hits) == 1, (name, labels, scrape.get(name))
@@ -206,34 +190,11 @@ def test_two_trainer_steps_with_the_rule_reach_metrics_and_prometheus(tmp_path):
         text=True,
         start_new_session=True,
     )
-    err: list[str] = []
-    url: list[str] = []
+    # here, not at module level: the trainer imports this module for the rule
+    from services import read_train_and_scrape
 
-    def read_stderr() -> None:
-        for line in proc.stderr:
-            err.append(line)
-            if line.startswith("metrics: http"):
-                url.append(line.split()[1])
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    scrape = None
-    try:
-        for line in proc.stdout:
-            if scrape is None and line.startswith("step 1/") and url:
-                deadline = time.monotonic() + 30
-                while scrape is None and time.monotonic() < deadline:
-                    s = _scrape(url[0])
-                    if s.get("archer_step") and max(s["archer_step"].values()) >= 1:
-                        scrape = s
-                    else:
-                        time.sleep(0.2)
-        proc.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=10)
-    assert proc.returncode == 0, "".join(err)[-4000:]
+    _, err, scrape = read_train_and_scrape(proc)
+    assert proc.returncode == 0, err[-4000:]
 
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [int(r["step"]) for r in rows] == [1, 2]
@@ -259,4 +220,4 @@ def test_two_trainer_steps_with_the_rule_reach_metrics_and_prometheus(tmp_path):
     trained = sum(r["tokens/low"] for r in rows[:step])  # a counter: summed over steps
     assert _series(scrape, "archer_group_tokens_total", group="low") == trained
     rejected = _series(scrape, "archer_exporter_rejected_values_total", reason="unknown_key")
-    assert rejected == 0, [x for x in err if "metrics: dropped" in x]
+    assert rejected == 0, [x for x in err.splitlines() if "metrics: dropped" in x]

@@ -37,6 +37,10 @@ from typing import Any
 import pytest
 import torch
 
+# tests/services.py (shared helpers) importable from these tests
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
 

@@ -10,30 +10,14 @@ machine pays for it once.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import threading
-import time
-import urllib.request
 
 import pytest
+from services import read_train_and_scrape
 
 # The RL steps of the shortened run; the eval runs at step 0 (the warm-started policy)
 # and at the last step.
 DEMO_STEPS = 10
-
-
-def _scrape(url: str) -> dict[str, dict[tuple, float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out: dict[str, dict[tuple, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 def _one(series: dict[tuple, float], **labels: str) -> float:
@@ -53,39 +37,12 @@ def demo_run(archer, tmp_path_factory):
         f"train.output_dir={out}",
     ]
     proc = archer.popen("train", overrides, own_cache=False)
-    err_lines: list[str] = []
-    url: list[str] = []
-
-    def read_stderr() -> None:
-        for line in proc.stderr:
-            err_lines.append(line)
-            if line.startswith("metrics: http"):
-                url.append(line.split()[1])
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    lines, scrape = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if scrape is None and line.startswith("step 1/") and url:
-                deadline = time.monotonic() + 30
-                while scrape is None and time.monotonic() < deadline:
-                    s = _scrape(url[0])
-                    if s.get("archer_step") and max(s["archer_step"].values()) >= 1:
-                        scrape = s
-                    else:
-                        time.sleep(0.2)
-        proc.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=10)
+    stdout, stderr, scrape = read_train_and_scrape(proc)
     return {
         "out": out,
         "returncode": proc.returncode,
-        "stdout": "".join(lines),
-        "stderr": "".join(err_lines),
+        "stdout": stdout,
+        "stderr": stderr,
         "scrape": scrape,
     }
 
